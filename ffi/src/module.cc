@@ -1,0 +1,213 @@
+// The nanobind module `monolith_jax._engine`: the table for host-side calls
+// (numpy in, numpy out) and the FFI handler capsules for jitted programs.
+// Shapes and dtypes are checked in Python first; the checks here are the
+// last line, so a bad array never reaches the engine.
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/pair.h>
+#include <nanobind/stl/string.h>
+
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "ffi_handlers.h"
+#include "registry.h"
+#include "table.h"
+#include "thread_pool.h"
+
+namespace nb = nanobind;
+using namespace nb::literals;
+
+namespace monolith {
+namespace {
+
+using Keys = nb::ndarray<const uint64_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+using Floats2D = nb::ndarray<const float, nb::ndim<2>, nb::c_contig, nb::device::cpu>;
+using Floats1D = nb::ndarray<const float, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+using U32 = nb::ndarray<const uint32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+
+// A numpy array that owns `v`'s buffer without copying it.
+template <typename T>
+nb::ndarray<nb::numpy, T> ToNumpy(std::vector<T>&& v, std::initializer_list<size_t> shape) {
+  auto* heap = new std::vector<T>(std::move(v));
+  nb::capsule owner(heap, [](void* p) noexcept { delete static_cast<std::vector<T>*>(p); });
+  return nb::ndarray<nb::numpy, T>(heap->data(), shape, owner);
+}
+
+// The Python-owned handle: registered while open.
+class PyTable {
+ public:
+  PyTable(const TableOptions& options)
+      : table_(std::make_shared<EmbeddingTable>(options)), id_(RegisterTable(table_)) {}
+  ~PyTable() { Close(); }
+
+  int64_t id() const { return id_; }
+  void Close() {
+    if (open_) UnregisterTable(id_);
+    open_ = false;
+  }
+  EmbeddingTable& t() {
+    if (!open_) throw std::runtime_error("embedding table is closed");
+    return *table_;
+  }
+
+ private:
+  std::shared_ptr<EmbeddingTable> table_;
+  int64_t id_;
+  bool open_ = true;
+};
+
+TableOptions MakeOptions(int dim, uint64_t seed, int64_t capacity_hint, int init_kind,
+                         float init_a, float init_b, int opt_kind, const nb::dict& h) {
+  TableOptions o;
+  o.dim = dim;
+  o.seed = seed;
+  o.capacity_hint = capacity_hint;
+  if (init_kind < 0 || init_kind > 4) throw std::invalid_argument("unknown initializer kind");
+  if (opt_kind < 0 || opt_kind > 7) throw std::invalid_argument("unknown optimizer kind");
+  o.initializer = {static_cast<InitKind>(init_kind), init_a, init_b};
+  OptimizerConfig& c = o.optimizer;
+  c.kind = static_cast<OptimizerKind>(opt_kind);
+  for (auto [k, v] : h) {
+    const std::string key = nb::cast<std::string>(k);
+    if (key == "nesterov") { c.nesterov = nb::cast<bool>(v); continue; }
+    const float f = nb::cast<float>(v);
+    if (key == "momentum") c.momentum = f;
+    else if (key == "b1") c.b1 = f;
+    else if (key == "b2") c.b2 = f;
+    else if (key == "eps") c.eps = f;
+    else if (key == "eps_root") c.eps_root = f;
+    else if (key == "initial_accumulator") c.initial_accumulator = f;
+    else if (key == "decay") c.decay = f;
+    else if (key == "l1") c.l1 = f;
+    else if (key == "l2") c.l2 = f;
+    else if (key == "beta") c.beta = f;
+    else if (key == "lr_power") c.lr_power = f;
+    else throw std::invalid_argument("unknown optimizer hyperparameter: " + key);
+  }
+  return o;
+}
+
+}  // namespace
+}  // namespace monolith
+
+using namespace monolith;
+
+NB_MODULE(_engine, m) {
+  m.doc() = "monolith_jax's C++ table engine (loaded on first use of a table).";
+
+  m.def("registrations", [] {
+    nb::dict d;
+    d["monolith_lookup"] = nb::capsule(reinterpret_cast<void*>(&MonolithLookup));
+    d["monolith_apply"] = nb::capsule(reinterpret_cast<void*>(&MonolithApply));
+    return d;
+  });
+  m.def("parallelism", [] { return ThreadPool::Global().Parallelism(); },
+        "Threads a batched table call uses (MONOLITH_NUM_THREADS caps it).");
+
+  nb::class_<PyTable>(m, "Table")
+      .def("__init__",
+           [](PyTable* self, int dim, uint64_t seed, int64_t capacity_hint, int init_kind,
+              float init_a, float init_b, int opt_kind, nb::dict hparams) {
+             new (self) PyTable(MakeOptions(dim, seed, capacity_hint, init_kind, init_a, init_b,
+                                            opt_kind, hparams));
+           },
+           "dim"_a, "seed"_a, "capacity_hint"_a, "init_kind"_a, "init_a"_a, "init_b"_a,
+           "opt_kind"_a, "hparams"_a)
+      .def_prop_ro("id", &PyTable::id)
+      .def_prop_ro("dim", [](PyTable& s) { return s.t().dim(); })
+      .def_prop_ro("slot_width", [](PyTable& s) { return s.t().slot_width(); })
+      .def("close", &PyTable::Close)
+      .def("lookup",
+           [](PyTable& s, Keys keys) {
+             EmbeddingTable& t = s.t();
+             std::vector<float> out(keys.shape(0) * t.dim());
+             {
+               nb::gil_scoped_release release;
+               t.Lookup(keys.data(), keys.shape(0), out.data());
+             }
+             return ToNumpy(std::move(out), {keys.shape(0), static_cast<size_t>(t.dim())});
+           })
+      .def("find",
+           [](PyTable& s, Keys keys) {
+             EmbeddingTable& t = s.t();
+             const size_t n = keys.shape(0);
+             std::vector<float> out(n * t.dim());
+             std::vector<uint8_t> found(n);
+             {
+               nb::gil_scoped_release release;
+               t.Find(keys.data(), n, out.data(), found.data());
+             }
+             return nb::make_tuple(ToNumpy(std::move(out), {n, static_cast<size_t>(t.dim())}),
+                                   ToNumpy(std::move(found), {n}));
+           })
+      .def("apply",
+           [](PyTable& s, Keys keys, Floats2D grads, float lr, uint32_t time) {
+             EmbeddingTable& t = s.t();
+             if (grads.shape(0) != keys.shape(0) || grads.shape(1) != static_cast<size_t>(t.dim()))
+               throw std::invalid_argument("grads must have shape (len(ids), dim)");
+             nb::gil_scoped_release release;
+             return t.Apply(keys.data(), grads.data(), keys.shape(0), lr, time);
+           })
+      .def("erase",
+           [](PyTable& s, Keys keys) {
+             EmbeddingTable& t = s.t();
+             nb::gil_scoped_release release;
+             return t.Erase(keys.data(), keys.shape(0));
+           })
+      .def("size", [](PyTable& s) { return s.t().Size(); })
+      .def("clear", [](PyTable& s) { s.t().Clear(); })
+      .def("stats",
+           [](PyTable& s) {
+             const TableStats st = s.t().Stats();
+             nb::dict d;
+             d["rows"] = st.rows;
+             d["row_capacity"] = st.row_capacity;
+             d["index_slots"] = st.index_slots;
+             d["bytes_values"] = st.bytes_values;
+             d["bytes_slots"] = st.bytes_slots;
+             d["bytes_overhead"] = st.bytes_overhead;
+             d["lookups"] = st.lookups;
+             d["inserts"] = st.inserts;
+             d["updates"] = st.updates;
+             d["nonfinite_skipped"] = st.nonfinite_skipped;
+             d["index_rebuilds"] = st.index_rebuilds;
+             return d;
+           })
+      .def("dump",
+           [](PyTable& s) {
+             EmbeddingTable& t = s.t();
+             TableDump d;
+             {
+               nb::gil_scoped_release release;
+               d = t.Dump();
+             }
+             const size_t n = d.keys.size();
+             nb::dict out;
+             out["keys"] = ToNumpy(std::move(d.keys), {n});
+             out["values"] = ToNumpy(std::move(d.values), {n, static_cast<size_t>(t.dim())});
+             out["slots"] = ToNumpy(std::move(d.slots), {n, static_cast<size_t>(t.slot_width())});
+             out["last_update"] = ToNumpy(std::move(d.last_update), {n});
+             out["update_count"] = ToNumpy(std::move(d.update_count), {n});
+             return out;
+           })
+      .def("load", [](PyTable& s, Keys keys, Floats2D values, nb::ndarray<const float, nb::c_contig, nb::device::cpu> slots,
+                      U32 last_update, U32 update_count) {
+        EmbeddingTable& t = s.t();
+        const size_t n = keys.shape(0);
+        const size_t w = static_cast<size_t>(t.slot_width());
+        if (values.shape(0) != n || values.shape(1) != static_cast<size_t>(t.dim()) ||
+            slots.size() != n * w || last_update.shape(0) != n || update_count.shape(0) != n)
+          throw std::invalid_argument("dump arrays do not match the table's dim and slots");
+        TableDump d;
+        d.keys.assign(keys.data(), keys.data() + n);
+        d.values.assign(values.data(), values.data() + n * t.dim());
+        d.slots.assign(slots.data(), slots.data() + n * w);
+        d.last_update.assign(last_update.data(), last_update.data() + n);
+        d.update_count.assign(update_count.data(), update_count.data() + n);
+        nb::gil_scoped_release release;
+        t.Load(d);
+      });
+}

@@ -1,0 +1,46 @@
+"""monolith_jax: real-time recommendation in JAX.
+
+Public API, in one screen:
+
+  Tables (monolith_jax.sparse)
+    TableConfig(name, dim, initializer, optimizer, seed, capacity_hint)
+    EmbeddingTable(config)       .lookup / .apply_gradients       (in jit, CPU)
+                                 .lookup_host / .apply_gradients_host (numpy)
+                                 .find / .erase / .dump / .load / .stats
+    Keys, key_words, hash_strings    64-bit ids without jax_enable_x64
+  Initializers: Zeros, Constant, Uniform, Normal, TruncatedNormal
+  Fused optimizers: SGD, Momentum, Adagrad, RowwiseAdagrad, Adam, AMSGrad,
+                    RMSProp, FTRL
+
+Importing this package loads no native code and changes no JAX setting; the
+first EmbeddingTable loads the C++ engine.
+"""
+
+from monolith_jax.sparse import (
+    AMSGrad,
+    FTRL,
+    SGD,
+    Adagrad,
+    Adam,
+    Constant,
+    EmbeddingTable,
+    Keys,
+    Momentum,
+    Normal,
+    RMSProp,
+    RowwiseAdagrad,
+    TableConfig,
+    TruncatedNormal,
+    Uniform,
+    Zeros,
+    hash_strings,
+    key_words,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AMSGrad", "Adagrad", "Adam", "Constant", "EmbeddingTable", "FTRL", "Keys",
+    "Momentum", "Normal", "RMSProp", "RowwiseAdagrad", "SGD", "TableConfig",
+    "TruncatedNormal", "Uniform", "Zeros", "hash_strings", "key_words",
+]

@@ -1,0 +1,235 @@
+"""`EmbeddingTable`: a collisionless table of rows keyed by 64-bit ids.
+
+Rows live in the C++ engine (the table is the source of truth); JAX sees only
+the rows a batch needs. Two ways in:
+
+* In a jitted program on CPU, `lookup` and `apply_gradients` are XLA FFI
+  calls. Gradients reach the table in two explicit phases:
+
+      rows = table.lookup(ids)                          # find-or-insert
+      loss, g_rows = jax.value_and_grad(loss_fn)(rows)  # any dense model
+      token = table.apply_gradients(ids, g_rows)        # fused optimizer
+
+  XLA does not order side effects by itself: pass `after=token` to a later
+  lookup of the same table in the same program (e.g. the next step of a
+  `lax.scan`) so that it sees the applied rows.
+
+* From host code (numpy in, numpy out), `lookup_host` and
+  `apply_gradients_host` do the same without XLA: the path for a dense step
+  that runs on an accelerator while the tables stay on the host.
+
+Thread safety: calls may come from many threads. Lookups run concurrently
+with each other; an apply, load, erase or a lookup that creates rows runs
+alone, so no reader ever sees a half-updated row.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from monolith_jax.sparse import _native
+from monolith_jax.sparse.config import TableConfig
+from monolith_jax.sparse.keys import Keys, as_key_array, key_words
+
+_DUMP_FIELDS = ("keys", "values", "slots", "last_update", "update_count")
+
+
+class EmbeddingTable:
+    """A collisionless embedding table; see the module docstring."""
+
+    def __init__(self, config: TableConfig):
+        if not isinstance(config, TableConfig):
+            raise TypeError(f"EmbeddingTable needs a TableConfig, got {type(config).__name__}")
+        self.config = config
+        init_kind, init_a, init_b = config.initializer.native()
+        self._native = _native.engine().Table(
+            dim=config.dim,
+            seed=config.seed,
+            capacity_hint=config.capacity_hint,
+            init_kind=init_kind,
+            init_a=init_a,
+            init_b=init_b,
+            opt_kind=type(config.optimizer)._kind,
+            hparams=config.optimizer.hparams(),
+        )
+        self._id = np.int64(self._native.id)
+
+    # ------------------------------------------------------------ properties
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def dim(self) -> int:
+        return self.config.dim
+
+    @property
+    def slot_width(self) -> int:
+        """Floats of optimizer state per row."""
+        return self._native.slot_width
+
+    def __len__(self) -> int:
+        return self._native.size()
+
+    def __repr__(self) -> str:
+        return f"EmbeddingTable({self.name!r}, dim={self.dim}, rows={len(self)})"
+
+    def close(self) -> None:
+        """Frees the table; programs compiled against it then fail cleanly."""
+        self._native.close()
+
+    # -------------------------------------------------------- in-program path
+    def lookup(self, ids, *, after=None) -> jax.Array:
+        """Rows of `ids` (created on first sight): float32, ids' shape + (dim,).
+
+        ids: host integer ids (numpy, any shape), `Keys`, or int32/uint32
+        JAX ids. after: any array; the lookup runs after it is computed.
+        """
+        words = key_words(ids)
+        out = jax.ShapeDtypeStruct(tuple(words.shape[:-1]) + (self.dim,), jnp.float32)
+        order = jnp.zeros((), jnp.int32) if after is None else after
+        call = jax.ffi.ffi_call(
+            _native.LOOKUP_TARGET, out, has_side_effect=True, vmap_method="expand_dims"
+        )
+        return call(words, order, table_id=self._id)
+
+    def apply_gradients(self, ids, grads, *, learning_rate=None, step=0) -> jax.Array:
+        """One fused optimizer step per unique id, duplicate ids' grads summed.
+
+        grads: float32, ids' shape + (dim,). learning_rate: the optimizer's
+        unless given (a Python float or a traced scalar, so it may change every
+        step without recompiling). step: the row's `last_update` stamp (the
+        trainer's step or event time, < 2^31).
+        Returns int32[2] = (rows updated, rows skipped for non-finite grads);
+        pass it as `after=` to a later lookup to order the two.
+        """
+        words = key_words(ids)
+        grads = self._check_grads(words.shape[:-1], grads)
+        lr = self._learning_rate(learning_rate)
+        step = jnp.asarray(step, jnp.int32)
+        call = jax.ffi.ffi_call(
+            _native.APPLY_TARGET,
+            jax.ShapeDtypeStruct((2,), jnp.int32),
+            has_side_effect=True,
+            vmap_method="sequential",
+        )
+        return call(words, grads, lr, step, table_id=self._id)
+
+    # ------------------------------------------------------------- host path
+    def lookup_host(self, ids) -> np.ndarray:
+        """`lookup` from host code: numpy float32 (ids' shape + (dim,))."""
+        keys = np.ascontiguousarray(as_key_array(ids))
+        rows = self._native.lookup(keys.reshape(-1))
+        return rows.reshape(keys.shape + (self.dim,))
+
+    def find(self, ids) -> tuple[np.ndarray, np.ndarray]:
+        """Read-only lookup: (rows, found) with zeros where an id has no row."""
+        keys = np.ascontiguousarray(as_key_array(ids))
+        rows, found = self._native.find(keys.reshape(-1))
+        return rows.reshape(keys.shape + (self.dim,)), found.reshape(keys.shape).astype(bool)
+
+    def apply_gradients_host(self, ids, grads, *, learning_rate=None, step=0) -> tuple[int, int]:
+        """`apply_gradients` from host code; returns (rows updated, rows skipped)."""
+        keys = np.ascontiguousarray(as_key_array(ids))
+        grads = self._check_grads(keys.shape, grads)
+        grads = np.ascontiguousarray(np.asarray(grads)).reshape(-1, self.dim)
+        lr = float(self._learning_rate_value(learning_rate))
+        step = self._check_step(step)
+        return tuple(self._native.apply(keys.reshape(-1), grads, lr, step))
+
+    def erase(self, ids) -> int:
+        """Removes the rows of `ids`; returns how many existed."""
+        keys = np.ascontiguousarray(as_key_array(ids)).reshape(-1)
+        return self._native.erase(keys)
+
+    def clear(self) -> None:
+        self._native.clear()
+
+    # ------------------------------------------------------ state and stats
+    def stats(self) -> dict:
+        """Rows, bytes (values, optimizer slots, overhead) and operation counts."""
+        s = dict(self._native.stats())
+        rows = max(s["rows"], 1)
+        s["bytes_total"] = s["bytes_values"] + s["bytes_slots"] + s["bytes_overhead"]
+        s["bytes_per_row"] = s["bytes_total"] / rows
+        s["overhead_bytes_per_row"] = s["bytes_overhead"] / rows
+        return s
+
+    def dump(self) -> dict[str, np.ndarray]:
+        """The whole table as contiguous arrays (a consistent snapshot):
+        keys uint64 (n), values float32 (n, dim), slots float32 (n, slot_width),
+        last_update uint32 (n), update_count uint32 (n)."""
+        return dict(self._native.dump())
+
+    def load(self, dump: dict) -> None:
+        """Replaces the table's content with a `dump()` of a same-shaped table."""
+        missing = [f for f in _DUMP_FIELDS if f not in dump]
+        if missing:
+            raise ValueError(f"table {self.name!r}: dump lacks {missing}")
+        keys = np.asarray(dump["keys"])
+        if keys.dtype != np.uint64 or keys.ndim != 1:
+            raise TypeError(f"table {self.name!r}: dump keys must be uint64 (n,), got {keys.dtype}{keys.shape}")
+        n = keys.shape[0]
+        want = {
+            "values": (np.float32, (n, self.dim)),
+            "slots": (np.float32, (n, self.slot_width)),
+            "last_update": (np.uint32, (n,)),
+            "update_count": (np.uint32, (n,)),
+        }
+        arrays = {"keys": np.ascontiguousarray(keys)}
+        for field, (dtype, shape) in want.items():
+            a = np.asarray(dump[field])
+            if a.dtype != dtype or a.shape != shape:
+                raise ValueError(
+                    f"table {self.name!r}: dump {field} must be {np.dtype(dtype).name}{shape}, "
+                    f"got {a.dtype}{a.shape}"
+                )
+            arrays[field] = np.ascontiguousarray(a)
+        if np.unique(keys).size != n:
+            raise ValueError(f"table {self.name!r}: dump keys are not unique")
+        self._native.load(
+            arrays["keys"], arrays["values"], arrays["slots"].reshape(-1),
+            arrays["last_update"], arrays["update_count"],
+        )
+
+    # --------------------------------------------------------------- checks
+    def _check_grads(self, id_shape, grads):
+        shape = tuple(id_shape) + (self.dim,)
+        dtype = getattr(grads, "dtype", None)
+        if dtype is None:
+            raise TypeError(f"table {self.name!r}: gradients must be an array, got {type(grads).__name__}")
+        if dtype != np.float32:
+            raise TypeError(f"table {self.name!r}: gradients must be float32, got {dtype}")
+        if tuple(grads.shape) != shape:
+            raise ValueError(
+                f"table {self.name!r}: gradients must have shape ids.shape + (dim,) = {shape}, "
+                f"got {tuple(grads.shape)}"
+            )
+        return grads
+
+    def _learning_rate_value(self, learning_rate):
+        lr = self.config.optimizer.learning_rate if learning_rate is None else learning_rate
+        if isinstance(lr, (int, float, np.floating, np.integer)):
+            if not (math.isfinite(float(lr)) and float(lr) > 0):
+                raise ValueError(f"table {self.name!r}: learning_rate must be positive and finite, got {lr}")
+        return lr
+
+    def _learning_rate(self, learning_rate):
+        lr = self._learning_rate_value(learning_rate)
+        if isinstance(lr, (int, float, np.floating, np.integer)):
+            lr = np.float32(lr)
+        lr = jnp.asarray(lr, jnp.float32)
+        if lr.shape != ():
+            raise ValueError(f"table {self.name!r}: learning_rate must be a scalar, got shape {lr.shape}")
+        return lr
+
+    @staticmethod
+    def _check_step(step) -> int:
+        step = int(step)
+        if not 0 <= step < 2**31:
+            raise ValueError(f"step must be in [0, 2^31), got {step}")
+        return step
