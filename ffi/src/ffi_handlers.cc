@@ -54,7 +54,7 @@ ffi::Error LookupImpl(ffi::Buffer<ffi::U32> ids, ffi::AnyBuffer /*after*/,
 
 ffi::Error ApplyImpl(ffi::Buffer<ffi::U32> ids, ffi::Buffer<ffi::F32> grads,
                      ffi::Buffer<ffi::F32> lr, ffi::Buffer<ffi::S32> time,
-                     ffi::ResultBuffer<ffi::S32> counts, int64_t table_id) {
+                     ffi::AnyBuffer /*after*/, ffi::ResultBuffer<ffi::S32> counts, int64_t table_id) {
   std::shared_ptr<EmbeddingTable> table;
   if (auto e = TableFor(table_id, &table); e.failure()) return e;
   int64_t n;
@@ -92,6 +92,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MonolithApply, ApplyImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // grads  // (..., dim)
                                   .Arg<ffi::Buffer<ffi::F32>>()  // lr     // ()
                                   .Arg<ffi::Buffer<ffi::S32>>()  // time   // ()
+                                  .Arg<ffi::AnyBuffer>()         // after  // order only
                                   .Ret<ffi::Buffer<ffi::S32>>()  // counts // (2): updated, skipped
                                   .Attr<int64_t>("table_id"));
 

@@ -28,6 +28,14 @@ using Floats2D = nb::ndarray<const float, nb::ndim<2>, nb::c_contig, nb::device:
 using Floats1D = nb::ndarray<const float, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
 using U32 = nb::ndarray<const uint32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
 
+// An uninitialized float buffer handed to numpy (no 0-fill of MBs per batch).
+nb::ndarray<nb::numpy, float> NewFloats(size_t rows, size_t cols, float** data) {
+  float* buf = new float[rows * cols];
+  *data = buf;
+  nb::capsule owner(buf, [](void* p) noexcept { delete[] static_cast<float*>(p); });
+  return nb::ndarray<nb::numpy, float>(buf, {rows, cols}, owner);
+}
+
 // A numpy array that owns `v`'s buffer without copying it.
 template <typename T>
 nb::ndarray<nb::numpy, T> ToNumpy(std::vector<T>&& v, std::initializer_list<size_t> shape) {
@@ -77,6 +85,9 @@ TableOptions MakeOptions(int dim, uint64_t seed, int64_t capacity_hint, int init
     if (key == "momentum") c.momentum = f;
     else if (key == "b1") c.b1 = f;
     else if (key == "b2") c.b2 = f;
+    else if (key == "one_minus_b1") c.one_minus_b1 = f;
+    else if (key == "one_minus_b2") c.one_minus_b2 = f;
+    else if (key == "one_minus_decay") c.one_minus_decay = f;
     else if (key == "eps") c.eps = f;
     else if (key == "eps_root") c.eps_root = f;
     else if (key == "initial_accumulator") c.initial_accumulator = f;
@@ -123,25 +134,26 @@ NB_MODULE(_engine, m) {
       .def("lookup",
            [](PyTable& s, Keys keys) {
              EmbeddingTable& t = s.t();
-             std::vector<float> out(keys.shape(0) * t.dim());
+             float* out;
+             auto array = NewFloats(keys.shape(0), t.dim(), &out);
              {
                nb::gil_scoped_release release;
-               t.Lookup(keys.data(), keys.shape(0), out.data());
+               t.Lookup(keys.data(), keys.shape(0), out);
              }
-             return ToNumpy(std::move(out), {keys.shape(0), static_cast<size_t>(t.dim())});
+             return array;
            })
       .def("find",
            [](PyTable& s, Keys keys) {
              EmbeddingTable& t = s.t();
              const size_t n = keys.shape(0);
-             std::vector<float> out(n * t.dim());
+             float* out;
+             auto rows = NewFloats(n, t.dim(), &out);
              std::vector<uint8_t> found(n);
              {
                nb::gil_scoped_release release;
-               t.Find(keys.data(), n, out.data(), found.data());
+               t.Find(keys.data(), n, out, found.data());
              }
-             return nb::make_tuple(ToNumpy(std::move(out), {n, static_cast<size_t>(t.dim())}),
-                                   ToNumpy(std::move(found), {n}));
+             return nb::make_tuple(rows, ToNumpy(std::move(found), {n}));
            })
       .def("apply",
            [](PyTable& s, Keys keys, Floats2D grads, float lr, uint32_t time) {

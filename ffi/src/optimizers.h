@@ -30,6 +30,11 @@ struct OptimizerConfig {
   bool nesterov = false;             // Momentum: Nesterov's variant
   float b1 = 0.9f;                   // Adam, AMSGrad
   float b2 = 0.999f;                 // Adam, AMSGrad
+  // 1 - b1, 1 - b2 and 1 - decay, computed in double from the user's numbers
+  // before rounding to float, as optax does (1 - 0.999f is not 0.001f).
+  float one_minus_b1 = 0.1f;
+  float one_minus_b2 = 0.001f;
+  float one_minus_decay = 0.1f;
   float eps = 1e-8f;                 // Adam, AMSGrad, Adagrad, RMSProp, row-wise Adagrad
   float eps_root = 0.0f;             // Adam, AMSGrad: inside the square root
   float initial_accumulator = 0.1f;  // Adagrad, row-wise Adagrad, FTRL (n), RMSProp (nu)
@@ -130,13 +135,14 @@ inline void ApplyRule(const OptimizerConfig& c, int dim, float lr, uint32_t t,
       float* mu = s;
       float* nu = s + dim;
       const float b1 = c.b1, b2 = c.b2;
-      const float bc1 = static_cast<float>(1.0 - std::pow(static_cast<double>(b1), t));
-      const float bc2 = static_cast<float>(1.0 - std::pow(static_cast<double>(b2), t));
+      // In float32 from the rounded b1, b2, as optax computes them.
+      const float bc1 = 1.0f - std::pow(b1, static_cast<float>(t));
+      const float bc2 = 1.0f - std::pow(b2, static_cast<float>(t));
       const bool ams = c.kind == OptimizerKind::kAMSGrad;
       float* nu_max = s + 2 * dim;
       for (int i = 0; i < dim; ++i) {
-        const float m = b1 * mu[i] + (1.0f - b1) * g[i];
-        const float v = b2 * nu[i] + (1.0f - b2) * g[i] * g[i];
+        const float m = b1 * mu[i] + c.one_minus_b1 * g[i];
+        const float v = b2 * nu[i] + c.one_minus_b2 * (g[i] * g[i]);
         mu[i] = m;
         nu[i] = v;
         float v_hat = v / bc2;
@@ -151,7 +157,7 @@ inline void ApplyRule(const OptimizerConfig& c, int dim, float lr, uint32_t t,
     case OptimizerKind::kRMSProp:
       // nu = decay nu + (1-decay) g^2; w -= lr * g / sqrt(nu + eps)   (optax.rmsprop)
       for (int i = 0; i < dim; ++i) {
-        const float v = c.decay * s[i] + (1.0f - c.decay) * g[i] * g[i];
+        const float v = c.decay * s[i] + c.one_minus_decay * (g[i] * g[i]);
         s[i] = v;
         w[i] -= lr * g[i] / std::sqrt(v + c.eps);
       }

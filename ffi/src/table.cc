@@ -9,6 +9,8 @@
 #include <stdexcept>
 #include <string>
 
+#include <sys/mman.h>
+
 #include "hashing.h"
 #include "thread_pool.h"
 
@@ -23,6 +25,7 @@ constexpr int64_t kMinBuckets = 16;
 constexpr int64_t kParallelMin = 4096;
 // Keys handled per prefetch block in Lookup/Find.
 constexpr int kBlock = 16;
+constexpr size_t kChunkAlign = 2u << 20;
 
 // 0x80 in each byte of x that is zero, 0 elsewhere (exact, no false hits).
 inline uint64_t ZeroBytes(uint64_t x) { return ~(((x & kLow7) + kLow7) | x | kLow7); }
@@ -152,8 +155,11 @@ uint32_t EmbeddingTable::AllocateRow(uint64_t key) {
     r = next_row_++;
     if ((r >> kChunkShift) >= chunks_.size()) {
       const size_t bytes = static_cast<size_t>(kRowsPerChunk) * stride_ * sizeof(float);
-      void* mem = std::aligned_alloc(64, bytes);
+      // Whole 2 MiB pages, so that transparent huge pages can back the chunk:
+      // first-touch page faults were a large share of the cost of an insert.
+      void* mem = std::aligned_alloc(kChunkAlign, (bytes + kChunkAlign - 1) / kChunkAlign * kChunkAlign);
       if (!mem) throw std::bad_alloc();
+      madvise(mem, bytes, MADV_HUGEPAGE);
       chunks_.push_back(static_cast<float*>(mem));
       live_.resize(static_cast<size_t>(chunks_.size()) * kRowsPerChunk / 64, 0);
     }
@@ -239,11 +245,31 @@ void EmbeddingTable::Lookup(const uint64_t* keys, int64_t n, float* out) {
   if (!any) return;
   std::unique_lock<std::shared_mutex> lock(mu_);
   for (auto& m : misses) {
-    for (int64_t i : m) {
+    InsertMissing(keys, m.data(), static_cast<int64_t>(m.size()), [&](int64_t i, uint32_t r) {
+      std::memcpy(out + i * dim_, RowPtr(r) + 4, row_bytes);
+    });
+  }
+}
+
+template <typename OnRow>
+void EmbeddingTable::InsertMissing(const uint64_t* keys, const int64_t* positions, int64_t count,
+                                   OnRow on_row) {
+  // Serial (inserts change the index), but each block's buckets are
+  // prefetched first so their cache misses overlap.
+  for (int64_t base = 0; base < count; base += kBlock) {
+    const int64_t m = std::min<int64_t>(kBlock, count - base);
+    const uint64_t n = index_.size();
+    for (int64_t j = 0; j < m; ++j) {
+      const Probe p = ProbeFor(keys[positions[base + j]], n);
+      __builtin_prefetch(&index_[p.b1], 1);
+      __builtin_prefetch(&index_[p.b2], 1);
+    }
+    for (int64_t j = 0; j < m; ++j) {
+      const int64_t i = positions[base + j];
       bool inserted;
       const uint32_t r = FindOrInsert(keys[i], &inserted);
       if (inserted) InitNewRow(r, keys[i]);
-      std::memcpy(out + i * dim_, RowPtr(r) + 4, row_bytes);
+      on_row(i, r);
     }
   }
 }
@@ -298,12 +324,12 @@ std::pair<int64_t, int64_t> EmbeddingTable::Apply(const uint64_t* keys, const fl
         [&](int64_t i) { rows[i] = kNoRow; });
   });
   // 2. Missing keys get rows, serially (inserts change the index).
+  std::vector<int64_t> missing;
   for (int64_t i = 0; i < n; ++i) {
-    if (rows[i] != kNoRow) continue;
-    bool inserted;
-    rows[i] = FindOrInsert(keys[i], &inserted);
-    if (inserted) InitNewRow(rows[i], keys[i]);
+    if (rows[i] == kNoRow) missing.push_back(i);
   }
+  InsertMissing(keys, missing.data(), static_cast<int64_t>(missing.size()),
+                [&](int64_t i, uint32_t r) { rows[i] = r; });
   // 3. Each part owns the rows that hash to it: sum duplicates, then step.
   std::atomic<int64_t> updated{0}, skipped{0};
   const OptimizerConfig& opt = options_.optimizer;

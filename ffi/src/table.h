@@ -125,7 +125,7 @@ class EmbeddingTable {
 
  private:
   static constexpr int kSlotsPerBucket = 8;
-  static constexpr int kChunkShift = 12;
+  static constexpr int kChunkShift = 14;
   static constexpr uint32_t kRowsPerChunk = 1u << kChunkShift;
   static constexpr uint32_t kNoRow = 0xFFFFFFFFu;
   static constexpr double kMaxLoad = 0.92;
@@ -148,6 +148,9 @@ class EmbeddingTable {
   void ScanBlock(const uint64_t* keys, int64_t begin, int64_t end, OnRow on_row,
                  OnMiss on_miss) const;
   // The rest need the lock held exclusively.
+  // Find-or-insert keys[positions[..]] (initializing new rows); on_row(i, row).
+  template <typename OnRow>
+  void InsertMissing(const uint64_t* keys, const int64_t* positions, int64_t count, OnRow on_row);
   uint32_t FindOrInsert(uint64_t key, bool* inserted);  // values not initialized
   uint32_t AllocateRow(uint64_t key);
   void InitNewRow(uint32_t row, uint64_t key);

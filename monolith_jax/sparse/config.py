@@ -189,7 +189,8 @@ class Adam:
         _check_unit(type(self).__name__, b1=self.b1, b2=self.b2)
 
     def hparams(self) -> dict:
-        return {"b1": self.b1, "b2": self.b2, "eps": self.eps, "eps_root": self.eps_root}
+        return {"b1": self.b1, "b2": self.b2, "one_minus_b1": 1.0 - self.b1,
+                "one_minus_b2": 1.0 - self.b2, "eps": self.eps, "eps_root": self.eps_root}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,7 +217,8 @@ class RMSProp:
         _check_unit("RMSProp", decay=self.decay)
 
     def hparams(self) -> dict:
-        return {"decay": self.decay, "eps": self.eps, "initial_accumulator": self.initial_scale}
+        return {"decay": self.decay, "one_minus_decay": 1.0 - self.decay, "eps": self.eps,
+                "initial_accumulator": self.initial_scale}
 
 
 @dataclasses.dataclass(frozen=True)

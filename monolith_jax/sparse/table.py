@@ -97,13 +97,16 @@ class EmbeddingTable:
         )
         return call(words, order, table_id=self._id)
 
-    def apply_gradients(self, ids, grads, *, learning_rate=None, step=0) -> jax.Array:
+    def apply_gradients(self, ids, grads, *, learning_rate=None, step=0, after=None) -> jax.Array:
         """One fused optimizer step per unique id, duplicate ids' grads summed.
 
         grads: float32, ids' shape + (dim,). learning_rate: the optimizer's
         unless given (a Python float or a traced scalar, so it may change every
         step without recompiling). step: the row's `last_update` stamp (the
         trainer's step or event time, < 2^31).
+        after: any array; the apply runs after it is computed (grads computed
+        from the looked-up rows already order the two; pass the rows when the
+        gradients do not depend on them).
         Returns int32[2] = (rows updated, rows skipped for non-finite grads);
         pass it as `after=` to a later lookup to order the two.
         """
@@ -117,7 +120,8 @@ class EmbeddingTable:
             has_side_effect=True,
             vmap_method="sequential",
         )
-        return call(words, grads, lr, step, table_id=self._id)
+        order = jnp.zeros((), jnp.int32) if after is None else after
+        return call(words, grads, lr, step, order, table_id=self._id)
 
     # ------------------------------------------------------------- host path
     def lookup_host(self, ids) -> np.ndarray:
