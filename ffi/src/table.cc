@@ -9,8 +9,6 @@
 #include <stdexcept>
 #include <string>
 
-#include <sys/mman.h>
-
 #include "hashing.h"
 #include "thread_pool.h"
 
@@ -24,8 +22,7 @@ constexpr int64_t kMinBuckets = 16;
 // Below this many ids a batched call runs on the calling thread alone.
 constexpr int64_t kParallelMin = 4096;
 // Keys handled per prefetch block in Lookup/Find.
-constexpr int kBlock = 16;
-constexpr size_t kChunkAlign = 2u << 20;
+constexpr int kBlock = 8;
 
 // 0x80 in each byte of x that is zero, 0 elsewhere (exact, no false hits).
 inline uint64_t ZeroBytes(uint64_t x) { return ~(((x & kLow7) + kLow7) | x | kLow7); }
@@ -62,6 +59,7 @@ EmbeddingTable::EmbeddingTable(const TableOptions& options)
 }
 
 EmbeddingTable::~EmbeddingTable() {
+  DropSpareChunk();
   for (float* c : chunks_) std::free(c);
 }
 
@@ -154,13 +152,7 @@ uint32_t EmbeddingTable::AllocateRow(uint64_t key) {
     if (next_row_ == kNoRow) throw std::length_error("table is full: 2^32-1 rows");
     r = next_row_++;
     if ((r >> kChunkShift) >= chunks_.size()) {
-      const size_t bytes = static_cast<size_t>(kRowsPerChunk) * stride_ * sizeof(float);
-      // Whole 2 MiB pages, so that transparent huge pages can back the chunk:
-      // first-touch page faults were a large share of the cost of an insert.
-      void* mem = std::aligned_alloc(kChunkAlign, (bytes + kChunkAlign - 1) / kChunkAlign * kChunkAlign);
-      if (!mem) throw std::bad_alloc();
-      madvise(mem, bytes, MADV_HUGEPAGE);
-      chunks_.push_back(static_cast<float*>(mem));
+      chunks_.push_back(NextChunk());
       live_.resize(static_cast<size_t>(chunks_.size()) * kRowsPerChunk / 64, 0);
     }
   }
@@ -171,6 +163,28 @@ uint32_t EmbeddingTable::AllocateRow(uint64_t key) {
   SetLive(r, true);
   ++size_;
   return r;
+}
+
+float* EmbeddingTable::NewChunk(size_t bytes, bool touch) {
+  void* mem = std::aligned_alloc(64, bytes);
+  if (!mem) throw std::bad_alloc();
+  if (touch) std::memset(mem, 0, bytes);  // take the first-touch page faults now
+  return static_cast<float*>(mem);
+}
+
+float* EmbeddingTable::NextChunk() {
+  const size_t bytes = static_cast<size_t>(kRowsPerChunk) * stride_ * sizeof(float);
+  float* chunk = spare_chunk_.valid() ? spare_chunk_.get() : NewChunk(bytes, false);
+  // A growing table gets its next chunk faulted in on another thread while
+  // this one inserts: page faults were the largest cost of an insert.
+  if (!chunks_.empty()) {
+    spare_chunk_ = std::async(std::launch::async, [bytes] { return NewChunk(bytes, true); });
+  }
+  return chunk;
+}
+
+void EmbeddingTable::DropSpareChunk() {
+  if (spare_chunk_.valid()) std::free(spare_chunk_.get());
 }
 
 void EmbeddingTable::InitNewRow(uint32_t r, uint64_t key) {
@@ -199,28 +213,49 @@ uint32_t EmbeddingTable::FindOrInsert(uint64_t key, bool* inserted) {
 template <typename OnRow, typename OnMiss>
 void EmbeddingTable::ScanBlock(const uint64_t* keys, int64_t begin, int64_t end,
                                OnRow on_row, OnMiss on_miss) const {
-  Probe probes[kBlock];
+  // A three-stage software pipeline over blocks of keys: hash and prefetch
+  // the buckets of block k+2, prefetch the rows that block k+1's tags point
+  // to, compare and copy block k. Cache misses of ~2 blocks are in flight
+  // while the current block is finished.
+  constexpr int kRing = 4;
+  Probe probes[kRing][kBlock];
   const uint64_t n = index_.size();
-  for (int64_t base = begin; base < end; base += kBlock) {
-    const int m = static_cast<int>(std::min<int64_t>(kBlock, end - base));
-    // Stage 1: hash the block and prefetch both buckets of every key, so the
-    // cache misses of the block overlap instead of queueing one by one.
-    for (int j = 0; j < m; ++j) {
-      probes[j] = ProbeFor(keys[base + j], n);
-      __builtin_prefetch(&index_[probes[j].b1]);
-      __builtin_prefetch(&index_[probes[j].b2]);
+  const int64_t blocks = (end - begin + kBlock - 1) / kBlock;
+  auto block_size = [&](int64_t b) {
+    return static_cast<int>(std::min<int64_t>(kBlock, end - (begin + b * kBlock)));
+  };
+  auto hash_stage = [&](int64_t b) {
+    Probe* pr = probes[b % kRing];
+    const uint64_t* k = keys + begin + b * kBlock;
+    for (int j = 0, m = block_size(b); j < m; ++j) {
+      pr[j] = ProbeFor(k[j], n);
+      __builtin_prefetch(&index_[pr[j].b1]);
+      __builtin_prefetch(&index_[pr[j].b2]);
     }
-    // Stage 2: prefetch the row of the first tag match.
-    for (int j = 0; j < m; ++j) {
-      const Bucket& b = index_[probes[j].b1];
-      uint64_t hit = ZeroBytes(LoadTags(b.tag) ^ (kOnes * probes[j].tag));
-      if (hit) __builtin_prefetch(RowPtr(b.row[__builtin_ctzll(hit) >> 3]));
+  };
+  auto row_stage = [&](int64_t b) {
+    const Probe* pr = probes[b % kRing];
+    for (int j = 0, m = block_size(b); j < m; ++j) {
+      const Bucket& bk = index_[pr[j].b1];
+      const uint64_t hit = ZeroBytes(LoadTags(bk.tag) ^ (kOnes * pr[j].tag));
+      if (hit) {
+        const float* row = RowPtr(bk.row[__builtin_ctzll(hit) >> 3]);
+        __builtin_prefetch(row);
+        __builtin_prefetch(row + 16);
+      }
     }
-    // Stage 3: exact compare and copy.
-    for (int j = 0; j < m; ++j) {
-      const uint32_t r = FindRow(keys[base + j], probes[j]);
-      if (r == kNoRow) on_miss(base + j);
-      else on_row(base + j, r);
+  };
+  for (int64_t b = 0; b < std::min<int64_t>(2, blocks); ++b) hash_stage(b);
+  if (blocks > 0) row_stage(0);
+  for (int64_t b = 0; b < blocks; ++b) {
+    if (b + 2 < blocks) hash_stage(b + 2);
+    if (b + 1 < blocks) row_stage(b + 1);
+    const Probe* pr = probes[b % kRing];
+    const int64_t i0 = begin + b * kBlock;
+    for (int j = 0, m = block_size(b); j < m; ++j) {
+      const uint32_t r = FindRow(keys[i0 + j], pr[j]);
+      if (r == kNoRow) on_miss(i0 + j);
+      else on_row(i0 + j, r);
     }
   }
 }
@@ -254,8 +289,10 @@ void EmbeddingTable::Lookup(const uint64_t* keys, int64_t n, float* out) {
 template <typename OnRow>
 void EmbeddingTable::InsertMissing(const uint64_t* keys, const int64_t* positions, int64_t count,
                                    OnRow on_row) {
-  // Serial (inserts change the index), but each block's buckets are
-  // prefetched first so their cache misses overlap.
+  // 1. Index inserts, serially (they change the index), with each block's
+  //    buckets prefetched first so that their cache misses overlap.
+  std::vector<uint32_t> row_of(count);
+  std::vector<uint32_t> fresh;
   for (int64_t base = 0; base < count; base += kBlock) {
     const int64_t m = std::min<int64_t>(kBlock, count - base);
     const uint64_t n = index_.size();
@@ -264,14 +301,22 @@ void EmbeddingTable::InsertMissing(const uint64_t* keys, const int64_t* position
       __builtin_prefetch(&index_[p.b1], 1);
       __builtin_prefetch(&index_[p.b2], 1);
     }
-    for (int64_t j = 0; j < m; ++j) {
-      const int64_t i = positions[base + j];
+    for (int64_t j = base; j < base + m; ++j) {
       bool inserted;
-      const uint32_t r = FindOrInsert(keys[i], &inserted);
-      if (inserted) InitNewRow(r, keys[i]);
-      on_row(i, r);
+      row_of[j] = FindOrInsert(keys[positions[j]], &inserted);
+      if (inserted) fresh.push_back(row_of[j]);
     }
   }
+  // 2. New rows' initial values, in parallel (a Normal row costs a log and a
+  //    cosine per element); each row is written by one thread.
+  const int64_t f = static_cast<int64_t>(fresh.size());
+  const int parts = f < 512 ? 1 : ThreadPool::Global().Parallelism();
+  ThreadPool::Global().ParallelFor(parts, [&](int part) {
+    for (int64_t k = f * part / parts; k < f * (part + 1) / parts; ++k) {
+      InitNewRow(fresh[k], RowKey(RowPtr(fresh[k])));
+    }
+  });
+  for (int64_t j = 0; j < count; ++j) on_row(positions[j], row_of[j]);
 }
 
 void EmbeddingTable::Find(const uint64_t* keys, int64_t n, float* out, uint8_t* found) const {
@@ -428,7 +473,7 @@ TableStats EmbeddingTable::Stats() const {
   std::shared_lock<std::shared_mutex> lock(mu_);
   TableStats s;
   s.rows = size_;
-  s.row_capacity = static_cast<int64_t>(chunks_.size()) * kRowsPerChunk;
+  s.row_capacity = static_cast<int64_t>(chunks_.size() + (spare_chunk_.valid() ? 1 : 0)) * kRowsPerChunk;
   s.index_slots = static_cast<int64_t>(index_.size()) * kSlotsPerBucket;
   s.bytes_values = size_ * dim_ * 4;
   s.bytes_slots = size_ * slot_width_ * 4;
@@ -469,6 +514,7 @@ TableDump EmbeddingTable::Dump() const {
 }
 
 void EmbeddingTable::ResetLocked(int64_t capacity) {
+  DropSpareChunk();
   for (float* c : chunks_) std::free(c);
   chunks_.clear();
   live_.clear();

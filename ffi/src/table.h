@@ -28,7 +28,8 @@
 //     slot's tag is tag(key). Two keys never share a row.
 //   * Rows never move: chunks are allocated once and freed with the table, so
 //     a row number stays valid while the index grows. Erased rows go to a
-//     free list and are reused.
+//     free list and are reused. A growing table faults its next chunk in on
+//     another thread ahead of need.
 //   * The index holds at most kMaxLoad of its slots; an insert that finds no
 //     place after kMaxKicks cuckoo displacements rebuilds the index 1.3x
 //     larger from the live rows (rows are read in order; no row is copied).
@@ -45,6 +46,7 @@
 #include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <future>
 #include <memory>
 #include <shared_mutex>
 #include <utility>
@@ -153,6 +155,9 @@ class EmbeddingTable {
   void InsertMissing(const uint64_t* keys, const int64_t* positions, int64_t count, OnRow on_row);
   uint32_t FindOrInsert(uint64_t key, bool* inserted);  // values not initialized
   uint32_t AllocateRow(uint64_t key);
+  static float* NewChunk(size_t bytes, bool touch);
+  float* NextChunk();
+  void DropSpareChunk();
   void InitNewRow(uint32_t row, uint64_t key);
   static bool PutInEmpty(Bucket& b, uint8_t tag, uint32_t row);
   bool PlaceInIndex(std::vector<Bucket>& index, uint32_t row, uint64_t key);
@@ -186,6 +191,7 @@ class EmbeddingTable {
   mutable std::shared_mutex mu_;
   std::vector<Bucket> index_;
   std::vector<float*> chunks_;
+  std::future<float*> spare_chunk_;  // next chunk, being faulted in
   std::vector<uint64_t> live_;
   std::vector<uint32_t> free_rows_;
   uint32_t next_row_ = 0;  // rows ever handed out (live + free)
