@@ -127,7 +127,7 @@ class EmbeddingTable {
 
  private:
   static constexpr int kSlotsPerBucket = 8;
-  static constexpr int kChunkShift = 14;
+  static constexpr int kChunkShift = 12;
   static constexpr uint32_t kRowsPerChunk = 1u << kChunkShift;
   static constexpr uint32_t kNoRow = 0xFFFFFFFFu;
   static constexpr double kMaxLoad = 0.92;
