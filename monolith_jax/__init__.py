@@ -7,7 +7,7 @@ Public API, in one screen:
     EmbeddingTable(config)       .lookup / .apply_gradients       (in jit, CPU)
                                  .lookup_host / .apply_gradients_host (numpy)
                                  .find / .erase / .dump / .load / .stats
-    Keys, key_words, hash_strings    64-bit ids without jax_enable_x64
+    Keys, key_words, hash_strings    64-bit ids in 32-bit JAX
   Initializers: Zeros, Constant, Uniform, Normal, TruncatedNormal
   Fused optimizers: SGD, Momentum, Adagrad, RowwiseAdagrad, Adam, AMSGrad,
                     RMSProp, FTRL

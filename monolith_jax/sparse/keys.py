@@ -1,4 +1,4 @@
-"""64-bit keys without jax_enable_x64.
+"""64-bit keys with JAX in its default 32-bit mode.
 
 Keys are 64-bit ids, every value allowed. JAX (without x64) has no 64-bit
 integers, so inside programs a key travels as two uint32 words:
