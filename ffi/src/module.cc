@@ -186,6 +186,7 @@ NB_MODULE(_engine, m) {
              d["updates"] = st.updates;
              d["nonfinite_skipped"] = st.nonfinite_skipped;
              d["index_rebuilds"] = st.index_rebuilds;
+             d["index_kicks"] = st.index_kicks;
              return d;
            })
       .def("dump",

@@ -17,7 +17,7 @@ namespace {
 
 constexpr uint64_t kLow7 = 0x7F7F7F7F7F7F7F7FULL;
 constexpr uint64_t kOnes = 0x0101010101010101ULL;
-constexpr double kGrowth = 1.3;
+constexpr double kGrowth = 1.25;
 constexpr int64_t kMinBuckets = 16;
 // Below this many ids a batched call runs on the calling thread alone.
 constexpr int64_t kParallelMin = 4096;
@@ -36,6 +36,18 @@ inline uint64_t LoadTags(const uint8_t* tags) {
 inline int Parts(int64_t n) {
   if (n < kParallelMin) return 1;
   return ThreadPool::Global().Parallelism();
+}
+
+// Copies one row of `dim` floats; the common dims get a fixed-size copy that
+// compiles to a few vector moves instead of a call to memcpy.
+inline void CopyRow(float* __restrict dst, const float* __restrict src, int dim) {
+  switch (dim) {
+    case 8: std::memcpy(dst, src, 32); return;
+    case 16: std::memcpy(dst, src, 64); return;
+    case 32: std::memcpy(dst, src, 128); return;
+    case 64: std::memcpy(dst, src, 256); return;
+    default: std::memcpy(dst, src, static_cast<size_t>(dim) * sizeof(float));
+  }
 }
 
 inline bool AllFinite(const float* g, int dim) {
@@ -63,7 +75,7 @@ EmbeddingTable::~EmbeddingTable() {
   for (float* c : chunks_) std::free(c);
 }
 
-EmbeddingTable::Probe EmbeddingTable::ProbeFor(uint64_t key, uint64_t n) const {
+inline __attribute__((always_inline)) EmbeddingTable::Probe EmbeddingTable::ProbeFor(uint64_t key, uint64_t n) const {
   const uint64_t h = Mix64(key ^ hash_seed_);
   Probe p;
   p.b1 = FastRange(h, n);
@@ -74,7 +86,7 @@ EmbeddingTable::Probe EmbeddingTable::ProbeFor(uint64_t key, uint64_t n) const {
   return p;
 }
 
-uint32_t EmbeddingTable::FindIn(const Bucket& b, uint8_t tag, uint64_t key) const {
+inline __attribute__((always_inline)) uint32_t EmbeddingTable::FindIn(const Bucket& b, uint8_t tag, uint64_t key) const {
   uint64_t m = ZeroBytes(LoadTags(b.tag) ^ (kOnes * tag));
   while (m) {
     const int s = __builtin_ctzll(m) >> 3;
@@ -85,7 +97,7 @@ uint32_t EmbeddingTable::FindIn(const Bucket& b, uint8_t tag, uint64_t key) cons
   return kNoRow;
 }
 
-uint32_t EmbeddingTable::FindRow(uint64_t key, const Probe& p) const {
+inline __attribute__((always_inline)) uint32_t EmbeddingTable::FindRow(uint64_t key, const Probe& p) const {
   const uint32_t r = FindIn(index_[p.b1], p.tag, key);
   if (r != kNoRow) return r;
   return FindIn(index_[p.b2], p.tag, key);
@@ -114,6 +126,7 @@ bool EmbeddingTable::PlaceInIndex(std::vector<Bucket>& index, uint32_t row, uint
   uint8_t tag = p.tag;
   for (int kick = 0; kick < kMaxKicks; ++kick) {
     kick_state_ = Mix64(kick_state_ + 0x9E3779B97F4A7C15ULL);
+    ++kicks_;
     const int s = static_cast<int>(kick_state_ >> 61);
     Bucket& b = index[bucket];
     std::swap(tag, b.tag[s]);
@@ -177,7 +190,7 @@ float* EmbeddingTable::NextChunk() {
   float* chunk = spare_chunk_.valid() ? spare_chunk_.get() : NewChunk(bytes, false);
   // A growing table gets its next chunk faulted in on another thread while
   // this one inserts: page faults were the largest cost of an insert.
-  if (!chunks_.empty()) {
+  if (!chunks_.empty() && std::getenv("MONOLITH_NO_PREFAULT") == nullptr) {
     spare_chunk_ = std::async(std::launch::async, [bytes] { return NewChunk(bytes, true); });
   }
   return chunk;
@@ -206,7 +219,7 @@ uint32_t EmbeddingTable::FindOrInsert(uint64_t key, bool* inserted) {
   if (!PlaceInIndex(index_, r, key)) {
     RebuildIndex(static_cast<uint64_t>(static_cast<double>(index_.size()) * kGrowth) + 1);
   }
-  inserts_.fetch_add(1, std::memory_order_relaxed);
+  ++inserts_;  // a plain counter: inserts hold the lock exclusively
   return r;
 }
 
@@ -214,11 +227,12 @@ template <typename OnRow, typename OnMiss>
 void EmbeddingTable::ScanBlock(const uint64_t* keys, int64_t begin, int64_t end,
                                OnRow on_row, OnMiss on_miss) const {
   // A three-stage software pipeline over blocks of keys: hash and prefetch
-  // the buckets of block k+2, prefetch the rows that block k+1's tags point
-  // to, compare and copy block k. Cache misses of ~2 blocks are in flight
-  // while the current block is finished.
-  constexpr int kRing = 4;
+  // the buckets of block k+kHashAhead, prefetch the rows that the tags of
+  // block k+kRowAhead point to, compare and copy block k. Each stage runs
+  // about one memory latency ahead of the one after it.
+  constexpr int kHashAhead = 4, kRowAhead = 2, kRing = 8;
   Probe probes[kRing][kBlock];
+  uint32_t cand[kRing][kBlock];  // row of the first tag match, or kNoRow
   const uint64_t n = index_.size();
   const int64_t blocks = (end - begin + kBlock - 1) / kBlock;
   auto block_size = [&](int64_t b) {
@@ -235,25 +249,35 @@ void EmbeddingTable::ScanBlock(const uint64_t* keys, int64_t begin, int64_t end,
   };
   auto row_stage = [&](int64_t b) {
     const Probe* pr = probes[b % kRing];
+    uint32_t* c = cand[b % kRing];
     for (int j = 0, m = block_size(b); j < m; ++j) {
-      const Bucket& bk = index_[pr[j].b1];
-      const uint64_t hit = ZeroBytes(LoadTags(bk.tag) ^ (kOnes * pr[j].tag));
+      const Bucket* bk = &index_[pr[j].b1];
+      uint64_t hit = ZeroBytes(LoadTags(bk->tag) ^ (kOnes * pr[j].tag));
+      if (!hit) {
+        bk = &index_[pr[j].b2];
+        hit = ZeroBytes(LoadTags(bk->tag) ^ (kOnes * pr[j].tag));
+      }
+      c[j] = kNoRow;
       if (hit) {
-        const float* row = RowPtr(bk.row[__builtin_ctzll(hit) >> 3]);
+        c[j] = bk->row[__builtin_ctzll(hit) >> 3];
+        const float* row = RowPtr(c[j]);
         __builtin_prefetch(row);
         __builtin_prefetch(row + 16);
       }
     }
   };
-  for (int64_t b = 0; b < std::min<int64_t>(2, blocks); ++b) hash_stage(b);
-  if (blocks > 0) row_stage(0);
+  for (int64_t b = 0; b < std::min<int64_t>(kHashAhead, blocks); ++b) hash_stage(b);
+  for (int64_t b = 0; b < std::min<int64_t>(kRowAhead, blocks); ++b) row_stage(b);
   for (int64_t b = 0; b < blocks; ++b) {
-    if (b + 2 < blocks) hash_stage(b + 2);
-    if (b + 1 < blocks) row_stage(b + 1);
+    if (b + kHashAhead < blocks) hash_stage(b + kHashAhead);
+    if (b + kRowAhead < blocks) row_stage(b + kRowAhead);
     const Probe* pr = probes[b % kRing];
+    const uint32_t* c = cand[b % kRing];
     const int64_t i0 = begin + b * kBlock;
     for (int j = 0, m = block_size(b); j < m; ++j) {
-      const uint32_t r = FindRow(keys[i0 + j], pr[j]);
+      const uint64_t key = keys[i0 + j];
+      // The first tag match is almost always the key; else search in full.
+      const uint32_t r = (c[j] != kNoRow && RowKey(RowPtr(c[j])) == key) ? c[j] : FindRow(key, pr[j]);
       if (r == kNoRow) on_miss(i0 + j);
       else on_row(i0 + j, r);
     }
@@ -271,7 +295,7 @@ void EmbeddingTable::Lookup(const uint64_t* keys, int64_t n, float* out) {
       const int64_t lo = n * part / parts, hi = n * (part + 1) / parts;
       ScanBlock(
           keys, lo, hi,
-          [&](int64_t i, uint32_t r) { std::memcpy(out + i * dim_, RowPtr(r) + 4, row_bytes); },
+          [&](int64_t i, uint32_t r) { CopyRow(out + i * dim_, RowPtr(r) + 4, dim_); },
           [&](int64_t i) { misses[part].push_back(i); });
     });
   }
@@ -289,23 +313,29 @@ void EmbeddingTable::Lookup(const uint64_t* keys, int64_t n, float* out) {
 template <typename OnRow>
 void EmbeddingTable::InsertMissing(const uint64_t* keys, const int64_t* positions, int64_t count,
                                    OnRow on_row) {
-  // 1. Index inserts, serially (they change the index), with each block's
-  //    buckets prefetched first so that their cache misses overlap.
+  // 1. Index inserts, serially (they change the index). Buckets are
+  //    prefetched kAhead keys early so their cache misses overlap; a rebuild
+  //    in between only makes a prefetch useless, never wrong.
+  constexpr int64_t kAhead = 16;
   std::vector<uint32_t> row_of(count);
   std::vector<uint32_t> fresh;
-  for (int64_t base = 0; base < count; base += kBlock) {
-    const int64_t m = std::min<int64_t>(kBlock, count - base);
-    const uint64_t n = index_.size();
-    for (int64_t j = 0; j < m; ++j) {
-      const Probe p = ProbeFor(keys[positions[base + j]], n);
-      __builtin_prefetch(&index_[p.b1], 1);
-      __builtin_prefetch(&index_[p.b2], 1);
+  auto prefetch = [&](int64_t j) {
+    const Probe p = ProbeFor(keys[positions[j]], index_.size());
+    __builtin_prefetch(&index_[p.b1], 1);
+    __builtin_prefetch(&index_[p.b2], 1);
+  };
+  for (int64_t j = 0; j < std::min(kAhead, count); ++j) prefetch(j);
+  for (int64_t j = 0; j < count; ++j) {
+    if (j + kAhead < count) prefetch(j + kAhead);
+    // The rows the next inserts will take, so their header writes do not
+    // stall on cache misses.
+    const uint64_t ahead = next_row_ + 4;
+    if (free_rows_.empty() && (ahead >> kChunkShift) < chunks_.size()) {
+      __builtin_prefetch(RowPtr(static_cast<uint32_t>(ahead)), 1);
     }
-    for (int64_t j = base; j < base + m; ++j) {
-      bool inserted;
-      row_of[j] = FindOrInsert(keys[positions[j]], &inserted);
-      if (inserted) fresh.push_back(row_of[j]);
-    }
+    bool inserted;
+    row_of[j] = FindOrInsert(keys[positions[j]], &inserted);
+    if (inserted) fresh.push_back(row_of[j]);
   }
   // 2. New rows' initial values, in parallel (a Normal row costs a log and a
   //    cosine per element); each row is written by one thread.
@@ -328,7 +358,7 @@ void EmbeddingTable::Find(const uint64_t* keys, int64_t n, float* out, uint8_t* 
     ScanBlock(
         keys, lo, hi,
         [&](int64_t i, uint32_t r) {
-          std::memcpy(out + i * dim_, RowPtr(r) + 4, row_bytes);
+          CopyRow(out + i * dim_, RowPtr(r) + 4, dim_);
           found[i] = 1;
         },
         [&](int64_t i) {
@@ -484,10 +514,11 @@ TableStats EmbeddingTable::Stats() const {
                         static_cast<int64_t>(chunks_.capacity() * sizeof(float*));
   s.bytes_overhead = total - s.bytes_values - s.bytes_slots;
   s.lookups = lookups_.load();
-  s.inserts = inserts_.load();
+  s.inserts = inserts_;
   s.updates = updates_.load();
   s.nonfinite_skipped = nonfinite_.load();
   s.index_rebuilds = rebuilds_.load();
+  s.index_kicks = kicks_;
   return s;
 }
 

@@ -77,6 +77,7 @@ struct TableStats {
   int64_t updates = 0;            // row updates applied
   int64_t nonfinite_skipped = 0;  // row updates refused for NaN/Inf gradients
   int64_t index_rebuilds = 0;     // times the index grew
+  int64_t index_kicks = 0;        // cuckoo displacements so far
 };
 
 // A whole table as contiguous arrays (n rows).
@@ -130,7 +131,7 @@ class EmbeddingTable {
   static constexpr int kChunkShift = 12;
   static constexpr uint32_t kRowsPerChunk = 1u << kChunkShift;
   static constexpr uint32_t kNoRow = 0xFFFFFFFFu;
-  static constexpr double kMaxLoad = 0.92;
+  static constexpr double kMaxLoad = 0.80;
   static constexpr int kMaxKicks = 512;
 
   struct Bucket {
@@ -197,9 +198,11 @@ class EmbeddingTable {
   uint32_t next_row_ = 0;  // rows ever handed out (live + free)
   int64_t size_ = 0;
   uint64_t kick_state_ = 0x243F6A8885A308D3ULL;
+  int64_t kicks_ = 0;
 
   mutable std::atomic<int64_t> lookups_{0};
-  std::atomic<int64_t> inserts_{0}, updates_{0}, nonfinite_{0}, rebuilds_{0};
+  int64_t inserts_ = 0;  // guarded by mu_ (exclusive)
+  std::atomic<int64_t> updates_{0}, nonfinite_{0}, rebuilds_{0};
 };
 
 }  // namespace monolith
