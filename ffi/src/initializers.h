@@ -37,7 +37,7 @@ inline float StandardNormal(uint64_t stream, uint64_t counter) {
   return std::sqrt(-2.0f * std::log(u1)) * std::cos(6.2831853071795864f * u2);
 }
 
-inline void InitRow(const InitializerConfig& c, uint64_t seed, uint64_t key,
+inline void InitRowValues(const InitializerConfig& c, uint64_t seed, uint64_t key,
                     int dim, float* w) {
   const uint64_t stream = Mix64(seed ^ Mix64(key + 0x632BE59BD9B4E019ULL));
   switch (c.kind) {

@@ -2,58 +2,39 @@
 //
 // Layout
 // ------
-//   index:  Bucket[num_buckets]            bucketized cuckoo hash, 2 choices
-//             struct Bucket {                (40 bytes, 8 slots)
-//               uint8_t  tag[8];             0 = empty, else 1..255 from the key's hash
-//               uint32_t row[8];             row number of the slot's key
-//             };
-//   rows:   chunks of kRowsPerChunk rows, each row `stride` floats:
-//             struct Row {
-//               uint64_t key;                the exact key (every value is allowed)
-//               uint32_t last_update;        time (or step) of the last apply
-//               uint32_t update_count;       applies so far (saturates at 2^32-1)
-//               float    value[dim];
-//               float    slot[SlotWidth(optimizer, dim)];
-//               (padding to 8 bytes)
-//             };
-//   live:   one bit per row number: the row holds a key of the table.
+//   A table is kShards shards (shard.h: a cuckoo index over rows that never
+//   move). A key's hash h = Mix64(key ^ seed) picks the shard by its top 4
+//   bits and the buckets inside the shard by the rest. Sharding lets inserts
+//   of new ids run on several threads at once and keeps each index rebuild
+//   (growth) to 1/kShards of the table while the other shards serve on.
 //
-// A key's hash h = Mix64(key ^ seed) picks bucket b1 = FastRange(h, n), a
-// second bucket b2 != b1 from the other half of h, and the tag from its low
-// byte. Empty is a tag, not a key, so no key value is reserved.
-//
-// Invariants
-// ----------
-//   * Every live key sits in exactly one slot, in b1(key) or b2(key), and its
-//     slot's tag is tag(key). Two keys never share a row.
-//   * Rows never move: chunks are allocated once and freed with the table, so
-//     a row number stays valid while the index grows. Erased rows go to a
-//     free list and are reused. A growing table faults its next chunk in on
-//     another thread ahead of need.
-//   * The index holds at most kMaxLoad of its slots; an insert that finds no
-//     place after kMaxKicks cuckoo displacements rebuilds the index 1.3x
-//     larger from the live rows (rows are read in order; no row is copied).
+// Semantics
+// ---------
+//   * Lookup is find-or-insert: a missing key gets a row whose values are a
+//     pure function of (seed, key) (initializers.h).
+//   * Apply sums the gradients of duplicate keys in order of appearance and
+//     steps each unique key's row once (optimizers.h); a row whose summed
+//     gradient is not finite is skipped and counted, never written.
 //
 // Thread safety
 // -------------
-//   One reader-writer lock. Lookups of present keys, Find, Dump and Stats
-//   hold it shared and run together. Inserts, Apply, Load, Erase and index
-//   growth hold it exclusively, so a reader sees every row either wholly
-//   before or wholly after an apply, never half-written. A batched call
-//   splits its work over the process-wide ThreadPool while holding the lock.
+//   Each shard has a reader-writer lock; calls that need several take them
+//   in shard order. Lookups of present keys, Find, Dump and Stats hold the
+//   shards shared and run together. Apply, Load, Erase and Clear hold every
+//   shard exclusively; a lookup's inserts hold their shard exclusively. So a
+//   reader sees every row either wholly before or wholly after an apply,
+//   never half-written. A batched call splits its work over the process-wide
+//   ThreadPool while holding its locks.
 #pragma once
 
+#include <array>
 #include <atomic>
 #include <cstdint>
-#include <cstring>
-#include <future>
 #include <memory>
-#include <shared_mutex>
 #include <utility>
 #include <vector>
 
-#include "initializers.h"
-#include "optimizers.h"
+#include "shard.h"
 
 namespace monolith {
 
@@ -76,7 +57,7 @@ struct TableStats {
   int64_t inserts = 0;            // rows created
   int64_t updates = 0;            // row updates applied
   int64_t nonfinite_skipped = 0;  // row updates refused for NaN/Inf gradients
-  int64_t index_rebuilds = 0;     // times the index grew
+  int64_t index_rebuilds = 0;     // times a shard's index grew
   int64_t index_kicks = 0;        // cuckoo displacements so far
 };
 
@@ -91,13 +72,15 @@ struct TableDump {
 
 class EmbeddingTable {
  public:
+  static constexpr int kShardBits = 4;
+  static constexpr int kShards = 1 << kShardBits;
+
   explicit EmbeddingTable(const TableOptions& options);
-  ~EmbeddingTable();
   EmbeddingTable(const EmbeddingTable&) = delete;
   EmbeddingTable& operator=(const EmbeddingTable&) = delete;
 
-  int dim() const { return dim_; }
-  int slot_width() const { return slot_width_; }
+  int dim() const { return layout_.dim; }
+  int slot_width() const { return layout_.slot_width; }
   const TableOptions& options() const { return options_; }
 
   // Find-or-insert: out[i, :] = value of keys[i], creating missing rows.
@@ -108,13 +91,11 @@ class EmbeddingTable {
   //   keys // (n)   out // (n, dim)   found // (n)
   void Find(const uint64_t* keys, int64_t n, float* out, uint8_t* found) const;
 
-  // One optimizer step per unique key with the gradients of its duplicates
-  // summed in order of appearance; missing keys are created first. Rows with
-  // a non-finite summed gradient are skipped and counted.
-  //   keys // (n)   grads // (n, dim)
+  // One optimizer step per unique key (see Semantics); missing keys are
+  // created first.   keys // (n)   grads // (n, dim)
   // Returns {rows updated, rows skipped}.
-  std::pair<int64_t, int64_t> Apply(const uint64_t* keys, const float* grads,
-                                    int64_t n, float lr, uint32_t time);
+  std::pair<int64_t, int64_t> Apply(const uint64_t* keys, const float* grads, int64_t n, float lr,
+                                    uint32_t time);
 
   // Removes keys; returns how many were present.
   int64_t Erase(const uint64_t* keys, int64_t n);
@@ -127,82 +108,28 @@ class EmbeddingTable {
   void Clear();
 
  private:
-  static constexpr int kSlotsPerBucket = 8;
-  static constexpr int kChunkShift = 12;
-  static constexpr uint32_t kRowsPerChunk = 1u << kChunkShift;
-  static constexpr uint32_t kNoRow = 0xFFFFFFFFu;
-  static constexpr double kMaxLoad = 0.80;
-  static constexpr int kMaxKicks = 512;
+  // A row found for position i of a batch: shard << 32 | row.
+  using RowRef = uint64_t;
+  static constexpr RowRef kNoRef = ~0ULL;
 
-  struct Bucket {
-    uint8_t tag[kSlotsPerBucket];
-    uint32_t row[kSlotsPerBucket];
-  };
-  struct Probe {
-    uint64_t b1, b2;
-    uint8_t tag;
-  };
+  uint64_t Hash(uint64_t key) const { return KeyHash(key, layout_.hash_seed); }
+  static int ShardOf(uint64_t h) { return static_cast<int>(h >> (64 - kShardBits)); }
 
-  Probe ProbeFor(uint64_t key, uint64_t num_buckets) const;
-  uint32_t FindIn(const Bucket& b, uint8_t tag, uint64_t key) const;
-  uint32_t FindRow(uint64_t key, const Probe& p) const;
-  // Runs on_row(i, row) or on_miss(i) for keys[begin..end), prefetching ahead.
+  // on_row(i, shard, row) or on_miss(i) for keys[begin..end), prefetching ahead.
   template <typename OnRow, typename OnMiss>
-  void ScanBlock(const uint64_t* keys, int64_t begin, int64_t end, OnRow on_row,
-                 OnMiss on_miss) const;
-  // The rest need the lock held exclusively.
-  // Find-or-insert keys[positions[..]] (initializing new rows); on_row(i, row).
+  void Scan(const uint64_t* keys, int64_t begin, int64_t end, OnRow on_row, OnMiss on_miss) const;
+  // Inserts keys[positions[..]] into `shard` (its lock held exclusively),
+  // initializes the new rows, then on_row(i, row) for each position.
   template <typename OnRow>
-  void InsertMissing(const uint64_t* keys, const int64_t* positions, int64_t count, OnRow on_row);
-  uint32_t FindOrInsert(uint64_t key, bool* inserted);  // values not initialized
-  uint32_t AllocateRow(uint64_t key);
-  static float* NewChunk(size_t bytes, bool touch);
-  float* NextChunk();
-  void DropSpareChunk();
-  void InitNewRow(uint32_t row, uint64_t key);
-  static bool PutInEmpty(Bucket& b, uint8_t tag, uint32_t row);
-  bool PlaceInIndex(std::vector<Bucket>& index, uint32_t row, uint64_t key);
-  void RebuildIndex(uint64_t min_buckets);
-  void ResetLocked(int64_t capacity);
-
-  float* RowPtr(uint32_t r) const {
-    return chunks_[r >> kChunkShift] + static_cast<size_t>(r & (kRowsPerChunk - 1)) * stride_;
-  }
-  static uint64_t RowKey(const float* row) {
-    uint64_t k;
-    std::memcpy(&k, row, 8);
-    return k;
-  }
-  static uint32_t* RowMeta(float* row) { return reinterpret_cast<uint32_t*>(row) + 2; }
-  static const uint32_t* RowMeta(const float* row) {
-    return reinterpret_cast<const uint32_t*>(row) + 2;
-  }
-  bool IsLive(uint32_t r) const { return (live_[r >> 6] >> (r & 63)) & 1; }
-  void SetLive(uint32_t r, bool on) {
-    if (on) live_[r >> 6] |= 1ULL << (r & 63);
-    else live_[r >> 6] &= ~(1ULL << (r & 63));
-  }
+  void InsertInto(Shard& shard, const uint64_t* keys, const std::vector<int64_t>& positions,
+                  OnRow on_row);
 
   const TableOptions options_;
-  const int dim_;
-  const int slot_width_;
-  const int stride_;  // floats per row: 4 (header) + dim + slot_width, even
-  const uint64_t hash_seed_;
-
-  mutable std::shared_mutex mu_;
-  std::vector<Bucket> index_;
-  std::vector<float*> chunks_;
-  std::future<float*> spare_chunk_;  // next chunk, being faulted in
-  std::vector<uint64_t> live_;
-  std::vector<uint32_t> free_rows_;
-  uint32_t next_row_ = 0;  // rows ever handed out (live + free)
-  int64_t size_ = 0;
-  uint64_t kick_state_ = 0x243F6A8885A308D3ULL;
-  int64_t kicks_ = 0;
+  const RowLayout layout_;
+  std::array<std::unique_ptr<Shard>, kShards> shards_;
 
   mutable std::atomic<int64_t> lookups_{0};
-  int64_t inserts_ = 0;  // guarded by mu_ (exclusive)
-  std::atomic<int64_t> updates_{0}, nonfinite_{0}, rebuilds_{0};
+  std::atomic<int64_t> updates_{0}, nonfinite_{0};
 };
 
 }  // namespace monolith

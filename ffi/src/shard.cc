@@ -1,0 +1,204 @@
+// One shard's cuckoo index and row storage (shard.h).
+#include "shard.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <new>
+#include <stdexcept>
+
+namespace monolith {
+namespace {
+
+// Growth is per shard (1/16 of the table), so small steps rebuild little
+// at a time and keep the index near its maximum load.
+constexpr double kGrowth = 1.15;
+constexpr int64_t kMinBuckets = 4;
+
+int64_t BucketsFor(int64_t capacity) {
+  const double want = static_cast<double>(std::max<int64_t>(capacity, 0)) /
+                      (Shard::kMaxLoad * Shard::kSlotsPerBucket);
+  return std::max<int64_t>(kMinBuckets, static_cast<int64_t>(std::ceil(want)));
+}
+
+}  // namespace
+
+namespace {
+int ChunkShift(int stride_floats) {
+  int shift = 4;
+  while ((static_cast<size_t>(2) << shift) * stride_floats * sizeof(float) <= Shard::kChunkBytes) ++shift;
+  return shift;
+}
+}  // namespace
+
+Shard::Shard(const RowLayout& layout, int64_t capacity)
+    : layout_(layout), chunk_shift_(ChunkShift(layout.stride)), chunk_mask_((1u << chunk_shift_) - 1) {
+  index_.assign(BucketsFor(capacity), Bucket{});
+}
+
+Shard::~Shard() { FreeChunks(); }
+
+float* Shard::NewChunk(size_t bytes) {
+  void* mem = std::aligned_alloc(64, bytes);
+  if (!mem) throw std::bad_alloc();
+  return static_cast<float*>(mem);
+}
+
+void Shard::FreeChunks() {
+  for (float* c : chunks_) std::free(c);
+  chunks_.clear();
+}
+
+int64_t Shard::BytesHeld() const {
+  return static_cast<int64_t>(chunks_.size()) * static_cast<int64_t>(ChunkBytes()) +
+         static_cast<int64_t>(index_.capacity() * sizeof(Bucket)) +
+         static_cast<int64_t>(live_.capacity() * 8) +
+         static_cast<int64_t>(free_rows_.capacity() * 4) +
+         static_cast<int64_t>(chunks_.capacity() * sizeof(float*)) + static_cast<int64_t>(sizeof(Shard));
+}
+
+namespace {
+
+bool PutInEmpty(uint8_t* tags, uint32_t* rows, uint8_t tag, uint32_t row) {
+  const uint64_t m = tags::ZeroBytes(tags::Load(tags));
+  if (!m) return false;
+  const int s = __builtin_ctzll(m) >> 3;
+  tags[s] = tag;
+  rows[s] = row;
+  return true;
+}
+
+}  // namespace
+
+bool Shard::PlaceInIndex(std::vector<Bucket>& index, uint32_t row, uint64_t h) {
+  const uint64_t n = index.size();
+  const Probe p = ProbeIn(h, n);
+  // The emptier of the two buckets keeps both near the same load.
+  const int free1 = __builtin_popcountll(tags::ZeroBytes(tags::Load(index[p.b1].tag)));
+  const int free2 = __builtin_popcountll(tags::ZeroBytes(tags::Load(index[p.b2].tag)));
+  if (free1 || free2) {
+    Bucket& b = index[free1 >= free2 ? p.b1 : p.b2];
+    return PutInEmpty(b.tag, b.row, p.tag, row);
+  }
+  // Random-walk cuckoo: evict a random slot, move its key to its other bucket.
+  uint64_t bucket = (kick_state_ & 1) ? p.b1 : p.b2;
+  uint8_t tag = p.tag;
+  for (int kick = 0; kick < kMaxKicks; ++kick) {
+    kick_state_ = Mix64(kick_state_ + 0x9E3779B97F4A7C15ULL);
+    ++kicks_;
+    const int s = static_cast<int>(kick_state_ >> 61);
+    Bucket& b = index[bucket];
+    std::swap(tag, b.tag[s]);
+    std::swap(row, b.row[s]);
+    const Probe v = ProbeIn(KeyHash(RowKey(Row(row)), layout_.hash_seed), n);
+    bucket = (v.b1 == bucket) ? v.b2 : v.b1;
+    if (PutInEmpty(index[bucket].tag, index[bucket].row, tag, row)) return true;
+  }
+  // `row` is now homeless; it is still live, so a rebuild places it.
+  return false;
+}
+
+void Shard::RebuildIndex(uint64_t min_buckets) {
+  uint64_t n = std::max<uint64_t>(min_buckets, kMinBuckets);
+  for (;;) {
+    std::vector<Bucket> fresh(n, Bucket{});
+    bool ok = true;
+    for (uint32_t r = 0; r < next_row_ && ok; ++r) {
+      if ((live_[r >> 6] >> (r & 63)) & 1) {
+        ok = PlaceInIndex(fresh, r, KeyHash(RowKey(Row(r)), layout_.hash_seed));
+      }
+    }
+    if (ok) {
+      index_.swap(fresh);
+      ++rebuilds_;
+      return;
+    }
+    n = static_cast<uint64_t>(static_cast<double>(n) * kGrowth) + 1;
+  }
+}
+
+uint32_t Shard::AllocateRow(uint64_t key) {
+  uint32_t r;
+  if (!free_rows_.empty()) {
+    r = free_rows_.back();
+    free_rows_.pop_back();
+  } else {
+    if (next_row_ == kNoRow) throw std::length_error("table shard is full: 2^32-1 rows");
+    r = next_row_++;
+    if ((r >> chunk_shift_) >= chunks_.size()) {
+      chunks_.push_back(NewChunk(ChunkBytes()));
+      live_.resize(((chunks_.size() << chunk_shift_) + 63) / 64, 0);
+    }
+  }
+  float* row = Row(r);
+  std::memcpy(row, &key, 8);
+  Meta(row)[0] = 0;
+  Meta(row)[1] = 0;
+  live_[r >> 6] |= 1ULL << (r & 63);
+  ++size_;
+  return r;
+}
+
+uint32_t Shard::NextFreeRow(int ahead) const {
+  if (!free_rows_.empty()) {
+    return static_cast<int>(free_rows_.size()) > ahead ? free_rows_[free_rows_.size() - 1 - ahead] : kNoRow;
+  }
+  const uint64_t r = static_cast<uint64_t>(next_row_) + ahead;
+  return (r >> chunk_shift_) < chunks_.size() ? static_cast<uint32_t>(r) : kNoRow;
+}
+
+void Shard::InitRow(uint32_t r) const {
+  float* row = Row(r);
+  const int dim = layout_.dim;
+  InitRowValues(layout_.initializer, layout_.seed, RowKey(row), dim, row + 4);
+  InitSlots(layout_.optimizer, dim, row + 4 + dim);
+  for (int i = 4 + dim + layout_.slot_width; i < layout_.stride; ++i) row[i] = 0.0f;
+}
+
+uint32_t Shard::FindOrInsert(uint64_t key, uint64_t h, bool* inserted) {
+  const uint32_t found = FindRow(key, ProbeFor(h));
+  *inserted = found == kNoRow;
+  if (found != kNoRow) return found;
+  if (static_cast<double>(size_ + 1) > kMaxLoad * static_cast<double>(index_slots())) {
+    RebuildIndex(static_cast<uint64_t>(static_cast<double>(index_.size()) * kGrowth) + 1);
+  }
+  const uint32_t r = AllocateRow(key);
+  if (!PlaceInIndex(index_, r, h)) {
+    RebuildIndex(static_cast<uint64_t>(static_cast<double>(index_.size()) * kGrowth) + 1);
+  }
+  ++inserts_;
+  return r;
+}
+
+bool Shard::Erase(uint64_t key, uint64_t h) {
+  const Probe p = ProbeFor(h);
+  for (uint64_t bi : {p.b1, p.b2}) {
+    Bucket& b = index_[bi];
+    uint64_t m = tags::ZeroBytes(tags::Load(b.tag) ^ (tags::kOnes * p.tag));
+    while (m) {
+      const int s = __builtin_ctzll(m) >> 3;
+      const uint32_t r = b.row[s];
+      if (RowKey(Row(r)) == key) {
+        b.tag[s] = 0;
+        live_[r >> 6] &= ~(1ULL << (r & 63));
+        free_rows_.push_back(r);
+        --size_;
+        return true;
+      }
+      m &= m - 1;
+    }
+  }
+  return false;
+}
+
+void Shard::Reset(int64_t capacity) {
+  FreeChunks();
+  live_.clear();
+  free_rows_.clear();
+  next_row_ = 0;
+  size_ = 0;
+  std::vector<Bucket> fresh(BucketsFor(capacity), Bucket{});
+  index_.swap(fresh);
+}
+
+}  // namespace monolith
