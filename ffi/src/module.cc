@@ -142,6 +142,14 @@ NB_MODULE(_engine, m) {
              }
              return array;
            })
+      .def("lookup_into",
+           [](PyTable& s, Keys keys, nb::ndarray<float, nb::ndim<2>, nb::c_contig, nb::device::cpu> out) {
+             EmbeddingTable& t = s.t();
+             if (out.shape(0) != keys.shape(0) || out.shape(1) != static_cast<size_t>(t.dim()))
+               throw std::invalid_argument("out must have shape (len(ids), dim)");
+             nb::gil_scoped_release release;
+             t.Lookup(keys.data(), keys.shape(0), out.data());
+           })
       .def("find",
            [](PyTable& s, Keys keys) {
              EmbeddingTable& t = s.t();

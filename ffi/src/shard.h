@@ -119,9 +119,11 @@ class Shard {
     }
     if (!hit) return kNoRow;
     const uint32_t r = b->row[__builtin_ctzll(hit) >> 3];
-    const float* row = Row(r);
-    __builtin_prefetch(row);
-    __builtin_prefetch(row + 16);
+    // Every cache line of the header and values (not the optimizer slots).
+    const char* row = reinterpret_cast<const char*>(Row(r));
+    const char* end = row + (4 + layout_.dim) * sizeof(float);
+    for (const char* line = row; line < end; line += 64) __builtin_prefetch(line);
+    __builtin_prefetch(end - 1);
     return r;
   }
   uint32_t FindRow(uint64_t key, const Probe& p) const {

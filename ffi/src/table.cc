@@ -266,6 +266,7 @@ std::pair<int64_t, int64_t> EmbeddingTable::Apply(const uint64_t* keys, const fl
   std::atomic<int64_t> updated{0}, skipped{0};
   const OptimizerConfig& opt = layout_.optimizer;
   const int dim = layout_.dim;
+  const int row_bytes = layout_.stride * static_cast<int>(sizeof(float));
   pool.ParallelFor(parts, [&](int part) {
     thread_local ApplyScratch s;
     s.positions.clear();
@@ -303,7 +304,10 @@ std::pair<int64_t, int64_t> EmbeddingTable::Apply(const uint64_t* keys, const fl
     const size_t u_count = s.unique_refs.size();
     auto row_of = [&](RowRef ref) { return shards_[ref >> 32]->Row(static_cast<uint32_t>(ref)); };
     for (size_t u = 0; u < u_count; ++u) {
-      if (u + 4 < u_count) __builtin_prefetch(row_of(s.unique_refs[u + 4]), 1);
+      if (u + 6 < u_count) {  // the whole row: values and optimizer slots
+        const char* row = reinterpret_cast<const char*>(row_of(s.unique_refs[u + 6]));
+        for (int off = 0; off < row_bytes; off += 64) __builtin_prefetch(row + off, 1);
+      }
       const float* g = &s.grad_sum[u * dim];
       if (!AllFinite(g, dim)) {
         ++bad;

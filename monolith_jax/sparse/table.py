@@ -124,11 +124,22 @@ class EmbeddingTable:
         return call(words, grads, lr, step, order, table_id=self._id)
 
     # ------------------------------------------------------------- host path
-    def lookup_host(self, ids) -> np.ndarray:
-        """`lookup` from host code: numpy float32 (ids' shape + (dim,))."""
+    def lookup_host(self, ids, *, out: np.ndarray | None = None) -> np.ndarray:
+        """`lookup` from host code: numpy float32 (ids' shape + (dim,)).
+
+        out: a C-contiguous float32 array of that shape to write into, so a
+        training loop can reuse one buffer instead of faulting in a new one.
+        """
         keys = np.ascontiguousarray(as_key_array(ids))
-        rows = self._native.lookup(keys.reshape(-1))
-        return rows.reshape(keys.shape + (self.dim,))
+        shape = keys.shape + (self.dim,)
+        if out is None:
+            return self._native.lookup(keys.reshape(-1)).reshape(shape)
+        if not isinstance(out, np.ndarray) or out.dtype != np.float32 or out.shape != shape \
+                or not out.flags.c_contiguous or not out.flags.writeable:
+            raise ValueError(
+                f"table {self.name!r}: out must be a writeable C-contiguous float32 array of shape {shape}")
+        self._native.lookup_into(keys.reshape(-1), out.reshape(-1, self.dim))
+        return out
 
     def find(self, ids) -> tuple[np.ndarray, np.ndarray]:
         """Read-only lookup: (rows, found) with zeros where an id has no row."""

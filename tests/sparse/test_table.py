@@ -310,3 +310,15 @@ def test_hash_strings_is_stable_blake2b():
             for s in ["user:42", "", "日本"]]
     assert got.dtype == np.uint64 and got.tolist() == want
     assert hash_strings([b"user:42"])[0] == got[0]
+
+
+def test_lookup_host_into_a_reused_buffer():
+    t = make()
+    ids = np.array([[1, 2], [3, 1]], np.uint64)
+    out = np.full((2, 2, 4), np.nan, np.float32)
+    assert t.lookup_host(ids, out=out) is out
+    np.testing.assert_array_equal(out, t.lookup_host(ids))
+    with pytest.raises(ValueError, match="out must be"):
+        t.lookup_host(ids, out=np.zeros((2, 2, 4), np.float64))
+    with pytest.raises(ValueError, match="out must be"):
+        t.lookup_host(ids, out=np.zeros((4, 4), np.float32))
