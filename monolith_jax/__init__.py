@@ -8,6 +8,9 @@ Public API, in one screen:
                                  .lookup_host / .apply_gradients_host (numpy)
                                  .find / .erase / .dump / .load / .stats
     Keys, key_words, hash_strings    64-bit ids in 32-bit JAX
+  Memory control (TableConfig fields): admission=FrequencyFilter |
+    ProbabilisticFilter, expire_after (+ .expire), max_rows + eviction;
+    .drain_touched / .export (float32, float16, bfloat16) for serving
   Initializers: Zeros, Constant, Uniform, Normal, TruncatedNormal
   Fused optimizers: SGD, Momentum, Adagrad, RowwiseAdagrad, Adam, AMSGrad,
                     RMSProp, FTRL
@@ -20,6 +23,8 @@ from monolith_jax.sparse import (
     AMSGrad,
     FTRL,
     SGD,
+    FrequencyFilter,
+    ProbabilisticFilter,
     Adagrad,
     Adam,
     Constant,
@@ -40,7 +45,7 @@ from monolith_jax.sparse import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "AMSGrad", "Adagrad", "Adam", "Constant", "EmbeddingTable", "FTRL", "Keys",
-    "Momentum", "Normal", "RMSProp", "RowwiseAdagrad", "SGD", "TableConfig",
+    "AMSGrad", "Adagrad", "Adam", "Constant", "EmbeddingTable", "FTRL", "FrequencyFilter", "Keys",
+    "Momentum", "Normal", "ProbabilisticFilter", "RMSProp", "RowwiseAdagrad", "SGD", "TableConfig",
     "TruncatedNormal", "Uniform", "Zeros", "hash_strings", "key_words",
 ]

@@ -27,6 +27,7 @@ using Keys = nb::ndarray<const uint64_t, nb::ndim<1>, nb::c_contig, nb::device::
 using Floats2D = nb::ndarray<const float, nb::ndim<2>, nb::c_contig, nb::device::cpu>;
 using Floats1D = nb::ndarray<const float, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
 using U32 = nb::ndarray<const uint32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+using U8 = nb::ndarray<const uint8_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
 
 // An uninitialized float buffer handed to numpy (no 0-fill of MBs per batch).
 nb::ndarray<nb::numpy, float> NewFloats(size_t rows, size_t cols, float** data) {
@@ -68,8 +69,20 @@ class PyTable {
 };
 
 TableOptions MakeOptions(int dim, uint64_t seed, int64_t capacity_hint, int init_kind,
-                         float init_a, float init_b, int opt_kind, const nb::dict& h) {
+                         float init_a, float init_b, int opt_kind, const nb::dict& h,
+                         const nb::dict& memory) {
   TableOptions o;
+  for (auto [k, v] : memory) {
+    const std::string key = nb::cast<std::string>(k);
+    if (key == "occurrence_threshold") o.occurrence_threshold = nb::cast<uint32_t>(v);
+    else if (key == "admit_probability") o.admit_probability = nb::cast<float>(v);
+    else if (key == "filter_counters") o.filter_counters = nb::cast<int64_t>(v);
+    else if (key == "unadmitted_initializer") o.unadmitted_initializer = nb::cast<bool>(v);
+    else if (key == "expire_after") o.expire_after = nb::cast<uint32_t>(v);
+    else if (key == "max_rows") o.max_rows = nb::cast<int64_t>(v);
+    else if (key == "eviction") o.eviction = static_cast<Eviction>(nb::cast<int>(v));
+    else throw std::invalid_argument("unknown memory option: " + key);
+  }
   o.dim = dim;
   o.seed = seed;
   o.capacity_hint = capacity_hint;
@@ -121,12 +134,12 @@ NB_MODULE(_engine, m) {
   nb::class_<PyTable>(m, "Table")
       .def("__init__",
            [](PyTable* self, int dim, uint64_t seed, int64_t capacity_hint, int init_kind,
-              float init_a, float init_b, int opt_kind, nb::dict hparams) {
+              float init_a, float init_b, int opt_kind, nb::dict hparams, nb::dict memory) {
              new (self) PyTable(MakeOptions(dim, seed, capacity_hint, init_kind, init_a, init_b,
-                                            opt_kind, hparams));
+                                            opt_kind, hparams, memory));
            },
            "dim"_a, "seed"_a, "capacity_hint"_a, "init_kind"_a, "init_a"_a, "init_b"_a,
-           "opt_kind"_a, "hparams"_a)
+           "opt_kind"_a, "hparams"_a, "memory"_a)
       .def_prop_ro("id", &PyTable::id)
       .def_prop_ro("dim", [](PyTable& s) { return s.t().dim(); })
       .def_prop_ro("slot_width", [](PyTable& s) { return s.t().slot_width(); })
@@ -195,6 +208,12 @@ NB_MODULE(_engine, m) {
              d["nonfinite_skipped"] = st.nonfinite_skipped;
              d["index_rebuilds"] = st.index_rebuilds;
              d["index_kicks"] = st.index_kicks;
+             d["bytes_filter"] = st.bytes_filter;
+             d["filtered"] = st.filtered;
+             d["dropped"] = st.dropped;
+             d["expired"] = st.expired;
+             d["evicted"] = st.evicted;
+             d["touched"] = st.touched;
              return d;
            })
       .def("dump",
@@ -212,10 +231,44 @@ NB_MODULE(_engine, m) {
              out["slots"] = ToNumpy(std::move(d.slots), {n, static_cast<size_t>(t.slot_width())});
              out["last_update"] = ToNumpy(std::move(d.last_update), {n});
              out["update_count"] = ToNumpy(std::move(d.update_count), {n});
+             out["touched"] = ToNumpy(std::move(d.touched), {n});
+             const size_t f = d.filter.size();
+             out["filter"] = ToNumpy(std::move(d.filter), {f});
+             out["clock"] = d.clock;
              return out;
            })
+      .def("expire",
+           [](PyTable& s, uint32_t now) {
+             EmbeddingTable& t = s.t();
+             nb::gil_scoped_release release;
+             return t.Expire(now);
+           })
+      .def("drain_touched",
+           [](PyTable& s) {
+             EmbeddingTable& t = s.t();
+             TableRows r;
+             {
+               nb::gil_scoped_release release;
+               r = t.DrainTouched();
+             }
+             const size_t n = r.keys.size();
+             return nb::make_tuple(ToNumpy(std::move(r.keys), {n}),
+                                   ToNumpy(std::move(r.values), {n, static_cast<size_t>(t.dim())}));
+           })
+      .def("export",
+           [](PyTable& s) {
+             EmbeddingTable& t = s.t();
+             TableRows r;
+             {
+               nb::gil_scoped_release release;
+               r = t.Export();
+             }
+             const size_t n = r.keys.size();
+             return nb::make_tuple(ToNumpy(std::move(r.keys), {n}),
+                                   ToNumpy(std::move(r.values), {n, static_cast<size_t>(t.dim())}));
+           })
       .def("load", [](PyTable& s, Keys keys, Floats2D values, nb::ndarray<const float, nb::c_contig, nb::device::cpu> slots,
-                      U32 last_update, U32 update_count) {
+                      U32 last_update, U32 update_count, U8 touched, U8 filter, uint32_t clock) {
         EmbeddingTable& t = s.t();
         const size_t n = keys.shape(0);
         const size_t w = static_cast<size_t>(t.slot_width());
@@ -228,6 +281,10 @@ NB_MODULE(_engine, m) {
         d.slots.assign(slots.data(), slots.data() + n * w);
         d.last_update.assign(last_update.data(), last_update.data() + n);
         d.update_count.assign(update_count.data(), update_count.data() + n);
+        if (touched.shape(0) != n) throw std::invalid_argument("dump touched must have one flag per row");
+        d.touched.assign(touched.data(), touched.data() + n);
+        d.filter.assign(filter.data(), filter.data() + filter.shape(0));
+        d.clock = clock;
         nb::gil_scoped_release release;
         t.Load(d);
       });

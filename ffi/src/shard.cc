@@ -31,9 +31,47 @@ int ChunkShift(int stride_floats) {
 }
 }  // namespace
 
-Shard::Shard(const RowLayout& layout, int64_t capacity)
+Shard::Shard(const RowLayout& layout, int64_t capacity, int64_t sketch_counters)
     : layout_(layout), chunk_shift_(ChunkShift(layout.stride)), chunk_mask_((1u << chunk_shift_) - 1) {
   index_.assign(BucketsFor(capacity), Bucket{});
+  sketch_.assign(static_cast<size_t>(std::max<int64_t>(sketch_counters, 0)), 0);
+}
+
+uint32_t Shard::Sighting(uint64_t h) {
+  // Four counters per key; conservative update raises only those at the
+  // minimum, which keeps overestimates (false admissions) low.
+  constexpr int kHashes = 4;
+  size_t pos[kHashes];
+  uint32_t least = 255;
+  const uint64_t width = sketch_.size();
+  for (int i = 0; i < kHashes; ++i) {
+    pos[i] = FastRange(Mix64(h + (i + 1) * 0x9E3779B97F4A7C15ULL), width);
+    least = std::min<uint32_t>(least, sketch_[pos[i]]);
+  }
+  if (least < 255) {
+    ++least;
+    for (size_t p : pos) {
+      if (sketch_[p] < least) sketch_[p] = static_cast<uint8_t>(least);
+    }
+  }
+  return least;
+}
+
+void Shard::SetSketch(const uint8_t* counters, int64_t n) {
+  if (n != static_cast<int64_t>(sketch_.size())) throw std::invalid_argument("filter size mismatch");
+  std::memcpy(sketch_.data(), counters, static_cast<size_t>(n));
+}
+
+int64_t Shard::touched() const {
+  int64_t n = 0;
+  for (size_t w = 0; w < touched_.size(); ++w) n += __builtin_popcountll(touched_[w] & live_[w]);
+  return n;
+}
+
+uint64_t Shard::EraseRow(uint32_t r) {
+  const uint64_t key = RowKey(Row(r));
+  Erase(key, KeyHash(key, layout_.hash_seed));
+  return key;
 }
 
 Shard::~Shard() { FreeChunks(); }
@@ -52,7 +90,8 @@ void Shard::FreeChunks() {
 int64_t Shard::BytesHeld() const {
   return static_cast<int64_t>(chunks_.size()) * static_cast<int64_t>(ChunkBytes()) +
          static_cast<int64_t>(index_.capacity() * sizeof(Bucket)) +
-         static_cast<int64_t>(live_.capacity() * 8) +
+         static_cast<int64_t>(live_.capacity() * 8) + static_cast<int64_t>(touched_.capacity() * 8) +
+         static_cast<int64_t>(sketch_.capacity()) +
          static_cast<int64_t>(free_rows_.capacity() * 4) +
          static_cast<int64_t>(chunks_.capacity() * sizeof(float*)) + static_cast<int64_t>(sizeof(Shard));
 }
@@ -117,7 +156,7 @@ void Shard::RebuildIndex(uint64_t min_buckets) {
   }
 }
 
-uint32_t Shard::AllocateRow(uint64_t key) {
+uint32_t Shard::AllocateRow(uint64_t key, uint32_t now) {
   uint32_t r;
   if (!free_rows_.empty()) {
     r = free_rows_.back();
@@ -128,13 +167,15 @@ uint32_t Shard::AllocateRow(uint64_t key) {
     if ((r >> chunk_shift_) >= chunks_.size()) {
       chunks_.push_back(NewChunk(ChunkBytes()));
       live_.resize(((chunks_.size() << chunk_shift_) + 63) / 64, 0);
+      touched_.resize(live_.size(), 0);
     }
   }
   float* row = Row(r);
   std::memcpy(row, &key, 8);
-  Meta(row)[0] = 0;
+  Meta(row)[0] = now;
   Meta(row)[1] = 0;
   live_[r >> 6] |= 1ULL << (r & 63);
+  touched_[r >> 6] |= 1ULL << (r & 63);
   ++size_;
   return r;
 }
@@ -155,14 +196,14 @@ void Shard::InitRow(uint32_t r) const {
   for (int i = 4 + dim + layout_.slot_width; i < layout_.stride; ++i) row[i] = 0.0f;
 }
 
-uint32_t Shard::FindOrInsert(uint64_t key, uint64_t h, bool* inserted) {
+uint32_t Shard::FindOrInsert(uint64_t key, uint64_t h, uint32_t now, bool* inserted) {
   const uint32_t found = FindRow(key, ProbeFor(h));
   *inserted = found == kNoRow;
   if (found != kNoRow) return found;
   if (static_cast<double>(size_ + 1) > kMaxLoad * static_cast<double>(index_slots())) {
     RebuildIndex(static_cast<uint64_t>(static_cast<double>(index_.size()) * kGrowth) + 1);
   }
-  const uint32_t r = AllocateRow(key);
+  const uint32_t r = AllocateRow(key, now);
   if (!PlaceInIndex(index_, r, h)) {
     RebuildIndex(static_cast<uint64_t>(static_cast<double>(index_.size()) * kGrowth) + 1);
   }
@@ -181,6 +222,7 @@ bool Shard::Erase(uint64_t key, uint64_t h) {
       if (RowKey(Row(r)) == key) {
         b.tag[s] = 0;
         live_[r >> 6] &= ~(1ULL << (r & 63));
+        touched_[r >> 6] &= ~(1ULL << (r & 63));
         free_rows_.push_back(r);
         --size_;
         return true;
@@ -194,6 +236,8 @@ bool Shard::Erase(uint64_t key, uint64_t h) {
 void Shard::Reset(int64_t capacity) {
   FreeChunks();
   live_.clear();
+  touched_.clear();
+  std::fill(sketch_.begin(), sketch_.end(), 0);
   free_rows_.clear();
   next_row_ = 0;
   size_ = 0;

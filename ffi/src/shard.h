@@ -19,7 +19,10 @@
 //               float    slot[SlotWidth(optimizer, dim)];
 //               (padding to 8 bytes)
 //             };
-//   live:   one bit per row number: the row holds a key of the shard.
+//   live:    one bit per row number: the row holds a key of the shard.
+//   touched: one bit per row number: created or updated since the last drain.
+//   sketch:  the admission filter's counting sketch (uint8 counters), present
+//            only when the table filters admission.
 //
 // A key's 64-bit hash h (the table's) picks bucket b1 from bits 59..0, a
 // second bucket b2 != b1 from the low half, and the tag from the low byte.
@@ -91,7 +94,8 @@ class Shard {
     uint32_t row[kSlotsPerBucket];
   };
 
-  Shard(const RowLayout& layout, int64_t capacity);
+  // sketch_counters: this shard's share of the admission filter (0: none).
+  Shard(const RowLayout& layout, int64_t capacity, int64_t sketch_counters);
   ~Shard();
   Shard(const Shard&) = delete;
   Shard& operator=(const Shard&) = delete;
@@ -161,12 +165,44 @@ class Shard {
   int64_t index_slots() const { return static_cast<int64_t>(index_.size()) * kSlotsPerBucket; }
   int64_t row_capacity() const { return static_cast<int64_t>(chunks_.size()) << chunk_shift_; }
   int64_t inserts() const { return inserts_; }
+  int64_t touched() const;
+  int64_t sketch_bytes() const { return static_cast<int64_t>(sketch_.size()); }
+  const std::vector<uint8_t>& sketch() const { return sketch_; }
+  bool IsTouched(uint32_t r) const { return (touched_[r >> 6] >> (r & 63)) & 1; }
+  // Row number of a row pointer from this shard (for ForEachLive callers).
+  template <typename F>
+  void ForEachLiveRow(F f) const {
+    for (uint32_t r = 0; r < next_row_; ++r) {
+      if ((live_[r >> 6] >> (r & 63)) & 1) f(r);
+    }
+  }
   int64_t rebuilds() const { return rebuilds_; }
   int64_t kicks() const { return kicks_; }
 
   // --- writes (exclusive lock) ---
-  // The key's row; a new one (values NOT initialized: see InitRow) when absent.
-  uint32_t FindOrInsert(uint64_t key, uint64_t h, bool* inserted);
+  // The key's row; a new one (values NOT initialized: see InitRow), stamped
+  // last_update = now and marked touched, when absent.
+  uint32_t FindOrInsert(uint64_t key, uint64_t h, uint32_t now, bool* inserted);
+  // Records one sighting of an unadmitted key in the counting sketch
+  // (conservative update) and returns its estimated count, >= the true one.
+  uint32_t Sighting(uint64_t h);
+  void Touch(uint32_t r) { touched_[r >> 6] |= 1ULL << (r & 63); }
+  void DrainOne(uint32_t r) { touched_[r >> 6] &= ~(1ULL << (r & 63)); }
+  // f(row number) for every touched live row, clearing the marks.
+  template <typename F>
+  void DrainTouched(F f) {
+    for (size_t w = 0; w < touched_.size(); ++w) {
+      uint64_t bits = touched_[w] & live_[w];
+      touched_[w] = 0;
+      while (bits) {
+        f(static_cast<uint32_t>(w * 64 + __builtin_ctzll(bits)));
+        bits &= bits - 1;
+      }
+    }
+  }
+  // Removes the row `r` (live); returns its key.
+  uint64_t EraseRow(uint32_t r);
+  void SetSketch(const uint8_t* counters, int64_t n);
   // Initial values and optimizer slots of a new row.
   void InitRow(uint32_t r) const;
   // The row that the next insert will take, for prefetching; kNoRow if unknown.
@@ -186,7 +222,7 @@ class Shard {
     if (p.tag == 0) p.tag = 1;
     return p;
   }
-  uint32_t AllocateRow(uint64_t key);
+  uint32_t AllocateRow(uint64_t key, uint32_t now);
   size_t ChunkBytes() const { return (static_cast<size_t>(1) << chunk_shift_) * layout_.stride * sizeof(float); }
   static float* NewChunk(size_t bytes);
   void FreeChunks();
@@ -199,6 +235,8 @@ class Shard {
   std::vector<Bucket> index_;
   std::vector<float*> chunks_;
   std::vector<uint64_t> live_;
+  std::vector<uint64_t> touched_;
+  std::vector<uint8_t> sketch_;
   std::vector<uint32_t> free_rows_;
   uint32_t next_row_ = 0;  // rows ever handed out (live + free)
   int64_t size_ = 0;

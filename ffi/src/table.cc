@@ -92,8 +92,27 @@ EmbeddingTable::EmbeddingTable(const TableOptions& options)
               options.initializer,
               options.optimizer} {
   if (options.dim <= 0) throw std::invalid_argument("dim must be positive");
+  if (Filtering() && options.filter_counters < kShards * 64) {
+    throw std::invalid_argument("an admission filter needs filter_counters >= 1024");
+  }
   const int64_t per_shard = (std::max<int64_t>(options.capacity_hint, 0) + kShards - 1) / kShards;
-  for (auto& s : shards_) s = std::make_unique<Shard>(layout_, per_shard);
+  const int64_t sketch = Filtering() ? options.filter_counters / kShards : 0;
+  for (auto& s : shards_) s = std::make_unique<Shard>(layout_, per_shard, sketch);
+}
+
+bool EmbeddingTable::Admit(uint64_t key, uint32_t sightings) const {
+  if (options_.occurrence_threshold > 1) return sightings >= options_.occurrence_threshold;
+  // One seeded draw per (key, sighting): a replay of the stream decides alike.
+  const uint64_t draw = Mix64(layout_.hash_seed ^ Mix64(key) ^ (sightings * 0xD1B54A32D192ED03ULL));
+  return UnitFloat(draw) <= options_.admit_probability;
+}
+
+void EmbeddingTable::WriteDefault(uint64_t key, float* out) const {
+  if (options_.unadmitted_initializer) {
+    InitRowValues(layout_.initializer, layout_.seed, key, layout_.dim, out);
+  } else {
+    std::memset(out, 0, static_cast<size_t>(layout_.dim) * sizeof(float));
+  }
 }
 
 template <typename OnRow, typename OnMiss>
@@ -155,6 +174,8 @@ void EmbeddingTable::InsertInto(Shard& sh, const uint64_t* keys, const std::vect
   // makes a prefetch useless, never wrong), and so is the row the next
   // insert takes.
   const int64_t count = static_cast<int64_t>(positions.size());
+  const bool filtering = Filtering();
+  const uint32_t now = clock_.load(std::memory_order_relaxed);
   std::vector<uint32_t> row_of(count);
   std::vector<uint32_t> fresh;
   auto prefetch = [&](int64_t j) { sh.PrefetchBuckets(sh.ProbeFor(Hash(keys[positions[j]])), true); };
@@ -164,11 +185,17 @@ void EmbeddingTable::InsertInto(Shard& sh, const uint64_t* keys, const std::vect
     const uint32_t next = sh.NextFreeRow(4);
     if (next != Shard::kNoRow) __builtin_prefetch(sh.Row(next), 1);
     const uint64_t key = keys[positions[j]];
+    const uint64_t h = Hash(key);
+    if (filtering && sh.FindRow(key, sh.ProbeFor(h)) == Shard::kNoRow && !Admit(key, sh.Sighting(h))) {
+      row_of[j] = Shard::kNoRow;
+      continue;
+    }
     bool inserted;
-    row_of[j] = sh.FindOrInsert(key, Hash(key), &inserted);
+    row_of[j] = sh.FindOrInsert(key, h, now, &inserted);
     if (inserted) fresh.push_back(row_of[j]);
   }
   for (uint32_t r : fresh) sh.InitRow(r);
+  rows_.fetch_add(static_cast<int64_t>(fresh.size()), std::memory_order_relaxed);
   for (int64_t j = 0; j < count; ++j) on_row(positions[j], row_of[j]);
 }
 
@@ -201,10 +228,19 @@ void EmbeddingTable::Lookup(const uint64_t* keys, int64_t n, float* out) {
       if (by_shard[s].empty()) continue;
       Shard& sh = *shards_[s];
       std::unique_lock<std::shared_mutex> lock(sh.mu);
-      InsertInto(sh, keys, by_shard[s],
-                 [&](int64_t i, uint32_t r) { CopyRow(out + i * dim, sh.Row(r) + 4, dim); });
+      int64_t refused = 0;
+      InsertInto(sh, keys, by_shard[s], [&](int64_t i, uint32_t r) {
+        if (r == Shard::kNoRow) {
+          WriteDefault(keys[i], out + i * dim);
+          ++refused;
+        } else {
+          CopyRow(out + i * dim, sh.Row(r) + 4, dim);
+        }
+      });
+      filtered_.fetch_add(refused, std::memory_order_relaxed);
     }
   });
+  EnforceCapacity();
 }
 
 void EmbeddingTable::Find(const uint64_t* keys, int64_t n, float* out, uint8_t* found) const {
@@ -228,6 +264,15 @@ void EmbeddingTable::Find(const uint64_t* keys, int64_t n, float* out, uint8_t* 
 std::pair<int64_t, int64_t> EmbeddingTable::Apply(const uint64_t* keys, const float* grads, int64_t n,
                                                   float lr, uint32_t time) {
   if (n == 0) return {0, 0};
+  for (uint32_t c = clock_.load(); c < time && !clock_.compare_exchange_weak(c, time);) {
+  }
+  std::pair<int64_t, int64_t> result = ApplyLocked(keys, grads, n, lr, time);
+  EnforceCapacity();
+  return result;
+}
+
+std::pair<int64_t, int64_t> EmbeddingTable::ApplyLocked(const uint64_t* keys, const float* grads,
+                                                        int64_t n, float lr, uint32_t time) {
   ExclusiveAll lock(shards_);
   std::vector<RowRef> refs(n);
   const int parts = Parts(n);
@@ -251,7 +296,10 @@ std::pair<int64_t, int64_t> EmbeddingTable::Apply(const uint64_t* keys, const fl
       ++missing;
     }
   }
-  if (missing) {
+  if (missing && Filtering()) {
+    // Ids without a row were not admitted: their gradients are dropped.
+    dropped_.fetch_add(missing, std::memory_order_relaxed);
+  } else if (missing) {
     const int workers = missing < kParallelInsertMin ? 1 : pool.Parallelism();
     pool.ParallelFor(workers, [&](int w) {
       for (int s = w; s < kShards; s += workers) {
@@ -271,7 +319,7 @@ std::pair<int64_t, int64_t> EmbeddingTable::Apply(const uint64_t* keys, const fl
     thread_local ApplyScratch s;
     s.positions.clear();
     for (int64_t i = 0; i < n; ++i) {
-      if (static_cast<int>(refs[i] >> 32) % parts == part) s.positions.push_back(i);
+      if (refs[i] != kNoRef && static_cast<int>(refs[i] >> 32) % parts == part) s.positions.push_back(i);
     }
     size_t cap = 16;
     while (cap < 2 * s.positions.size()) cap <<= 1;
@@ -313,7 +361,9 @@ std::pair<int64_t, int64_t> EmbeddingTable::Apply(const uint64_t* keys, const fl
         ++bad;
         continue;
       }
-      float* row = row_of(s.unique_refs[u]);
+      const RowRef ref = s.unique_refs[u];
+      float* row = row_of(ref);
+      shards_[ref >> 32]->Touch(static_cast<uint32_t>(ref));
       uint32_t* meta = Shard::Meta(row);
       const uint32_t count = meta[1] == 0xFFFFFFFFu ? meta[1] : meta[1] + 1;
       ApplyRule(opt, dim, lr, count, g, row + 4, row + 4 + dim);
@@ -336,7 +386,97 @@ int64_t EmbeddingTable::Erase(const uint64_t* keys, int64_t n) {
     const uint64_t h = Hash(keys[i]);
     erased += shards_[ShardOf(h)]->Erase(keys[i], h);
   }
+  rows_.fetch_sub(erased, std::memory_order_relaxed);
   return erased;
+}
+
+int64_t EmbeddingTable::Expire(uint32_t now) {
+  if (options_.expire_after == 0) return 0;
+  if (now == 0) now = clock_.load();
+  if (now <= options_.expire_after) return 0;
+  const uint32_t cutoff = now - options_.expire_after;  // rows updated before it go
+  int64_t removed = 0;
+  for (auto& shard : shards_) {
+    std::unique_lock<std::shared_mutex> lock(shard->mu);
+    std::vector<uint32_t> old;
+    shard->ForEachLiveRow([&](uint32_t r) {
+      if (Shard::Meta(shard->Row(r))[0] < cutoff) old.push_back(r);
+    });
+    for (uint32_t r : old) shard->EraseRow(r);
+    removed += static_cast<int64_t>(old.size());
+  }
+  rows_.fetch_sub(removed, std::memory_order_relaxed);
+  expired_.fetch_add(removed, std::memory_order_relaxed);
+  return removed;
+}
+
+void EmbeddingTable::EnforceCapacity() {
+  const int64_t cap = options_.max_rows;
+  if (cap <= 0 || rows_.load(std::memory_order_relaxed) <= cap) return;
+  ExclusiveAll lock(shards_);
+  struct Victim {
+    uint64_t first, second, key;
+    uint32_t shard, row;
+  };
+  std::vector<Victim> all;
+  all.reserve(static_cast<size_t>(rows_.load()));
+  const bool lru = options_.eviction == Eviction::kLRU;
+  for (uint32_t s = 0; s < kShards; ++s) {
+    const Shard& sh = *shards_[s];
+    sh.ForEachLiveRow([&](uint32_t r) {
+      const float* row = sh.Row(r);
+      const uint64_t last = Shard::Meta(row)[0], count = Shard::Meta(row)[1];
+      all.push_back({lru ? last : count, lru ? count : last, Shard::RowKey(row), s, r});
+    });
+  }
+  const int64_t total = static_cast<int64_t>(all.size());
+  const int64_t keep = cap - std::max<int64_t>(1, cap / 20);  // low watermark: 95%
+  if (total <= cap) return;
+  const int64_t k = total - keep;
+  // LRU: oldest last update first (then fewest updates); LFU: fewest updates
+  // first (then oldest); the key breaks ties, so the choice is exact.
+  auto less = [](const Victim& a, const Victim& b) {
+    if (a.first != b.first) return a.first < b.first;
+    if (a.second != b.second) return a.second < b.second;
+    return a.key < b.key;
+  };
+  std::nth_element(all.begin(), all.begin() + (k - 1), all.end(), less);
+  for (int64_t i = 0; i < k; ++i) shards_[all[i].shard]->EraseRow(all[i].row);
+  rows_.fetch_sub(k, std::memory_order_relaxed);
+  evicted_.fetch_add(k, std::memory_order_relaxed);
+}
+
+TableRows EmbeddingTable::DrainTouched() {
+  const int dim = layout_.dim;
+  TableRows out;
+  for (auto& shard : shards_) {
+    std::unique_lock<std::shared_mutex> lock(shard->mu);
+    shard->DrainTouched([&](uint32_t r) {
+      const float* row = shard->Row(r);
+      out.keys.push_back(Shard::RowKey(row));
+      out.values.insert(out.values.end(), row + 4, row + 4 + dim);
+    });
+  }
+  return out;
+}
+
+TableRows EmbeddingTable::Export() const {
+  SharedAll lock(shards_);
+  const int dim = layout_.dim;
+  TableRows out;
+  int64_t n = 0;
+  for (auto& s : shards_) n += s->size();
+  out.keys.resize(n);
+  out.values.resize(static_cast<size_t>(n) * dim);
+  size_t i = 0;
+  for (auto& s : shards_) {
+    s->ForEachLive([&](const float* row) {
+      out.keys[i] = Shard::RowKey(row);
+      std::memcpy(&out.values[i * dim], row + 4, dim * sizeof(float));
+      ++i;
+    });
+  }
+  return out;
 }
 
 int64_t EmbeddingTable::Size() const {
@@ -357,14 +497,21 @@ TableStats EmbeddingTable::Stats() const {
     st.inserts += s->inserts();
     st.index_rebuilds += s->rebuilds();
     st.index_kicks += s->kicks();
+    st.bytes_filter += s->sketch_bytes();
+    st.touched += s->touched();
     held += s->BytesHeld();
   }
+  held -= st.bytes_filter;
   st.bytes_values = st.rows * layout_.dim * 4;
   st.bytes_slots = st.rows * layout_.slot_width * 4;
   st.bytes_overhead = held + static_cast<int64_t>(sizeof(*this)) - st.bytes_values - st.bytes_slots;
   st.lookups = lookups_.load();
   st.updates = updates_.load();
   st.nonfinite_skipped = nonfinite_.load();
+  st.filtered = filtered_.load();
+  st.dropped = dropped_.load();
+  st.expired = expired_.load();
+  st.evicted = evicted_.load();
   return st;
 }
 
@@ -379,9 +526,14 @@ TableDump EmbeddingTable::Dump() const {
   d.slots.resize(static_cast<size_t>(n) * width);
   d.last_update.resize(n);
   d.update_count.resize(n);
+  d.touched.resize(n);
+  for (auto& s : shards_) d.filter.insert(d.filter.end(), s->sketch().begin(), s->sketch().end());
+  d.clock = clock_.load();
   size_t i = 0;
   for (auto& s : shards_) {
-    s->ForEachLive([&](const float* row) {
+    s->ForEachLiveRow([&](uint32_t r) {
+      const float* row = s->Row(r);
+      d.touched[i] = s->IsTouched(r);
       d.keys[i] = Shard::RowKey(row);
       d.last_update[i] = Shard::Meta(row)[0];
       d.update_count[i] = Shard::Meta(row)[1];
@@ -400,24 +552,38 @@ void EmbeddingTable::Load(const TableDump& d) {
   std::array<int64_t, kShards> per_shard{};
   for (uint64_t k : d.keys) ++per_shard[ShardOf(Hash(k))];
   const int64_t hint = (std::max<int64_t>(options_.capacity_hint, 0) + kShards - 1) / kShards;
-  for (int s = 0; s < kShards; ++s) shards_[s]->Reset(std::max(per_shard[s], hint));
+  int64_t filter_total = 0;
+  for (auto& s : shards_) filter_total += s->sketch_bytes();
+  if (static_cast<int64_t>(d.filter.size()) != filter_total) {
+    throw std::invalid_argument("the dump's admission filter does not match this table's filter_counters");
+  }
+  for (int s = 0; s < kShards; ++s) {
+    shards_[s]->Reset(std::max(per_shard[s], hint));
+    const int64_t w = shards_[s]->sketch_bytes();
+    if (w) shards_[s]->SetSketch(d.filter.data() + s * w, w);
+  }
+  clock_.store(d.clock);
   for (int64_t i = 0; i < n; ++i) {
     const uint64_t h = Hash(d.keys[i]);
     Shard& sh = *shards_[ShardOf(h)];
     bool inserted;
-    float* row = sh.Row(sh.FindOrInsert(d.keys[i], h, &inserted));
+    const uint32_t r = sh.FindOrInsert(d.keys[i], h, 0, &inserted);
+    if (!d.touched.empty() && !d.touched[i]) sh.DrainOne(r);
+    float* row = sh.Row(r);
     std::memcpy(row + 4, &d.values[i * dim], dim * sizeof(float));
     if (width) std::memcpy(row + 4 + dim, &d.slots[i * width], width * sizeof(float));
     for (int k = 4 + dim + width; k < layout_.stride; ++k) row[k] = 0.0f;
     Shard::Meta(row)[0] = d.last_update[i];
     Shard::Meta(row)[1] = d.update_count[i];
   }
+  rows_.store(n);
 }
 
 void EmbeddingTable::Clear() {
   ExclusiveAll lock(shards_);
   const int64_t hint = (std::max<int64_t>(options_.capacity_hint, 0) + kShards - 1) / kShards;
   for (auto& s : shards_) s->Reset(hint);
+  rows_.store(0);
 }
 
 }  // namespace monolith

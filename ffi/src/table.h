@@ -15,6 +15,13 @@
 //   * Apply sums the gradients of duplicate keys in order of appearance and
 //     steps each unique key's row once (optimizers.h); a row whose summed
 //     gradient is not finite is skipped and counted, never written.
+//   * With an admission filter, only admitted ids get rows (see TableOptions).
+//   * Memory control: Expire() drops rows not updated for expire_after; with
+//     max_rows, a call that leaves more rows evicts the least recently
+//     updated (LRU) or least often updated (LFU) ones down to 95% of it at
+//     its end (so a batch may overshoot by its own new rows until then).
+//   * Touched rows (created or updated since the last DrainTouched) are kept
+//     as one bit per row, for incremental sync to serving.
 //
 // Thread safety
 // -------------
@@ -38,12 +45,25 @@
 
 namespace monolith {
 
+enum class Eviction : int32_t { kLRU = 0, kLFU = 1 };
+
 struct TableOptions {
   int dim = 8;                    // floats per row
   InitializerConfig initializer;  // values of a new row
   OptimizerConfig optimizer;      // fused update rule and its slots
   uint64_t seed = 0;              // initializer and hash seed
   int64_t capacity_hint = 0;      // rows to size the index for up front
+  // Admission (the paper's feature filter). An unadmitted id has no row: a
+  // lookup reads the default (zeros, or its initializer values) and an apply
+  // drops its gradient. Sightings are counted in a counting sketch of
+  // filter_counters uint8 counters, so memory does not grow with the ids.
+  uint32_t occurrence_threshold = 0;    // > 1: admit at this many sightings
+  float admit_probability = 1.0f;       // < 1 (threshold <= 1): admit each sighting with it
+  int64_t filter_counters = 0;          // sketch size in bytes, all shards together
+  bool unadmitted_initializer = false;  // unadmitted ids read as initializer values
+  uint32_t expire_after = 0;            // Expire(now) drops rows older than this; 0: never
+  int64_t max_rows = 0;                 // capacity bound; 0: none
+  Eviction eviction = Eviction::kLRU;   // which rows go when over max_rows
 };
 
 struct TableStats {
@@ -59,6 +79,12 @@ struct TableStats {
   int64_t nonfinite_skipped = 0;  // row updates refused for NaN/Inf gradients
   int64_t index_rebuilds = 0;     // times a shard's index grew
   int64_t index_kicks = 0;        // cuckoo displacements so far
+  int64_t bytes_filter = 0;       // admission sketch
+  int64_t filtered = 0;           // lookups of ids not admitted (read the default)
+  int64_t dropped = 0;            // gradient rows of ids not admitted (not applied)
+  int64_t expired = 0;            // rows removed by Expire
+  int64_t evicted = 0;            // rows removed by the capacity bound
+  int64_t touched = 0;            // rows created or updated since the last drain
 };
 
 // A whole table as contiguous arrays (n rows).
@@ -68,6 +94,15 @@ struct TableDump {
   std::vector<float> slots;            // (n, slot_width)
   std::vector<uint32_t> last_update;   // (n)
   std::vector<uint32_t> update_count;  // (n)
+  std::vector<uint8_t> touched;        // (n)
+  std::vector<uint8_t> filter;         // (filter_counters) admission sketch
+  uint32_t clock = 0;                  // the latest apply time seen
+};
+
+// Rows as keys and values only (a serving copy).
+struct TableRows {
+  std::vector<uint64_t> keys;  // (n)
+  std::vector<float> values;   // (n, dim)
 };
 
 class EmbeddingTable {
@@ -100,6 +135,16 @@ class EmbeddingTable {
   // Removes keys; returns how many were present.
   int64_t Erase(const uint64_t* keys, int64_t n);
 
+  // Removes rows whose last update is more than expire_after before `now`
+  // (0: the latest apply time seen), one shard at a time so lookups go on in
+  // the others. Returns how many.
+  int64_t Expire(uint32_t now);
+  // The rows created or updated since the last drain, clearing the marks
+  // (one shard at a time).
+  TableRows DrainTouched();
+  // Every row's key and values.
+  TableRows Export() const;
+
   int64_t Size() const;
   TableStats Stats() const;
   TableDump Dump() const;
@@ -120,9 +165,17 @@ class EmbeddingTable {
   void Scan(const uint64_t* keys, int64_t begin, int64_t end, OnRow on_row, OnMiss on_miss) const;
   // Inserts keys[positions[..]] into `shard` (its lock held exclusively),
   // initializes the new rows, then on_row(i, row) for each position.
+  // on_row gets Shard::kNoRow for an id the admission filter refuses.
   template <typename OnRow>
   void InsertInto(Shard& shard, const uint64_t* keys, const std::vector<int64_t>& positions,
                   OnRow on_row);
+  bool Filtering() const { return options_.occurrence_threshold > 1 || options_.admit_probability < 1.0f; }
+  bool Admit(uint64_t key, uint32_t sightings) const;
+  void WriteDefault(uint64_t key, float* out) const;
+  std::pair<int64_t, int64_t> ApplyLocked(const uint64_t* keys, const float* grads, int64_t n, float lr,
+                                          uint32_t time);
+  // Evicts down to the low watermark when over max_rows (takes every lock).
+  void EnforceCapacity();
 
   const TableOptions options_;
   const RowLayout layout_;
@@ -130,6 +183,9 @@ class EmbeddingTable {
 
   mutable std::atomic<int64_t> lookups_{0};
   std::atomic<int64_t> updates_{0}, nonfinite_{0};
+  std::atomic<int64_t> filtered_{0}, dropped_{0}, expired_{0}, evicted_{0};
+  std::atomic<int64_t> rows_{0};     // live rows, all shards
+  std::atomic<uint32_t> clock_{0};  // the latest apply time seen
 };
 
 }  // namespace monolith

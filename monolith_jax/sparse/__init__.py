@@ -4,6 +4,8 @@ from monolith_jax.sparse.config import (
     AMSGrad,
     FTRL,
     SGD,
+    FrequencyFilter,
+    ProbabilisticFilter,
     Adagrad,
     Adam,
     Constant,
@@ -20,7 +22,7 @@ from monolith_jax.sparse.keys import Keys, hash_strings, key_words
 from monolith_jax.sparse.table import EmbeddingTable
 
 __all__ = [
-    "AMSGrad", "Adagrad", "Adam", "Constant", "EmbeddingTable", "FTRL", "Keys",
-    "Momentum", "Normal", "RMSProp", "RowwiseAdagrad", "SGD", "TableConfig",
+    "AMSGrad", "Adagrad", "Adam", "Constant", "EmbeddingTable", "FTRL", "FrequencyFilter", "Keys",
+    "Momentum", "Normal", "ProbabilisticFilter", "RMSProp", "RowwiseAdagrad", "SGD", "TableConfig",
     "TruncatedNormal", "Uniform", "Zeros", "hash_strings", "key_words",
 ]

@@ -29,13 +29,15 @@ import math
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 
 from monolith_jax.sparse import _native
 from monolith_jax.sparse.config import TableConfig
 from monolith_jax.sparse.keys import Keys, as_key_array, key_words
 
-_DUMP_FIELDS = ("keys", "values", "slots", "last_update", "update_count")
+_DUMP_FIELDS = ("keys", "values", "slots", "last_update", "update_count", "touched", "filter", "clock")
+_EXPORT_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
 
 
 class EmbeddingTable:
@@ -55,6 +57,7 @@ class EmbeddingTable:
             init_b=init_b,
             opt_kind=type(config.optimizer)._kind,
             hparams=config.optimizer.hparams(),
+            memory=config.memory_options(),
         )
         self._id = np.int64(self._native.id)
 
@@ -164,12 +167,39 @@ class EmbeddingTable:
     def clear(self) -> None:
         self._native.clear()
 
+    # -------------------------------------------------------- memory control
+    def expire(self, now: int | None = None) -> int:
+        """Removes rows not updated within `expire_after` of `now` (default:
+        the latest apply step seen), one shard at a time while lookups go on.
+        Returns how many. Removed ids come back as new rows if seen again."""
+        now = 0 if now is None else self._check_step(now)
+        return self._native.expire(now)
+
+    def drain_touched(self, dtype="float32") -> tuple[np.ndarray, np.ndarray]:
+        """(keys, values) of the rows created or updated since the last drain,
+        clearing their marks: what a parameter sync pushes. dtype: float32,
+        float16 or bfloat16 (serving keeps values only, compressed)."""
+        keys, values = self._native.drain_touched()
+        return keys, self._as_export(values, dtype)
+
+    def export(self, dtype="float32") -> tuple[np.ndarray, np.ndarray]:
+        """(keys, values) of every row, values as float32, float16 or bfloat16."""
+        keys, values = self._native.export()
+        return keys, self._as_export(values, dtype)
+
+    def _as_export(self, values: np.ndarray, dtype) -> np.ndarray:
+        name = np.dtype(dtype).name if not isinstance(dtype, str) else dtype
+        if name not in _EXPORT_DTYPES:
+            raise ValueError(f"table {self.name!r}: export dtype must be one of {sorted(_EXPORT_DTYPES)}, got {dtype!r}")
+        return values if name == "float32" else values.astype(_EXPORT_DTYPES[name])
+
     # ------------------------------------------------------ state and stats
     def stats(self) -> dict:
         """Rows, bytes (values, optimizer slots, overhead) and operation counts."""
         s = dict(self._native.stats())
         rows = max(s["rows"], 1)
-        s["bytes_total"] = s["bytes_values"] + s["bytes_slots"] + s["bytes_overhead"]
+        s["bytes_total"] = s["bytes_values"] + s["bytes_slots"] + s["bytes_filter"] + s["bytes_overhead"]
+        s["admitted"] = s["inserts"]
         s["bytes_per_row"] = s["bytes_total"] / rows
         s["overhead_bytes_per_row"] = s["bytes_overhead"] / rows
         return s
@@ -177,7 +207,8 @@ class EmbeddingTable:
     def dump(self) -> dict[str, np.ndarray]:
         """The whole table as contiguous arrays (a consistent snapshot):
         keys uint64 (n), values float32 (n, dim), slots float32 (n, slot_width),
-        last_update uint32 (n), update_count uint32 (n)."""
+        last_update uint32 (n), update_count uint32 (n), touched uint8 (n),
+        filter uint8 (admission sketch), clock (int: latest apply step)."""
         return dict(self._native.dump())
 
     def load(self, dump: dict) -> None:
@@ -189,11 +220,14 @@ class EmbeddingTable:
         if keys.dtype != np.uint64 or keys.ndim != 1:
             raise TypeError(f"table {self.name!r}: dump keys must be uint64 (n,), got {keys.dtype}{keys.shape}")
         n = keys.shape[0]
+        filter_size = np.asarray(dump["filter"]).shape
         want = {
             "values": (np.float32, (n, self.dim)),
             "slots": (np.float32, (n, self.slot_width)),
             "last_update": (np.uint32, (n,)),
             "update_count": (np.uint32, (n,)),
+            "touched": (np.uint8, (n,)),
+            "filter": (np.uint8, filter_size),
         }
         arrays = {"keys": np.ascontiguousarray(keys)}
         for field, (dtype, shape) in want.items():
@@ -206,9 +240,12 @@ class EmbeddingTable:
             arrays[field] = np.ascontiguousarray(a)
         if np.unique(keys).size != n:
             raise ValueError(f"table {self.name!r}: dump keys are not unique")
+        clock = int(dump["clock"])
+        if not 0 <= clock < 2**32:
+            raise ValueError(f"table {self.name!r}: dump clock must be in [0, 2^32), got {clock}")
         self._native.load(
             arrays["keys"], arrays["values"], arrays["slots"].reshape(-1),
-            arrays["last_update"], arrays["update_count"],
+            arrays["last_update"], arrays["update_count"], arrays["touched"], arrays["filter"], clock,
         )
 
     # --------------------------------------------------------------- checks

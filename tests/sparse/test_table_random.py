@@ -28,17 +28,20 @@ class Reference:
     def __init__(self, optimizer):
         self.rows = {}
         self.opt = optimizer
+        self.clock = 0  # the latest apply step: new rows' last_update
 
     def _row(self, k):
         if k not in self.rows:
             acc = np.float32(self.opt.initial_accumulator_value) if isinstance(self.opt, Adagrad) else np.float32(0)
-            self.rows[k] = [np.full(DIM, INIT, np.float32), np.full(DIM, acc, np.float32), 0, 0]
+            self.rows[k] = [np.full(DIM, INIT, np.float32), np.full(DIM, acc, np.float32), self.clock, 0]
         return self.rows[k]
 
     def lookup(self, keys):
         return np.stack([self._row(int(k))[0].copy() for k in keys]) if len(keys) else np.zeros((0, DIM), np.float32)
 
     def apply(self, keys, grads, lr, step):
+        if len(keys):
+            self.clock = max(self.clock, step)
         sums = {}
         for k, g in zip(keys.tolist(), grads):
             sums[k] = sums[k] + g if k in sums else g.copy()
