@@ -257,3 +257,31 @@ def test_bad_memory_configs_are_refused():
         TableConfig("x", 2, eviction="fifo")
     with pytest.raises(ValueError, match="unadmitted"):
         TableConfig("x", 2, unadmitted="ones")
+
+
+def test_eviction_is_exact_while_another_thread_reads():
+    cap = 300
+    t = make(max_rows=cap, eviction="lru")
+    watch = np.arange(1000, dtype=np.uint64)
+    stop, errors = threading.Event(), []
+
+    def reader():
+        while not stop.is_set():
+            rows, found = t.find(watch)
+            if not (rows[found] <= 1.0).all() or (rows[~found] != 0).any():
+                errors.append("torn or wrong row")
+
+    th = threading.Thread(target=reader)
+    th.start()
+    rng = np.random.default_rng(9)
+    ref = {}
+    for step in range(1, 80):
+        batch = np.unique(rng.integers(0, 1000, 50).astype(np.uint64))
+        t.apply_gradients_host(batch, ones(batch.size) * 0.001, step=step)
+        for k in batch.tolist():
+            ref[k] = (step, ref.get(k, (0, 0))[1] + 1)
+        ref = _reference_evict(ref, cap, "lru")
+    stop.set()
+    th.join()
+    assert not errors
+    assert set(t.dump()["keys"].tolist()) == set(ref)
