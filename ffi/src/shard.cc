@@ -7,6 +7,8 @@
 #include <new>
 #include <stdexcept>
 
+#include <sys/mman.h>
+
 namespace monolith {
 namespace {
 
@@ -76,15 +78,33 @@ uint64_t Shard::EraseRow(uint32_t r) {
 
 Shard::~Shard() { FreeChunks(); }
 
-float* Shard::NewChunk(size_t bytes) {
-  void* mem = std::aligned_alloc(64, bytes);
-  if (!mem) throw std::bad_alloc();
-  return static_cast<float*>(mem);
+float* RowArena::Take(size_t bytes) {
+  bytes = (bytes + 63) & ~static_cast<size_t>(63);
+  std::lock_guard<std::mutex> lock(mu_);
+  if (regions_.empty() || regions_.back().used + bytes > regions_.back().size) {
+    // Regions double from 1 MiB to 1 GiB of address space; pages are only
+    // backed by memory once rows are written to them.
+    size_t size = regions_.empty() ? (1u << 20) : std::min<size_t>(regions_.back().size * 2, 1u << 30);
+    size = std::max(size, bytes);
+    void* mem = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (mem == MAP_FAILED) throw std::bad_alloc();
+    regions_.push_back({static_cast<char*>(mem), size, 0});
+  }
+  Region& r = regions_.back();
+  char* out = r.base + r.used;
+  r.used += bytes;
+  return reinterpret_cast<float*>(out);
+}
+
+void RowArena::Release() {
+  std::lock_guard<std::mutex> lock(mu_);
+  for (const Region& r : regions_) munmap(r.base, r.size);
+  regions_.clear();
 }
 
 void Shard::FreeChunks() {
-  for (float* c : chunks_) std::free(c);
   chunks_.clear();
+  arena_.Release();
 }
 
 int64_t Shard::BytesHeld() const {
@@ -165,7 +185,7 @@ uint32_t Shard::AllocateRow(uint64_t key, uint32_t now) {
     if (next_row_ == kNoRow) throw std::length_error("table shard is full: 2^32-1 rows");
     r = next_row_++;
     if ((r >> chunk_shift_) >= chunks_.size()) {
-      chunks_.push_back(NewChunk(ChunkBytes()));
+      chunks_.push_back(arena_.Take(ChunkBytes()));
       live_.resize(((chunks_.size() << chunk_shift_) + 63) / 64, 0);
       touched_.resize(live_.size(), 0);
     }
