@@ -15,6 +15,15 @@ Public API, in one screen:
   Fused optimizers: SGD, Momentum, Adagrad, RowwiseAdagrad, Adam, AMSGrad,
                     RMSProp, FTRL
 
+Models and training (import the submodules)
+  monolith_jax.features    SparseFeature, DenseFeature, SparseBatch, records_to_batch
+  monolith_jax.io          iter_batches (CSV, Parquet)
+  monolith_jax.embedding   EmbeddingCollection, SparseFeatures (pooling), pool
+  monolith_jax.models      DeepFM, DCNv2, WideAndDeep, TwoTower, MLP
+  monolith_jax.training    Trainer (jitted step, fit, evaluate, metrics JSONL)
+  monolith_jax.metrics     auc, log_loss
+  monolith_jax.data        load_movielens_1m
+
 Importing this package loads no native code and changes no JAX setting; the
 first EmbeddingTable loads the C++ engine.
 """

@@ -1,0 +1,33 @@
+"""Wide & Deep (Cheng et al., 2016).
+
+logit = bias + sum_f w_f + <a, dense> + MLP([v_1..v_F, dense])
+Each field's row is (v_f, w_f): tables of dim `embed_dim + 1`; the wide part
+is the sum of the ids' first-order weights.
+"""
+
+from typing import Sequence
+
+import jax.numpy as jnp
+from flax import nnx
+
+from monolith_jax.models.mlp import MLP
+
+
+class WideAndDeep(nnx.Module):
+    def __init__(self, fields: Sequence[str], embed_dim: int, n_dense: int = 0,
+                 hidden: Sequence[int] = (256, 128), *, rngs: nnx.Rngs):
+        self.fields = tuple(fields)
+        self.embed_dim = embed_dim
+        self.deep = MLP(len(self.fields) * embed_dim + n_dense, hidden, 1, rngs=rngs)
+        self.dense_linear = nnx.Linear(n_dense, 1, rngs=rngs) if n_dense else None
+        self.bias = nnx.Param(jnp.zeros(()))
+
+    def __call__(self, fields: dict, dense=None):
+        rows = jnp.stack([fields[f] for f in self.fields], axis=1)
+        v, w = rows[..., : self.embed_dim], rows[..., self.embed_dim]
+        deep_in = v.reshape(v.shape[0], -1)
+        wide = self.bias[...] + w.sum(axis=1)
+        if self.dense_linear is not None:
+            deep_in = jnp.concatenate([deep_in, dense], axis=-1)
+            wide = wide + self.dense_linear(dense)[:, 0]
+        return wide + self.deep(deep_in)[:, 0]
