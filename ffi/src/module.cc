@@ -68,6 +68,21 @@ class PyTable {
   bool open_ = true;
 };
 
+// Runs a table call that returns rows (without the GIL) and hands back
+// (keys, values) numpy arrays.
+template <typename Method>
+nb::tuple RowsCall(PyTable& s, Method method) {
+  EmbeddingTable& t = s.t();
+  TableRows r;
+  {
+    nb::gil_scoped_release release;
+    r = (t.*method)();
+  }
+  const size_t n = r.keys.size();
+  return nb::make_tuple(ToNumpy(std::move(r.keys), {n}),
+                        ToNumpy(std::move(r.values), {n, static_cast<size_t>(t.dim())}));
+}
+
 TableOptions MakeOptions(int dim, uint64_t seed, int64_t capacity_hint, int init_kind,
                          float init_a, float init_b, int opt_kind, const nb::dict& h,
                          const nb::dict& memory) {
@@ -243,30 +258,8 @@ NB_MODULE(_engine, m) {
              nb::gil_scoped_release release;
              return t.Expire(now);
            })
-      .def("drain_touched",
-           [](PyTable& s) {
-             EmbeddingTable& t = s.t();
-             TableRows r;
-             {
-               nb::gil_scoped_release release;
-               r = t.DrainTouched();
-             }
-             const size_t n = r.keys.size();
-             return nb::make_tuple(ToNumpy(std::move(r.keys), {n}),
-                                   ToNumpy(std::move(r.values), {n, static_cast<size_t>(t.dim())}));
-           })
-      .def("export",
-           [](PyTable& s) {
-             EmbeddingTable& t = s.t();
-             TableRows r;
-             {
-               nb::gil_scoped_release release;
-               r = t.Export();
-             }
-             const size_t n = r.keys.size();
-             return nb::make_tuple(ToNumpy(std::move(r.keys), {n}),
-                                   ToNumpy(std::move(r.values), {n, static_cast<size_t>(t.dim())}));
-           })
+      .def("drain_touched", [](PyTable& s) { return RowsCall(s, &EmbeddingTable::DrainTouched); })
+      .def("export", [](PyTable& s) { return RowsCall(s, &EmbeddingTable::Export); })
       .def("load", [](PyTable& s, Keys keys, Floats2D values, nb::ndarray<const float, nb::c_contig, nb::device::cpu> slots,
                       U32 last_update, U32 update_count, U8 touched, U8 filter, uint32_t clock) {
         EmbeddingTable& t = s.t();
