@@ -113,8 +113,8 @@ def main(argv=None) -> dict:
         probs = np.concatenate(probs)
         return auc(labels[test], probs), log_loss(labels[test], probs)
 
-    # Evaluating creates rows for unseen test ids; measure before training on
-    # copies of the tables' content so training starts from empty tables.
+    # Evaluating looks up (and so creates) rows for the test ids; clear the
+    # tables afterwards so that training starts from empty ones.
     auc0, ll0 = evaluate(params)
     users.clear()
     items.clear()

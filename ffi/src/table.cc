@@ -126,6 +126,7 @@ void EmbeddingTable::Scan(const uint64_t* keys, int64_t begin, int64_t end, OnRo
   struct Slot {
     Shard::Probe probe;
     const Shard* shard;
+    int shard_index;
     uint32_t candidate;
   };
   Slot ring[kRing][kBlock];
@@ -138,7 +139,8 @@ void EmbeddingTable::Scan(const uint64_t* keys, int64_t begin, int64_t end, OnRo
     const uint64_t* k = keys + begin + b * kBlock;
     for (int j = 0, m = block_size(b); j < m; ++j) {
       const uint64_t h = Hash(k[j]);
-      sl[j].shard = shards_[ShardOf(h)].get();
+      sl[j].shard_index = ShardOf(h);
+      sl[j].shard = shards_[sl[j].shard_index].get();
       sl[j].probe = sl[j].shard->ProbeFor(h);
       sl[j].shard->PrefetchBuckets(sl[j].probe);
     }
@@ -161,7 +163,7 @@ void EmbeddingTable::Scan(const uint64_t* keys, int64_t begin, int64_t end, OnRo
       const uint32_t c = sl[j].candidate;
       const uint32_t r = (c != Shard::kNoRow && Shard::RowKey(sh.Row(c)) == key) ? c : sh.FindRow(key, sl[j].probe);
       if (r == Shard::kNoRow) on_miss(i0 + j);
-      else on_row(i0 + j, sh, r);
+      else on_row(i0 + j, sl[j].shard_index, sh, r);
     }
   }
 }
@@ -210,7 +212,7 @@ void EmbeddingTable::Lookup(const uint64_t* keys, int64_t n, float* out) {
     pool.ParallelFor(parts, [&](int part) {
       Scan(
           keys, n * part / parts, n * (part + 1) / parts,
-          [&](int64_t i, const Shard& sh, uint32_t r) { CopyRow(out + i * dim, sh.Row(r) + 4, dim); },
+          [&](int64_t i, int, const Shard& sh, uint32_t r) { CopyRow(out + i * dim, sh.Row(r) + 4, dim); },
           [&](int64_t i) { misses[part].push_back(i); });
     });
   }
@@ -250,7 +252,7 @@ void EmbeddingTable::Find(const uint64_t* keys, int64_t n, float* out, uint8_t* 
   ThreadPool::Global().ParallelFor(parts, [&](int part) {
     Scan(
         keys, n * part / parts, n * (part + 1) / parts,
-        [&](int64_t i, const Shard& sh, uint32_t r) {
+        [&](int64_t i, int, const Shard& sh, uint32_t r) {
           CopyRow(out + i * dim, sh.Row(r) + 4, dim);
           found[i] = 1;
         },
@@ -281,9 +283,8 @@ std::pair<int64_t, int64_t> EmbeddingTable::ApplyLocked(const uint64_t* keys, co
   pool.ParallelFor(parts, [&](int part) {
     Scan(
         keys, n * part / parts, n * (part + 1) / parts,
-        [&](int64_t i, const Shard& sh, uint32_t r) {
-          refs[i] = (static_cast<uint64_t>(ShardOf(Hash(keys[i]))) << 32) | r;
-          (void)sh;
+        [&](int64_t i, int shard, const Shard&, uint32_t r) {
+          refs[i] = (static_cast<uint64_t>(shard) << 32) | r;
         },
         [&](int64_t i) { refs[i] = kNoRef; });
   });

@@ -160,7 +160,8 @@ class EmbeddingTable {
   uint64_t Hash(uint64_t key) const { return KeyHash(key, layout_.hash_seed); }
   static int ShardOf(uint64_t h) { return static_cast<int>(h >> (64 - kShardBits)); }
 
-  // on_row(i, shard, row) or on_miss(i) for keys[begin..end), prefetching ahead.
+  // on_row(i, shard index, shard, row) or on_miss(i) for keys[begin..end),
+  // prefetching ahead.
   template <typename OnRow, typename OnMiss>
   void Scan(const uint64_t* keys, int64_t begin, int64_t end, OnRow on_row, OnMiss on_miss) const;
   // Inserts keys[positions[..]] into `shard` (its lock held exclusively),
