@@ -47,6 +47,7 @@ class Trainer:
                  out=print):
         if sparse_loss not in ("sum", "mean"):
             raise ValueError("sparse_loss must be 'sum' or 'mean'")
+        self.features = tuple(features)
         self.collection = EmbeddingCollection(tables, features)
         self.pooling = SparseFeatures(features)
         self.dense_features = tuple(dense_features)
@@ -92,9 +93,12 @@ class Trainer:
         return params, opt_state, loss, logits, tokens
 
     # ------------------------------------------------------------- driving
-    def train_step(self, batch: SparseBatch) -> float:
-        """One step; returns the batch's mean loss (before the update)."""
-        self.params, self.opt_state, loss, _, _ = self._train(self.params, self.opt_state, batch, self.step_count)
+    def train_step(self, batch: SparseBatch, stamp: int | None = None) -> float:
+        """One step; returns the batch's mean loss (before the update).
+        stamp: the rows' `last_update` (event time in seconds for online
+        training, so that expiry works in event time); default the step."""
+        stamp = self.step_count if stamp is None else stamp
+        self.params, self.opt_state, loss, _, _ = self._train(self.params, self.opt_state, batch, stamp)
         self.step_count += 1
         self.examples += int(np.sum(batch.weights))
         return loss

@@ -21,6 +21,9 @@ namespace nb = nanobind;
 using namespace nb::literals;
 
 namespace monolith {
+
+void BindCodec(nb::module_& m);  // module_codec.cc
+
 namespace {
 
 using Keys = nb::ndarray<const uint64_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
@@ -145,6 +148,7 @@ NB_MODULE(_engine, m) {
   });
   m.def("parallelism", [] { return ThreadPool::Global().Parallelism(); },
         "Threads a batched table call uses (MONOLITH_NUM_THREADS caps it).");
+  BindCodec(m);
 
   nb::class_<PyTable>(m, "Table")
       .def("__init__",

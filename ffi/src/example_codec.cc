@@ -1,0 +1,268 @@
+#include "example_codec.h"
+
+#include <cmath>
+#include <cstring>
+#include <string_view>
+
+namespace monolith {
+namespace {
+
+enum WireType : uint32_t { kVarint = 0, kFixed64 = 1, kLen = 2, kFixed32 = 5 };
+
+// A bounded reader over one message's bytes; every read checks the bound.
+class Reader {
+ public:
+  Reader(const uint8_t* p, size_t n) : p_(p), end_(p + n) {}
+  bool done() const { return p_ >= end_; }
+
+  bool Varint(uint64_t* v) {
+    uint64_t out = 0;
+    for (int shift = 0; shift < 64; shift += 7) {
+      if (p_ >= end_) return false;
+      uint8_t b = *p_++;
+      out |= uint64_t(b & 0x7f) << shift;
+      if (!(b & 0x80)) {
+        *v = out;
+        return true;
+      }
+    }
+    return false;  // more than 10 bytes
+  }
+  bool Fixed64(uint64_t* v) {
+    if (end_ - p_ < 8) return false;
+    std::memcpy(v, p_, 8);
+    p_ += 8;
+    return true;
+  }
+  bool Fixed32(uint32_t* v) {
+    if (end_ - p_ < 4) return false;
+    std::memcpy(v, p_, 4);
+    p_ += 4;
+    return true;
+  }
+  bool Bytes(Reader* sub) {
+    uint64_t n;
+    if (!Varint(&n) || n > uint64_t(end_ - p_)) return false;
+    *sub = Reader(p_, size_t(n));
+    p_ += n;
+    return true;
+  }
+  // Reads a tag; field 0 and group wire types (3, 4) are malformed.
+  bool Tag(uint32_t* field, uint32_t* wire) {
+    uint64_t t;
+    if (!Varint(&t) || (t >> 3) == 0 || (t >> 3) > 0x1fffffff) return false;
+    *field = uint32_t(t >> 3);
+    *wire = uint32_t(t & 7);
+    return *wire == kVarint || *wire == kFixed64 || *wire == kLen || *wire == kFixed32;
+  }
+  bool Skip(uint32_t wire) {
+    uint64_t v;
+    uint32_t w;
+    Reader sub(nullptr, 0);
+    switch (wire) {
+      case kVarint: return Varint(&v);
+      case kFixed64: return Fixed64(&v);
+      case kFixed32: return Fixed32(&w);
+      case kLen: return Bytes(&sub);
+      default: return false;
+    }
+  }
+  std::string_view view() const {
+    return std::string_view(reinterpret_cast<const char*>(p_), size_t(end_ - p_));
+  }
+  const uint8_t* pos() const { return p_; }
+  size_t left() const { return size_t(end_ - p_); }
+
+ private:
+  const uint8_t* p_;
+  const uint8_t* end_;
+};
+
+int FindName(const std::vector<std::string>& names, std::string_view name) {
+  for (size_t i = 0; i < names.size(); ++i)
+    if (names[i] == name) return int(i);
+  return -1;
+}
+
+float AsFloat(uint32_t bits) {
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+// IdList: name (1), ids (2, fixed64, packed or not). Appends up to max_len.
+bool ReadIdList(Reader r, const ExampleLayout& layout, const ExampleRow& row) {
+  // The name may follow the ids, so find it first.
+  Reader scan = r;
+  std::string_view name;
+  bool named = false;
+  while (!scan.done()) {
+    uint32_t field, wire;
+    if (!scan.Tag(&field, &wire)) return false;
+    if (field == 1 && wire == kLen) {
+      Reader s(nullptr, 0);
+      if (!scan.Bytes(&s)) return false;
+      name = s.view();
+      named = true;
+    } else if (!scan.Skip(wire)) {
+      return false;
+    }
+  }
+  int f = named ? FindName(layout.sparse_names, name) : -1;
+  uint64_t* out = f >= 0 ? row.ids[f] : nullptr;
+  int32_t cap = f >= 0 ? layout.max_lens[f] : 0;
+  int32_t* len = f >= 0 ? &row.lengths[f] : nullptr;
+  while (!r.done()) {
+    uint32_t field, wire;
+    if (!r.Tag(&field, &wire)) return false;
+    if (field == 2 && wire == kLen) {
+      Reader packed(nullptr, 0);
+      if (!r.Bytes(&packed) || packed.left() % 8) return false;
+      size_t n = packed.left() / 8;
+      if (out) {
+        size_t take = std::min<size_t>(n, size_t(cap - *len));
+        std::memcpy(out + *len, packed.pos(), take * 8);
+        *len += int32_t(take);
+      }
+    } else if (field == 2 && wire == kFixed64) {
+      uint64_t v;
+      if (!r.Fixed64(&v)) return false;
+      if (out && *len < cap) out[(*len)++] = v;
+    } else if (!r.Skip(wire)) {
+      return false;
+    }
+  }
+  return true;
+}
+
+// FloatList: name (1), values (2, float, packed or not). Exactly one value.
+DecodeStatus ReadFloatList(Reader r, const ExampleLayout& layout, const ExampleRow& row,
+                           std::vector<int>* seen) {
+  Reader scan = r;
+  std::string_view name;
+  bool named = false;
+  while (!scan.done()) {
+    uint32_t field, wire;
+    if (!scan.Tag(&field, &wire)) return kDecodeMalformed;
+    if (field == 1 && wire == kLen) {
+      Reader s(nullptr, 0);
+      if (!scan.Bytes(&s)) return kDecodeMalformed;
+      name = s.view();
+      named = true;
+    } else if (!scan.Skip(wire)) {
+      return kDecodeMalformed;
+    }
+  }
+  int f = named ? FindName(layout.dense_names, name) : -1;
+  while (!r.done()) {
+    uint32_t field, wire;
+    if (!r.Tag(&field, &wire)) return kDecodeMalformed;
+    if (field == 2 && (wire == kLen || wire == kFixed32)) {
+      Reader vals(nullptr, 0);
+      uint32_t one;
+      if (wire == kLen) {
+        if (!r.Bytes(&vals) || vals.left() % 4) return kDecodeMalformed;
+      } else if (!r.Fixed32(&one)) {
+        return kDecodeMalformed;
+      }
+      size_t n = wire == kLen ? vals.left() / 4 : 1;
+      if (f < 0 || n == 0) continue;
+      if (n != 1 || (*seen)[f]) return kDecodeDense;
+      uint32_t bits = one;
+      if (wire == kLen) std::memcpy(&bits, vals.pos(), 4);
+      float v = AsFloat(bits);
+      if (!std::isfinite(v)) return kDecodeNonFinite;
+      row.dense[f] = v;
+      (*seen)[f] = 1;
+    } else if (!r.Skip(wire)) {
+      return kDecodeMalformed;
+    }
+  }
+  return kDecodeOk;
+}
+
+DecodeStatus ReadFeatures(Reader r, const ExampleLayout& layout, const ExampleRow& row) {
+  std::vector<int> seen(layout.dense_names.size(), 0);
+  while (!r.done()) {
+    uint32_t field, wire;
+    if (!r.Tag(&field, &wire)) return kDecodeMalformed;
+    uint64_t v;
+    Reader sub(nullptr, 0);
+    if (field == 1 && wire == kVarint) {
+      if (!r.Varint(&v)) return kDecodeMalformed;
+      if (v > kSchemaVersion) return kDecodeVersion;
+    } else if (field == 3 && wire == kVarint) {
+      if (!r.Varint(&v)) return kDecodeMalformed;
+      *row.event_time_ms = int64_t(v);
+    } else if (field == 4 && wire == kLen) {
+      if (!r.Bytes(&sub) || !ReadIdList(sub, layout, row)) return kDecodeMalformed;
+    } else if (field == 5 && wire == kLen) {
+      if (!r.Bytes(&sub)) return kDecodeMalformed;
+      DecodeStatus s = ReadFloatList(sub, layout, row, &seen);
+      if (s != kDecodeOk) return s;
+    } else if (!r.Skip(wire)) {
+      return kDecodeMalformed;
+    }
+  }
+  for (int s : seen)
+    if (!s) return kDecodeDense;
+  return kDecodeOk;
+}
+
+}  // namespace
+
+DecodeStatus DecodeExample(const uint8_t* data, size_t size, const ExampleLayout& layout,
+                           const ExampleRow& row) {
+  if (data == nullptr || size == 0) return kDecodeEmpty;
+  // Protobuf never starts with '{' (field 15, wire type 3 is a group).
+  size_t i = 0;
+  while (i < size && (data[i] == ' ' || data[i] == '\t' || data[i] == '\n' || data[i] == '\r')) ++i;
+  if (i < size && data[i] == '{') return kDecodeJson;
+
+  const size_t nf = layout.sparse_names.size();
+  for (size_t f = 0; f < nf; ++f) row.lengths[f] = 0;
+  *row.label = 0.f;
+  *row.sample_rate = 0.f;
+  *row.event_time_ms = 0;
+  *row.label_time_ms = 0;
+  bool has_features = false;
+  Reader r(data, size);
+  while (!r.done()) {
+    uint32_t field, wire;
+    if (!r.Tag(&field, &wire)) return kDecodeMalformed;
+    uint64_t v;
+    uint32_t bits;
+    Reader sub(nullptr, 0);
+    if (field == 1 && wire == kVarint) {
+      if (!r.Varint(&v)) return kDecodeMalformed;
+      if (v > kSchemaVersion) return kDecodeVersion;
+    } else if (field == 2 && wire == kLen) {
+      if (!r.Bytes(&sub)) return kDecodeMalformed;
+      // A repeated embedded message merges; ours is sent once.
+      DecodeStatus s = ReadFeatures(sub, layout, row);
+      if (s != kDecodeOk) return s;
+      has_features = true;
+    } else if (field == 3 && wire == kFixed32) {
+      if (!r.Fixed32(&bits)) return kDecodeMalformed;
+      *row.label = AsFloat(bits);
+    } else if (field == 4 && wire == kFixed32) {
+      if (!r.Fixed32(&bits)) return kDecodeMalformed;
+      *row.sample_rate = AsFloat(bits);
+    } else if (field == 5 && wire == kVarint) {
+      if (!r.Varint(&v)) return kDecodeMalformed;
+      *row.label_time_ms = int64_t(v);
+    } else if (!r.Skip(wire)) {
+      return kDecodeMalformed;
+    }
+  }
+  if (!has_features) return kDecodeNoFeatures;
+  float label = *row.label, rate = *row.sample_rate;
+  if (!std::isfinite(label) || !std::isfinite(rate)) return kDecodeNonFinite;
+  if (rate == 0.f) *row.sample_rate = rate = 1.f;  // unset: kept with certainty
+  if (label < 0.f || label > 1.f || rate < 0.f || rate > 1.f) return kDecodeLabel;
+  for (size_t f = 0; f < nf; ++f)
+    for (int k = row.lengths[f]; k < layout.max_lens[f]; ++k) row.ids[f][k] = layout.pad_key;
+  return kDecodeOk;
+}
+
+}  // namespace monolith

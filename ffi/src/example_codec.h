@@ -1,0 +1,59 @@
+// Decoding joined training examples (monolith_jax.v1.Example, protobuf wire
+// format) straight into a batch's arrays, without building Python objects.
+//
+// The Python protobuf classes remain the reference for the schema
+// (monolith_jax/online/proto/messages.proto); this decoder reads the same
+// bytes ~50x faster, which is what lets a trainer fed from Kafka keep pace
+// with one fed from files. It accepts what any conforming writer may send:
+// fields in any order, unknown fields (skipped), packed or unpacked repeated
+// fields, a feature's ids split over several IdLists of the same name
+// (appended). It never reads past the buffer it was given: a truncated or
+// garbled message gets a status, not a crash.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace monolith {
+
+enum DecodeStatus : int32_t {
+  kDecodeOk = 0,
+  kDecodeMalformed = 1,      // not protobuf wire format, or truncated
+  kDecodeVersion = 2,        // a schema version this build does not know
+  kDecodeNoFeatures = 3,     // no FeatureRecord inside the Example
+  kDecodeDense = 4,          // a dense feature missing or of the wrong length
+  kDecodeNonFinite = 5,      // label, sample rate or a dense value not finite
+  kDecodeLabel = 6,          // label outside [0, 1] or sample rate outside (0, 1]
+  kDecodeJson = 7,           // a JSON message: the caller converts it
+  kDecodeEmpty = 8,          // an empty or null message
+};
+
+struct ExampleLayout {
+  std::vector<std::string> sparse_names;  // feature names, in batch order
+  std::vector<int> max_lens;              // ids kept per example, per feature
+  std::vector<std::string> dense_names;   // one float each
+  uint64_t pad_key = 0;
+};
+
+// Where one example's fields go. ids[f] points at max_lens[f] keys.
+struct ExampleRow {
+  std::vector<uint64_t*> ids;
+  int32_t* lengths;      // one per sparse feature
+  float* dense;          // one per dense feature
+  float* label;
+  float* sample_rate;
+  int64_t* event_time_ms;
+  int64_t* label_time_ms;
+};
+
+constexpr uint32_t kSchemaVersion = 1;
+
+// Decodes one Example. On kDecodeOk the row is written in full (ids past a
+// feature's length are pad_key); on any other status its contents are
+// unspecified and the caller must not use it.
+DecodeStatus DecodeExample(const uint8_t* data, size_t size, const ExampleLayout& layout,
+                           const ExampleRow& row);
+
+}  // namespace monolith

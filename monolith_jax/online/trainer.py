@@ -1,0 +1,227 @@
+"""The online trainer: the examples topic -> continuous training.
+
+    OnlineTrainer(trainer, bootstrap).run(idle_timeout_s=..., max_examples=...)
+
+It consumes the examples topic in a consumer group (several trainer
+processes share the partitions), forms a batch when `batch_size` examples
+have arrived or `max_wait_s` has passed since the first, and trains on it.
+With `prequential=True` every batch is first scored by the current model
+(read-only table lookups, no rows created), then trained on: the running
+AUC is the AUC of predictions made before the model saw those examples.
+
+Offsets: a message's offset is stored once its batch is trained (or it is
+dead-lettered), and committed from there, so a restart resumes after the
+last trained batch. When a rebalance takes partitions away, the batch
+being collected is trained first and the offsets are committed at once,
+so the new owner neither repeats nor skips those examples.
+
+Malformed examples go to the dead-letter topic with the reason, are
+counted, and never stop training.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import threading
+import time
+
+import numpy as np
+
+from monolith_jax.metrics import auc
+from monolith_jax.online import kafka as K
+from monolith_jax.online.messages import ExampleDecoder
+
+log = logging.getLogger("monolith_jax.online.trainer")
+
+
+class PrequentialLog:
+    """Labels and the scores given before training, over the whole stream,
+    with the running AUC of the last `window` examples."""
+
+    def __init__(self, window: int = 50_000):
+        self.window = window
+        self._labels: list = []
+        self._scores: list = []
+        self._times: list = []
+        self._recent = collections.deque()
+        self._recent_n = 0
+
+    def add(self, labels, scores, event_ms) -> None:
+        self._labels.append(np.asarray(labels, np.float32))
+        self._scores.append(np.asarray(scores, np.float32))
+        self._times.append(np.asarray(event_ms, np.int64))
+        self._recent.append((self._labels[-1], self._scores[-1]))
+        self._recent_n += len(labels)
+        while self._recent and self._recent_n - len(self._recent[0][0]) >= self.window:
+            self._recent_n -= len(self._recent.popleft()[0])
+
+    def __len__(self) -> int:
+        return sum(len(x) for x in self._labels)
+
+    def running_auc(self) -> float:
+        if not self._recent:
+            return float("nan")
+        return auc(np.concatenate([r[0] for r in self._recent]), np.concatenate([r[1] for r in self._recent]))
+
+    def arrays(self):
+        """(labels, scores, event_ms), in training order."""
+        if not self._labels:
+            return np.zeros(0, np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64)
+        return np.concatenate(self._labels), np.concatenate(self._scores), np.concatenate(self._times)
+
+    def segment_aucs(self, segments: int = 10) -> list:
+        """AUC of each of `segments` equal slices of the stream, in order."""
+        y, s, _ = self.arrays()
+        return [auc(a, b) for a, b in zip(np.array_split(y, segments), np.array_split(s, segments))]
+
+
+class OnlineTrainer:
+    def __init__(self, trainer, bootstrap: str, topics: dict | None = None, group: str = "monolith-trainer",
+                 batch_size: int = 1024, max_wait_s: float = 0.5, prequential: bool = True,
+                 auc_window: int = 50_000, consumer_extra: dict | None = None, out=print):
+        from confluent_kafka import Consumer, Producer
+
+        self.trainer = trainer
+        self.topics = {**K.TOPICS, **(topics or {})}
+        self.batch_size = batch_size
+        self.max_wait_s = max_wait_s
+        self.prequential = prequential
+        self.decoder = ExampleDecoder(trainer.features, trainer.dense_features)
+        self.consumer = Consumer(K.consumer_config(bootstrap, group, **(consumer_extra or {})))
+        self.producer = Producer(K.producer_config(bootstrap))
+        self.dead = K.DeadLetters(self.producer, self.topics["dead_letters"])
+        self.log = PrequentialLog(auc_window)
+        self.out = out
+        self.examples = 0
+        self.batches = 0
+        self.max_event_ms = 0
+        self.on_batch = None  # optional callback(trainer, batch, info) after each trained batch
+        self._held: list = []  # messages collected for the next batch
+        self._t_first = None   # when the first example arrived
+        self._t_last = 0.0     # when the last batch was trained
+        self._assigned: set = set()
+
+    # ---------------------------------------------------------- rebalance
+    def _on_assign(self, consumer, partitions) -> None:
+        self._assigned = {(p.topic, p.partition) for p in partitions}
+        log.info("trainer assigned %s", sorted(self._assigned))
+
+    def _on_revoke(self, consumer, partitions) -> None:
+        if self._held:
+            self._train(self._held)
+            self._held = []
+        try:
+            consumer.commit(asynchronous=False)
+        except Exception as err:  # nothing stored yet is not an error worth more
+            log.debug("commit on revoke: %s", err)
+        self._assigned -= {(p.topic, p.partition) for p in partitions}
+
+    # -------------------------------------------------------------- steps
+    def _collect(self, deadline_s: float) -> None:
+        from confluent_kafka import KafkaError
+
+        first = None
+        while len(self._held) < self.batch_size:
+            now = time.monotonic()
+            if first is not None and now - first >= self.max_wait_s:
+                return
+            wait = self.max_wait_s if first is None else self.max_wait_s - (now - first)
+            wait = min(wait, max(deadline_s - now, 0.0))
+            msgs = self.consumer.consume(num_messages=self.batch_size - len(self._held), timeout=wait)
+            for m in msgs:
+                err = m.error()
+                if err is None:
+                    self._held.append(m)
+                elif err.code() != KafkaError._PARTITION_EOF:
+                    log.warning("consumer error: %s", err)
+            if self._held and first is None:
+                first = time.monotonic()
+                if self._t_first is None:
+                    self._t_first = first
+            if not msgs and time.monotonic() >= deadline_s:
+                return
+
+    def _train(self, msgs: list) -> int:
+        from confluent_kafka import TopicPartition
+
+        batch, info, bad = self.decoder.decode([m.value() for m in msgs], self.batch_size)
+        for i, reason in bad:
+            self.dead.send(msgs[i], reason)
+        rows = info["rows"]
+        if rows:
+            if self.prequential:
+                scores = self.trainer.predict(batch)[:rows]
+                self.log.add(np.asarray(batch.labels)[:rows], scores, info["event_time_ms"])
+            self.max_event_ms = max(self.max_event_ms, int(info["event_time_ms"].max()))
+            stamp = min(max(self.max_event_ms // 1000, 0), 2**31 - 1)
+            self.trainer.train_step(batch, stamp=stamp)
+            self.examples += rows
+            self.batches += 1
+            if self.on_batch is not None:
+                self.on_batch(self, batch, info)
+        last = {}
+        for m in msgs:
+            last[(m.topic(), m.partition())] = m.offset()
+        self.consumer.store_offsets(offsets=[TopicPartition(t, p, o + 1) for (t, p), o in last.items()])
+        return rows
+
+    # ---------------------------------------------------------------- run
+    def run(self, max_examples: int | None = None, idle_timeout_s: float | None = None,
+            max_seconds: float | None = None, stop: threading.Event | None = None,
+            report_every_s: float = 5.0, upstream_done=None) -> dict:
+        """Trains until `stop` is set, `max_examples` are trained, nothing
+        has arrived for `idle_timeout_s` (counted only once
+        `upstream_done()`, if given, is true), or `max_seconds` pass."""
+        self.consumer.subscribe([self.topics["examples"]], on_assign=self._on_assign, on_revoke=self._on_revoke)
+        t0 = last_data = last_report = time.monotonic()
+        seen_at_report, start_examples = self.examples, self.examples
+        try:
+            while not (stop is not None and stop.is_set()):
+                now = time.monotonic()
+                if max_seconds is not None and now - t0 > max_seconds:
+                    break
+                if max_examples is not None and self.examples >= max_examples:
+                    break
+                if idle_timeout_s is not None and now - last_data > idle_timeout_s:
+                    if upstream_done is None or upstream_done():
+                        break
+                    last_data = now
+                self._collect(now + 1.0)
+                if self._held:
+                    msgs, self._held = self._held, []
+                    self._train(msgs)
+                    last_data = self._t_last = time.monotonic()
+                self.producer.poll(0)
+                now = time.monotonic()
+                if report_every_s and now - last_report >= report_every_s:
+                    rate = (self.examples - seen_at_report) / (now - last_report)
+                    self._report(rate)
+                    last_report, seen_at_report = now, self.examples
+        finally:
+            if self._held:
+                self._train(self._held)
+                self._held = []
+            try:
+                self.consumer.commit(asynchronous=False)
+            except Exception as err:
+                log.debug("final commit: %s", err)
+            self.consumer.close()
+            self.producer.flush(10)
+        seconds = time.monotonic() - t0
+        active = max(self._t_last - (self._t_first or t0), 1e-9)
+        return {"examples": self.examples, "batches": self.batches, "seconds": seconds,
+                "examples_per_s": (self.examples - start_examples) / active,
+                "dead_letters": self.dead.count, "dead_letter_reasons": dict(self.dead.by_reason),
+                "running_auc": self.log.running_auc(), "stream_auc": self._stream_auc()}
+
+    def _stream_auc(self) -> float:
+        y, s, _ = self.log.arrays()
+        return auc(y, s) if y.size else float("nan")
+
+    def _report(self, rate: float) -> None:
+        record = {"examples": self.examples, "examples_per_s": round(rate, 1),
+                  "running_auc": round(self.log.running_auc(), 4), "dead_letters": self.dead.count}
+        self.trainer._log({"event": "online", **record})
+        self.out("trainer " + json.dumps(record), **({"flush": True} if self.out is print else {}))
