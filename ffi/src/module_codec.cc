@@ -3,8 +3,10 @@
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/string.h>
+#include <nanobind/stl/optional.h>
 #include <nanobind/stl/vector.h>
 
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -40,7 +42,8 @@ class PyExampleDecoder {
   int64_t Decode(nb::list values, int64_t row0, std::vector<Out<uint64_t, 2>> ids,
                  Out<int32_t, 2> lengths, Out<float, 2> dense, Out<float, 1> labels,
                  Out<float, 1> rates, Out<int64_t, 1> event_ms, Out<int64_t, 1> label_ms,
-                 Out<int32_t, 1> status) {
+                 Out<int32_t, 1> status, std::optional<Out<int32_t, 1>> partitions,
+                 std::optional<Out<int64_t, 1>> offsets) {
     const size_t nf = layout_.sparse_names.size(), nd = layout_.dense_names.size();
     const int64_t rows = int64_t(labels.shape(0));
     if (ids.size() != nf) throw std::invalid_argument("one ids array per sparse feature");
@@ -55,11 +58,33 @@ class PyExampleDecoder {
     if (status.shape(0) != n) throw std::invalid_argument("status needs one entry per value");
     if (row0 < 0 || row0 > rows) throw std::invalid_argument("row0 outside the batch");
 
-    // Borrow each value's buffer; the list keeps them alive.
+    const bool meta = partitions.has_value() && offsets.has_value();
+    if (meta && (partitions->shape(0) != n || offsets->shape(0) != n))
+      throw std::invalid_argument("partitions and offsets need one entry per value");
+    // Borrow each value's buffer; the list (or `held`) keeps them alive.
+    // Items that are not bytes are Kafka messages: value(), partition() and
+    // offset() are called here, which saves the interpreter's per-message cost.
     std::vector<const uint8_t*> ptr(n);
     std::vector<size_t> len(n);
+    std::vector<nb::object> held;
+    held.reserve(n);
+    std::vector<char> event(n, 0);
+    static const nb::str kValue("value"), kPartition("partition"), kOffset("offset"), kError("error");
     for (size_t i = 0; i < n; ++i) {
       nb::handle v = values[i];
+      if (!v.is_none() && !nb::isinstance<nb::bytes>(v)) {
+        nb::handle msg = v;
+        if (meta) {
+          partitions->data()[i] = nb::cast<int32_t>(msg.attr(kPartition)());
+          offsets->data()[i] = nb::cast<int64_t>(msg.attr(kOffset)());
+        }
+        if (!msg.attr(kError)().is_none()) {  // an event (end of partition, error), not a message
+          event[i] = 1;
+          continue;
+        }
+        held.push_back(msg.attr(kValue)());
+        v = held.back();
+      }
       if (v.is_none()) {
         ptr[i] = nullptr;
         len[i] = 0;
@@ -68,7 +93,7 @@ class PyExampleDecoder {
         ptr[i] = reinterpret_cast<const uint8_t*>(b.c_str());
         len[i] = b.size();
       } else {
-        throw std::invalid_argument("values must be bytes or None");
+        throw std::invalid_argument("values must be bytes, None or Kafka messages");
       }
     }
     nb::gil_scoped_release release;
@@ -76,9 +101,13 @@ class PyExampleDecoder {
     ExampleRow r;
     r.ids.resize(nf);
     for (size_t i = 0; i < n; ++i) {
+      if (event[i]) {
+        status.data()[i] = -3;
+        continue;
+      }
       if (row >= rows) {
         // The batch is full: the rest are not decoded (status -1).
-        for (size_t j = i; j < n; ++j) status.data()[j] = -1;
+        for (size_t j = i; j < n; ++j) status.data()[j] = event[j] ? -3 : -1;
         break;
       }
       for (size_t f = 0; f < nf; ++f) r.ids[f] = ids[f].data() + row * layout_.max_lens[f];
@@ -106,7 +135,8 @@ void BindCodec(nb::module_& m) {
       .def(nb::init<std::vector<std::string>, std::vector<int>, std::vector<std::string>, uint64_t>(),
            "sparse_names"_a, "max_lens"_a, "dense_names"_a, "pad_key"_a)
       .def("decode", &PyExampleDecoder::Decode, "values"_a, "row0"_a, "ids"_a, "lengths"_a, "dense"_a,
-           "labels"_a, "rates"_a, "event_ms"_a, "label_ms"_a, "status"_a);
+           "labels"_a, "rates"_a, "event_ms"_a, "label_ms"_a, "status"_a, "partitions"_a = nb::none(),
+           "offsets"_a = nb::none());
 }
 
 }  // namespace monolith

@@ -80,6 +80,8 @@ class JoinState:
         self.lateness = int(round(config.lateness_s * 1000))
         self.counts = dict.fromkeys(COUNTERS, 0)
         self._part_max: dict = {}     # (topic, partition) or None -> latest event time
+        self._inputs: set = set()     # assigned input partitions
+        self._idle: set = set()       # of those, read to their end
         self.watermark = -(2**62)
         self._pending: dict = {}      # rid -> (event_ms, payload, origin)
         self._pending_heap: list = []  # (deadline, rid)
@@ -161,7 +163,7 @@ class JoinState:
         """Finalizes requests and drops orphans below the watermark; returns
         the number of requests finalized."""
         if self._part_max and self.watermark < 2**62:
-            self.watermark = max(self.watermark, min(self._part_max.values()) - self.lateness)
+            self.watermark = max(self.watermark, self._low_time() - self.lateness)
         wm = self.watermark
         due = []  # (deadline, rid, event_ms, payload), from memory and disk, decided in deadline order
         heap = self._pending_heap
@@ -223,6 +225,8 @@ class JoinState:
         """Forgets what came from these (topic, partition)s (after a
         rebalance moved them away: their new owner re-reads them)."""
         tps = set(tps)
+        self._inputs -= tps
+        self._idle -= tps
         for tp in tps:
             self._part_max.pop(tp, None)
         gone = [rid for rid, (_, _, o) in self._pending.items() if o is not None and (o[0], o[1]) in tps]
@@ -247,10 +251,29 @@ class JoinState:
         self._store.close()
 
     # ---------------------------------------------------------- internal
+    def set_partitions(self, tps) -> None:
+        """The input partitions: until each has been read (or reported
+        caught up), the watermark waits for it."""
+        self._inputs = set(tps)
+        self._idle &= self._inputs
+
+    def partition_idle(self, tp, idle: bool = True) -> None:
+        """A partition read to its end does not hold the watermark back
+        until it has new messages."""
+        (self._idle.add if idle else self._idle.discard)(tp)
+
+    def _low_time(self) -> int:
+        active = self._inputs - self._idle
+        if not active:
+            return min(self._part_max.values())
+        return min(self._part_max.get(tp, -(2**62)) for tp in active)
+
     def _see(self, event_ms: int, origin) -> None:
         part = None if origin is None else (origin[0], origin[1])
         if event_ms > self._part_max.get(part, -(2**62)):
             self._part_max[part] = event_ms
+        if self._idle and part in self._idle:
+            self._idle.discard(part)
 
     def _positive(self, kind: str, value: float) -> bool:
         return kind in self.cfg.positive_types and value >= self.cfg.min_value

@@ -38,15 +38,15 @@ log = logging.getLogger("monolith_jax.online.joiner")
 
 class Joiner:
     def __init__(self, bootstrap: str, config: JoinConfig, topics: dict | None = None,
-                 group: str = "monolith-joiner", spill_dir: str | None = None, commit_every_s: float = 2.0,
+                 group: str = "monolith-joiner", spill_dir: str | None = None, commit_every_s: float = 0.5,
                  consumer_extra: dict | None = None, producer_extra: dict | None = None,
                  gate_group: str | None = None, max_lag: int = 40_000):
         from confluent_kafka import Consumer, Producer
 
         self.topics = {**K.TOPICS, **(topics or {})}
         self.producer = Producer(K.producer_config(bootstrap, **(producer_extra or {})))
-        self.consumer = Consumer(K.consumer_config(bootstrap, group, **{"enable.auto.commit": False,
-                                                                         **(consumer_extra or {})}))
+        self.consumer = Consumer(K.consumer_config(bootstrap, group, **{
+            "enable.auto.commit": False, "enable.partition.eof": True, **(consumer_extra or {})}))
         self.state = JoinState(config, self._emit, spill_dir)
         self.dead = K.DeadLetters(self.producer, self.topics["dead_letters"])
         self.commit_every_s = commit_every_s
@@ -87,6 +87,7 @@ class Joiner:
 
     def _on_assign(self, consumer, partitions) -> None:
         self._assigned = {(p.topic, p.partition) for p in partitions}
+        self.state.set_partitions(self._assigned)
         log.info("joiner assigned %s", sorted(self._assigned))
 
     def _on_revoke(self, consumer, partitions) -> None:
@@ -131,11 +132,13 @@ class Joiner:
                 now = time.monotonic()
                 if max_seconds is not None and now - t0 > max_seconds:
                     break
-                msgs = self.consumer.consume(num_messages=5000, timeout=0.2)
+                msgs = self.consumer.consume(num_messages=5000, timeout=0.01)  # see OnlineTrainer._collect
                 for msg in msgs:
                     err = msg.error()
                     if err is not None:
-                        if err.code() != KafkaError._PARTITION_EOF:
+                        if err.code() == KafkaError._PARTITION_EOF:
+                            self.state.partition_idle((msg.topic(), msg.partition()))
+                        else:
                             log.warning("consumer error: %s", err)
                         continue
                     self.handle(msg)
@@ -164,7 +167,8 @@ class Joiner:
 
     def stats(self) -> dict:
         return {**self.state.counts, "waiting": self.state.waiting, "in_memory": self.state.in_memory,
-                "dead_letters": self.dead.count}
+                "dead_letters": self.dead.count,
+                "backpressure_s": round(self.gate.waited_s, 2) if self.gate is not None else 0.0}
 
     def close(self) -> None:
         self.producer.flush(30)

@@ -66,7 +66,7 @@ def joiner_command(bootstrap: str, window_s: float, negative_rate: float, group:
 def run_loop(limit: int | None = None, bootstrap: str | None = None, impressions: float = 1.0,
              negative_rate: float = 0.5, window_s: float = 60.0, batch_size: int = 1024, speed: float = 0.0,
              seed: int = 0, metrics_path: str | None = None, out=print, ratings=None, report_every_s=5.0,
-             topics: dict | None = None, trainer=None) -> dict:
+             topics: dict | None = None, trainer=None, on_batch=None) -> dict:
     from monolith_jax.data import load_movielens_1m
 
     topics = {**K.TOPICS, **(topics or {})}
@@ -98,6 +98,7 @@ def run_loop(limit: int | None = None, bootstrap: str | None = None, impressions
         from monolith_jax.online.trainer import OnlineTrainer
 
         online = OnlineTrainer(trainer, bootstrap, topics, group + "-trainer", batch_size=batch_size, out=out)
+        online.on_batch = on_batch
         try:
             summary = online.run(idle_timeout_s=3.0, report_every_s=report_every_s,
                                  upstream_done=lambda: joiner.poll() is not None and not replayer.is_alive())

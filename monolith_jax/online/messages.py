@@ -185,7 +185,10 @@ class ExampleDecoder:
         self._native = engine().ExampleDecoder([f.source for f in self.sparse], [f.max_len for f in self.sparse],
                                                [f.source for f in self.dense], PAD_KEY)
 
-    def decode(self, values: list, batch_size: int):
+    def decode(self, values: list, batch_size: int, messages: bool = False):
+        """values: bytes (or None), or with `messages=True` Kafka messages,
+        whose partition and offset then come back in info ("partition",
+        "offset"; status -3 marks events such as end of partition)."""
         n_sparse, n_dense = len(self.sparse), len(self.dense)
         ids = [np.empty((batch_size, f.max_len), np.uint64) for f in self.sparse]
         lengths = np.zeros((batch_size, n_sparse), np.int32)
@@ -196,13 +199,15 @@ class ExampleDecoder:
         label_ms = np.zeros(batch_size, np.int64)
         status = np.zeros(len(values), np.int32)
         values = list(values)
-        rows = self._native.decode(values, 0, ids, lengths, dense, labels, rates, event_ms, label_ms, status)
+        meta = (np.zeros(len(values), np.int32), np.zeros(len(values), np.int64)) if messages else (None, None)
+        rows = self._native.decode(values, 0, ids, lengths, dense, labels, rates, event_ms, label_ms, status, *meta)
         reasons = {}
         json_values = np.flatnonzero(status == 7)
         if json_values.size:  # rare: convert hand-made JSON to binary, decode again
             for i in json_values:
                 try:
-                    values[i] = parse_example(values[i]).SerializeToString()
+                    raw = values[i] if isinstance(values[i], bytes) else values[i].value()
+                    values[i] = parse_example(raw).SerializeToString()
                 except MessageError as err:
                     values[i], reasons[int(i)] = None, err.reason
             rows = self._native.decode(values, 0, ids, lengths, dense, labels, rates, event_ms, label_ms, status)
@@ -219,5 +224,7 @@ class ExampleDecoder:
             lengths={f.name: np.ascontiguousarray(lengths[:, k]) for k, f in enumerate(self.sparse)},
             dense=dense, labels=labels, weights=weights)
         info = {"rows": rows, "taken": taken, "sample_rate": rates[:rows], "event_time_ms": event_ms[:rows],
-                "label_time_ms": label_ms[:rows]}
+                "label_time_ms": label_ms[:rows], "status": status}
+        if messages:
+            info["partition"], info["offset"] = meta
         return batch, info, bad

@@ -1,0 +1,214 @@
+"""Online training from Kafka on MovieLens-1M: the trainer's input speed
+against files, and prequential AUC over the replayed stream against a model
+frozen after its first 20%.
+
+Throughput: the same joined examples (made by the joiner's own JoinState
+from the replay, so byte for byte what the joiner writes) are trained once
+from the examples topic (Kafka consumer -> C++ example decoder -> DeepFM
+step) and once from a Parquet file (pyarrow reader -> records_to_batch ->
+the same step), in alternating rounds, each on a fresh, compiled trainer.
+
+Stream: the whole loop (replayer -> joiner process -> online trainer)
+through the embedded Kafka cluster. Each batch is scored before training on
+it; once the stream passes 20% of its time span, a copy of the model (table
+dump + dense params) is frozen and scores every later batch too.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+
+import jax
+import numpy as np
+
+from monolith_jax.metrics import auc
+from monolith_jax.online import kafka as K
+from monolith_jax.online import replay as R
+from monolith_jax.online.join_state import JoinConfig, JoinState
+from monolith_jax.online.loop import movielens_trainer, run_loop
+from monolith_jax.online.messages import ExampleDecoder
+from monolith_jax.online.trainer import OnlineTrainer
+
+QUIET = dict(out=lambda *a, **k: None)
+
+
+def joined_examples(ratings, limit: int, negative_rate: float = 0.5, seed: int = 0) -> list:
+    """The joiner's output for the first `limit` ratings, made in-process."""
+    stream = R.MovieLensStream(ratings, 1.0, seed=seed, limit=limit)
+    out = []
+    state = JoinState(JoinConfig(window_s=60, lateness_s=1, positive_types=R.POSITIVE_TYPES,
+                                 min_value=R.MIN_VALUE, negative_rate=negative_rate,
+                                 emit_positives="at_window_end"), lambda rid, ex: out.append(ex))
+    for k, (kind, rid, value, t) in enumerate(stream.messages()):
+        if kind == "features":
+            state.add_features(rid, t, value)
+        else:
+            from monolith_jax.online.messages import parse_action
+            a = parse_action(value)
+            state.add_action(rid, t, a.type, a.value)
+        if k % 1000 == 0:
+            state.advance()
+    state.flush()
+    state.close()
+    return out
+
+
+def examples_to_parquet(examples: list, path: str) -> None:
+    """The same examples as a Parquet file of id-list columns and a label."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    feats = R.movielens_features()
+    dec = ExampleDecoder(feats)
+    batch, info, bad = dec.decode(examples, len(examples))
+    assert not bad and info["rows"] == len(examples)
+    cols = {}
+    for f in feats:
+        keys = batch.ids[f.name].to_numpy().view(np.int64)
+        lens = np.asarray(batch.lengths[f.name])
+        offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+        flat = keys[np.arange(f.max_len)[None, :] < lens[:, None]]
+        cols[f.name] = pa.ListArray.from_arrays(offsets, flat) if f.max_len > 1 else flat
+    cols["label"] = np.asarray(batch.labels)
+    pq.write_table(pa.table(cols), path)
+
+
+def _warm(trainer, path, batch):
+    from monolith_jax.io import iter_batches
+
+    warm = list(iter_batches(path, R.movielens_features(), batch_size=batch))[:2]
+    trainer.fit(warm)  # compile; the same two batches for both paths
+
+
+def throughput(ratings, n_examples: int = 80_000, batch: int = 1024, rounds: int = 5, passes: int = 3,
+               out=print) -> dict:
+    """examples/s into the DeepFM trainer: from the examples topic vs from a
+    Parquet file, alternating, `rounds` each of `passes` passes over the
+    same `n_examples` (the embedded cluster keeps ~5 MB per partition, so
+    longer runs read the topic again rather than hold more)."""
+    from monolith_jax.io import iter_batches
+
+    examples = []
+    limit = n_examples
+    while len(examples) < n_examples:
+        examples = joined_examples(ratings, limit)
+        limit = int(limit * 1.5)
+    examples = examples[:n_examples]
+    rates = {"kafka": [], "file": [], "ratio": []}
+    with tempfile.TemporaryDirectory() as tmp, K.EmbeddedKafka() as kafka:
+        path = os.path.join(tmp, "examples.parquet")
+        examples_to_parquet(examples, path)
+        topic = "bench-examples"
+        K.ensure_topics(kafka.bootstrap, {topic: K.EMBEDDED_PARTITIONS})
+        from confluent_kafka import Producer
+        prod = Producer(K.producer_config(kafka.bootstrap))
+        for i, ex in enumerate(examples):
+            K.produce(prod, topic, ex, str(i))
+        prod.flush(60)
+        for r in range(rounds):
+            tr = movielens_trainer(seed=r, **QUIET)
+            _warm(tr, path, batch)
+            t0 = time.perf_counter()
+            seen = 0
+            for _ in range(passes):
+                seen += tr.fit(iter_batches(path, R.movielens_features(), batch_size=batch))["examples"]
+            jax.block_until_ready(tr.params)
+            rates["file"].append(seen / (time.perf_counter() - t0))
+
+            tr = movielens_trainer(seed=r, **QUIET)
+            _warm(tr, path, batch)
+            seen, span = 0, 0.0
+            for p in range(passes):  # each pass reads the topic again, in a new consumer group
+                online = OnlineTrainer(tr, kafka.bootstrap, {"examples": topic}, f"bench-{r}-{p}-{time.time()}",
+                                       batch_size=batch, max_wait_s=0.2, prequential=False, **QUIET)
+                s = online.run(max_examples=n_examples, max_seconds=120, report_every_s=0)
+                assert s["examples"] == n_examples and s["dead_letters"] == 0, s
+                seen += s["examples"]
+                span += s["examples"] / s["examples_per_s"]
+            rates["kafka"].append(seen / span)
+            rates["ratio"].append(rates["kafka"][-1] / rates["file"][-1])
+            out(f"  round {r + 1}: file {rates['file'][-1]:>10,.0f} ex/s   kafka {rates['kafka'][-1]:>10,.0f} ex/s"
+                f"   ratio {rates['ratio'][-1]:.2f}")
+    med = {k: float(np.median(v)) for k, v in rates.items()}
+    return {"rounds": rates, "median": med, "ratio": med["ratio"], "examples": n_examples * passes}
+
+
+class Frozen:
+    """on_batch hook: freezes a copy of the model once the stream passes
+    `freeze_ms`, then scores every later batch with it."""
+
+    def __init__(self, freeze_ms: int, seed: int):
+        self.freeze_ms = freeze_ms
+        self.seed = seed
+        self.copy = None
+        self.at_example = None
+        self.labels, self.frozen, self.online_idx = [], [], []
+
+    def __call__(self, online, batch, info):
+        rows = info["rows"]
+        if self.copy is None:
+            if int(info["event_time_ms"].max()) < self.freeze_ms:
+                return
+            self.copy = movielens_trainer(self.seed, **QUIET)
+            for name, t in online.trainer.tables.items():
+                self.copy.tables[name].load(**t.dump())
+            self.copy.params = jax.tree.map(lambda x: x.copy(), online.trainer.params)
+            self.at_example = online.examples
+            return
+        self.labels.append(np.asarray(batch.labels)[:rows])
+        self.frozen.append(self.copy.predict(batch)[:rows])
+        self.online_idx.append(online.examples - rows)
+
+
+def stream(ratings, limit: int | None = None, seed: int = 0, out=print, bootstrap: str | None = None) -> dict:
+    n = len(ratings) if limit is None else min(limit, len(ratings))
+    t = np.sort(ratings.timestamp[:n])
+    freeze_ms = int(t[0] + 0.2 * (t[-1] - t[0])) * 1000
+    frozen = Frozen(freeze_ms, seed)
+    t0 = time.perf_counter()
+    s = run_loop(limit=limit, bootstrap=bootstrap, seed=seed, ratings=ratings, on_batch=frozen, out=out,
+                 report_every_s=15)
+    wall = time.perf_counter() - t0
+    y, scores, times = s["online"].log.arrays()
+    after = slice(frozen.at_example, None)
+    fy = np.concatenate(frozen.labels)
+    fs = np.concatenate(frozen.frozen)
+    assert np.array_equal(fy, y[after][: fy.size]), "frozen and online scored the same examples"
+    n_after = fy.size
+    seg = 10
+    edges = np.linspace(0, y.size, seg + 1).astype(int)
+    online_seg = [auc(y[a:b], scores[a:b]) for a, b in zip(edges[:-1], edges[1:])]
+    frozen_seg = []
+    for a, b in zip(edges[:-1], edges[1:]):
+        lo, hi = max(a - frozen.at_example, 0), max(b - frozen.at_example, 0)
+        frozen_seg.append(auc(fy[lo:hi], fs[lo:hi]) if hi - lo > 100 else float("nan"))
+    online_last = auc(y[after][:n_after], scores[after][:n_after])
+    frozen_last = auc(fy, fs)
+    last_tenth = slice(edges[-2], None)
+    return {"wall_s": wall, "examples": s["examples"], "examples_per_s": s["examples_per_s"],
+            "joined": s["joined"], "replayed": s["replayed"], "frozen_at_example": frozen.at_example,
+            "online_after_freeze": online_last, "frozen_after_freeze": frozen_last,
+            "online_segments": online_seg, "frozen_segments": frozen_seg,
+            "online_last_tenth": auc(y[last_tenth], scores[last_tenth]),
+            "frozen_last_tenth": frozen_seg[-1], "stream_auc": s["stream_auc"],
+            "segment_times": [int(times[a]) // 1000 for a in edges[:-1]]}
+
+
+def plot(result: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = np.arange(1, len(result["online_segments"]) + 1) * 10
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ax.plot(x, result["online_segments"], "o-", label="online (prequential)")
+    ax.plot(x, result["frozen_segments"], "s--", label="frozen after 20% of the stream")
+    ax.set_xlabel("stream position (% of examples)")
+    ax.set_ylabel("AUC of the tenth")
+    ax.set_title("MovieLens-1M replay: replay -> joiner -> online DeepFM")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
