@@ -19,7 +19,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--part", choices=["throughput", "stream", "both"], default="both")
     p.add_argument("--limit", type=int, default=None, help="stream: first N ratings only (default: all)")
-    p.add_argument("--examples", type=int, default=80_000, help="throughput: examples per round")
+    p.add_argument("--examples", type=int, default=60_000, help="throughput: examples per round")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--bootstrap", default=None, help="a Kafka cluster to use instead of the embedded one")
     p.add_argument("--out", default=os.path.join(HERE, "results"))

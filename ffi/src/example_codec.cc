@@ -265,4 +265,75 @@ DecodeStatus DecodeExample(const uint8_t* data, size_t size, const ExampleLayout
   return kDecodeOk;
 }
 
+namespace {
+
+ExampleRow RowAt(const ExampleLayout& layout, const BatchArrays& out, ExampleRow* r, int64_t row) {
+  const size_t nf = layout.sparse_names.size(), nd = layout.dense_names.size();
+  r->ids.resize(nf);
+  for (size_t f = 0; f < nf; ++f) r->ids[f] = out.ids[f] + row * layout.max_lens[f];
+  r->lengths = out.lengths + row * nf;
+  r->dense = out.dense + row * nd;
+  r->label = out.labels + row;
+  r->sample_rate = out.rates + row;
+  r->event_time_ms = out.event_ms + row;
+  r->label_time_ms = out.label_ms + row;
+  return *r;
+}
+
+constexpr uint32_t kBatchField = 16;
+
+}  // namespace
+
+DecodeStatus DecodeValue(const uint8_t* data, size_t size, const ExampleLayout& layout,
+                         const BatchArrays& out, int64_t row, int64_t* written) {
+  *written = 0;
+  if (data == nullptr || size == 0) return kDecodeEmpty;
+  // One pass over the top level: is this a batch, and of how many?
+  Reader scan(data, size);
+  int64_t count = 0;
+  bool other = false;
+  while (!scan.done()) {
+    uint32_t field, wire;
+    if (!scan.Tag(&field, &wire)) {
+      count = -1;
+      break;
+    }
+    if (field == kBatchField && wire == kLen) ++count;
+    else if (!(field == 1 && wire == kVarint)) other = true;
+    if (!scan.Skip(wire)) {
+      count = -1;
+      break;
+    }
+  }
+  ExampleRow r;
+  if (count <= 0) {  // a single Example (or not protobuf: DecodeExample says which)
+    if (row >= out.rows) return kDecodeNoRoom;
+    DecodeStatus s = DecodeExample(data, size, layout, RowAt(layout, out, &r, row));
+    if (s == kDecodeOk) *written = 1;
+    return s;
+  }
+  if (other) return kDecodeMalformed;  // Example fields beside batch entries
+  if (count > out.rows) return kDecodeTooBig;
+  if (count > out.rows - row) return kDecodeNoRoom;
+  Reader rd(data, size);
+  int64_t k = 0;
+  while (!rd.done()) {
+    uint32_t field, wire;
+    rd.Tag(&field, &wire);  // checked by the scan above
+    uint64_t v;
+    Reader sub(nullptr, 0);
+    if (field == 1) {
+      rd.Varint(&v);
+      if (v > kSchemaVersion) return kDecodeVersion;
+    } else {
+      rd.Bytes(&sub);
+      DecodeStatus s = DecodeExample(sub.pos(), sub.left(), layout, RowAt(layout, out, &r, row + k));
+      if (s != kDecodeOk) return s == kDecodeJson || s == kDecodeEmpty ? kDecodeMalformed : s;
+      ++k;
+    }
+  }
+  *written = k;
+  return kDecodeOk;
+}
+
 }  // namespace monolith

@@ -28,6 +28,8 @@ enum DecodeStatus : int32_t {
   kDecodeLabel = 6,          // label outside [0, 1] or sample rate outside (0, 1]
   kDecodeJson = 7,           // a JSON message: the caller converts it
   kDecodeEmpty = 8,          // an empty or null message
+  kDecodeNoRoom = 9,         // (not an error) the value's examples do not fit the rows left
+  kDecodeTooBig = 10,        // an ExampleBatch with more examples than a whole batch holds
 };
 
 struct ExampleLayout {
@@ -49,6 +51,26 @@ struct ExampleRow {
 };
 
 constexpr uint32_t kSchemaVersion = 1;
+
+// A batch's arrays: row r of feature f starts at ids[f] + r * max_lens[f].
+struct BatchArrays {
+  std::vector<uint64_t*> ids;
+  int32_t* lengths;
+  float* dense;
+  float* labels;
+  float* rates;
+  int64_t* event_ms;
+  int64_t* label_ms;
+  int64_t rows;
+};
+
+// Decodes one Kafka value of the examples topic, an Example or an
+// ExampleBatch (told apart by field 16), into rows [row, row + *written).
+// All or nothing: if any example of a batch is unusable the value's status
+// is that example's and *written is 0; kDecodeNoRoom if it does not fit in
+// the rows left (nothing written).
+DecodeStatus DecodeValue(const uint8_t* data, size_t size, const ExampleLayout& layout,
+                         const BatchArrays& out, int64_t row, int64_t* written);
 
 // Decodes one Example. On kDecodeOk the row is written in full (ids past a
 // feature's length are pad_key); on any other status its contents are

@@ -61,66 +61,58 @@ class PyExampleDecoder {
     const bool meta = partitions.has_value() && offsets.has_value();
     if (meta && (partitions->shape(0) != n || offsets->shape(0) != n))
       throw std::invalid_argument("partitions and offsets need one entry per value");
-    // Borrow each value's buffer; the list (or `held`) keeps them alive.
-    // Items that are not bytes are Kafka messages: value(), partition() and
-    // offset() are called here, which saves the interpreter's per-message cost.
-    std::vector<const uint8_t*> ptr(n);
-    std::vector<size_t> len(n);
-    std::vector<nb::object> held;
-    held.reserve(n);
-    std::vector<char> event(n, 0);
+    BatchArrays out;
+    out.ids.resize(nf);
+    for (size_t f = 0; f < nf; ++f) out.ids[f] = ids[f].data();
+    out.lengths = lengths.data();
+    out.dense = dense.data();
+    out.labels = labels.data();
+    out.rates = rates.data();
+    out.event_ms = event_ms.data();
+    out.label_ms = label_ms.data();
+    out.rows = rows;
+    // Items that are not bytes are Kafka messages: error(), value(),
+    // partition() and offset() are called here, which saves the
+    // interpreter's per-message cost. Decoding stops at the first value
+    // that does not fit; the rest keep status -1 (not taken).
     static const nb::str kValue("value"), kPartition("partition"), kOffset("offset"), kError("error");
-    for (size_t i = 0; i < n; ++i) {
+    int64_t row = row0;
+    size_t i = 0;
+    for (; i < n; ++i) {
       nb::handle v = values[i];
+      nb::object value;
       if (!v.is_none() && !nb::isinstance<nb::bytes>(v)) {
-        nb::handle msg = v;
         if (meta) {
-          partitions->data()[i] = nb::cast<int32_t>(msg.attr(kPartition)());
-          offsets->data()[i] = nb::cast<int64_t>(msg.attr(kOffset)());
+          partitions->data()[i] = nb::cast<int32_t>(v.attr(kPartition)());
+          offsets->data()[i] = nb::cast<int64_t>(v.attr(kOffset)());
         }
-        if (!msg.attr(kError)().is_none()) {  // an event (end of partition, error), not a message
-          event[i] = 1;
+        if (!v.attr(kError)().is_none()) {  // an event (end of partition, error), not a message
+          status.data()[i] = -3;
           continue;
         }
-        held.push_back(msg.attr(kValue)());
-        v = held.back();
+        value = v.attr(kValue)();
+        v = value;
       }
-      if (v.is_none()) {
-        ptr[i] = nullptr;
-        len[i] = 0;
-      } else if (nb::isinstance<nb::bytes>(v)) {
+      const uint8_t* ptr = nullptr;
+      size_t len = 0;
+      if (nb::isinstance<nb::bytes>(v)) {
         nb::bytes b = nb::borrow<nb::bytes>(v);
-        ptr[i] = reinterpret_cast<const uint8_t*>(b.c_str());
-        len[i] = b.size();
-      } else {
+        ptr = reinterpret_cast<const uint8_t*>(b.c_str());
+        len = b.size();
+      } else if (!v.is_none()) {
         throw std::invalid_argument("values must be bytes, None or Kafka messages");
       }
-    }
-    nb::gil_scoped_release release;
-    int64_t row = row0;
-    ExampleRow r;
-    r.ids.resize(nf);
-    for (size_t i = 0; i < n; ++i) {
-      if (event[i]) {
-        status.data()[i] = -3;
-        continue;
-      }
-      if (row >= rows) {
-        // The batch is full: the rest are not decoded (status -1).
-        for (size_t j = i; j < n; ++j) status.data()[j] = event[j] ? -3 : -1;
+      int64_t written = 0;
+      DecodeStatus s = DecodeValue(ptr, len, layout_, out, row, &written);
+      if (s == kDecodeNoRoom) break;
+      status.data()[i] = s;
+      row += written;
+      if (s == kDecodeJson) {  // the caller converts it, then decodes again from here
+        ++i;
         break;
       }
-      for (size_t f = 0; f < nf; ++f) r.ids[f] = ids[f].data() + row * layout_.max_lens[f];
-      r.lengths = lengths.data() + row * nf;
-      r.dense = dense.data() + row * nd;
-      r.label = labels.data() + row;
-      r.sample_rate = rates.data() + row;
-      r.event_time_ms = event_ms.data() + row;
-      r.label_time_ms = label_ms.data() + row;
-      DecodeStatus s = DecodeExample(ptr[i], len[i], layout_, r);
-      status.data()[i] = s;
-      if (s == kDecodeOk) ++row;
     }
+    for (; i < n; ++i) status.data()[i] = -1;
     return row - row0;
   }
 

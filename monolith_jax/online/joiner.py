@@ -28,19 +28,70 @@ import signal
 import sys
 import threading
 import time
+import zlib
 
 from monolith_jax.online import kafka as K
 from monolith_jax.online.join_state import JoinConfig, JoinState
-from monolith_jax.online.messages import MessageError, features_to_binary, parse_action, parse_features
+from monolith_jax.online.messages import (MessageError, encode_example_batch, features_to_binary, parse_action,
+                                         parse_features)
 
 log = logging.getLogger("monolith_jax.online.joiner")
+
+
+class ExampleGrouper:
+    """Groups the examples bound for one partition of the examples topic
+    into ExampleBatch values of up to `group_size` (sent when full or
+    `linger_s` old), so that trainers pay Kafka's per-message cost once per
+    group. The partition is crc32(request id) mod the topic's partitions.
+    group_size 1 sends plain Examples."""
+
+    def __init__(self, producer, topic: str, group_size: int = 64, linger_s: float = 0.02):
+        md = producer.list_topics(topic, timeout=10).topics[topic]
+        self.partitions = max(len(md.partitions), 1)
+        self.producer, self.topic = producer, topic
+        self.group_size, self.linger_s = max(int(group_size), 1), linger_s
+        self._groups: dict = {}   # partition -> [examples]
+        self._since: dict = {}    # partition -> monotonic time of its first example
+        self.sent = 0
+
+    def add(self, rid: str, example: bytes) -> None:
+        if self.group_size == 1:
+            self._send(zlib.crc32(rid.encode()) % self.partitions, [example])
+            return
+        p = zlib.crc32(rid.encode()) % self.partitions
+        group = self._groups.setdefault(p, [])
+        if not group:
+            self._since[p] = time.monotonic()
+        group.append(example)
+        if len(group) >= self.group_size:
+            self._send(p, self._groups.pop(p))
+
+    def poll(self) -> None:
+        """Sends groups older than linger_s."""
+        now = time.monotonic()
+        for p in [p for p, t in self._since.items() if p in self._groups and now - t >= self.linger_s]:
+            self._send(p, self._groups.pop(p))
+
+    def flush(self) -> None:
+        for p in list(self._groups):
+            self._send(p, self._groups.pop(p))
+
+    def _send(self, partition: int, examples: list) -> None:
+        value = examples[0] if len(examples) == 1 and self.group_size == 1 else encode_example_batch(examples)
+        while True:
+            try:
+                self.producer.produce(self.topic, value=value, partition=partition)
+                break
+            except BufferError:
+                self.producer.poll(0.05)
+        self.sent += 1
 
 
 class Joiner:
     def __init__(self, bootstrap: str, config: JoinConfig, topics: dict | None = None,
                  group: str = "monolith-joiner", spill_dir: str | None = None, commit_every_s: float = 0.5,
                  consumer_extra: dict | None = None, producer_extra: dict | None = None,
-                 gate_group: str | None = None, max_lag: int = 40_000):
+                 gate_group: str | None = None, max_lag: int = 40_000, group_size: int = 64):
         from confluent_kafka import Consumer, Producer
 
         self.topics = {**K.TOPICS, **(topics or {})}
@@ -48,18 +99,22 @@ class Joiner:
         self.consumer = Consumer(K.consumer_config(bootstrap, group, **{
             "enable.auto.commit": False, "enable.partition.eof": True, **(consumer_extra or {})}))
         self.state = JoinState(config, self._emit, spill_dir)
+        self.grouper = ExampleGrouper(self.producer, self.topics["examples"], group_size)
         self.dead = K.DeadLetters(self.producer, self.topics["dead_letters"])
         self.commit_every_s = commit_every_s
         self._next: dict = {}          # (topic, partition) -> next offset to read
         self._assigned: set = set()
         self._last_commit = time.monotonic()
-        # Backpressure: never run more than max_lag examples ahead of the trainers.
-        self.gate = K.LagGate(bootstrap, gate_group, [self.topics["examples"]], max_lag) if gate_group else None
+        # Backpressure: never run more than max_lag examples ahead of the trainers
+        # (the gate counts messages, each a group of up to group_size examples).
+        self.gate = K.LagGate(bootstrap, gate_group, [self.topics["examples"]],
+                              max(max_lag // max(group_size, 1), 50), check_every=50) if gate_group else None
 
     def _emit(self, rid: str, example: bytes) -> None:
-        K.produce(self.producer, self.topics["examples"], example, rid)
-        if self.gate is not None:
-            self.gate.step(1, self.producer)
+        sent = self.grouper.sent
+        self.grouper.add(rid, example)
+        if self.gate is not None and self.grouper.sent > sent:
+            self.gate.step(self.grouper.sent - sent, self.producer)
 
     # ------------------------------------------------------------ commits
     def commit(self, only=None) -> dict:
@@ -67,6 +122,7 @@ class Joiner:
         the examples emitted so far are delivered."""
         from confluent_kafka import TopicPartition
 
+        self.grouper.flush()
         if self.producer.flush(30) > 0:
             log.error("examples not delivered within 30 s; offsets not committed")
             return {}
@@ -154,6 +210,7 @@ class Joiner:
                 elif exit_when_idle and idle_flush_s is not None and now - last_msg > idle_flush_s \
                         and self.state.counts["features"]:
                     break
+                self.grouper.poll()
                 self.producer.poll(0)
                 if now - self._last_commit > self.commit_every_s:
                     self.commit()
@@ -171,6 +228,7 @@ class Joiner:
                 "backpressure_s": round(self.gate.waited_s, 2) if self.gate is not None else 0.0}
 
     def close(self) -> None:
+        self.grouper.flush()
         self.producer.flush(30)
         self.state.close()
         if self.gate is not None:
@@ -208,6 +266,7 @@ def main(argv=None) -> int:
     p.add_argument("--report-every", type=float, default=10.0)
     p.add_argument("--gate-group", default=None, help="consumer group (the trainers') not to outrun")
     p.add_argument("--max-lag", type=int, default=40_000, help="examples the gate group may fall behind")
+    p.add_argument("--group-size", type=int, default=64, help="examples per Kafka value (1: plain Examples)")
     for name, default in K.TOPICS.items():
         p.add_argument(f"--topic-{name.replace('_', '-')}", default=default)
     add_join_args(p)
@@ -217,7 +276,7 @@ def main(argv=None) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     joiner = Joiner(args.bootstrap, config_from_args(args), topics, args.group, args.spill_dir,
-                    gate_group=args.gate_group, max_lag=args.max_lag)
+                    gate_group=args.gate_group, max_lag=args.max_lag, group_size=args.group_size)
     try:
         stats = joiner.run(args.idle_flush, args.exit_when_idle, args.max_seconds, stop, args.report_every)
     finally:

@@ -69,6 +69,7 @@ def consumer_config(bootstrap: str, group: str, **extra) -> dict:
         "heartbeat.interval.ms": 1000,
         "max.poll.interval.ms": 300000,
         "fetch.wait.max.ms": 10,
+        "max.partition.fetch.bytes": 4 << 20,   # fewer, larger fetches: less broker and client CPU per message
         # Measured: with partition EOF events on, consume() hands over queued
         # messages ~40x faster (75 k/s -> 3 M/s on the embedded cluster).
         "enable.partition.eof": True,

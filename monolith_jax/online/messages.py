@@ -16,7 +16,7 @@ number of both topics.
                version, request_id, event_time_ms
                type           string   e.g. "click", "rate"
                value          float    e.g. the rating
-  examples   Example        a joined training example, written by the joiner
+  examples   Example or ExampleBatch   joined training examples, written by the joiner
                version        uint32
                features       FeatureRecord  (the request's, byte for byte)
                label          float    in [0, 1]
@@ -24,6 +24,9 @@ number of both topics.
                                        (1 for positives; 0 = unset reads as 1):
                                        serving adds log(sample_rate) to the logit
                label_time_ms  int64    the action's time, or the window's end
+             ExampleBatch   several Examples bound for one partition, in one value
+               version        uint32
+               examples[]     Example  (field 16, which an Example never uses)
 
 Hand-made messages may be JSON (protobuf's JSON mapping, field names as
 above: `{"request_id": "r1", "event_time_ms": 5, "sparse": [{"name": "user",
@@ -59,6 +62,7 @@ DECODE_REASONS = {
     6: "label outside [0, 1] or sample rate outside (0, 1]",
     7: "JSON example could not be read",
     8: "empty message",
+    10: "example batch holds more examples than a training batch",
 }
 
 
@@ -169,13 +173,17 @@ def features_to_binary(value: bytes) -> bytes:
 
 
 class ExampleDecoder:
-    """Kafka values of Examples -> SparseBatch, through the C++ reader.
+    """Kafka values of the examples topic (Example or ExampleBatch) ->
+    SparseBatch, through the C++ reader.
 
-    decode(values, batch_size) fills one batch (padded with weight-0 rows)
-    and returns it with the good examples' event and label times and
-    sample rates, and `(index, reason)` for each value that could not be
-    used (the caller dead-letters those). At most `batch_size` examples are
-    taken; `taken` says how many values were consumed."""
+        b = decoder.batch(batch_size, messages=True)
+        taken = b.add(kafka_messages)   # as many as fit; the rest wait for the next batch
+        batch, info, bad = b.finish()   # padded with weight-0 rows
+
+    `bad` lists `(index, reason)` for values that could not be used (the
+    caller dead-letters them); info holds the good examples' event and
+    label times and sample rates and, for Kafka messages, each value's
+    partition and offset (status -3 marks events such as end of partition)."""
 
     def __init__(self, sparse: Sequence[SparseFeature], dense: Sequence[DenseFeature] = ()):
         from monolith_jax.sparse._native import engine
@@ -185,46 +193,126 @@ class ExampleDecoder:
         self._native = engine().ExampleDecoder([f.source for f in self.sparse], [f.max_len for f in self.sparse],
                                                [f.source for f in self.dense], PAD_KEY)
 
+    def batch(self, batch_size: int, messages: bool = False, limit: int | None = None) -> "BatchBuilder":
+        """A batch of `batch_size` rows to fill, taking at most `limit` examples."""
+        return BatchBuilder(self, batch_size, messages, limit)
+
     def decode(self, values: list, batch_size: int, messages: bool = False):
-        """values: bytes (or None), or with `messages=True` Kafka messages,
-        whose partition and offset then come back in info ("partition",
-        "offset"; status -3 marks events such as end of partition)."""
-        n_sparse, n_dense = len(self.sparse), len(self.dense)
-        ids = [np.empty((batch_size, f.max_len), np.uint64) for f in self.sparse]
-        lengths = np.zeros((batch_size, n_sparse), np.int32)
-        dense = np.zeros((batch_size, n_dense), np.float32)
-        labels = np.zeros(batch_size, np.float32)
-        rates = np.ones(batch_size, np.float32)
-        event_ms = np.zeros(batch_size, np.int64)
-        label_ms = np.zeros(batch_size, np.int64)
+        """One batch from `values` (those that do not fit are not taken:
+        info["taken"] says how many were)."""
+        b = self.batch(batch_size, messages)
+        b.add(values)
+        return b.finish()
+
+
+class BatchBuilder:
+    def __init__(self, decoder: ExampleDecoder, batch_size: int, messages: bool, limit: int | None = None):
+        self.d = decoder
+        self.size = batch_size
+        self.limit = batch_size if limit is None else max(1, min(limit, batch_size))
+        self.messages = messages
+        self.ids = [np.empty((batch_size, f.max_len), np.uint64) for f in decoder.sparse]
+        self.lengths = np.zeros((batch_size, len(decoder.sparse)), np.int32)
+        self.dense = np.zeros((batch_size, len(decoder.dense)), np.float32)
+        self.labels = np.zeros(batch_size, np.float32)
+        self.rates = np.ones(batch_size, np.float32)
+        self.event_ms = np.zeros(batch_size, np.int64)
+        self.label_ms = np.zeros(batch_size, np.int64)
+        self.rows = 0
+        self.taken = 0
+        self.bad: list = []
+        self._status, self._parts, self._offs = [], [], []
+
+    @property
+    def full(self) -> bool:
+        return self.rows >= self.limit
+
+    def _decode(self, values):
         status = np.zeros(len(values), np.int32)
+        meta = (np.zeros(len(values), np.int32), np.zeros(len(values), np.int64)) if self.messages else (None, None)
+        n = self.limit  # views of the first `limit` rows: the decoder fills no more
+        self.rows += self.d._native.decode(values, self.rows, [a[:n] for a in self.ids], self.lengths[:n],
+                                           self.dense[:n], self.labels[:n], self.rates[:n], self.event_ms[:n],
+                                           self.label_ms[:n], status, *meta)
+        return status, meta
+
+    def add(self, values) -> int:
+        """Decodes values in order until one does not fit; returns how many
+        were taken (good, bad or events)."""
         values = list(values)
-        meta = (np.zeros(len(values), np.int32), np.zeros(len(values), np.int64)) if messages else (None, None)
-        rows = self._native.decode(values, 0, ids, lengths, dense, labels, rates, event_ms, label_ms, status, *meta)
-        reasons = {}
-        json_values = np.flatnonzero(status == 7)
-        if json_values.size:  # rare: convert hand-made JSON to binary, decode again
-            for i in json_values:
-                try:
-                    raw = values[i] if isinstance(values[i], bytes) else values[i].value()
-                    values[i] = parse_example(raw).SerializeToString()
-                except MessageError as err:
-                    values[i], reasons[int(i)] = None, err.reason
-            rows = self._native.decode(values, 0, ids, lengths, dense, labels, rates, event_ms, label_ms, status)
-        bad = [(int(i), reasons.get(int(i)) or DECODE_REASONS.get(int(status[i]), f"status {status[i]}"))
-               for i in np.flatnonzero(status > 0)]
-        untaken = np.flatnonzero(status == -1)
-        taken = int(untaken[0]) if untaken.size else len(values)
-        for f in range(n_sparse):
-            ids[f][rows:] = PAD_KEY
-        weights = np.zeros(batch_size, np.float32)
+        before = self.taken
+        start = 0
+        while start < len(values):
+            status, (parts, offs) = self._decode(values[start:])
+            stop = np.flatnonzero(status == -1)
+            end = int(stop[0]) if stop.size else len(values) - start
+            json_at = np.flatnonzero(status[:end] == 7)
+            if json_at.size:  # a hand-made JSON value: convert it, decode again from it
+                j = int(json_at[0])
+                end = j
+            self._keep(values, start, status[:end], parts, offs, end)
+            start += end
+            if not json_at.size:
+                break
+            item = values[start]
+            raw = item if isinstance(item, (bytes, type(None))) else item.value()
+            p, o = (parts[j], offs[j]) if parts is not None else (0, 0)
+            try:
+                values[start] = _json_examples_to_binary(raw)
+            except MessageError as err:
+                self._keep(values, start, np.array([-2], np.int32), np.array([p], np.int32),
+                           np.array([o], np.int64), 1)
+                self.bad.append((self.taken - 1, err.reason))
+                start += 1
+                continue
+            status, _ = self._decode(values[start:start + 1])
+            if status[0] == -1:
+                break
+            self._keep(values, start, status, np.array([p], np.int32), np.array([o], np.int64), 1)
+            start += 1
+        return self.taken - before
+
+    def _keep(self, values, start, status, parts, offs, n) -> None:
+        for i in np.flatnonzero(status[:n] > 0):
+            self.bad.append((self.taken + int(i), DECODE_REASONS.get(int(status[i]), f"status {status[i]}")))
+        self._status.append(status[:n].copy())
+        if self.messages:
+            self._parts.append(parts[:n].copy())
+            self._offs.append(offs[:n].copy())
+        self.taken += n
+
+    def finish(self):
+        rows = self.rows
+        for k in range(len(self.d.sparse)):
+            self.ids[k][rows:] = PAD_KEY
+        weights = np.zeros(self.size, np.float32)
         weights[:rows] = 1.0
         batch = SparseBatch(
-            ids={f.name: Keys.from_ids(ids[k]) for k, f in enumerate(self.sparse)},
-            lengths={f.name: np.ascontiguousarray(lengths[:, k]) for k, f in enumerate(self.sparse)},
-            dense=dense, labels=labels, weights=weights)
-        info = {"rows": rows, "taken": taken, "sample_rate": rates[:rows], "event_time_ms": event_ms[:rows],
-                "label_time_ms": label_ms[:rows], "status": status}
-        if messages:
-            info["partition"], info["offset"] = meta
-        return batch, info, bad
+            ids={f.name: Keys.from_ids(self.ids[k]) for k, f in enumerate(self.d.sparse)},
+            lengths={f.name: np.ascontiguousarray(self.lengths[:, k]) for k, f in enumerate(self.d.sparse)},
+            dense=self.dense, labels=self.labels, weights=weights)
+        status = np.concatenate(self._status) if self._status else np.zeros(0, np.int32)
+        info = {"rows": rows, "taken": self.taken, "sample_rate": self.rates[:rows],
+                "event_time_ms": self.event_ms[:rows], "label_time_ms": self.label_ms[:rows], "status": status}
+        if self.messages:
+            info["partition"] = np.concatenate(self._parts) if self._parts else np.zeros(0, np.int32)
+            info["offset"] = np.concatenate(self._offs) if self._offs else np.zeros(0, np.int64)
+        return batch, info, self.bad
+
+
+def _json_examples_to_binary(raw) -> bytes:
+    """A JSON Example or ExampleBatch (`{"examples": [...]}`) as binary."""
+    import json
+
+    if raw is None:
+        raise MessageError("empty message")
+    try:
+        is_batch = "examples" in json.loads(raw)
+    except (ValueError, TypeError) as err:
+        raise MessageError(f"unreadable examples message: {err}") from None
+    return _parse(_pb().ExampleBatch if is_batch else _pb().Example, raw, "examples").SerializeToString()
+
+
+def encode_example_batch(examples: Sequence[bytes]) -> bytes:
+    """An ExampleBatch around Examples' binary bytes (field 16 each)."""
+    return b"".join([b"\x08\x01"] + [b"\x82\x01" + _varint(len(e)) + e for e in examples])

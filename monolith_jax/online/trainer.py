@@ -97,8 +97,9 @@ class OnlineTrainer:
         self.examples = 0
         self.batches = 0
         self.max_event_ms = 0
-        self.on_batch = None  # optional callback(trainer, batch, info) after each trained batch
-        self._held: list = []  # messages collected for the next batch
+        self.on_batch = None  # optional callback(online_trainer, batch, info) after each trained batch
+        self._carry: list = []  # messages fetched but not yet taken into a batch
+        self._building = None   # (BatchBuilder, messages taken) while a batch fills
         self._t_first = None   # when the first example arrived
         self._t_last = 0.0     # when the last batch was trained
         self._max_examples = None
@@ -110,9 +111,13 @@ class OnlineTrainer:
         log.info("trainer assigned %s", sorted(self._assigned))
 
     def _on_revoke(self, consumer, partitions) -> None:
-        if self._held:
-            self._train(self._held)
-            self._held = []
+        # Inside consume(): train what the batch being filled holds, commit,
+        # and drop what was fetched but not taken (with the eager protocol
+        # every member resumes from the committed offsets, so it is re-read).
+        if self._building is not None and self._building[0].rows:
+            self._train(*self._building)
+        self._building = None
+        self._carry = []
         try:
             consumer.commit(asynchronous=False)
         except Exception as err:  # nothing stored yet is not an error worth more
@@ -120,37 +125,52 @@ class OnlineTrainer:
         self._assigned -= {(p.topic, p.partition) for p in partitions}
 
     # -------------------------------------------------------------- steps
-    def _collect(self, deadline_s: float) -> None:
-        from confluent_kafka import KafkaError
-
-        first = None
-        want = self.batch_size
+    def _fill(self, deadline_s: float):
+        """Fills one batch from the stream: until it is full, `max_wait_s`
+        has passed since its first example, or `deadline_s`. Returns
+        (builder, messages taken) or None."""
+        limit = None
         if self._max_examples is not None:  # take no more than run() was asked for
-            want = max(min(want, self._max_examples - self.examples), 1)
-        while len(self._held) < want:
+            limit = self._max_examples - self.examples
+        builder = self.decoder.batch(self.batch_size, messages=True, limit=limit)
+        taken: list = []
+        self._building = (builder, taken)
+        first = None
+        while not builder.full:
             now = time.monotonic()
             if first is not None and now - first >= self.max_wait_s:
-                return
-            wait = self.max_wait_s if first is None else self.max_wait_s - (now - first)
-            wait = min(wait, max(deadline_s - now, 0.0))
-            # Short waits: measured, consume() with a long timeout takes ~13 ms
-            # per call even with messages queued; with <= 10 ms it returns at once.
-            msgs = self.consumer.consume(num_messages=want - len(self._held), timeout=min(wait, 0.01))
-            self._held.extend(msgs)  # events (end of partition) are sorted out in _train
-            if self._held and first is None:
-                first = time.monotonic()
-                if self._t_first is None:
-                    self._t_first = first
-            if not msgs and time.monotonic() >= deadline_s:
-                return
+                break
+            if self._carry:
+                msgs, self._carry = self._carry, []
+            else:
+                wait = self.max_wait_s if first is None else self.max_wait_s - (now - first)
+                wait = min(wait, max(deadline_s - now, 0.0))
+                # Short waits: measured, consume() with a long timeout takes
+                # ~13 ms per call even with messages queued; <= 10 ms returns at once.
+                msgs = self.consumer.consume(num_messages=self.batch_size, timeout=min(wait, 0.01))
+                if self._building is None:  # a rebalance trained and dropped it
+                    return None
+            if msgs:
+                k = builder.add(msgs)
+                taken.extend(msgs[:k])
+                self._carry = msgs[k:]
+                if first is None and builder.taken:
+                    first = time.monotonic()
+                    if self._t_first is None:
+                        self._t_first = first
+                if self._carry:
+                    break  # the next value does not fit: this batch is as full as it gets
+            elif time.monotonic() >= deadline_s:
+                break
+        self._building = None
+        return (builder, taken) if taken else None
 
-    def _train(self, msgs: list) -> int:
+    def _train(self, builder, msgs: list) -> int:
         from confluent_kafka import KafkaError, TopicPartition
 
-        batch, info, bad = self.decoder.decode(msgs, self.batch_size, messages=True)
+        batch, info, bad = builder.finish()
         status = info["status"]
-        events = np.flatnonzero(status == -3)
-        for i in events:
+        for i in np.flatnonzero(status == -3):
             err = msgs[i].error()
             if err is not None and err.code() != KafkaError._PARTITION_EOF:
                 log.warning("consumer error: %s", err)
@@ -198,10 +218,9 @@ class OnlineTrainer:
                     if upstream_done is None or upstream_done():
                         break
                     last_data = now
-                self._collect(now + 1.0)
-                if self._held:
-                    msgs, self._held = self._held, []
-                    self._train(msgs)
+                filled = self._fill(now + 1.0)
+                if filled is not None:
+                    self._train(*filled)
                     last_data = self._t_last = time.monotonic()
                 self.producer.poll(0)
                 now = time.monotonic()
@@ -210,10 +229,7 @@ class OnlineTrainer:
                     self._report(rate)
                     last_report, seen_at_report = now, self.examples
         finally:
-            if self._held:
-                self._train(self._held)
-                self._held = []
-                self._t_last = time.monotonic()
+            self._carry = []  # fetched, not taken: the next run re-reads them
             if self._t_first is not None:
                 import jax
 
