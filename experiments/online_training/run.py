@@ -11,7 +11,8 @@ the same step), in alternating rounds, each on a fresh, compiled trainer.
 Stream: the whole loop (replayer -> joiner process -> online trainer)
 through the embedded Kafka cluster. Each batch is scored before training on
 it; once the stream passes 20% of its time span, a copy of the model (table
-dump + dense params) is frozen and scores every later batch too.
+dump + dense params) is frozen and scores every later batch too: once the stream
+has passed the time of its first 20% of ratings.
 """
 
 from __future__ import annotations
@@ -156,7 +157,7 @@ class Frozen:
                 return
             self.copy = movielens_trainer(self.seed, **QUIET)
             for name, t in online.trainer.tables.items():
-                self.copy.tables[name].load(**t.dump())
+                self.copy.tables[name].load(t.dump())
             self.copy.params = jax.tree.map(lambda x: x.copy(), online.trainer.params)
             self.at_example = online.examples
             return
@@ -167,8 +168,7 @@ class Frozen:
 
 def stream(ratings, limit: int | None = None, seed: int = 0, out=print, bootstrap: str | None = None) -> dict:
     n = len(ratings) if limit is None else min(limit, len(ratings))
-    t = np.sort(ratings.timestamp[:n])
-    freeze_ms = int(t[0] + 0.2 * (t[-1] - t[0])) * 1000
+    freeze_ms = int(np.sort(ratings.timestamp[:n])[int(0.2 * n)]) * 1000  # after 20% of the requests
     frozen = Frozen(freeze_ms, seed)
     t0 = time.perf_counter()
     s = run_loop(limit=limit, bootstrap=bootstrap, seed=seed, ratings=ratings, on_batch=frozen, out=out,

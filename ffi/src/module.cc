@@ -139,6 +139,9 @@ using namespace monolith;
 
 NB_MODULE(_engine, m) {
   m.doc() = "monolith_jax's C++ table engine (loaded on first use of a table).";
+  // Tables reached from compiled programs (by registry id) or from daemon
+  // threads may outlive the interpreter's teardown; that is not a leak.
+  nb::set_leak_warnings(false);
 
   m.def("registrations", [] {
     nb::dict d;

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
+import time
 import zlib
 from typing import Callable
 
@@ -55,6 +56,7 @@ class JoinConfig:
     max_in_memory: int = 1_000_000
     seed: int = 0
     emit_positives: str = "on_action"
+    idle_partition_s: float = 2.0
 
     def __post_init__(self):
         if self.emit_positives not in ("on_action", "at_window_end"):
@@ -81,7 +83,7 @@ class JoinState:
         self.counts = dict.fromkeys(COUNTERS, 0)
         self._part_max: dict = {}     # (topic, partition) or None -> latest event time
         self._inputs: set = set()     # assigned input partitions
-        self._idle: set = set()       # of those, read to their end
+        self._idle: dict = {}         # of those, read to their end: since when
         self.watermark = -(2**62)
         self._pending: dict = {}      # rid -> (event_ms, payload, origin)
         self._pending_heap: list = []  # (deadline, rid)
@@ -226,7 +228,8 @@ class JoinState:
         rebalance moved them away: their new owner re-reads them)."""
         tps = set(tps)
         self._inputs -= tps
-        self._idle -= tps
+        for tp in tps:
+            self._idle.pop(tp, None)
         for tp in tps:
             self._part_max.pop(tp, None)
         gone = [rid for rid, (_, _, o) in self._pending.items() if o is not None and (o[0], o[1]) in tps]
@@ -255,15 +258,18 @@ class JoinState:
         """The input partitions: until each has been read (or reported
         caught up), the watermark waits for it."""
         self._inputs = set(tps)
-        self._idle &= self._inputs
+        self._idle = {tp: t for tp, t in self._idle.items() if tp in self._inputs}
 
-    def partition_idle(self, tp, idle: bool = True) -> None:
-        """A partition read to its end does not hold the watermark back
-        until it has new messages."""
-        (self._idle.add if idle else self._idle.discard)(tp)
+    def partition_idle(self, tp) -> None:
+        """A partition read to its end, and silent for `idle_partition_s`
+        since (wall clock: a producer may still hold its next messages),
+        does not hold the watermark back until it has new messages."""
+        self._idle.setdefault(tp, time.monotonic())
 
     def _low_time(self) -> int:
-        active = self._inputs - self._idle
+        now = time.monotonic()
+        idle = {tp for tp, t in self._idle.items() if now - t >= self.cfg.idle_partition_s}
+        active = self._inputs - idle
         if not active:
             return min(self._part_max.values())
         return min(self._part_max.get(tp, -(2**62)) for tp in active)
@@ -272,8 +278,8 @@ class JoinState:
         part = None if origin is None else (origin[0], origin[1])
         if event_ms > self._part_max.get(part, -(2**62)):
             self._part_max[part] = event_ms
-        if self._idle and part in self._idle:
-            self._idle.discard(part)
+        if self._idle:
+            self._idle.pop(part, None)
 
     def _positive(self, kind: str, value: float) -> bool:
         return kind in self.cfg.positive_types and value >= self.cfg.min_value

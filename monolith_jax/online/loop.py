@@ -21,7 +21,6 @@ import sys
 import threading
 import time
 
-import numpy as np
 
 from monolith_jax.online import kafka as K
 from monolith_jax.online import replay as R

@@ -9,11 +9,14 @@ With `prequential=True` every batch is first scored by the current model
 (read-only table lookups, no rows created), then trained on: the running
 AUC is the AUC of predictions made before the model saw those examples.
 
-Offsets: a message's offset is stored once its batch is trained (or it is
-dead-lettered), and committed from there, so a restart resumes after the
+Offsets: after each batch is trained, its messages' offsets (dead letters
+included) are committed asynchronously, so a restart resumes after the
 last trained batch. When a rebalance takes partitions away, the batch
-being collected is trained first and the offsets are committed at once,
-so the new owner neither repeats nor skips those examples.
+being filled is dropped untrained (its messages are re-read by whoever
+owns them next), so nothing is lost; an example is trained twice only if
+the commit of the batch just trained had not reached the broker when the
+rebalance began (at most one batch; exactly-once needs the snapshots that
+hold offsets with the model).
 
 Malformed examples go to the dead-letter topic with the reason, are
 counted, and never stop training.
@@ -89,7 +92,8 @@ class OnlineTrainer:
         self.max_wait_s = max_wait_s
         self.prequential = prequential
         self.decoder = ExampleDecoder(trainer.features, trainer.dense_features)
-        self.consumer = Consumer(K.consumer_config(bootstrap, group, **(consumer_extra or {})))
+        self.consumer = Consumer(K.consumer_config(bootstrap, group, **{"enable.auto.commit": False,
+                                                                         **(consumer_extra or {})}))
         self.producer = Producer(K.producer_config(bootstrap))
         self.dead = K.DeadLetters(self.producer, self.topics["dead_letters"])
         self.log = PrequentialLog(auc_window)
@@ -103,6 +107,8 @@ class OnlineTrainer:
         self._t_first = None   # when the first example arrived
         self._t_last = 0.0     # when the last batch was trained
         self._max_examples = None
+        self._revoked = False
+        self._committed: dict = {}  # partition -> TopicPartition(next offset) of trained messages
         self._assigned: set = set()
 
     # ---------------------------------------------------------- rebalance
@@ -111,17 +117,12 @@ class OnlineTrainer:
         log.info("trainer assigned %s", sorted(self._assigned))
 
     def _on_revoke(self, consumer, partitions) -> None:
-        # Inside consume(): train what the batch being filled holds, commit,
-        # and drop what was fetched but not taken (with the eager protocol
-        # every member resumes from the committed offsets, so it is re-read).
-        if self._building is not None and self._building[0].rows:
-            self._train(*self._building)
+        # Inside consume(): drop the batch being filled and what was fetched
+        # but not taken; the next owner of those partitions reads them from
+        # the committed offsets.
         self._building = None
         self._carry = []
-        try:
-            consumer.commit(asynchronous=False)
-        except Exception as err:  # nothing stored yet is not an error worth more
-            log.debug("commit on revoke: %s", err)
+        self._revoked = True
         self._assigned -= {(p.topic, p.partition) for p in partitions}
 
     # -------------------------------------------------------------- steps
@@ -148,8 +149,12 @@ class OnlineTrainer:
                 # Short waits: measured, consume() with a long timeout takes
                 # ~13 ms per call even with messages queued; <= 10 ms returns at once.
                 msgs = self.consumer.consume(num_messages=self.batch_size, timeout=min(wait, 0.01))
-                if self._building is None:  # a rebalance trained and dropped it
-                    return None
+                if self._revoked:  # a rebalance dropped the batch: start again with what came after it
+                    self._revoked = False
+                    builder = self.decoder.batch(self.batch_size, messages=True, limit=limit)
+                    taken = []
+                    self._building = (builder, taken)
+                    first = None
             if msgs:
                 k = builder.add(msgs)
                 taken.extend(msgs[:k])
@@ -192,8 +197,13 @@ class OnlineTrainer:
         if real.any():
             parts, offs = info["partition"][real], info["offset"][real]
             topic = self.topics["examples"]
-            self.consumer.store_offsets(offsets=[TopicPartition(topic, int(p), int(offs[parts == p].max()) + 1)
-                                                 for p in np.unique(parts)])
+            done = [TopicPartition(topic, int(p), int(offs[parts == p].max()) + 1) for p in np.unique(parts)]
+            for tp in done:
+                self._committed[tp.partition] = tp
+            try:
+                self.consumer.commit(offsets=done, asynchronous=True)
+            except Exception as err:
+                log.warning("commit failed: %s", err)
         return rows
 
     # ---------------------------------------------------------------- run
@@ -201,8 +211,9 @@ class OnlineTrainer:
             max_seconds: float | None = None, stop: threading.Event | None = None,
             report_every_s: float = 5.0, upstream_done=None) -> dict:
         """Trains until `stop` is set, `max_examples` are trained, nothing
-        has arrived for `idle_timeout_s` (counted only once
-        `upstream_done()`, if given, is true), or `max_seconds` pass."""
+        has arrived for `idle_timeout_s` since the last example (counted
+        once one has come, and once `upstream_done()`, if given, is true),
+        or `max_seconds` pass."""
         self.consumer.subscribe([self.topics["examples"]], on_assign=self._on_assign, on_revoke=self._on_revoke)
         self._max_examples = max_examples
         t0 = last_data = last_report = time.monotonic()
@@ -214,7 +225,7 @@ class OnlineTrainer:
                     break
                 if max_examples is not None and self.examples >= max_examples:
                     break
-                if idle_timeout_s is not None and now - last_data > idle_timeout_s:
+                if idle_timeout_s is not None and self._t_first is not None and now - last_data > idle_timeout_s:
                     if upstream_done is None or upstream_done():
                         break
                     last_data = now
@@ -235,10 +246,11 @@ class OnlineTrainer:
 
                 jax.block_until_ready(self.trainer.params)  # the rate counts finished steps only
                 self._t_last = time.monotonic()
-            try:
-                self.consumer.commit(asynchronous=False)
-            except Exception as err:
-                log.debug("final commit: %s", err)
+            if self._committed:
+                try:
+                    self.consumer.commit(offsets=list(self._committed.values()), asynchronous=False)
+                except Exception as err:
+                    log.warning("final commit: %s", err)
             self.consumer.close()
             self.producer.flush(10)
         seconds = time.monotonic() - t0

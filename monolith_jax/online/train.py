@@ -1,0 +1,60 @@
+"""An online trainer process: the examples topic -> the MovieLens DeepFM.
+
+    python -m monolith_jax.online.train --bootstrap HOST:PORT [--group G] [--idle-timeout S]
+
+Several such processes with one `--group` share the topic's partitions.
+On exit (idle timeout, `--max-examples`, SIGTERM) it prints a JSON summary
+line `trainer done {...}` and, with `--summary`, writes it to a file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+
+from monolith_jax.online import kafka as K
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--bootstrap", required=True)
+    p.add_argument("--group", default="monolith-trainer")
+    p.add_argument("--topic-examples", default=K.TOPICS["examples"])
+    p.add_argument("--topic-dead-letters", default=K.TOPICS["dead_letters"])
+    p.add_argument("--batch", type=int, default=1024)
+    p.add_argument("--max-wait", type=float, default=0.5, help="seconds a partial batch waits for more")
+    p.add_argument("--idle-timeout", type=float, default=None, help="stop after this long with no examples")
+    p.add_argument("--max-examples", type=int, default=None)
+    p.add_argument("--max-seconds", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--metrics", default=None, help="append metrics as JSON lines to this file")
+    p.add_argument("--summary", default=None, help="write the final summary as JSON to this file")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+    from monolith_jax.online.loop import movielens_trainer
+    from monolith_jax.online.trainer import OnlineTrainer
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    trainer = movielens_trainer(args.seed, metrics_path=args.metrics)
+    online = OnlineTrainer(trainer, args.bootstrap, {"examples": args.topic_examples,
+                                                    "dead_letters": args.topic_dead_letters},
+                           args.group, batch_size=args.batch, max_wait_s=args.max_wait)
+    summary = online.run(args.max_examples, args.idle_timeout, args.max_seconds, stop)
+    summary["segment_aucs"] = online.log.segment_aucs(10)
+    line = json.dumps(summary, default=float)
+    if args.summary:
+        with open(args.summary, "w", encoding="utf-8") as f:
+            f.write(line)
+    print("trainer done " + line, flush=True)
+    trainer.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
