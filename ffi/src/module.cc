@@ -212,6 +212,14 @@ NB_MODULE(_engine, m) {
              nb::gil_scoped_release release;
              return t.Erase(keys.data(), keys.shape(0));
            })
+      .def("assign",
+           [](PyTable& s, Keys keys, Floats2D values, uint32_t now) {
+             EmbeddingTable& t = s.t();
+             if (values.shape(0) != keys.shape(0) || values.shape(1) != size_t(t.dim()))
+               throw std::invalid_argument("assign: values must be (len(keys), dim) float32");
+             nb::gil_scoped_release release;
+             return t.Assign(keys.data(), values.data(), keys.shape(0), now);
+           })
       .def("size", [](PyTable& s) { return s.t().Size(); })
       .def("clear", [](PyTable& s) { s.t().Clear(); })
       .def("stats",

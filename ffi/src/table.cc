@@ -391,6 +391,37 @@ int64_t EmbeddingTable::Erase(const uint64_t* keys, int64_t n) {
   return erased;
 }
 
+int64_t EmbeddingTable::Assign(const uint64_t* keys, const float* values, int64_t n, uint32_t now) {
+  const int dim = layout_.dim, width = layout_.slot_width;
+  std::array<std::vector<int64_t>, kShards> by_shard;
+  std::vector<uint64_t> hashes(n);
+  for (int64_t i = 0; i < n; ++i) {
+    hashes[i] = Hash(keys[i]);
+    by_shard[ShardOf(hashes[i])].push_back(i);
+  }
+  int64_t created = 0;
+  for (int s = 0; s < kShards; ++s) {
+    if (by_shard[s].empty()) continue;
+    Shard& sh = *shards_[s];
+    std::unique_lock<std::shared_mutex> lock(sh.mu);
+    for (int64_t i : by_shard[s]) {
+      bool inserted;
+      const uint32_t r = sh.FindOrInsert(keys[i], hashes[i], now, &inserted);
+      float* row = sh.Row(r);
+      std::memcpy(row + 4, values + i * dim, dim * sizeof(float));
+      if (inserted) {
+        ++created;
+        for (int k = 4 + dim; k < layout_.stride; ++k) row[k] = 0.0f;
+        (void)width;
+      }
+      Shard::Meta(row)[0] = now;
+    }
+  }
+  rows_.fetch_add(created, std::memory_order_relaxed);
+  EnforceCapacity();
+  return created;
+}
+
 int64_t EmbeddingTable::Expire(uint32_t now) {
   if (options_.expire_after == 0) return 0;
   if (now == 0) now = clock_.load();

@@ -134,6 +134,12 @@ class EmbeddingTable {
 
   // Removes keys; returns how many were present.
   int64_t Erase(const uint64_t* keys, int64_t n);
+  // Sets the values of rows, creating missing ones (no admission filter,
+  // optimizer slots zeroed, last_update = now): the serving side's write.
+  // Each shard is written under its own exclusive lock, so a concurrent
+  // reader sees a row either before or after, never torn. Duplicate keys:
+  // the last wins. Returns the number of rows created.
+  int64_t Assign(const uint64_t* keys, const float* values, int64_t n, uint32_t now);
 
   // Removes rows whose last update is more than expire_after before `now`
   // (0: the latest apply time seen), one shard at a time so lookups go on in

@@ -164,6 +164,24 @@ class EmbeddingTable:
         keys = np.ascontiguousarray(as_key_array(ids)).reshape(-1)
         return self._native.erase(keys)
 
+    def assign(self, ids, values, now: int = 0) -> int:
+        """Sets the values of the rows of `ids`, creating missing rows (no
+        admission, optimizer slots zeroed, last_update = now): how a serving
+        table takes pushed rows. A concurrent lookup sees each row before or
+        after, never torn. values: (len(ids), dim), float32, float16 or
+        bfloat16. Returns the number of rows created."""
+        keys = np.ascontiguousarray(as_key_array(ids)).reshape(-1)
+        values = np.asarray(values)
+        if values.dtype.name not in ("float32", "float16", "bfloat16"):
+            raise TypeError(f"table {self.name!r}: assign values must be float32, float16 or bfloat16, "
+                            f"got {values.dtype}")
+        if values.shape != (keys.size, self.config.dim):
+            raise ValueError(f"table {self.name!r}: assign values must have shape ({keys.size}, "
+                             f"{self.config.dim}), got {values.shape}")
+        if not np.all(np.isfinite(values.astype(np.float32))):
+            raise ValueError(f"table {self.name!r}: assign values must be finite")
+        return self._native.assign(keys, np.ascontiguousarray(values, np.float32), self._check_step(now))
+
     def clear(self) -> None:
         self._native.clear()
 

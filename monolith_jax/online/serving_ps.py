@@ -1,0 +1,210 @@
+"""The serving parameter server: serving tables behind gRPC.
+
+    python -m monolith_jax.online.serving_ps --port 50051 --table ids:9 [--host 127.0.0.1]
+
+It holds one table per name (values only: the trainer's optimizer state
+stays with the trainer), answers batched lookups, and applies pushes from
+trainers (`sync.SyncPusher`) while lookups go on: rows are written under
+the engine's per-shard locks, so a reader sees each row before or after an
+update, never torn. A push may span several messages and is applied when
+its last one arrives; a full push (a late or restarted server's first)
+is staged in fresh tables and swapped in whole. `Version` reports the last
+push applied per trainer and the rows per table.
+
+Values travel as float32, float16 or bfloat16 bytes and are kept as
+float32. Bad requests (unknown table, wrong dim or dtype, byte lengths that
+do not match, pushes out of order) get INVALID_ARGUMENT naming the problem.
+Binds 127.0.0.1 unless told otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from concurrent import futures
+
+import ml_dtypes
+import numpy as np
+
+from monolith_jax.sparse import SGD, TableConfig, Zeros
+from monolith_jax.sparse.table import EmbeddingTable
+
+log = logging.getLogger("monolith_jax.online.serving_ps")
+
+DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16),
+          "bfloat16": np.dtype(ml_dtypes.bfloat16)}
+MAX_MESSAGE_BYTES = 64 << 20
+
+
+class RequestError(ValueError):
+    """A bad request; becomes INVALID_ARGUMENT."""
+
+
+def rows_from_proto(rows, dims: dict) -> tuple[str, np.ndarray, np.ndarray]:
+    """(table, keys uint64 (n,), values float32 (n, dim)) from TableRows, checked."""
+    if rows.table not in dims:
+        raise RequestError(f"unknown table {rows.table!r}; this server holds {sorted(dims)}")
+    dim = dims[rows.table]
+    if rows.dim != dim:
+        raise RequestError(f"table {rows.table!r} has dim {dim}, the request says {rows.dim}")
+    dtype = DTYPES.get(rows.dtype or "float32")
+    if dtype is None:
+        raise RequestError(f"dtype must be one of {sorted(DTYPES)}, got {rows.dtype!r}")
+    if len(rows.keys) % 8:
+        raise RequestError(f"keys of table {rows.table!r}: {len(rows.keys)} bytes is not a whole number of uint64")
+    keys = np.frombuffer(rows.keys, np.uint64)
+    if len(rows.values) != keys.size * dim * dtype.itemsize:
+        raise RequestError(f"values of table {rows.table!r}: {len(rows.values)} bytes for {keys.size} keys x "
+                           f"{dim} {dtype.name} (expected {keys.size * dim * dtype.itemsize})")
+    values = np.frombuffer(rows.values, dtype).reshape(keys.size, dim).astype(np.float32)
+    if not np.all(np.isfinite(values)):
+        raise RequestError(f"values of table {rows.table!r} are not all finite")
+    return rows.table, keys, values
+
+
+class ServingTables:
+    """The state behind the service, usable in-process too."""
+
+    def __init__(self, dims: dict):
+        self.dims = dict(dims)
+        self.tables = {name: self._new(name) for name in self.dims}
+        self.applied: dict = {}    # trainer -> last sequence applied
+        self._pending: dict = {}   # (trainer, sequence) -> {"full": bool, "parts": [(table, keys, values)]}
+        self._lock = threading.Lock()
+
+    def _new(self, name: str) -> EmbeddingTable:
+        # Values only: SGD keeps no optimizer slots, and a serving table is never applied to.
+        return EmbeddingTable(TableConfig(name, self.dims[name], Zeros(), SGD()))
+
+    def push(self, req) -> tuple[int, int]:
+        parts = [rows_from_proto(r, self.dims) for r in req.tables]
+        if not req.trainer:
+            raise RequestError("push without a trainer name")
+        with self._lock:
+            last = self.applied.get(req.trainer, 0)
+            if req.sequence <= last and not req.full:
+                raise RequestError(f"push {req.sequence} from {req.trainer!r} is not newer than {last}")
+            key = (req.trainer, req.sequence)
+            entry = self._pending.setdefault(key, {"full": req.full, "parts": []})
+            entry["parts"].extend(parts)
+            if not req.last:
+                return last, sum(k.size for _, k, _ in parts)
+            del self._pending[key]
+            for stale in [k for k in self._pending if k[0] == req.trainer and k[1] < req.sequence]:
+                del self._pending[stale]   # abandoned partial pushes
+        n = self._apply(entry)
+        with self._lock:
+            self.applied[req.trainer] = max(self.applied.get(req.trainer, 0), req.sequence)
+            return self.applied[req.trainer], n
+
+    def _apply(self, entry) -> int:
+        n = 0
+        if entry["full"]:
+            names = {t for t, _, _ in entry["parts"]}
+            fresh = {name: self._new(name) for name in names}
+            for table, keys, values in entry["parts"]:
+                n += keys.size
+                fresh[table].assign(keys, values)
+            with self._lock:  # lookups in flight keep their reference to the old table
+                self.tables.update(fresh)
+            return n
+        for table, keys, values in entry["parts"]:
+            self.tables[table].assign(keys, values)
+            n += keys.size
+        return n
+
+    def lookup(self, table: str, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        t = self.tables.get(table)
+        if t is None:
+            raise RequestError(f"unknown table {table!r}; this server holds {sorted(self.dims)}")
+        return t.find(keys)
+
+    def version(self) -> tuple[dict, dict]:
+        with self._lock:
+            return dict(self.applied), {name: len(t) for name, t in self.tables.items()}
+
+
+def make_servicer(state: ServingTables):
+    import grpc
+
+    from monolith_jax.online import serving_pb2 as pb
+    from monolith_jax.online import serving_pb2_grpc as pbg
+
+    class Servicer(pbg.ServingPSServicer):
+        def Push(self, request, context):
+            try:
+                applied, rows = state.push(request)
+            except RequestError as err:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+            return pb.PushReply(applied_sequence=applied, rows=rows)
+
+        def Lookup(self, request, context):
+            try:
+                if len(request.keys) % 8:
+                    raise RequestError(f"keys: {len(request.keys)} bytes is not a whole number of uint64")
+                dtype = DTYPES.get(request.dtype or "float32")
+                if dtype is None:
+                    raise RequestError(f"dtype must be one of {sorted(DTYPES)}, got {request.dtype!r}")
+                values, found = state.lookup(request.table, np.frombuffer(request.keys, np.uint64))
+            except RequestError as err:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+            return pb.LookupReply(values=values.astype(dtype).tobytes(), found=found.astype(np.uint8).tobytes(),
+                                  dim=state.dims[request.table], dtype=dtype.name)
+
+        def Version(self, request, context):
+            applied, rows = state.version()
+            return pb.VersionReply(applied=applied, rows=rows)
+
+    return Servicer()
+
+
+def serve(dims: dict, port: int = 0, host: str = "127.0.0.1", workers: int = 8):
+    """Starts the service; returns (grpc server, bound port, state)."""
+    import grpc
+
+    from monolith_jax.online import serving_pb2_grpc as pbg
+
+    state = ServingTables(dims)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers),
+                         options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                                  ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
+    pbg.add_ServingPSServicer_to_server(make_servicer(state), server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if not bound:
+        raise OSError(f"cannot bind {host}:{port}")
+    server.start()
+    return server, bound, state
+
+
+def parse_tables(specs) -> dict:
+    dims = {}
+    for spec in specs:
+        name, _, dim = spec.partition(":")
+        if not name or not dim.isdigit() or int(dim) < 1:
+            raise SystemExit(f"--table takes NAME:DIM, got {spec!r}")
+        dims[name] = int(dim)
+    return dims
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0, help="0: any free port (printed)")
+    p.add_argument("--table", action="append", required=True, help="NAME:DIM, once per table")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    server, port, _ = serve(parse_tables(args.table), args.port, args.host)
+    print(f"serving PS listening on {args.host}:{port}", flush=True)
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    signal.signal(signal.SIGINT, lambda *_: done.set())
+    done.wait()
+    server.stop(2).wait()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

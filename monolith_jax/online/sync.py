@@ -1,0 +1,157 @@
+"""Sparse parameter sync: the trainer's touched rows -> serving PS, every few seconds.
+
+    pusher = SyncPusher(trainer.tables, "127.0.0.1:50051", trainer_id="t0", interval_s=1.0)
+    pusher.start()          # a background thread; training goes on
+    ...
+    pusher.stop()           # one last push, then the thread ends
+
+Every `interval_s` the pusher drains each table's touched rows (the
+engine's touched marks: rows created or updated since the last drain) and
+sends them in messages of at most `max_rows_per_message` rows, as
+`dtype` (float32, float16 or bfloat16). A push that fails keeps its rows:
+they are merged with the next drain (newer values win) and sent again, so
+no update is lost. Before each push the pusher asks the server's version:
+a server that has not applied this trainer's last push (it started late or
+restarted) first gets a full copy of every table, then deltas again.
+
+Pushes run on their own thread; the training thread only shares the
+tables' locks with it for the length of a drain or an export.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import ml_dtypes
+import numpy as np
+
+log = logging.getLogger("monolith_jax.online.sync")
+
+_NP = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
+
+
+class SyncPusher:
+    def __init__(self, tables: dict, address: str, trainer_id: str = "trainer-0", interval_s: float = 2.0,
+                 dtype: str = "float32", max_rows_per_message: int = 65_536, timeout_s: float = 10.0):
+        import grpc
+
+        from monolith_jax.online import serving_pb2_grpc as pbg
+
+        if dtype not in _NP:
+            raise ValueError(f"dtype must be one of {sorted(_NP)}, got {dtype!r}")
+        self.tables = dict(tables)
+        self.trainer_id = trainer_id
+        self.interval_s = interval_s
+        self.dtype = dtype
+        self.max_rows = max(int(max_rows_per_message), 1)
+        self.timeout_s = timeout_s
+        self._channel = grpc.insecure_channel(address, options=[("grpc.max_send_message_length", 64 << 20),
+                                                                ("grpc.max_receive_message_length", 64 << 20)])
+        self._stub = pbg.ServingPSStub(self._channel)
+        self._pending: dict = {name: {} for name in self.tables}  # name -> {key: row}, unsent rows
+        self.sequence = 0          # last push this trainer made
+        self.acknowledged = 0      # last push the server applied
+        self.stats = {"pushes": 0, "full_copies": 0, "failures": 0, "rows": 0, "bytes": 0, "messages": 0}
+        self.last_push_s = None    # monotonic time of the last applied push
+        self._stop = threading.Event()
+        self._thread = None
+
+    # ------------------------------------------------------------ driving
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="monolith-sync", daemon=True)
+        self._thread.start()
+
+    def stop(self, final_push: bool = True) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(self.timeout_s * 3)
+        if final_push:
+            self.push_once()
+        self._channel.close()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.push_once()
+
+    # -------------------------------------------------------------- push
+    def push_once(self) -> bool:
+        """Drains the touched rows and pushes them (a full copy first when
+        the server lacks this trainer's last push). True if applied."""
+        import grpc
+
+        from monolith_jax.online import serving_pb2 as pb
+
+        try:
+            # wait_for_ready: a server that just came back is reached as soon as it listens
+            version = self._stub.Version(pb.VersionRequest(), timeout=self.timeout_s, wait_for_ready=True)
+            server_has = version.applied.get(self.trainer_id, 0)
+        except grpc.RpcError as err:
+            self._fail(f"version: {err.code().name}")
+            return False
+        full = server_has < self.acknowledged or self.acknowledged == 0
+        if full:
+            # Drain first, then export: the copy holds every update up to the
+            # export, and updates after it are marked touched for the next push.
+            for name, t in self.tables.items():
+                t.drain_touched(self.dtype)
+                self._pending[name] = {}
+            parts = {name: t.export(self.dtype) for name, t in self.tables.items()}
+        else:
+            parts = {}
+            for name, t in self.tables.items():
+                keys, values = t.drain_touched(self.dtype)
+                parts[name] = self._merge(name, keys, values)
+        seq = self.sequence + 1
+        try:
+            n_bytes, n_msgs, rows = self._send(seq, full, parts)
+        except grpc.RpcError as err:
+            if not full:  # keep the rows for the next try
+                for name, (keys, values) in parts.items():
+                    self._pending[name] = dict(zip(keys.tolist(), values))
+            self._fail(f"push {seq}: {err.code().name} {err.details()}")
+            return False
+        self.sequence = self.acknowledged = seq
+        for name in self.tables:
+            self._pending[name] = {}
+        self.stats["pushes"] += 1
+        self.stats["full_copies"] += int(full)
+        self.stats["rows"] += rows
+        self.stats["bytes"] += n_bytes
+        self.stats["messages"] += n_msgs
+        self.last_push_s = time.monotonic()
+        return True
+
+    def _merge(self, name: str, keys: np.ndarray, values: np.ndarray):
+        pending = self._pending[name]
+        if not pending:
+            return keys, values
+        pending.update(zip(keys.tolist(), values))  # newer values win
+        k = np.fromiter(pending.keys(), np.uint64, len(pending))
+        v = np.stack(list(pending.values())) if pending else values[:0]
+        return k, v
+
+    def _send(self, seq: int, full: bool, parts: dict) -> tuple[int, int, int]:
+        from monolith_jax.online import serving_pb2 as pb
+
+        chunks = []
+        for name, (keys, values) in parts.items():
+            dim = self.tables[name].config.dim
+            for s in range(0, max(keys.size, 1), self.max_rows):
+                k, v = keys[s:s + self.max_rows], values[s:s + self.max_rows]
+                chunks.append(pb.TableRows(table=name, dim=dim, dtype=self.dtype,
+                                           keys=np.ascontiguousarray(k, np.uint64).tobytes(),
+                                           values=np.ascontiguousarray(v, _NP[self.dtype]).tobytes()))
+        n_bytes = 0
+        for i, chunk in enumerate(chunks):
+            req = pb.PushRequest(trainer=self.trainer_id, sequence=seq, full=full, last=i == len(chunks) - 1,
+                                 tables=[chunk])
+            n_bytes += req.ByteSize()
+            reply = self._stub.Push(req, timeout=self.timeout_s, wait_for_ready=True)
+        del reply
+        return n_bytes, len(chunks), sum(k.size for k, _ in parts.values())
+
+    def _fail(self, why: str) -> None:
+        self.stats["failures"] += 1
+        log.warning("sync to serving PS failed (%s); the rows are kept and sent with the next push", why)
