@@ -31,6 +31,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-examples", type=int, default=None)
     p.add_argument("--max-seconds", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--serving-ps", default=None, help="HOST:PORT of a serving PS to push touched rows to")
+    p.add_argument("--sync-interval", type=float, default=2.0, help="seconds between sparse syncs")
     p.add_argument("--metrics", default=None, help="append metrics as JSON lines to this file")
     p.add_argument("--summary", default=None, help="write the final summary as JSON to this file")
     args = p.parse_args(argv)
@@ -44,7 +46,8 @@ def main(argv=None) -> int:
     trainer = movielens_trainer(args.seed, metrics_path=args.metrics)
     online = OnlineTrainer(trainer, args.bootstrap, {"examples": args.topic_examples,
                                                     "dead_letters": args.topic_dead_letters},
-                           args.group, batch_size=args.batch, max_wait_s=args.max_wait)
+                           args.group, batch_size=args.batch, max_wait_s=args.max_wait,
+                           serving_ps=args.serving_ps, sparse_sync_interval_s=args.sync_interval)
     summary = online.run(args.max_examples, args.idle_timeout, args.max_seconds, stop)
     summary["segment_aucs"] = online.log.segment_aucs(10)
     line = json.dumps(summary, default=float)

@@ -83,7 +83,9 @@ class PrequentialLog:
 class OnlineTrainer:
     def __init__(self, trainer, bootstrap: str, topics: dict | None = None, group: str = "monolith-trainer",
                  batch_size: int = 1024, max_wait_s: float = 0.5, prequential: bool = True,
-                 auc_window: int = 50_000, consumer_extra: dict | None = None, out=print):
+                 auc_window: int = 50_000, consumer_extra: dict | None = None, out=print,
+                 serving_ps: str | None = None, sparse_sync_interval_s: float = 2.0, sync_dtype: str = "float32",
+                 trainer_id: str | None = None):
         from confluent_kafka import Consumer, Producer
 
         self.trainer = trainer
@@ -102,6 +104,13 @@ class OnlineTrainer:
         self.batches = 0
         self.max_event_ms = 0
         self.on_batch = None  # optional callback(online_trainer, batch, info) after each trained batch
+        # Touched rows go to the serving PS every sparse_sync_interval_s, off this thread.
+        self.pusher = None
+        if serving_ps:
+            from monolith_jax.online.sync import SyncPusher
+
+            self.pusher = SyncPusher(trainer.tables, serving_ps, trainer_id or f"{group}-{id(self):x}",
+                                     sparse_sync_interval_s, sync_dtype)
         self._carry: list = []  # messages fetched but not yet taken into a batch
         self._building = None   # (BatchBuilder, messages taken) while a batch fills
         self._t_first = None   # when the first example arrived
@@ -216,6 +225,8 @@ class OnlineTrainer:
         or `max_seconds` pass."""
         self.consumer.subscribe([self.topics["examples"]], on_assign=self._on_assign, on_revoke=self._on_revoke)
         self._max_examples = max_examples
+        if self.pusher is not None:
+            self.pusher.start()
         t0 = last_data = last_report = time.monotonic()
         seen_at_report, start_examples = self.examples, self.examples
         try:
@@ -253,9 +264,13 @@ class OnlineTrainer:
                     log.warning("final commit: %s", err)
             self.consumer.close()
             self.producer.flush(10)
+            if self.pusher is not None:
+                self.pusher.stop(final_push=True)
         seconds = time.monotonic() - t0
         active = max(self._t_last - (self._t_first or t0), 1e-9)
-        return {"examples": self.examples, "batches": self.batches, "seconds": seconds,
+        sync = dict(self.pusher.stats) if self.pusher is not None else None
+        return {"examples": self.examples, "batches": self.batches, "seconds": seconds, "sync": sync,
+                "table_rows": {name: len(t) for name, t in self.trainer.tables.items()},
                 "examples_per_s": (self.examples - start_examples) / active,
                 "dead_letters": self.dead.count, "dead_letter_reasons": dict(self.dead.by_reason),
                 "running_auc": self.log.running_auc(), "stream_auc": self._stream_auc()}

@@ -88,8 +88,28 @@ def check_pipeline(bootstrap, ratings, stream, replayed, joined, trained):
 
 
 def test_joiner_and_trainer_processes_over_the_embedded_cluster():
-    with K.EmbeddedKafka() as kafka:
-        check_pipeline(kafka.bootstrap, *run_pipeline(kafka.bootstrap))
+    """... with the trainer pushing its touched rows to a serving PS process."""
+    import grpc
+
+    from monolith_jax.online import serving_pb2 as pb
+    from monolith_jax.online import serving_pb2_grpc as pbg
+    from tests.online.test_serving_ps import start_server
+
+    ps, port = start_server(table="ids:9")
+    try:
+        with K.EmbeddedKafka() as kafka:
+            result = run_pipeline(kafka.bootstrap, trainer_args=("--serving-ps", f"127.0.0.1:{port}",
+                                                                  "--sync-interval", "1"))
+            check_pipeline(kafka.bootstrap, *result)
+        trained = result[-1]
+        version = pbg.ServingPSStub(grpc.insecure_channel(f"127.0.0.1:{port}")).Version(pb.VersionRequest())
+        assert trained["sync"]["full_copies"] == 1 and trained["sync"]["failures"] == 0
+        assert trained["sync"]["pushes"] >= 2
+        assert version.rows["ids"] == trained["table_rows"]["ids"] > 0, "serving holds every trained row"
+        assert list(version.applied.values()) == [trained["sync"]["pushes"]]
+    finally:
+        ps.terminate()
+        ps.wait(10)
 
 
 def test_joiner_and_trainer_processes_over_a_broker_process(tansu_broker):

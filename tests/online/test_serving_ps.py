@@ -18,9 +18,9 @@ from monolith_jax.online.sync import SyncPusher
 DIM = 8
 
 
-def start_server(port=0):
+def start_server(port=0, table=f"ids:{DIM}"):
     proc = subprocess.Popen([sys.executable, "-m", "monolith_jax.online.serving_ps", "--port", str(port),
-                             "--table", f"ids:{DIM}"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                             "--table", table], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                             env={**os.environ, "PYTHONPATH": os.getcwd()})
     line = proc.stdout.readline()
     assert "listening on" in line, line
