@@ -47,8 +47,12 @@ class SyncPusher:
         self.dtype = dtype
         self.max_rows = max(int(max_rows_per_message), 1)
         self.timeout_s = timeout_s
-        self._channel = grpc.insecure_channel(address, options=[("grpc.max_send_message_length", 64 << 20),
-                                                                ("grpc.max_receive_message_length", 64 << 20)])
+        # Reconnect within a second of a server coming back (gRPC's default
+        # backoff grows to two minutes).
+        self._channel = grpc.insecure_channel(address, options=[
+            ("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20),
+            ("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 1000)])
         self._stub = pbg.ServingPSStub(self._channel)
         self._pending: dict = {name: {} for name in self.tables}  # name -> {key: row}, unsent rows
         self.sequence = 0          # last push this trainer made
