@@ -78,12 +78,7 @@ class ExampleGrouper:
 
     def _send(self, partition: int, examples: list) -> None:
         value = examples[0] if len(examples) == 1 and self.group_size == 1 else encode_example_batch(examples)
-        while True:
-            try:
-                self.producer.produce(self.topic, value=value, partition=partition)
-                break
-            except BufferError:
-                self.producer.poll(0.05)
+        K.produce(self.producer, self.topic, value, partition=partition)
         self.sent += 1
 
 

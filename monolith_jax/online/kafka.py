@@ -132,23 +132,18 @@ class DeadLetters:
         headers = [("reason", reason.encode()), ("source.topic", (msg.topic() or "").encode()),
                    ("source.partition", str(msg.partition()).encode()),
                    ("source.offset", str(msg.offset()).encode())]
-        log.warning("dead letter from %s[%s]@%s: %s", msg.topic(), msg.partition(), msg.offset(), reason)
-        self._produce(msg.key(), msg.value(), headers)
-
-    def _produce(self, key, value, headers) -> None:
-        while True:
-            try:
-                self.producer.produce(self.topic, value=value, key=key, headers=headers)
-                return
-            except BufferError:
-                self.producer.poll(0.05)
+        if self.count <= 10 or self.count % 1000 == 0:  # the count says the rest
+            log.warning("dead letter %d from %s[%s]@%s: %s", self.count, msg.topic(), msg.partition(),
+                        msg.offset(), reason)
+        produce(self.producer, self.topic, msg.value(), msg.key(), headers=headers)
 
 
-def produce(producer, topic: str, value: bytes, key: bytes | str | None = None) -> None:
-    """produce(), waiting for room when the local queue is full."""
+def produce(producer, topic: str, value: bytes, key: bytes | str | None = None, **kwargs) -> None:
+    """produce() (kwargs: partition, headers), waiting for room when the
+    local queue is full."""
     while True:
         try:
-            producer.produce(topic, value=value, key=key)
+            producer.produce(topic, value=value, key=key, **kwargs)
             return
         except BufferError:
             producer.poll(0.05)
