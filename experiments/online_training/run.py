@@ -29,7 +29,7 @@ from monolith_jax.online import kafka as K
 from monolith_jax.online import replay as R
 from monolith_jax.online.join_state import JoinConfig, JoinState
 from monolith_jax.online.loop import movielens_trainer, run_loop
-from monolith_jax.online.messages import ExampleDecoder
+from monolith_jax.online.messages import ExampleDecoder, parse_action
 from monolith_jax.online.trainer import OnlineTrainer
 
 QUIET = dict(out=lambda *a, **k: None)
@@ -46,7 +46,6 @@ def joined_examples(ratings, limit: int, negative_rate: float = 0.5, seed: int =
         if kind == "features":
             state.add_features(rid, t, value)
         else:
-            from monolith_jax.online.messages import parse_action
             a = parse_action(value)
             state.add_action(rid, t, a.type, a.value)
         if k % 1000 == 0:

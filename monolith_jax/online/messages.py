@@ -250,7 +250,7 @@ class BatchBuilder:
             if json_at.size:  # a hand-made JSON value: convert it, decode again from it
                 j = int(json_at[0])
                 end = j
-            self._keep(values, start, status[:end], parts, offs, end)
+            self._keep(status[:end], parts, offs, end)
             start += end
             if not json_at.size:
                 break
@@ -260,7 +260,7 @@ class BatchBuilder:
             try:
                 values[start] = _json_examples_to_binary(raw)
             except MessageError as err:
-                self._keep(values, start, np.array([-2], np.int32), np.array([p], np.int32),
+                self._keep(np.array([-2], np.int32), np.array([p], np.int32),
                            np.array([o], np.int64), 1)
                 self.bad.append((self.taken - 1, err.reason))
                 start += 1
@@ -268,11 +268,11 @@ class BatchBuilder:
             status, _ = self._decode(values[start:start + 1])
             if status[0] == -1:
                 break
-            self._keep(values, start, status, np.array([p], np.int32), np.array([o], np.int64), 1)
+            self._keep(status, np.array([p], np.int32), np.array([o], np.int64), 1)
             start += 1
         return self.taken - before
 
-    def _keep(self, values, start, status, parts, offs, n) -> None:
+    def _keep(self, status, parts, offs, n) -> None:
         for i in np.flatnonzero(status[:n] > 0):
             self.bad.append((self.taken + int(i), DECODE_REASONS.get(int(status[i]), f"status {status[i]}")))
         self._status.append(status[:n].copy())

@@ -66,9 +66,8 @@ class MovieLensStream:
         users = np.unique(r.user[:n])
         items_all = np.arange(len(r.item_names))
         genre_lists = [g.split() for g in r.item_genres]
-        genre_keys = {g: k for g, k in zip(sorted({g for gl in genre_lists for g in gl}),
-                                           hash_strings([f"genre:{g}" for g in sorted({g for gl in genre_lists
-                                                                                      for g in gl})]))}
+        genres = sorted({g for gl in genre_lists for g in gl})
+        genre_keys = dict(zip(genres, hash_strings([f"genre:{g}" for g in genres])))
         user_key = hash_strings([f"user:{u}" for u in r.user_names])
         item_key = hash_strings([f"movie:{t}" for t in r.item_names])
         self.user_chunk = dict(zip(users.tolist(), _id_chunks(

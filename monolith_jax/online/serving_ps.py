@@ -43,6 +43,13 @@ class RequestError(ValueError):
     """A bad request; becomes INVALID_ARGUMENT."""
 
 
+def _dtype(name: str) -> np.dtype:
+    dtype = DTYPES.get(name or "float32")
+    if dtype is None:
+        raise RequestError(f"dtype must be one of {sorted(DTYPES)}, got {name!r}")
+    return dtype
+
+
 def rows_from_proto(rows, dims: dict) -> tuple[str, np.ndarray, np.ndarray]:
     """(table, keys uint64 (n,), values float32 (n, dim)) from TableRows, checked."""
     if rows.table not in dims:
@@ -50,9 +57,7 @@ def rows_from_proto(rows, dims: dict) -> tuple[str, np.ndarray, np.ndarray]:
     dim = dims[rows.table]
     if rows.dim != dim:
         raise RequestError(f"table {rows.table!r} has dim {dim}, the request says {rows.dim}")
-    dtype = DTYPES.get(rows.dtype or "float32")
-    if dtype is None:
-        raise RequestError(f"dtype must be one of {sorted(DTYPES)}, got {rows.dtype!r}")
+    dtype = _dtype(rows.dtype)
     if len(rows.keys) % 8:
         raise RequestError(f"keys of table {rows.table!r}: {len(rows.keys)} bytes is not a whole number of uint64")
     keys = np.frombuffer(rows.keys, np.uint64)
@@ -145,9 +150,7 @@ def make_servicer(state: ServingTables):
             try:
                 if len(request.keys) % 8:
                     raise RequestError(f"keys: {len(request.keys)} bytes is not a whole number of uint64")
-                dtype = DTYPES.get(request.dtype or "float32")
-                if dtype is None:
-                    raise RequestError(f"dtype must be one of {sorted(DTYPES)}, got {request.dtype!r}")
+                dtype = _dtype(request.dtype)
                 values, found = state.lookup(request.table, np.frombuffer(request.keys, np.uint64))
             except RequestError as err:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))

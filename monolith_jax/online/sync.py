@@ -152,8 +152,7 @@ class SyncPusher:
             req = pb.PushRequest(trainer=self.trainer_id, sequence=seq, full=full, last=i == len(chunks) - 1,
                                  tables=[chunk])
             n_bytes += req.ByteSize()
-            reply = self._stub.Push(req, timeout=self.timeout_s, wait_for_ready=True)
-        del reply
+            self._stub.Push(req, timeout=self.timeout_s, wait_for_ready=True)
         return n_bytes, len(chunks), sum(k.size for k, _ in parts.values())
 
     def _fail(self, why: str) -> None:
