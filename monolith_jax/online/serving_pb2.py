@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\rserving.proto\x12\x0fmonolith_jax.v1\"T\n\tTableRows\x12\r\n\x05table\x18\x01 \x01(\t\x12\x0b\n\x03\x64im\x18\x02 \x01(\x05\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x0c\n\x04keys\x18\x04 \x01(\x0c\x12\x0e\n\x06values\x18\x05 \x01(\x0c\"x\n\x0bPushRequest\x12\x0f\n\x07trainer\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12\x0c\n\x04\x66ull\x18\x03 \x01(\x08\x12\x0c\n\x04last\x18\x04 \x01(\x08\x12*\n\x06tables\x18\x05 \x03(\x0b\x32\x1a.monolith_jax.v1.TableRows\"3\n\tPushReply\x12\x18\n\x10\x61pplied_sequence\x18\x01 \x01(\x04\x12\x0c\n\x04rows\x18\x02 \x01(\x03\";\n\rLookupRequest\x12\r\n\x05table\x18\x01 \x01(\t\x12\x0c\n\x04keys\x18\x02 \x01(\x0c\x12\r\n\x05\x64type\x18\x03 \x01(\t\"H\n\x0bLookupReply\x12\x0e\n\x06values\x18\x01 \x01(\x0c\x12\r\n\x05\x66ound\x18\x02 \x01(\x0c\x12\x0b\n\x03\x64im\x18\x03 \x01(\x05\x12\r\n\x05\x64type\x18\x04 \x01(\t\"\x10\n\x0eVersionRequest\"\xdf\x01\n\x0cVersionReply\x12;\n\x07\x61pplied\x18\x01 \x03(\x0b\x32*.monolith_jax.v1.VersionReply.AppliedEntry\x12\x35\n\x04rows\x18\x02 \x03(\x0b\x32\'.monolith_jax.v1.VersionReply.RowsEntry\x1a.\n\x0c\x41ppliedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x1a+\n\tRowsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x32\xe0\x01\n\tServingPS\x12@\n\x04Push\x12\x1c.monolith_jax.v1.PushRequest\x1a\x1a.monolith_jax.v1.PushReply\x12\x46\n\x06Lookup\x12\x1e.monolith_jax.v1.LookupRequest\x1a\x1c.monolith_jax.v1.LookupReply\x12I\n\x07Version\x12\x1f.monolith_jax.v1.VersionRequest\x1a\x1d.monolith_jax.v1.VersionReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\rserving.proto\x12\x0fmonolith_jax.v1\"T\n\tTableRows\x12\r\n\x05table\x18\x01 \x01(\t\x12\x0b\n\x03\x64im\x18\x02 \x01(\x05\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x0c\n\x04keys\x18\x04 \x01(\x0c\x12\x0e\n\x06values\x18\x05 \x01(\x0c\"x\n\x0bPushRequest\x12\x0f\n\x07trainer\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12\x0c\n\x04\x66ull\x18\x03 \x01(\x08\x12\x0c\n\x04last\x18\x04 \x01(\x08\x12*\n\x06tables\x18\x05 \x03(\x0b\x32\x1a.monolith_jax.v1.TableRows\"3\n\tPushReply\x12\x18\n\x10\x61pplied_sequence\x18\x01 \x01(\x04\x12\x0c\n\x04rows\x18\x02 \x01(\x03\";\n\rLookupRequest\x12\r\n\x05table\x18\x01 \x01(\t\x12\x0c\n\x04keys\x18\x02 \x01(\x0c\x12\r\n\x05\x64type\x18\x03 \x01(\t\"H\n\x0bLookupReply\x12\x0e\n\x06values\x18\x01 \x01(\x0c\x12\r\n\x05\x66ound\x18\x02 \x01(\x0c\x12\x0b\n\x03\x64im\x18\x03 \x01(\x05\x12\r\n\x05\x64type\x18\x04 \x01(\t\"\x10\n\x0eVersionRequest\"\xf6\x01\n\x0cVersionReply\x12;\n\x07\x61pplied\x18\x01 \x03(\x0b\x32*.monolith_jax.v1.VersionReply.AppliedEntry\x12\x35\n\x04rows\x18\x02 \x03(\x0b\x32\'.monolith_jax.v1.VersionReply.RowsEntry\x12\x15\n\rdense_version\x18\x03 \x01(\x04\x1a.\n\x0c\x41ppliedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x1a+\n\tRowsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"B\n\x06Tensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"p\n\x0b\x44\x65nseParams\x12\x0f\n\x07trainer\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12(\n\x07tensors\x18\x03 \x03(\x0b\x32\x17.monolith_jax.v1.Tensor\x12\x15\n\rnegative_rate\x18\x04 \x01(\x02\"\x1d\n\nDenseReply\x12\x0f\n\x07version\x18\x01 \x01(\x04\"\x1c\n\x0c\x44\x65nseRequest\x12\x0c\n\x04have\x18\x01 \x01(\x04\":\n\tSparseIds\x12\x0f\n\x07\x66\x65\x61ture\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x01(\x0c\x12\x0f\n\x07lengths\x18\x03 \x01(\x0c\"_\n\x0ePredictRequest\x12\x12\n\nbatch_size\x18\x01 \x01(\x05\x12*\n\x06sparse\x18\x02 \x03(\x0b\x32\x1a.monolith_jax.v1.SparseIds\x12\r\n\x05\x64\x65nse\x18\x03 \x01(\x0c\"]\n\x0cPredictReply\x12\x15\n\rprobabilities\x18\x01 \x01(\x0c\x12\x0e\n\x06logits\x18\x02 \x01(\x0c\x12\x0f\n\x07unknown\x18\x03 \x01(\x0c\x12\x15\n\rdense_version\x18\x04 \x01(\x04\"\r\n\x0bInfoRequest\"2\n\tInfoReply\x12\x11\n\tspec_json\x18\x01 \x01(\t\x12\x12\n\nstats_json\x18\x02 \x01(\t2\xf1\x02\n\tServingPS\x12@\n\x04Push\x12\x1c.monolith_jax.v1.PushRequest\x1a\x1a.monolith_jax.v1.PushReply\x12\x46\n\x06Lookup\x12\x1e.monolith_jax.v1.LookupRequest\x1a\x1c.monolith_jax.v1.LookupReply\x12I\n\x07Version\x12\x1f.monolith_jax.v1.VersionRequest\x1a\x1d.monolith_jax.v1.VersionReply\x12\x46\n\tPushDense\x12\x1c.monolith_jax.v1.DenseParams\x1a\x1b.monolith_jax.v1.DenseReply\x12G\n\x08GetDense\x12\x1d.monolith_jax.v1.DenseRequest\x1a\x1c.monolith_jax.v1.DenseParams2\x98\x01\n\tPredictor\x12I\n\x07Predict\x12\x1f.monolith_jax.v1.PredictRequest\x1a\x1d.monolith_jax.v1.PredictReply\x12@\n\x04Info\x12\x1c.monolith_jax.v1.InfoRequest\x1a\x1a.monolith_jax.v1.InfoReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -48,11 +48,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_VERSIONREQUEST']._serialized_start=430
   _globals['_VERSIONREQUEST']._serialized_end=446
   _globals['_VERSIONREPLY']._serialized_start=449
-  _globals['_VERSIONREPLY']._serialized_end=672
-  _globals['_VERSIONREPLY_APPLIEDENTRY']._serialized_start=581
-  _globals['_VERSIONREPLY_APPLIEDENTRY']._serialized_end=627
-  _globals['_VERSIONREPLY_ROWSENTRY']._serialized_start=629
-  _globals['_VERSIONREPLY_ROWSENTRY']._serialized_end=672
-  _globals['_SERVINGPS']._serialized_start=675
-  _globals['_SERVINGPS']._serialized_end=899
+  _globals['_VERSIONREPLY']._serialized_end=695
+  _globals['_VERSIONREPLY_APPLIEDENTRY']._serialized_start=604
+  _globals['_VERSIONREPLY_APPLIEDENTRY']._serialized_end=650
+  _globals['_VERSIONREPLY_ROWSENTRY']._serialized_start=652
+  _globals['_VERSIONREPLY_ROWSENTRY']._serialized_end=695
+  _globals['_TENSOR']._serialized_start=697
+  _globals['_TENSOR']._serialized_end=763
+  _globals['_DENSEPARAMS']._serialized_start=765
+  _globals['_DENSEPARAMS']._serialized_end=877
+  _globals['_DENSEREPLY']._serialized_start=879
+  _globals['_DENSEREPLY']._serialized_end=908
+  _globals['_DENSEREQUEST']._serialized_start=910
+  _globals['_DENSEREQUEST']._serialized_end=938
+  _globals['_SPARSEIDS']._serialized_start=940
+  _globals['_SPARSEIDS']._serialized_end=998
+  _globals['_PREDICTREQUEST']._serialized_start=1000
+  _globals['_PREDICTREQUEST']._serialized_end=1095
+  _globals['_PREDICTREPLY']._serialized_start=1097
+  _globals['_PREDICTREPLY']._serialized_end=1190
+  _globals['_INFOREQUEST']._serialized_start=1192
+  _globals['_INFOREQUEST']._serialized_end=1205
+  _globals['_INFOREPLY']._serialized_start=1207
+  _globals['_INFOREPLY']._serialized_end=1257
+  _globals['_SERVINGPS']._serialized_start=1260
+  _globals['_SERVINGPS']._serialized_end=1629
+  _globals['_PREDICTOR']._serialized_start=1632
+  _globals['_PREDICTOR']._serialized_end=1784
 # @@protoc_insertion_point(module_scope)

@@ -49,6 +49,16 @@ class ServingPSStub:
                 request_serializer=serving__pb2.VersionRequest.SerializeToString,
                 response_deserializer=serving__pb2.VersionReply.FromString,
                 _registered_method=True)
+        self.PushDense = channel.unary_unary(
+                '/monolith_jax.v1.ServingPS/PushDense',
+                request_serializer=serving__pb2.DenseParams.SerializeToString,
+                response_deserializer=serving__pb2.DenseReply.FromString,
+                _registered_method=True)
+        self.GetDense = channel.unary_unary(
+                '/monolith_jax.v1.ServingPS/GetDense',
+                request_serializer=serving__pb2.DenseRequest.SerializeToString,
+                response_deserializer=serving__pb2.DenseParams.FromString,
+                _registered_method=True)
 
 
 class ServingPSServicer:
@@ -72,6 +82,18 @@ class ServingPSServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PushDense(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetDense(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ServingPSServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -89,6 +111,16 @@ def add_ServingPSServicer_to_server(servicer, server):
                     servicer.Version,
                     request_deserializer=serving__pb2.VersionRequest.FromString,
                     response_serializer=serving__pb2.VersionReply.SerializeToString,
+            ),
+            'PushDense': grpc.unary_unary_rpc_method_handler(
+                    servicer.PushDense,
+                    request_deserializer=serving__pb2.DenseParams.FromString,
+                    response_serializer=serving__pb2.DenseReply.SerializeToString,
+            ),
+            'GetDense': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetDense,
+                    request_deserializer=serving__pb2.DenseRequest.FromString,
+                    response_serializer=serving__pb2.DenseParams.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -172,6 +204,175 @@ class ServingPS:
             '/monolith_jax.v1.ServingPS/Version',
             serving__pb2.VersionRequest.SerializeToString,
             serving__pb2.VersionReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PushDense(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/monolith_jax.v1.ServingPS/PushDense',
+            serving__pb2.DenseParams.SerializeToString,
+            serving__pb2.DenseReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetDense(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/monolith_jax.v1.ServingPS/GetDense',
+            serving__pb2.DenseRequest.SerializeToString,
+            serving__pb2.DenseParams.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class PredictorStub:
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Predict = channel.unary_unary(
+                '/monolith_jax.v1.Predictor/Predict',
+                request_serializer=serving__pb2.PredictRequest.SerializeToString,
+                response_deserializer=serving__pb2.PredictReply.FromString,
+                _registered_method=True)
+        self.Info = channel.unary_unary(
+                '/monolith_jax.v1.Predictor/Info',
+                request_serializer=serving__pb2.InfoRequest.SerializeToString,
+                response_deserializer=serving__pb2.InfoReply.FromString,
+                _registered_method=True)
+
+
+class PredictorServicer:
+    """Missing associated documentation comment in .proto file."""
+
+    def Predict(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Info(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_PredictorServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Predict': grpc.unary_unary_rpc_method_handler(
+                    servicer.Predict,
+                    request_deserializer=serving__pb2.PredictRequest.FromString,
+                    response_serializer=serving__pb2.PredictReply.SerializeToString,
+            ),
+            'Info': grpc.unary_unary_rpc_method_handler(
+                    servicer.Info,
+                    request_deserializer=serving__pb2.InfoRequest.FromString,
+                    response_serializer=serving__pb2.InfoReply.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'monolith_jax.v1.Predictor', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('monolith_jax.v1.Predictor', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Predictor:
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def Predict(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/monolith_jax.v1.Predictor/Predict',
+            serving__pb2.PredictRequest.SerializeToString,
+            serving__pb2.PredictReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Info(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/monolith_jax.v1.Predictor/Info',
+            serving__pb2.InfoRequest.SerializeToString,
+            serving__pb2.InfoReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -9,7 +9,9 @@ the engine's per-shard locks, so a reader sees each row before or after an
 update, never torn. A push may span several messages and is applied when
 its last one arrives; a full push (a late or restarted server's first)
 is staged in fresh tables and swapped in whole. `Version` reports the last
-push applied per trainer and the rows per table.
+push applied per trainer, the rows per table and the dense params'
+version. It also keeps the latest dense params a trainer pushed
+(`PushDense`), for predictors to fetch when they change (`GetDense`).
 
 Values travel as float32, float16 or bfloat16 bytes and are kept as
 float32. Bad requests (unknown table, wrong dim or dtype, byte lengths that
@@ -26,29 +28,13 @@ import sys
 import threading
 from concurrent import futures
 
-import ml_dtypes
 import numpy as np
 
+from monolith_jax.online.wire import MAX_MESSAGE_BYTES, RequestError, array, dtype as _dtype, tensors_from_proto
 from monolith_jax.sparse import SGD, TableConfig, Zeros
 from monolith_jax.sparse.table import EmbeddingTable
 
 log = logging.getLogger("monolith_jax.online.serving_ps")
-
-DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16),
-          "bfloat16": np.dtype(ml_dtypes.bfloat16)}
-MAX_MESSAGE_BYTES = 64 << 20
-
-
-class RequestError(ValueError):
-    """A bad request; becomes INVALID_ARGUMENT."""
-
-
-def _dtype(name: str) -> np.dtype:
-    dtype = DTYPES.get(name or "float32")
-    if dtype is None:
-        raise RequestError(f"dtype must be one of {sorted(DTYPES)}, got {name!r}")
-    return dtype
-
 
 def rows_from_proto(rows, dims: dict) -> tuple[str, np.ndarray, np.ndarray]:
     """(table, keys uint64 (n,), values float32 (n, dim)) from TableRows, checked."""
@@ -58,9 +44,7 @@ def rows_from_proto(rows, dims: dict) -> tuple[str, np.ndarray, np.ndarray]:
     if rows.dim != dim:
         raise RequestError(f"table {rows.table!r} has dim {dim}, the request says {rows.dim}")
     dtype = _dtype(rows.dtype)
-    if len(rows.keys) % 8:
-        raise RequestError(f"keys of table {rows.table!r}: {len(rows.keys)} bytes is not a whole number of uint64")
-    keys = np.frombuffer(rows.keys, np.uint64)
+    keys = array(rows.keys, np.dtype(np.uint64), f"keys of table {rows.table!r}")
     if len(rows.values) != keys.size * dim * dtype.itemsize:
         raise RequestError(f"values of table {rows.table!r}: {len(rows.values)} bytes for {keys.size} keys x "
                            f"{dim} {dtype.name} (expected {keys.size * dim * dtype.itemsize})")
@@ -79,6 +63,7 @@ class ServingTables:
         self.applied: dict = {}    # trainer -> last sequence applied
         self._pending: dict = {}   # (trainer, sequence) -> {"full": bool, "parts": [(table, keys, values)]}
         self._lock = threading.Lock()
+        self.dense = None          # the last DenseParams pushed, version set by this server
 
     def _new(self, name: str) -> EmbeddingTable:
         # Values only: SGD keeps no optimizer slots, and a serving table is never applied to.
@@ -127,9 +112,43 @@ class ServingTables:
             raise RequestError(f"unknown table {table!r}; this server holds {sorted(self.dims)}")
         return t.find(keys)
 
-    def version(self) -> tuple[dict, dict]:
+    def version(self) -> tuple[dict, dict, int]:
         with self._lock:
-            return dict(self.applied), {name: len(t) for name, t in self.tables.items()}
+            return (dict(self.applied), {name: len(t) for name, t in self.tables.items()},
+                    self.dense.version if self.dense is not None else 0)
+
+    def push_dense(self, req) -> int:
+        """Keeps a trainer's dense params (checked, stored as sent) under a
+        new version: nanoseconds of the wall clock, so that versions keep
+        increasing across restarts of this server."""
+        import time
+
+        if not req.trainer:
+            raise RequestError("dense push without a trainer name")
+        if not req.tensors:
+            raise RequestError("dense push without tensors")
+        if not 0.0 <= req.negative_rate <= 1.0:
+            raise RequestError(f"negative_rate must be in [0, 1], got {req.negative_rate}")
+        tensors_from_proto(req.tensors)
+        with self._lock:
+            last = self.dense.version if self.dense is not None else 0
+            stored = type(req)()
+            stored.CopyFrom(req)
+            stored.version = max(last + 1, time.time_ns())
+            self.dense = stored
+            return stored.version
+
+    def get_dense(self, have: int):
+        """The dense params, or only their version when `have` is it."""
+        from monolith_jax.online import serving_pb2 as pb
+
+        with self._lock:
+            dense = self.dense
+        if dense is None:
+            return pb.DenseParams()
+        if dense.version == have:
+            return pb.DenseParams(version=have, trainer=dense.trainer, negative_rate=dense.negative_rate)
+        return dense
 
 
 def make_servicer(state: ServingTables):
@@ -148,18 +167,26 @@ def make_servicer(state: ServingTables):
 
         def Lookup(self, request, context):
             try:
-                if len(request.keys) % 8:
-                    raise RequestError(f"keys: {len(request.keys)} bytes is not a whole number of uint64")
                 dtype = _dtype(request.dtype)
-                values, found = state.lookup(request.table, np.frombuffer(request.keys, np.uint64))
+                values, found = state.lookup(request.table, array(request.keys, np.dtype(np.uint64), "keys"))
             except RequestError as err:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
             return pb.LookupReply(values=values.astype(dtype).tobytes(), found=found.astype(np.uint8).tobytes(),
                                   dim=state.dims[request.table], dtype=dtype.name)
 
         def Version(self, request, context):
-            applied, rows = state.version()
-            return pb.VersionReply(applied=applied, rows=rows)
+            applied, rows, dense = state.version()
+            return pb.VersionReply(applied=applied, rows=rows, dense_version=dense)
+
+        def PushDense(self, request, context):
+            try:
+                version = state.push_dense(request)
+            except RequestError as err:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+            return pb.DenseReply(version=version)
+
+        def GetDense(self, request, context):
+            return state.get_dense(request.have)
 
     return Servicer()
 

@@ -14,6 +14,11 @@ no update is lost. Before each push the pusher asks the server's version:
 a server that has not applied this trainer's last push (it started late or
 restarted) first gets a full copy of every table, then deltas again.
 
+Dense params follow every `dense_interval_s` (given a `dense_source`: a
+callable returning (name -> array, negative rate)), and with every full
+copy, so that a restarted server gets them back at once. A failed dense
+push is tried again at the next sparse tick.
+
 Pushes run on their own thread; the training thread only shares the
 tables' locks with it for the length of a drain or an export.
 """
@@ -34,7 +39,8 @@ _NP = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloa
 
 class SyncPusher:
     def __init__(self, tables: dict, address: str, trainer_id: str = "trainer-0", interval_s: float = 2.0,
-                 dtype: str = "float32", max_rows_per_message: int = 65_536, timeout_s: float = 10.0):
+                 dtype: str = "float32", max_rows_per_message: int = 65_536, timeout_s: float = 10.0,
+                 dense_source=None, dense_interval_s: float = 30.0, history: int = 10_000):
         import grpc
 
         from monolith_jax.online import serving_pb2_grpc as pbg
@@ -57,8 +63,16 @@ class SyncPusher:
         self._pending: dict = {name: {} for name in self.tables}  # name -> {key: row}, unsent rows
         self.sequence = 0          # last push this trainer made
         self.acknowledged = 0      # last push the server applied
-        self.stats = {"pushes": 0, "full_copies": 0, "failures": 0, "rows": 0, "bytes": 0, "messages": 0}
+        self.stats = {"pushes": 0, "full_copies": 0, "failures": 0, "rows": 0, "bytes": 0, "messages": 0,
+                      "dense_pushes": 0, "dense_bytes": 0}
         self.last_push_s = None    # monotonic time of the last applied push
+        # One record per applied sparse push: (wall time, full, rows, bytes, rows in the tables then).
+        import collections
+
+        self.history = collections.deque(maxlen=history)
+        self.dense_source = dense_source
+        self.dense_interval_s = dense_interval_s
+        self._dense_due = 0.0      # monotonic time the next dense push is due (0: at the first tick)
         self._stop = threading.Event()
         self._thread = None
 
@@ -73,11 +87,35 @@ class SyncPusher:
             self._thread.join(self.timeout_s * 3)
         if final_push:
             self.push_once()
+            if self.dense_source is not None:
+                self.push_dense()
         self._channel.close()
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
             self.push_once()
+            if self.dense_source is not None and time.monotonic() >= self._dense_due:
+                self.push_dense()
+
+    def push_dense(self) -> bool:
+        """Pushes the dense params now. True if the server took them."""
+        import grpc
+
+        from monolith_jax.online import serving_pb2 as pb
+        from monolith_jax.online.wire import tensors_to_proto
+
+        named, negative_rate = self.dense_source()
+        req = pb.DenseParams(trainer=self.trainer_id, tensors=tensors_to_proto(named),
+                             negative_rate=float(negative_rate or 0.0))
+        try:
+            self._stub.PushDense(req, timeout=self.timeout_s, wait_for_ready=True)
+        except grpc.RpcError as err:
+            self._fail(f"dense push: {err.code().name} {err.details()}")
+            return False
+        self.stats["dense_pushes"] += 1
+        self.stats["dense_bytes"] += req.ByteSize()
+        self._dense_due = time.monotonic() + self.dense_interval_s
+        return True
 
     # -------------------------------------------------------------- push
     def push_once(self) -> bool:
@@ -125,6 +163,9 @@ class SyncPusher:
         self.stats["bytes"] += n_bytes
         self.stats["messages"] += n_msgs
         self.last_push_s = time.monotonic()
+        self.history.append((time.time(), full, rows, n_bytes, sum(len(t) for t in self.tables.values())))
+        if full and self.dense_source is not None:
+            self._dense_due = 0.0  # a late or restarted server gets the dense params with the copy
         return True
 
     def _merge(self, name: str, keys: np.ndarray, values: np.ndarray):

@@ -4,7 +4,10 @@
 
 Several such processes with one `--group` share the topic's partitions.
 On exit (idle timeout, `--max-examples`, SIGTERM) it prints a JSON summary
-line `trainer done {...}` and, with `--summary`, writes it to a file.
+line `trainer done {...}` and, with `--summary`, writes it to a file. With
+`--serving-ps` it pushes touched rows and dense params there; with
+`--export DIR` it writes the exported model (`monolith_jax.export`) for a
+predictor.
 """
 
 from __future__ import annotations
@@ -33,6 +36,9 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--serving-ps", default=None, help="HOST:PORT of a serving PS to push touched rows to")
     p.add_argument("--sync-interval", type=float, default=2.0, help="seconds between sparse syncs")
+    p.add_argument("--dense-sync-interval", type=float, default=30.0, help="seconds between dense syncs")
+    p.add_argument("--export", default=None,
+                   help="write the exported model here at start (for a predictor) and again at exit")
     p.add_argument("--metrics", default=None, help="append metrics as JSON lines to this file")
     p.add_argument("--summary", default=None, help="write the final summary as JSON to this file")
     args = p.parse_args(argv)
@@ -47,8 +53,15 @@ def main(argv=None) -> int:
     online = OnlineTrainer(trainer, args.bootstrap, {"examples": args.topic_examples,
                                                     "dead_letters": args.topic_dead_letters},
                            args.group, batch_size=args.batch, max_wait_s=args.max_wait,
-                           serving_ps=args.serving_ps, sparse_sync_interval_s=args.sync_interval)
+                           serving_ps=args.serving_ps, sparse_sync_interval_s=args.sync_interval,
+                           dense_sync_interval_s=args.dense_sync_interval)
+    if args.export:
+        from monolith_jax.export import export_model
+
+        export_model(trainer, args.export)
     summary = online.run(args.max_examples, args.idle_timeout, args.max_seconds, stop)
+    if args.export:
+        export_model(trainer, args.export, negative_rate=online.negative_rate or 1.0)
     summary["segment_aucs"] = online.log.segment_aucs(10)
     line = json.dumps(summary, default=float)
     if args.summary:

@@ -85,7 +85,7 @@ class OnlineTrainer:
                  batch_size: int = 1024, max_wait_s: float = 0.5, prequential: bool = True,
                  auc_window: int = 50_000, consumer_extra: dict | None = None, out=print,
                  serving_ps: str | None = None, sparse_sync_interval_s: float = 2.0, sync_dtype: str = "float32",
-                 trainer_id: str | None = None):
+                 trainer_id: str | None = None, dense_sync_interval_s: float = 30.0):
         from confluent_kafka import Consumer, Producer
 
         self.trainer = trainer
@@ -104,13 +104,18 @@ class OnlineTrainer:
         self.batches = 0
         self.max_event_ms = 0
         self.on_batch = None  # optional callback(online_trainer, batch, info) after each trained batch
-        # Touched rows go to the serving PS every sparse_sync_interval_s, off this thread.
+        self.negative_rate = None  # the sample rate the last negatives carried (serving corrects for it)
+        # Touched rows go to the serving PS every sparse_sync_interval_s, the
+        # dense params every dense_sync_interval_s, off this thread.
         self.pusher = None
         if serving_ps:
+            from monolith_jax.export import dense_arrays
             from monolith_jax.online.sync import SyncPusher
 
             self.pusher = SyncPusher(trainer.tables, serving_ps, trainer_id or f"{group}-{id(self):x}",
-                                     sparse_sync_interval_s, sync_dtype)
+                                     sparse_sync_interval_s, sync_dtype,
+                                     dense_source=lambda: (dense_arrays(trainer.params), self.negative_rate),
+                                     dense_interval_s=dense_sync_interval_s)
         self._carry: list = []  # messages fetched but not yet taken into a batch
         self._building = None   # (BatchBuilder, messages taken) while a batch fills
         self._t_first = None   # when the first example arrived
@@ -196,6 +201,9 @@ class OnlineTrainer:
                 scores = self.trainer.predict(batch)[:rows]
                 self.log.add(np.asarray(batch.labels)[:rows], scores, info["event_time_ms"])
             self.max_event_ms = max(self.max_event_ms, int(info["event_time_ms"].max()))
+            negatives = np.asarray(batch.labels)[:rows] == 0
+            if negatives.any():
+                self.negative_rate = float(info["sample_rate"][negatives][-1])
             stamp = min(max(self.max_event_ms // 1000, 0), 2**31 - 1)
             self.trainer.train_step(batch, stamp=stamp)
             self.examples += rows

@@ -99,7 +99,8 @@ def test_joiner_and_trainer_processes_over_the_embedded_cluster():
     try:
         with K.EmbeddedKafka() as kafka:
             result = run_pipeline(kafka.bootstrap, trainer_args=("--serving-ps", f"127.0.0.1:{port}",
-                                                                  "--sync-interval", "1"))
+                                                                  "--sync-interval", "1",
+                                                                  "--dense-sync-interval", "2"))
             check_pipeline(kafka.bootstrap, *result)
         trained = result[-1]
         version = pbg.ServingPSStub(grpc.insecure_channel(f"127.0.0.1:{port}")).Version(pb.VersionRequest())
@@ -107,6 +108,7 @@ def test_joiner_and_trainer_processes_over_the_embedded_cluster():
         assert trained["sync"]["pushes"] >= 2
         assert version.rows["ids"] == trained["table_rows"]["ids"] > 0, "serving holds every trained row"
         assert list(version.applied.values()) == [trained["sync"]["pushes"]]
+        assert trained["sync"]["dense_pushes"] >= 2 and version.dense_version > 0, "dense params follow too"
     finally:
         ps.terminate()
         ps.wait(10)

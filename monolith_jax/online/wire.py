@@ -1,0 +1,74 @@
+"""Arrays on the wire: the checks and conversions the gRPC services share.
+
+Arrays travel as bytes fields (little-endian, C order) beside their dtype
+and shape; every conversion from a peer's bytes is checked here, and a
+mismatch raises `RequestError` naming what was wrong (the services answer
+it with INVALID_ARGUMENT).
+"""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+
+DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16),
+          "bfloat16": np.dtype(ml_dtypes.bfloat16), "int32": np.dtype(np.int32)}
+FLOAT_DTYPES = ("float32", "float16", "bfloat16")
+MAX_MESSAGE_BYTES = 64 << 20
+
+
+class RequestError(ValueError):
+    """A bad request; becomes INVALID_ARGUMENT."""
+
+
+def dtype(name: str, allowed=FLOAT_DTYPES) -> np.dtype:
+    """The numpy dtype of a wire dtype name ('' means float32)."""
+    name = name or "float32"
+    if name not in allowed:
+        raise RequestError(f"dtype must be one of {sorted(allowed)}, got {name!r}")
+    return DTYPES[name]
+
+
+def array(data: bytes, dt: np.dtype, what: str, count: int | None = None) -> np.ndarray:
+    """bytes -> 1-d array of `dt`, checking the length (and the count, if given)."""
+    if len(data) % dt.itemsize:
+        raise RequestError(f"{what}: {len(data)} bytes is not a whole number of {dt.name}")
+    a = np.frombuffer(data, dt)
+    if count is not None and a.size != count:
+        raise RequestError(f"{what}: {a.size} values, expected {count}")
+    return a
+
+
+def tensors_to_proto(named: dict) -> list:
+    from monolith_jax.online import serving_pb2 as pb
+
+    out = []
+    for name, a in named.items():
+        a = np.asarray(a)
+        if a.dtype.name not in DTYPES:
+            raise TypeError(f"dense param {name!r}: dtype {a.dtype} cannot be sent")
+        out.append(pb.Tensor(name=name, dtype=a.dtype.name, shape=list(a.shape),
+                             data=np.ascontiguousarray(a).tobytes()))
+    return out
+
+
+def tensors_from_proto(tensors) -> dict:
+    """Tensor messages -> name -> array, checked: known dtype, sizes that
+    match the shapes, finite values, no name twice."""
+    out = {}
+    for t in tensors:
+        if not t.name:
+            raise RequestError("a tensor without a name")
+        if t.name in out:
+            raise RequestError(f"tensor {t.name!r} twice")
+        if t.dtype not in DTYPES:
+            raise RequestError(f"tensor {t.name!r}: dtype must be one of {sorted(DTYPES)}, got {t.dtype!r}")
+        if any(d < 0 for d in t.shape):
+            raise RequestError(f"tensor {t.name!r}: negative dimension in shape {list(t.shape)}")
+        count = int(np.prod(t.shape, dtype=np.int64))
+        a = array(t.data, DTYPES[t.dtype], f"tensor {t.name!r}", count).reshape(tuple(t.shape))
+        if a.dtype.kind == "f" or t.dtype == "bfloat16":
+            if not np.all(np.isfinite(a.astype(np.float32))):
+                raise RequestError(f"tensor {t.name!r} has values that are not finite")
+        out[t.name] = a
+    return out
