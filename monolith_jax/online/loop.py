@@ -46,15 +46,19 @@ def movielens_trainer(seed: int = 0, dim: int = 8, hidden=(128, 64), metrics_pat
 
 
 def joiner_command(bootstrap: str, window_s: float, negative_rate: float, group: str,
-                   topics: dict | None = None, idle_flush_s: float = 3.0, gate_group: str | None = None) -> list:
+                   topics: dict | None = None, idle_flush_s: float = 3.0, gate_group: str | None = None,
+                   emit_positives: str = "at_window_end", exit_when_idle: bool = True) -> list:
     cmd = [sys.executable, "-m", "monolith_jax.online.joiner", "--bootstrap", bootstrap, "--group", group,
            "--window", str(window_s), "--lateness", "1", "--positive", ",".join(R.POSITIVE_TYPES),
            "--min-value", str(R.MIN_VALUE), "--negative-rate", str(negative_rate),
-           "--idle-flush", str(idle_flush_s), "--exit-when-idle", "--report-every", "0",
+           "--idle-flush", str(idle_flush_s), "--report-every", "0",
            # The replay packs a user's session into seconds: emitting at window
            # end keeps each request's label from reaching the model before the
-           # negatives served beside it (delayed-feedback bias).
-           "--emit-positives", "at_window_end"]
+           # negatives served beside it (delayed-feedback bias). "on_action"
+           # is the freshest (the serving benchmark's choice).
+           "--emit-positives", emit_positives]
+    if exit_when_idle:
+        cmd.append("--exit-when-idle")
     if gate_group:
         cmd += ["--gate-group", gate_group]
     for name, topic in (topics or {}).items():

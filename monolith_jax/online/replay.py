@@ -41,6 +41,24 @@ def movielens_features(table: str = "ids") -> list:
         [SparseFeature("genres", table, combiner="mean", max_len=6)]
 
 
+def entity_keys(ratings) -> tuple[dict, dict]:
+    """The keys a request's features carry, per user and per movie:
+    ({"user", "age", "gender", "occupation": uint64 (users,)},
+     {"movie", "year": uint64 (movies,), "genres": [uint64 array per movie]})."""
+    r = ratings
+    genre_lists = [g.split() for g in r.item_genres]
+    genres = sorted({g for gl in genre_lists for g in gl})
+    genre_keys = dict(zip(genres, hash_strings([f"genre:{g}" for g in genres])))
+    users = {"user": hash_strings([f"user:{u}" for u in r.user_names]),
+             "age": hash_strings([f"age:{a}" for a in r.user_age]),
+             "gender": hash_strings([f"gender:{g}" for g in r.user_gender]),
+             "occupation": hash_strings([f"occupation:{o}" for o in r.user_occupation])}
+    items = {"movie": hash_strings([f"movie:{t}" for t in r.item_names]),
+             "year": hash_strings([f"year:{y}" for y in r.item_year]),
+             "genres": [np.array([genre_keys[g] for g in gl], np.uint64) for gl in genre_lists]}
+    return users, items
+
+
 def _id_chunks(names, columns) -> list:
     """Per entity, the protobuf bytes of its IdLists (field 4 of a FeatureRecord)."""
     from monolith_jax.online import messages_pb2 as pb
@@ -64,21 +82,9 @@ class MovieLensStream:
         rng = np.random.default_rng(seed)
         r = ratings
         users = np.unique(r.user[:n])
-        items_all = np.arange(len(r.item_names))
-        genre_lists = [g.split() for g in r.item_genres]
-        genres = sorted({g for gl in genre_lists for g in gl})
-        genre_keys = dict(zip(genres, hash_strings([f"genre:{g}" for g in genres])))
-        user_key = hash_strings([f"user:{u}" for u in r.user_names])
-        item_key = hash_strings([f"movie:{t}" for t in r.item_names])
-        self.user_chunk = dict(zip(users.tolist(), _id_chunks(
-            ["user", "age", "gender", "occupation"],
-            [user_key[users], hash_strings([f"age:{a}" for a in r.user_age[users]]),
-             hash_strings([f"gender:{g}" for g in r.user_gender[users]]),
-             hash_strings([f"occupation:{o}" for o in r.user_occupation[users]])])))
-        self.item_chunk = _id_chunks(
-            ["movie", "year", "genres"],
-            [item_key[items_all], hash_strings([f"year:{y}" for y in r.item_year]),
-             [np.array([genre_keys[g] for g in gl], np.uint64) for gl in genre_lists]])
+        user_cols, item_cols = entity_keys(r)
+        self.user_chunk = dict(zip(users.tolist(), _id_chunks(list(user_cols), [c[users] for c in user_cols.values()])))
+        self.item_chunk = _id_chunks(list(item_cols), list(item_cols.values()))
         ts = r.timestamp[:n].astype(np.int64) * 1000
         # Impressions: a movie from an earlier rating (popularity so far), not this one.
         k = rng.poisson(impressions, n) if impressions > 0 else np.zeros(n, np.int64)

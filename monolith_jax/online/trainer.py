@@ -9,6 +9,10 @@ With `prequential=True` every batch is first scored by the current model
 (read-only table lookups, no rows created), then trained on: the running
 AUC is the AUC of predictions made before the model saw those examples.
 
+A partial batch is padded only to the next power of two (`shrink`), so
+that low traffic with a short `max_wait_s` (freshness) does not pay for
+full batches of padding.
+
 Offsets: after each batch is trained, its messages' offsets (dead letters
 included) are committed asynchronously, so a restart resumes after the
 last trained batch. When a rebalance takes partitions away, the batch
@@ -80,12 +84,28 @@ class PrequentialLog:
         return [auc(a, b) for a, b in zip(np.array_split(y, segments), np.array_split(s, segments))]
 
 
+def shrink(batch, rows: int, min_bucket: int):
+    """A batch of `rows` real examples padded to batch.size -> padded only to
+    the next power of two (at least `min_bucket`): a partial batch (low
+    traffic, `max_wait_s` passed) costs a step of its own size, and the step
+    compiles once per bucket, not per size."""
+    from monolith_jax.features import SparseBatch
+    from monolith_jax.sparse import Keys
+
+    size = max(1 << max(rows - 1, 0).bit_length(), min_bucket)
+    if size >= batch.size:
+        return batch
+    return SparseBatch(ids={n: Keys(k.words[:size]) for n, k in batch.ids.items()},
+                       lengths={n: v[:size] for n, v in batch.lengths.items()}, dense=batch.dense[:size],
+                       labels=batch.labels[:size], weights=batch.weights[:size])
+
+
 class OnlineTrainer:
     def __init__(self, trainer, bootstrap: str, topics: dict | None = None, group: str = "monolith-trainer",
                  batch_size: int = 1024, max_wait_s: float = 0.5, prequential: bool = True,
                  auc_window: int = 50_000, consumer_extra: dict | None = None, out=print,
                  serving_ps: str | None = None, sparse_sync_interval_s: float = 2.0, sync_dtype: str = "float32",
-                 trainer_id: str | None = None, dense_sync_interval_s: float = 30.0):
+                 trainer_id: str | None = None, dense_sync_interval_s: float = 30.0, min_bucket: int = 64):
         from confluent_kafka import Consumer, Producer
 
         self.trainer = trainer
@@ -93,6 +113,7 @@ class OnlineTrainer:
         self.batch_size = batch_size
         self.max_wait_s = max_wait_s
         self.prequential = prequential
+        self.min_bucket = min_bucket
         self.decoder = ExampleDecoder(trainer.features, trainer.dense_features)
         self.consumer = Consumer(K.consumer_config(bootstrap, group, **{"enable.auto.commit": False,
                                                                          **(consumer_extra or {})}))
@@ -188,6 +209,7 @@ class OnlineTrainer:
         from confluent_kafka import KafkaError, TopicPartition
 
         batch, info, bad = builder.finish()
+        batch = shrink(batch, info["rows"], self.min_bucket)
         status = info["status"]
         for i in np.flatnonzero(status == -3):
             err = msgs[i].error()
@@ -277,7 +299,10 @@ class OnlineTrainer:
         seconds = time.monotonic() - t0
         active = max(self._t_last - (self._t_first or t0), 1e-9)
         sync = dict(self.pusher.stats) if self.pusher is not None else None
+        history = [dict(zip(("time", "full", "rows", "bytes", "table_rows"), h)) for h in self.pusher.history] \
+            if self.pusher is not None else []
         return {"examples": self.examples, "batches": self.batches, "seconds": seconds, "sync": sync,
+                "sync_history": history,
                 "table_rows": {name: len(t) for name, t in self.trainer.tables.items()},
                 "examples_per_s": (self.examples - start_examples) / active,
                 "dead_letters": self.dead.count, "dead_letter_reasons": dict(self.dead.by_reason),
