@@ -1,0 +1,59 @@
+"""Serving: freshness, sync cost and predictor speed on MovieLens-1M. Flags only; the work is in run.py.
+
+    python -m experiments.serving.main                      # ~4 min
+    python -m experiments.serving.main --seconds 60 --rate 2000
+"""
+
+import argparse
+import json
+import logging
+import os
+
+from experiments.serving import run
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rate", type=float, default=3000.0, help="replayed messages per second")
+    p.add_argument("--seconds", type=float, default=120.0, help="length of the replay")
+    p.add_argument("--sync-interval", type=float, default=1.0, help="seconds between sparse syncs")
+    p.add_argument("--dense-interval", type=float, default=10.0, help="seconds between dense syncs")
+    p.add_argument("--probe-every", type=float, default=0.25, help="seconds between probes")
+    p.add_argument("--serving-seconds", type=float, default=10.0, help="per serving measurement")
+    p.add_argument("--out", default=os.path.join(HERE, "results"))
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    from monolith_jax.data import load_movielens_1m
+
+    ratings = load_movielens_1m()
+    os.makedirs(args.out, exist_ok=True)
+
+    def serve_phase(ps_port, pred_port, trained):
+        rows = max(int(run.sync_cost(trained["sync_history"]).get("rows_per_sync_median", 1000)), 1)
+        print(f"\nServing (one client, closed loop), without and with a sync load of {rows:,} touched rows "
+              f"per second and dense params every {args.dense_interval:.0f} s:")
+        return run.serving(ratings, ps_port, pred_port, rows, args.serving_seconds)
+
+    print("Freshness: MovieLens-1M replay -> joiner -> trainer -> serving PS -> predictor (embedded Kafka)")
+    r = run.freshness(ratings, args.rate, args.seconds, args.sync_interval, args.dense_interval, args.probe_every,
+                      keep_serving=serve_phase)
+    f, c, t = r["freshness_s"], r["sync_cost"], r["trained"]
+    print(f"\ntrained {t['examples']:,} examples; {t['sync']['pushes']} sparse pushes "
+          f"({t['sync']['full_copies']} full), {t['sync']['dense_pushes']} dense pushes, "
+          f"{t['sync']['failures']} failures")
+    print(f"freshness, action produced -> prediction uses the trained row, {f['n']} probes "
+          f"({r['missed_probes']} missed): p50 {f['p50']:.3f} s, p90 {f['p90']:.3f} s, p99 {f['p99']:.3f} s, "
+          f"max {f['max']:.3f} s (target p99 <= 2 s with a {args.sync_interval} s sync)")
+    print(f"sync cost: median {c['rows_per_sync_median']:,.0f} touched rows and {c['bytes_per_sync_median']:,.0f} "
+          f"bytes per sync = {c['over_touched_median']:.3f}x touched rows x {c['row_bytes']} bytes "
+          f"(max {c['over_touched_max']:.3f}x; target <= 1.2x); a full copy would be "
+          f"{c['full_copy_bytes_median']:,.0f} bytes ({c['share_of_full_copy_median']:.1%} of it sent)")
+    with open(os.path.join(args.out, "results.json"), "w") as fh:
+        json.dump(r, fh, indent=1, default=float)
+    return r
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""A sync load for the serving benchmark: a stand-in trainer that pushes touched rows.
+
+    python -m experiments.serving.sync_load --serving-ps HOST:PORT --rows N [--interval 1] [--dense-interval 10]
+
+It holds the MovieLens DeepFM's table with a row for every id of the data
+set, and every `interval` seconds applies a gradient step to `rows` random
+ids of it, so that each sparse sync carries that many touched rows (the
+live loop's figure); the dense params go every `dense-interval` seconds.
+The pushes are the trainer's own (`SyncPusher`); only the training is
+replaced by random steps, to load the serving side without loading the CPU
+with a trainer.
+"""
+
+import argparse
+import signal
+import sys
+import threading
+
+import numpy as np
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--serving-ps", required=True)
+    p.add_argument("--rows", type=int, required=True, help="touched rows per sync")
+    p.add_argument("--interval", type=float, default=1.0)
+    p.add_argument("--dense-interval", type=float, default=10.0)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+
+    from monolith_jax.data import load_movielens_1m
+    from monolith_jax.export import dense_arrays
+    from monolith_jax.online import replay as R
+    from monolith_jax.online.loop import movielens_trainer
+    from monolith_jax.online.sync import SyncPusher
+
+    users, items = R.entity_keys(load_movielens_1m())
+    keys = np.unique(np.concatenate([*users.values(), items["movie"], items["year"], *items["genres"]]))
+    trainer = movielens_trainer(args.seed, out=lambda *a, **k: None)
+    table = trainer.tables["ids"]
+    table.lookup_host(keys)
+    pusher = SyncPusher(trainer.tables, args.serving_ps, "sync-load", args.interval,
+                        dense_source=lambda: (dense_arrays(trainer.params), 0.5), dense_interval_s=args.dense_interval)
+    pusher.start()
+    print(f"sync load of {args.rows} rows per {args.interval} s pushing to {args.serving_ps}", flush=True)
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    rng = np.random.default_rng(args.seed)
+    step = 0
+    while not done.wait(args.interval):
+        step += 1
+        touched = rng.choice(keys, min(args.rows, keys.size), replace=False)
+        grads = rng.normal(0, 0.01, (touched.size, table.config.dim)).astype(np.float32)
+        table.apply_gradients_host(touched, grads, step=step)
+    pusher.stop(final_push=False)
+    print(f"sync load done {pusher.stats}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
