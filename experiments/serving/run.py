@@ -203,7 +203,7 @@ def produce_paced(bootstrap: str, stream, rate: float, seconds: float, prober: P
     from monolith_jax.online import messages_pb2 as pb
     from monolith_jax.sparse.keys import hash_strings
 
-    producer = Producer(K.producer_config(bootstrap, **{"linger.ms": 1}))
+    producer = Producer(K.producer_config(bootstrap, **{"linger.ms": 5}))
     t0 = time.monotonic()
     next_probe = t0 + warmup_s
     sent = probes = 0
@@ -328,6 +328,7 @@ def sync_cost(history: list, row_dim: int = ROW_DIM) -> dict:
             "bytes_per_sync_median": float(np.median(sent)),
             "over_touched_median": float(np.median(sent / (rows * row_bytes))),
             "over_touched_max": float(np.max(sent / (rows * row_bytes))),
+            "over_touched_total": float(sent.sum() / (rows.sum() * row_bytes)),
             "full_copy_bytes_median": float(np.median(full)),
             "share_of_full_copy_median": float(np.median(sent / full))}
 

@@ -39,6 +39,8 @@ def main(argv=None) -> int:
     p.add_argument("--dense-sync-interval", type=float, default=30.0, help="seconds between dense syncs")
     p.add_argument("--export", default=None,
                    help="write the exported model here at start (for a predictor) and again at exit")
+    p.add_argument("--no-warmup", action="store_true",
+                   help="skip compiling every batch bucket before the first example")
     p.add_argument("--metrics", default=None, help="append metrics as JSON lines to this file")
     p.add_argument("--summary", default=None, help="write the final summary as JSON to this file")
     args = p.parse_args(argv)
@@ -54,7 +56,7 @@ def main(argv=None) -> int:
                                                     "dead_letters": args.topic_dead_letters},
                            args.group, batch_size=args.batch, max_wait_s=args.max_wait,
                            serving_ps=args.serving_ps, sparse_sync_interval_s=args.sync_interval,
-                           dense_sync_interval_s=args.dense_sync_interval)
+                           dense_sync_interval_s=args.dense_sync_interval, warmup=not args.no_warmup)
     if args.export:
         from monolith_jax.export import export_model
 

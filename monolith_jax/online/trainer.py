@@ -105,7 +105,8 @@ class OnlineTrainer:
                  batch_size: int = 1024, max_wait_s: float = 0.5, prequential: bool = True,
                  auc_window: int = 50_000, consumer_extra: dict | None = None, out=print,
                  serving_ps: str | None = None, sparse_sync_interval_s: float = 2.0, sync_dtype: str = "float32",
-                 trainer_id: str | None = None, dense_sync_interval_s: float = 30.0, min_bucket: int = 64):
+                 trainer_id: str | None = None, dense_sync_interval_s: float = 30.0, min_bucket: int = 64,
+                 warmup: bool = False):
         from confluent_kafka import Consumer, Producer
 
         self.trainer = trainer
@@ -145,6 +146,7 @@ class OnlineTrainer:
         self._revoked = False
         self._committed: dict = {}  # partition -> TopicPartition(next offset) of trained messages
         self._assigned: set = set()
+        self.warmup_s = self.warmup() if warmup else None
 
     # ---------------------------------------------------------- rebalance
     def _on_assign(self, consumer, partitions) -> None:
@@ -161,6 +163,32 @@ class OnlineTrainer:
         self._assigned -= {(p.topic, p.partition) for p in partitions}
 
     # -------------------------------------------------------------- steps
+    def buckets(self) -> list:
+        """The batch sizes `shrink` pads to: powers of two from min_bucket, and batch_size."""
+        sizes, b = [], self.min_bucket
+        while b < self.batch_size:
+            sizes.append(b)
+            b *= 2
+        return sizes + [self.batch_size]
+
+    def warmup(self) -> float:
+        """Compiles the training step and the scoring for every bucket before
+        the first example, so that no batch of a new size waits seconds for
+        XLA mid-stream (a freshness spike). The steps run on all-padding
+        batches (weight 0: zero gradients) and their results are dropped,
+        so the model does not change. Returns the seconds spent."""
+        import jax
+
+        t0 = time.perf_counter()
+        empty = self.decoder.batch(self.batch_size).finish()[0]
+        for size in self.buckets():
+            batch = shrink(empty, size, size)
+            out = self.trainer._train(self.trainer.params, self.trainer.opt_state, batch, 0)
+            jax.block_until_ready(out[:3])
+            if self.prequential:
+                self.trainer.predict(batch)
+        return time.perf_counter() - t0
+
     def _fill(self, deadline_s: float):
         """Fills one batch from the stream: until it is full, `max_wait_s`
         has passed since its first example, or `deadline_s`. Returns
