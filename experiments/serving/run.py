@@ -203,7 +203,10 @@ def produce_paced(bootstrap: str, stream, rate: float, seconds: float, prober: P
     from monolith_jax.online import messages_pb2 as pb
     from monolith_jax.sparse.keys import hash_strings
 
-    producer = Producer(K.producer_config(bootstrap, **{"linger.ms": 5}))
+    # The bulk goes in batches of up to 50 ms (as many clients' producers
+    # would send it; it also keeps the embedded cluster's per-fetch scan of
+    # its message sets short); each probe is flushed as it is produced.
+    producer = Producer(K.producer_config(bootstrap, **{"linger.ms": 50}))
     t0 = time.monotonic()
     next_probe = t0 + warmup_s
     sent = probes = 0
@@ -232,7 +235,7 @@ def produce_paced(bootstrap: str, stream, rate: float, seconds: float, prober: P
                                value=5.0).SerializeToString()
             t_action = time.time()
             K.produce(producer, K.TOPICS["actions"], action, prid)
-            producer.poll(0)
+            producer.flush(5)
             prober.add(probes, key, t_action)
             probes += 1
     producer.flush(30)
@@ -308,7 +311,10 @@ def freshness(ratings, rate: float = 3000.0, seconds: float = 120.0, sync_interv
     lat = list(prober.latency.values())
     stages = {name: percentiles([st[name] for st in prober.stages.values() if name in st])
               for name in ("example", "serving_ps")}
-    return {"cores_used": cpu, "stages_s": stages, "probe_stages": prober.stages, "log_tails": {k: v[-40:] for k, v in logs.items()},"rate": rate, "seconds": seconds, "sync_interval_s": sync_interval_s, "dense_interval_s": dense_interval_s,
+    # What follows Kafka: example in the topic -> prediction using the row.
+    stages["example_to_served"] = percentiles([prober.latency[p] - st["example"] for p, st in prober.stages.items()
+                                               if "example" in st and p in prober.latency])
+    return {"cores_used": cpu, "stages_s": stages, "probe_stages": prober.stages, "log_tails": {k: v[-5:] for k, v in logs.items()},"rate": rate, "seconds": seconds, "sync_interval_s": sync_interval_s, "dense_interval_s": dense_interval_s,
             "produced": produced, "freshness_s": percentiles(lat), "missed_probes": len(prober.missed),
             "latencies": lat, "trained": {k: v for k, v in trained.items() if k != "sync_history"},
             "sync_cost": sync_cost(trained["sync_history"]), "serving": extra}
@@ -377,12 +383,16 @@ def serving(ratings, ps_port: int, pred_port: int, rows_per_sync: int, seconds: 
             out=print) -> dict:
     """Batch 1 and 256 through the predictor, without and with syncs arriving."""
     address = f"127.0.0.1:{pred_port}"
+    users, items = R.entity_keys(ratings)
+    keys_path = os.path.join(tempfile.mkdtemp(prefix="monolith-sync-load-"), "keys.npy")
+    np.save(keys_path, np.unique(np.concatenate([*users.values(), items["movie"], items["year"], *items["genres"]])))
     result = {}
     for label in ("no_syncs", "syncs"):
         load = None
         if label == "syncs":
             load, _ = start([sys.executable, "-m", "experiments.serving.sync_load", "--serving-ps",
-                             f"127.0.0.1:{ps_port}", "--rows", str(rows_per_sync)], "pushing to")
+                             f"127.0.0.1:{ps_port}", "--rows", str(rows_per_sync), "--keys", keys_path],
+                            "pushing to")
             time.sleep(3)  # its first (full) push is in; deltas from here on
         try:
             for batch in (1, 256):

@@ -1,9 +1,9 @@
 """A sync load for the serving benchmark: a stand-in trainer that pushes touched rows.
 
-    python -m experiments.serving.sync_load --serving-ps HOST:PORT --rows N [--interval 1] [--dense-interval 10]
+    python -m experiments.serving.sync_load --serving-ps HOST:PORT --rows N --keys KEYS.npy [--interval 1]
 
-It holds the MovieLens DeepFM's table with a row for every id of the data
-set, and every `interval` seconds applies a gradient step to `rows` random
+It holds the MovieLens DeepFM's table with a row for every key in KEYS.npy
+(the ids of the data set), and every `interval` seconds applies a gradient step to `rows` random
 ids of it, so that each sparse sync carries that many touched rows (the
 live loop's figure); the dense params go every `dense-interval` seconds.
 The pushes are the trainer's own (`SyncPusher`); only the training is
@@ -23,19 +23,19 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--serving-ps", required=True)
     p.add_argument("--rows", type=int, required=True, help="touched rows per sync")
+    p.add_argument("--keys", required=True, help=".npy file of the uint64 keys the table holds")
     p.add_argument("--interval", type=float, default=1.0)
     p.add_argument("--dense-interval", type=float, default=10.0)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
-    from monolith_jax.data import load_movielens_1m
     from monolith_jax.export import dense_arrays
-    from monolith_jax.online import replay as R
     from monolith_jax.online.loop import movielens_trainer
     from monolith_jax.online.sync import SyncPusher
 
-    users, items = R.entity_keys(load_movielens_1m())
-    keys = np.unique(np.concatenate([*users.values(), items["movie"], items["year"], *items["genres"]]))
+    keys = np.load(args.keys, allow_pickle=False)
+    if keys.dtype != np.uint64 or keys.ndim != 1:
+        raise SystemExit(f"--keys must hold a 1-d uint64 array, got {keys.dtype}{keys.shape}")
     trainer = movielens_trainer(args.seed, out=lambda *a, **k: None)
     table = trainer.tables["ids"]
     table.lookup_host(keys)
