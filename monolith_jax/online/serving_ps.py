@@ -106,6 +106,33 @@ class ServingTables:
             n += keys.size
         return n
 
+    def load_snapshot(self, directory: str) -> int | None:
+        """Fills the tables from the newest good trainer snapshot in
+        `directory` (values only), so that a restarted server answers with
+        recent rows before the trainer's full copy arrives. Returns the
+        snapshot's step, or None if there is none."""
+        from monolith_jax.snapshot import Snapshots
+
+        snaps = Snapshots(directory, every_s=None)
+        try:
+            found = snaps.load(tables_only=True)
+        finally:
+            snaps.close()
+        if found is None:
+            return None
+        step, _, tables, meta = found
+        for i, name in enumerate(meta["names"]["tables"]):
+            if name in self.dims:
+                dump = tables[f"t{i}"]
+                if dump["values"].shape[1] != self.dims[name]:
+                    raise ValueError(f"snapshot table {name!r} has dim {dump['values'].shape[1]}, "
+                                     f"this server {self.dims[name]}")
+                fresh = self._new(name)
+                fresh.assign(dump["keys"], dump["values"])
+                with self._lock:
+                    self.tables[name] = fresh
+        return step
+
     def lookup(self, table: str, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         t = self.tables.get(table)
         if t is None:
@@ -191,13 +218,17 @@ def make_servicer(state: ServingTables):
     return Servicer()
 
 
-def serve(dims: dict, port: int = 0, host: str = "127.0.0.1", workers: int = 8):
-    """Starts the service; returns (grpc server, bound port, state)."""
+def serve(dims: dict, port: int = 0, host: str = "127.0.0.1", workers: int = 8, snapshot_dir: str | None = None):
+    """Starts the service (its tables first filled from the newest trainer
+    snapshot in `snapshot_dir`, if given); returns (grpc server, bound port, state)."""
     import grpc
 
     from monolith_jax.online import serving_pb2_grpc as pbg
 
     state = ServingTables(dims)
+    if snapshot_dir:
+        step = state.load_snapshot(snapshot_dir)
+        log.info("serving tables from snapshot %s in %s", step, snapshot_dir)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers),
                          options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
@@ -224,9 +255,10 @@ def main(argv=None) -> int:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0, help="0: any free port (printed)")
     p.add_argument("--table", action="append", required=True, help="NAME:DIM, once per table")
+    p.add_argument("--snapshot-dir", default=None, help="start from the newest trainer snapshot here")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    server, port, _ = serve(parse_tables(args.table), args.port, args.host)
+    server, port, _ = serve(parse_tables(args.table), args.port, args.host, snapshot_dir=args.snapshot_dir)
     print(f"serving PS listening on {args.host}:{port}", flush=True)
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())

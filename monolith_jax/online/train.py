@@ -7,7 +7,9 @@ On exit (idle timeout, `--max-examples`, SIGTERM) it prints a JSON summary
 line `trainer done {...}` and, with `--summary`, writes it to a file. With
 `--serving-ps` it pushes touched rows and dense params there; with
 `--export DIR` it writes the exported model (`monolith_jax.export`) for a
-predictor.
+predictor. With `--snapshot-dir` it snapshots everything (Orbax) by time
+or steps and on SIGTERM, commits offsets only with a complete snapshot,
+and resumes from the newest good one after a crash.
 """
 
 from __future__ import annotations
@@ -39,6 +41,11 @@ def main(argv=None) -> int:
     p.add_argument("--dense-sync-interval", type=float, default=30.0, help="seconds between dense syncs")
     p.add_argument("--export", default=None,
                    help="write the exported model here at start (for a predictor) and again at exit")
+    p.add_argument("--snapshot-dir", default=None,
+                   help="Orbax snapshots here; resume from the newest; offsets committed only with a snapshot")
+    p.add_argument("--snapshot-every-s", type=float, default=60.0, help="seconds between snapshots")
+    p.add_argument("--snapshot-every-steps", type=int, default=None, help="steps between snapshots")
+    p.add_argument("--keep-snapshots", type=int, default=3)
     p.add_argument("--no-warmup", action="store_true",
                    help="skip compiling every batch bucket before the first example")
     p.add_argument("--metrics", default=None, help="append metrics as JSON lines to this file")
@@ -52,11 +59,18 @@ def main(argv=None) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     trainer = movielens_trainer(args.seed, metrics_path=args.metrics)
+    snapshots = None
+    if args.snapshot_dir:
+        from monolith_jax.snapshot import Snapshots
+
+        snapshots = Snapshots(args.snapshot_dir, every_s=args.snapshot_every_s, every_steps=args.snapshot_every_steps,
+                              keep=args.keep_snapshots)
     online = OnlineTrainer(trainer, args.bootstrap, {"examples": args.topic_examples,
                                                     "dead_letters": args.topic_dead_letters},
                            args.group, batch_size=args.batch, max_wait_s=args.max_wait,
                            serving_ps=args.serving_ps, sparse_sync_interval_s=args.sync_interval,
-                           dense_sync_interval_s=args.dense_sync_interval, warmup=not args.no_warmup)
+                           dense_sync_interval_s=args.dense_sync_interval, warmup=not args.no_warmup,
+                           snapshots=snapshots)
     if args.export:
         from monolith_jax.export import export_model
 
@@ -70,6 +84,8 @@ def main(argv=None) -> int:
         with open(args.summary, "w", encoding="utf-8") as f:
             f.write(line)
     print("trainer done " + line, flush=True)
+    if snapshots is not None:
+        snapshots.close()
     trainer.close()
     return 0
 

@@ -22,6 +22,13 @@ the commit of the batch just trained had not reached the broker when the
 rebalance began (at most one batch; exactly-once needs the snapshots that
 hold offsets with the model).
 
+With `snapshots` (`monolith_jax.snapshot.Snapshots`) offsets are instead
+committed only once a snapshot holding them (and everything trained
+before them) is complete on disk; a trainer started on the same folder
+restores the newest good snapshot and seeks each partition to its offset,
+so a crash (even SIGKILL) loses nothing and trains nothing twice. A clean
+stop takes a last snapshot.
+
 Malformed examples go to the dead-letter topic with the reason, are
 counted, and never stop training.
 """
@@ -106,7 +113,7 @@ class OnlineTrainer:
                  auc_window: int = 50_000, consumer_extra: dict | None = None, out=print,
                  serving_ps: str | None = None, sparse_sync_interval_s: float = 2.0, sync_dtype: str = "float32",
                  trainer_id: str | None = None, dense_sync_interval_s: float = 30.0, min_bucket: int = 64,
-                 warmup: bool = False):
+                 warmup: bool = False, snapshots=None):
         from confluent_kafka import Consumer, Producer
 
         self.trainer = trainer
@@ -146,12 +153,35 @@ class OnlineTrainer:
         self._revoked = False
         self._committed: dict = {}  # partition -> TopicPartition(next offset) of trained messages
         self._assigned: set = set()
+        # With snapshots, offsets are committed only once a snapshot holding
+        # them is complete, and a restart resumes from the newest one.
+        self.snapshots = snapshots
+        self._resume: dict = {}     # (topic, partition) -> offset to seek to on assignment
+        self.resumed_from = None
+        if snapshots is not None:
+            meta = snapshots.restore(trainer)
+            if meta is not None:
+                self.resumed_from = meta["step"]
+                self.examples = int(meta["examples"])
+                self.batches = int(meta["batches"])
+                self.max_event_ms = int(meta["max_event_ms"])
+                self.negative_rate = meta.get("negative_rate")
+                self._resume = {(t, int(p)): int(o) for t, parts in meta["offsets"].items() for p, o in parts.items()}
+                log.info("trainer resumes from snapshot %d: %d examples trained, offsets %s", meta["step"],
+                         self.examples, meta["offsets"])
         self.warmup_s = self.warmup() if warmup else None
 
     # ---------------------------------------------------------- rebalance
     def _on_assign(self, consumer, partitions) -> None:
         self._assigned = {(p.topic, p.partition) for p in partitions}
         log.info("trainer assigned %s", sorted(self._assigned))
+        if self._resume:
+            # Where the snapshot stopped, whatever was committed (a commit may
+            # have been lost, or an older snapshot used).
+            from confluent_kafka import TopicPartition
+
+            consumer.assign([TopicPartition(p.topic, p.partition, self._resume.get((p.topic, p.partition), p.offset))
+                             for p in partitions])
 
     def _on_revoke(self, consumer, partitions) -> None:
         # Inside consume(): drop the batch being filled and what was fetched
@@ -267,11 +297,41 @@ class OnlineTrainer:
             done = [TopicPartition(topic, int(p), int(offs[parts == p].max()) + 1) for p in np.unique(parts)]
             for tp in done:
                 self._committed[tp.partition] = tp
-            try:
-                self.consumer.commit(offsets=done, asynchronous=True)
-            except Exception as err:
-                log.warning("commit failed: %s", err)
+                self._resume.pop((tp.topic, tp.partition), None)
+            if self.snapshots is None:
+                self._commit(done, asynchronous=True)
+        if self.snapshots is not None and self.snapshots.due(self.trainer.step_count):
+            self._snapshot()
         return rows
+
+    # ---------------------------------------------------------- snapshots
+    def _commit(self, offsets: list, asynchronous: bool) -> None:
+        try:
+            self.consumer.commit(offsets=offsets, asynchronous=asynchronous)
+        except Exception as err:
+            log.warning("commit failed: %s", err)
+
+    def _snapshot(self) -> None:
+        """Starts a snapshot of everything trained so far and the offsets after it."""
+        offsets: dict = {}
+        for tp in self._committed.values():
+            offsets.setdefault(tp.topic, {})[str(tp.partition)] = tp.offset
+        for (topic, p), off in self._resume.items():  # partitions not read since the restore
+            offsets.setdefault(topic, {}).setdefault(str(p), off)
+        self.snapshots.save(self.trainer.step_count, self.trainer, {
+            "offsets": offsets, "examples": self.examples, "batches": self.batches,
+            "max_event_ms": self.max_event_ms, "negative_rate": self.negative_rate,
+            "trained_examples": self.trainer.examples})
+
+    def _commit_snapshots(self, wait: bool = False) -> None:
+        """Commits the offsets of a snapshot that has completed."""
+        from confluent_kafka import TopicPartition
+
+        meta = self.snapshots.wait() if wait else self.snapshots.completed()
+        if meta is not None:
+            done = [TopicPartition(t, int(p), int(o)) for t, parts in meta["offsets"].items() for p, o in parts.items()]
+            if done:
+                self._commit(done, asynchronous=not wait)
 
     # ---------------------------------------------------------------- run
     def run(self, max_examples: int | None = None, idle_timeout_s: float | None = None,
@@ -303,6 +363,8 @@ class OnlineTrainer:
                     self._train(*filled)
                     last_data = self._t_last = time.monotonic()
                 self.producer.poll(0)
+                if self.snapshots is not None:
+                    self._commit_snapshots()
                 now = time.monotonic()
                 if report_every_s and now - last_report >= report_every_s:
                     rate = (self.examples - seen_at_report) / (now - last_report)
@@ -315,11 +377,13 @@ class OnlineTrainer:
 
                 jax.block_until_ready(self.trainer.params)  # the rate counts finished steps only
                 self._t_last = time.monotonic()
-            if self._committed:
-                try:
-                    self.consumer.commit(offsets=list(self._committed.values()), asynchronous=False)
-                except Exception as err:
-                    log.warning("final commit: %s", err)
+            if self.snapshots is not None:
+                # A snapshot on a clean stop (SIGTERM, end of stream), then its offsets.
+                if self.trainer.step_count != self.snapshots.last_step:
+                    self._snapshot()
+                self._commit_snapshots(wait=True)
+            elif self._committed:
+                self._commit(list(self._committed.values()), asynchronous=False)
             self.consumer.close()
             self.producer.flush(10)
             if self.pusher is not None:
@@ -330,6 +394,10 @@ class OnlineTrainer:
         history = [dict(zip(("time", "full", "rows", "bytes", "table_rows"), h)) for h in self.pusher.history] \
             if self.pusher is not None else []
         return {"examples": self.examples, "batches": self.batches, "seconds": seconds, "sync": sync,
+                "resumed_from": self.resumed_from,
+                "snapshots": None if self.snapshots is None else
+                {"saved": self.snapshots.saved, "save_seconds": round(self.snapshots.save_seconds, 3),
+                 "steps": self.snapshots.steps()},
                 "sync_history": history,
                 "table_rows": {name: len(t) for name, t in self.trainer.tables.items()},
                 "examples_per_s": (self.examples - start_examples) / active,

@@ -1,0 +1,252 @@
+"""Snapshots: Orbax checkpoints of a trainer's whole state, resumed with nothing lost.
+
+    snaps = Snapshots("snapshots/", every_s=60, keep=3)
+    meta = snaps.restore(trainer)          # latest complete, checked snapshot (None: none yet)
+    snaps.save(trainer.step_count, trainer, {"offsets": {...}})   # async: training goes on
+    done = snaps.completed()               # the meta of a save that has finished, once
+
+One snapshot is one Orbax checkpoint (a `CheckpointManager` step) of three
+items:
+
+    dense    the dense params and optimizer state, as arrays "0", "1", ...
+             in the pytrees' flatten order
+    tables   per table ("t0", "t1", ... in name order) its `dump()`: keys,
+             values, optimizer slots, row metadata, touched marks, the
+             admission filter's counters and the clock, as large arrays
+    meta     JSON: what the caller adds (stream offsets per partition, the
+             trainer's examples and event time, ...), the step, and for
+             every array its dtype, shape and CRC-32
+
+Orbax writes a checkpoint under a temporary name and renames it when every
+item is written, so a snapshot is either complete or not listed. Restore
+also checks every array against its CRC-32: a corrupt or unreadable newest
+snapshot is reported in one log line, moved aside (`<step>.corrupt`) and
+the one before it is used. Every file is arrays or JSON; nothing is
+pickled.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import zlib
+
+import numpy as np
+
+log = logging.getLogger("monolith_jax.snapshot")
+
+FORMAT_VERSION = 1
+
+
+class CorruptSnapshot(RuntimeError):
+    pass
+
+
+def _crc(a: np.ndarray) -> int:
+    a = np.ascontiguousarray(a)
+    return zlib.crc32(memoryview(a.reshape(-1).view(np.uint8))) if a.size else 0
+
+
+def pack(arrays: dict, prefix: str = "") -> tuple[dict, dict]:
+    """Nested dict of arrays -> (the non-empty ones, for Orbax, which refuses
+    zero-size arrays; spec: path -> dtype, shape, crc32 of every array)."""
+    kept, spec = {}, {}
+    for name, a in arrays.items():
+        path = f"{prefix}{name}"
+        if isinstance(a, dict):
+            sub, sub_spec = pack(a, path + "/")
+            if sub:
+                kept[name] = sub
+            spec.update(sub_spec)
+            continue
+        a = np.asarray(a)
+        spec[path] = {"dtype": a.dtype.name, "shape": list(a.shape), "crc32": _crc(a)}
+        if a.size:
+            kept[name] = a
+    return kept, spec
+
+
+def unpack(restored: dict, spec: dict, prefix: str) -> dict:
+    """The arrays under `prefix` from a restored item, empty ones rebuilt,
+    every one checked against the spec."""
+    out: dict = {}
+    for path, s in spec.items():
+        if not path.startswith(prefix):
+            continue
+        parts = path[len(prefix):].split("/")
+        node = restored
+        for p in parts:
+            node = node.get(p) if isinstance(node, dict) else None
+            if node is None:
+                break
+        if node is None:
+            if int(np.prod(s["shape"])) != 0:
+                raise CorruptSnapshot(f"array {path} is missing")
+            a = np.zeros(s["shape"], np.dtype(s["dtype"]) if s["dtype"] != "bfloat16" else np.float32)
+        else:
+            a = np.asarray(node)
+        if a.dtype.name != s["dtype"] or list(a.shape) != s["shape"]:
+            raise CorruptSnapshot(f"array {path} is {a.dtype.name}{list(a.shape)}, expected {s['dtype']}{s['shape']}")
+        if _crc(a) != s["crc32"]:
+            raise CorruptSnapshot(f"array {path} fails its CRC-32 check")
+        target = out
+        for p in parts[:-1]:
+            target = target.setdefault(p, {})
+        target[parts[-1]] = a
+    return out
+
+
+def trainer_arrays(trainer) -> tuple[dict, dict, dict]:
+    """(dense arrays, table arrays, names) of a Trainer, as host copies."""
+    import jax
+
+    params = jax.tree_util.tree_flatten_with_path(trainer.params)[0]
+    opt = jax.tree.leaves(trainer.opt_state)
+    dense = {"params": {str(i): np.asarray(jax.device_get(v)) for i, (_, v) in enumerate(params)},
+             "opt": {str(i): np.asarray(jax.device_get(v)) for i, v in enumerate(opt)}}
+    names = sorted(trainer.tables)
+    tables = {}
+    for i, name in enumerate(names):
+        dump = trainer.tables[name].dump()
+        dump["clock"] = np.asarray(dump["clock"], np.int64)
+        tables[f"t{i}"] = dump
+    return dense, tables, {"tables": names, "params": [jax.tree_util.keystr(p) for p, _ in params],
+                           "opt_leaves": len(opt)}
+
+
+class Snapshots:
+    """Snapshots of a trainer in `directory`, by time (`every_s`) and/or
+    steps (`every_steps`), the newest `keep` kept."""
+
+    def __init__(self, directory: str, every_s: float | None = 60.0, every_steps: int | None = None,
+                 keep: int = 3, async_save: bool = True):
+        import orbax.checkpoint as ocp
+
+        self.directory = os.path.abspath(directory)
+        self.every_s, self.every_steps = every_s, every_steps
+        self.manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, enable_async_checkpointing=async_save, create=True, cleanup_tmp_directories=True))
+        self._pending = None            # meta of the save in flight
+        self._last_t = time.monotonic()
+        self._last_step = None
+        self.saved = 0
+        self.save_seconds = 0.0         # time the caller's thread spent in save()
+
+    # --------------------------------------------------------------- save
+    @property
+    def last_step(self):
+        """The step of the last snapshot saved or restored (None: none yet)."""
+        return self._last_step
+
+    def due(self, step: int) -> bool:
+        if self._last_step is not None and step == self._last_step:
+            return False
+        if self.every_steps and (self._last_step is None or step - self._last_step >= self.every_steps):
+            return True
+        return bool(self.every_s) and time.monotonic() - self._last_t >= self.every_s
+
+    def save(self, step: int, trainer, meta: dict) -> bool:
+        """Starts an async snapshot of `trainer` at `step` with `meta`
+        (JSON). The arrays are host copies taken now; writing goes on in
+        the background. False if `step` is already saved."""
+        import orbax.checkpoint as ocp
+
+        if step in self.manager.all_steps() or step == self._last_step:
+            return False
+        t0 = time.perf_counter()
+        dense, tables, names = trainer_arrays(trainer)
+        dense_kept, dense_spec = pack(dense, "dense/")
+        tables_kept, tables_spec = pack(tables, "tables/")
+        meta = {**meta, "format_version": FORMAT_VERSION, "step": step, "time": time.time(), "names": names,
+                "arrays": {**dense_spec, **tables_spec}}
+        self.manager.save(step, args=ocp.args.Composite(
+            dense=ocp.args.StandardSave(dense_kept), tables=ocp.args.StandardSave(tables_kept),
+            meta=ocp.args.JsonSave(meta)), force=True)
+        self._pending = meta
+        self._last_step, self._last_t = step, time.monotonic()
+        self.saved += 1
+        self.save_seconds += time.perf_counter() - t0
+        return True
+
+    def completed(self) -> dict | None:
+        """The meta of the last save, once it is complete on disk (else None)."""
+        if self._pending is None or self.manager.is_saving_in_progress():
+            return None
+        self.manager.check_for_errors()
+        meta, self._pending = self._pending, None
+        return meta
+
+    def wait(self) -> dict | None:
+        self.manager.wait_until_finished()
+        return self.completed()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+    # ------------------------------------------------------------ restore
+    def steps(self) -> list:
+        return sorted(self.manager.all_steps())
+
+    def load(self, tables_only: bool = False) -> tuple[int, dict, dict, dict] | None:
+        """(step, dense arrays, table arrays, meta) of the newest snapshot
+        that reads back whole and passes its checks; None if there is none."""
+        import orbax.checkpoint as ocp
+
+        for step in reversed(self.steps()):
+            try:
+                meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+                if meta.get("format_version", 0) > FORMAT_VERSION:
+                    raise CorruptSnapshot(f"format {meta.get('format_version')} is newer than this reader's")
+                items = {"tables": ocp.args.StandardRestore()}
+                if not tables_only:
+                    items["dense"] = ocp.args.StandardRestore()
+                got = self.manager.restore(step, args=ocp.args.Composite(**items))
+                spec = meta["arrays"]
+                tables = unpack(got["tables"], spec, "tables/")
+                dense = {} if tables_only else unpack(got["dense"], spec, "dense/")
+                return step, dense, tables, meta
+            except Exception as err:
+                log.error("snapshot %d in %s is unusable (%s: %s); moving it aside and using the one before",
+                          step, self.directory, type(err).__name__, err)
+                self._set_aside(step)
+        return None
+
+    def _set_aside(self, step: int) -> None:
+        path = os.path.join(self.directory, str(step))
+        if os.path.exists(path):
+            os.replace(path, f"{path}.corrupt-{int(time.time())}")
+        self.manager.reload()
+
+    def restore(self, trainer) -> dict | None:
+        """Loads the newest good snapshot into `trainer` (dense params,
+        optimizer state, step, every table); returns its meta, or None."""
+        import jax
+
+        found = self.load()
+        if found is None:
+            return None
+        step, dense, tables, meta = found
+        names = meta["names"]
+        if sorted(trainer.tables) != names["tables"]:
+            raise ValueError(f"snapshot {step} holds tables {names['tables']}, the trainer has {sorted(trainer.tables)}")
+        leaves, treedef = jax.tree_util.tree_flatten(trainer.params)
+        opt_leaves, opt_def = jax.tree_util.tree_flatten(trainer.opt_state)
+        params = [dense["params"][str(i)] for i in range(len(leaves))] if leaves else []
+        opt = [dense["opt"][str(i)] for i in range(len(opt_leaves))] if opt_leaves else []
+        for new, old in zip(params + opt, leaves + opt_leaves):
+            if new.shape != old.shape or new.dtype != old.dtype:
+                raise ValueError(f"snapshot {step} does not fit this model: {new.dtype}{new.shape} "
+                                 f"where the model has {old.dtype}{old.shape}")
+        trainer.params = jax.tree_util.tree_unflatten(treedef, [jax.device_put(p) for p in params])
+        trainer.opt_state = jax.tree_util.tree_unflatten(opt_def, [jax.device_put(p) for p in opt])
+        for i, name in enumerate(names["tables"]):
+            dump = dict(tables[f"t{i}"])
+            dump["clock"] = int(dump["clock"])
+            trainer.tables[name].load(dump)
+        trainer.step_count = int(meta["step"])
+        trainer.examples = int(meta.get("trained_examples", trainer.examples))
+        self._last_step = step
+        log.info("resumed from snapshot %d in %s", step, self.directory)
+        return meta
