@@ -2,7 +2,7 @@
 
     snaps = Snapshots("snapshots/", every_s=60, keep=3)
     meta = snaps.restore(trainer)          # latest complete, checked snapshot (None: none yet)
-    snaps.save(trainer.step_count, trainer, {"offsets": {...}})   # async: training goes on
+    snaps.save(trainer.step_count, trainer, {"offsets": {...}})   # copies, then writes in the background
     done = snaps.completed()               # the meta of a save that has finished, once
 
 One snapshot is one Orbax checkpoint (a `CheckpointManager` step) of three
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 import zlib
 
@@ -127,7 +128,9 @@ class Snapshots:
         self.every_s, self.every_steps = every_s, every_steps
         self.manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
             max_to_keep=keep, enable_async_checkpointing=async_save, create=True, cleanup_tmp_directories=True))
-        self._pending = None            # meta of the save in flight
+        self._worker = None             # the thread writing the last save
+        self._done = None               # meta of a finished save not yet reported
+        self._error = None
         self._last_t = time.monotonic()
         self._last_step = None
         self.saved = 0
@@ -147,41 +150,63 @@ class Snapshots:
         return bool(self.every_s) and time.monotonic() - self._last_t >= self.every_s
 
     def save(self, step: int, trainer, meta: dict) -> bool:
-        """Starts an async snapshot of `trainer` at `step` with `meta`
-        (JSON). The arrays are host copies taken now; writing goes on in
-        the background. False if `step` is already saved."""
-        import orbax.checkpoint as ocp
-
+        """Starts a snapshot of `trainer` at `step` with `meta` (JSON). The
+        calling thread only takes the host copies (`dump()` of each table,
+        the dense arrays): checksums and writing go on in a background
+        thread. A save still running from before is waited for first. False
+        if `step` is already saved."""
         if step in self.manager.all_steps() or step == self._last_step:
             return False
+        self._join()
         t0 = time.perf_counter()
         dense, tables, names = trainer_arrays(trainer)
-        dense_kept, dense_spec = pack(dense, "dense/")
-        tables_kept, tables_spec = pack(tables, "tables/")
-        meta = {**meta, "format_version": FORMAT_VERSION, "step": step, "time": time.time(), "names": names,
-                "arrays": {**dense_spec, **tables_spec}}
-        self.manager.save(step, args=ocp.args.Composite(
-            dense=ocp.args.StandardSave(dense_kept), tables=ocp.args.StandardSave(tables_kept),
-            meta=ocp.args.JsonSave(meta)), force=True)
-        self._pending = meta
         self._last_step, self._last_t = step, time.monotonic()
+        self._worker = threading.Thread(target=self._write, args=(step, dense, tables, names, meta),
+                                        name="monolith-snapshot", daemon=True)
+        self._worker.start()
         self.saved += 1
         self.save_seconds += time.perf_counter() - t0
         return True
 
+    def _write(self, step, dense, tables, names, meta) -> None:
+        import orbax.checkpoint as ocp
+
+        try:
+            dense_kept, dense_spec = pack(dense, "dense/")
+            tables_kept, tables_spec = pack(tables, "tables/")
+            meta = {**meta, "format_version": FORMAT_VERSION, "step": step, "time": time.time(), "names": names,
+                    "arrays": {**dense_spec, **tables_spec}}
+            self.manager.save(step, args=ocp.args.Composite(
+                dense=ocp.args.StandardSave(dense_kept), tables=ocp.args.StandardSave(tables_kept),
+                meta=ocp.args.JsonSave(meta)), force=True)
+            self.manager.wait_until_finished()
+            self._done = meta
+        except Exception as err:  # reported by completed()/wait() on the caller's thread
+            self._error = err
+
+    def _join(self) -> None:
+        if self._worker is not None:
+            self._worker.join()
+            self._worker = None
+
     def completed(self) -> dict | None:
-        """The meta of the last save, once it is complete on disk (else None)."""
-        if self._pending is None or self.manager.is_saving_in_progress():
+        """The meta of the last save, once it is complete on disk (else None).
+        A save that failed raises here."""
+        if self._worker is not None and self._worker.is_alive():
             return None
-        self.manager.check_for_errors()
-        meta, self._pending = self._pending, None
+        self._join()
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise RuntimeError(f"snapshot failed: {err}") from err
+        meta, self._done = self._done, None
         return meta
 
     def wait(self) -> dict | None:
-        self.manager.wait_until_finished()
+        self._join()
         return self.completed()
 
     def close(self) -> None:
+        self._join()
         self.manager.wait_until_finished()
         self.manager.close()
 
