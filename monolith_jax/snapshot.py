@@ -145,7 +145,8 @@ class Snapshots:
     def due(self, step: int) -> bool:
         if self._last_step is not None and step == self._last_step:
             return False
-        if self.every_steps and (self._last_step is None or step - self._last_step >= self.every_steps):
+        last = self._last_step if self._last_step is not None else 0
+        if self.every_steps and step - last >= self.every_steps:
             return True
         return bool(self.every_s) and time.monotonic() - self._last_t >= self.every_s
 

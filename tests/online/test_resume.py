@@ -155,3 +155,35 @@ def test_killed_serving_ps_is_back_with_the_trainers_rows_within_one_sync_interv
         pusher.stop(final_push=False)
         proc.terminate()
         proc.wait(10)
+
+
+def test_sigterm_takes_a_last_snapshot_and_commits_its_offsets(tmp_path):
+    from confluent_kafka import Consumer, TopicPartition
+
+    from monolith_jax.online.broker import BrokerProcess
+
+    topic, n = "examples-term", BATCH * 20
+    with BrokerProcess() as bootstrap:
+        produce_examples(bootstrap, topic, n)
+        cmd = trainer_cmd(bootstrap, topic, "term", tmp_path / "snaps", tmp_path / "term.json")
+        cmd[cmd.index("--snapshot-every-steps") + 1] = "100000"   # no periodic snapshot
+        cmd[cmd.index("--idle-timeout") + 1] = "120"
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
+        reader = Consumer(K.consumer_config(bootstrap, "term"))
+        deadline = time.monotonic() + 120
+        while True:  # until the trainer's consumer has read the whole topic (its position is not committed yet)
+            time.sleep(0.5)
+            assert proc.poll() is None and time.monotonic() < deadline
+            if (tmp_path / "snaps").exists() and snapshot_steps(tmp_path / "snaps"):
+                raise AssertionError("a snapshot before SIGTERM")
+            if time.monotonic() > deadline - 100:   # ~20 s: the 20 batches are long trained
+                break
+        assert reader.committed([TopicPartition(topic, 0)], timeout=10)[0].offset < 0, "nothing committed yet"
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 0, out[-3000:]
+        assert snapshot_steps(tmp_path / "snaps") == [n // BATCH]
+        assert reader.committed([TopicPartition(topic, 0)], timeout=10)[0].offset == n
+        reader.close()
+    _, meta = final_state(tmp_path / "snaps")
+    assert meta["examples"] == n and meta["offsets"] == {topic: {"0": n}}
