@@ -105,10 +105,11 @@ class Prober:
         from confluent_kafka import Consumer
 
         from monolith_jax.online import serving_pb2_grpc as pbg
-        from monolith_jax.online.predictor import PredictorClient, _channel
+        from monolith_jax.online.predictor import PredictorClient
+        from monolith_jax.online.wire import channel
 
         self.client = PredictorClient(address)
-        self._ps_channel = _channel(ps_address)
+        self._ps_channel = channel(ps_address)
         self._ps = pbg.ServingPSStub(self._ps_channel)
         self.every_s, self.give_up_s = every_s, give_up_s
         self.pending: dict = {}   # probe -> (user key, wall time the action was produced)

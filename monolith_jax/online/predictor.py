@@ -33,24 +33,14 @@ import logging
 import signal
 import sys
 import threading
-from concurrent import futures
 
 import numpy as np
 
-from monolith_jax.online.wire import MAX_MESSAGE_BYTES, RequestError, array, tensors_from_proto
+from monolith_jax.online.wire import RequestError, array, channel, start_server, tensors_from_proto
 
 log = logging.getLogger("monolith_jax.online.predictor")
 
 _U64, _I32, _F32 = np.dtype(np.uint64), np.dtype(np.int32), np.dtype(np.float32)
-
-
-def _channel(address: str):
-    import grpc
-
-    return grpc.insecure_channel(address, options=[
-        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES), ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-        ("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
-        ("grpc.max_reconnect_backoff_ms", 1000)])
 
 
 def _bucket(n: int, cap: int) -> int:
@@ -79,7 +69,7 @@ class Predictor:
         self.dense_version = 0
         self.timeout_s = timeout_s
         self.dense_poll_s = dense_poll_s
-        self._channel = _channel(serving_ps)
+        self._channel = channel(serving_ps)
         self._ps = pbg.ServingPSStub(self._channel)
         self._lock = threading.Lock()
         self.stats = {"requests": 0, "predictions": 0, "ids": 0, "dense_updates": 0, "bad_requests": 0,
@@ -288,22 +278,14 @@ def make_servicer(predictor: Predictor):
 def serve(export_dir: str, serving_ps: str, port: int = 0, host: str = "127.0.0.1", workers: int = 8,
           warmup: bool = True, dense_poll_s: float = 0.5):
     """Starts the service; returns (grpc server, bound port, predictor)."""
-    import grpc
-
     from monolith_jax.online import serving_pb2_grpc as pbg
 
     predictor = Predictor(export_dir, serving_ps, dense_poll_s=dense_poll_s)
     if warmup:
         predictor.warmup()
     predictor.start()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers),
-                         options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                                  ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
-    pbg.add_PredictorServicer_to_server(make_servicer(predictor), server)
-    bound = server.add_insecure_port(f"{host}:{port}")
-    if not bound:
-        raise OSError(f"cannot bind {host}:{port}")
-    server.start()
+    server, bound = start_server(lambda s: pbg.add_PredictorServicer_to_server(make_servicer(predictor), s),
+                                 host, port, workers)
     return server, bound, predictor
 
 
@@ -314,7 +296,7 @@ class PredictorClient:
     def __init__(self, address: str, timeout_s: float = 10.0):
         from monolith_jax.online import serving_pb2_grpc as pbg
 
-        self._channel = _channel(address)
+        self._channel = channel(address)
         self._stub = pbg.PredictorStub(self._channel)
         self.timeout_s = timeout_s
         self._spec = None

@@ -26,11 +26,10 @@ import logging
 import signal
 import sys
 import threading
-from concurrent import futures
 
 import numpy as np
 
-from monolith_jax.online.wire import MAX_MESSAGE_BYTES, RequestError, array, dtype as _dtype, tensors_from_proto
+from monolith_jax.online.wire import RequestError, array, dtype as _dtype, start_server, tensors_from_proto
 from monolith_jax.sparse import SGD, TableConfig, Zeros
 from monolith_jax.sparse.table import EmbeddingTable
 
@@ -221,22 +220,14 @@ def make_servicer(state: ServingTables):
 def serve(dims: dict, port: int = 0, host: str = "127.0.0.1", workers: int = 8, snapshot_dir: str | None = None):
     """Starts the service (its tables first filled from the newest trainer
     snapshot in `snapshot_dir`, if given); returns (grpc server, bound port, state)."""
-    import grpc
-
     from monolith_jax.online import serving_pb2_grpc as pbg
 
     state = ServingTables(dims)
     if snapshot_dir:
         step = state.load_snapshot(snapshot_dir)
         log.info("serving tables from snapshot %s in %s", step, snapshot_dir)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers),
-                         options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                                  ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
-    pbg.add_ServingPSServicer_to_server(make_servicer(state), server)
-    bound = server.add_insecure_port(f"{host}:{port}")
-    if not bound:
-        raise OSError(f"cannot bind {host}:{port}")
-    server.start()
+    server, bound = start_server(lambda s: pbg.add_ServingPSServicer_to_server(make_servicer(state), s),
+                                 host, port, workers)
     return server, bound, state
 
 

@@ -41,9 +41,8 @@ class SyncPusher:
     def __init__(self, tables: dict, address: str, trainer_id: str = "trainer-0", interval_s: float = 2.0,
                  dtype: str = "float32", max_rows_per_message: int = 65_536, timeout_s: float = 10.0,
                  dense_source=None, dense_interval_s: float = 30.0, history: int = 10_000):
-        import grpc
-
         from monolith_jax.online import serving_pb2_grpc as pbg
+        from monolith_jax.online.wire import channel
 
         if dtype not in _NP:
             raise ValueError(f"dtype must be one of {sorted(_NP)}, got {dtype!r}")
@@ -53,12 +52,7 @@ class SyncPusher:
         self.dtype = dtype
         self.max_rows = max(int(max_rows_per_message), 1)
         self.timeout_s = timeout_s
-        # Reconnect within a second of a server coming back (gRPC's default
-        # backoff grows to two minutes).
-        self._channel = grpc.insecure_channel(address, options=[
-            ("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20),
-            ("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
-            ("grpc.max_reconnect_backoff_ms", 1000)])
+        self._channel = channel(address)
         self._stub = pbg.ServingPSStub(self._channel)
         self._pending: dict = {name: {} for name in self.tables}  # name -> {key: row}, unsent rows
         self.sequence = 0          # last push this trainer made

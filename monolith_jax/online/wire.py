@@ -17,6 +17,35 @@ FLOAT_DTYPES = ("float32", "float16", "bfloat16")
 MAX_MESSAGE_BYTES = 64 << 20
 
 
+def channel(address: str):
+    """A client channel to one of the services: large messages, and a
+    reconnect within a second of a server coming back (gRPC's default
+    backoff grows to two minutes)."""
+    import grpc
+
+    return grpc.insecure_channel(address, options=[
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES), ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", 1000)])
+
+
+def start_server(add_servicer, host: str, port: int, workers: int):
+    """A gRPC server with one servicer, bound and started; returns (server, bound port)."""
+    from concurrent import futures
+
+    import grpc
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers),
+                         options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                                  ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
+    add_servicer(server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if not bound:
+        raise OSError(f"cannot bind {host}:{port}")
+    server.start()
+    return server, bound
+
+
 class RequestError(ValueError):
     """A bad request; becomes INVALID_ARGUMENT."""
 
