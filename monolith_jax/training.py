@@ -31,7 +31,7 @@ from flax import nnx
 from monolith_jax.embedding import EmbeddingCollection, SparseFeatures
 from monolith_jax.features import DenseFeature, SparseBatch, SparseFeature
 from monolith_jax.metrics import auc, log_loss
-from monolith_jax.sparse import TableConfig
+from monolith_jax.sparse import Keys, TableConfig
 
 
 def calibration(labels, probs, weights=None) -> float:
@@ -61,6 +61,7 @@ class Trainer:
         self.out = out
         self._metrics = open(metrics_path, "a", encoding="utf-8") if metrics_path else None
         self._train = jax.jit(self._train_step)
+        self._dense = jax.jit(self._dense_step)
         self._logits = jax.jit(self._forward)
 
     @property
@@ -92,7 +93,41 @@ class Trainer:
         tokens = self.collection.apply(batch, g_rows, step)
         return params, opt_state, loss, logits, tokens
 
+    def _dense_step(self, params, opt_state, rows, batch: SparseBatch):
+        """The host-tables step's program: rows in, the dense update and the
+        rows' gradients out (no table call inside, so it runs on any device)."""
+        n = jnp.maximum(batch.weights.sum(), 1.0)
+
+        def loss_fn(params, rows):
+            logits = self._forward(params, rows, batch)
+            return jnp.sum(batch.weights * optax.sigmoid_binary_cross_entropy(logits, batch.labels)) / n
+
+        loss, (g_params, g_rows) = jax.value_and_grad(loss_fn, argnums=(0, 1))(params, rows)
+        if self.sparse_loss == "sum":
+            g_rows = jax.tree.map(lambda g: g * n, g_rows)
+        updates, opt_state = self.tx.update(g_params, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss, g_rows
+
     # ------------------------------------------------------------- driving
+    def train_step_host(self, batch: SparseBatch, stamp: int | None = None) -> float:
+        """One step with the tables on the host: rows are looked up from host
+        code (`table.lookup_host`), the jitted dense step (on whatever device
+        JAX uses) returns their gradients, and the tables apply them
+        (`table.apply_gradients_host`). The same update as `train_step`; the
+        path for accelerators and for tables in other processes (any object
+        with those two methods)."""
+        stamp = self.step_count if stamp is None else stamp
+        coll = self.collection
+        keys = {name: Keys(coll._table_words(batch, name)).to_numpy()
+                for name in coll.tables if coll.by_table[name]}
+        rows = {name: coll.tables[name].lookup_host(k) for name, k in keys.items()}
+        self.params, self.opt_state, loss, g_rows = self._dense(self.params, self.opt_state, rows, batch)
+        for name, g in g_rows.items():
+            coll.tables[name].apply_gradients_host(keys[name], np.asarray(g), step=stamp)
+        self.step_count += 1
+        self.examples += int(np.sum(batch.weights))
+        return loss
+
     def train_step(self, batch: SparseBatch, stamp: int | None = None) -> float:
         """One step; returns the batch's mean loss (before the update).
         stamp: the rows' `last_update` (event time in seconds for online
