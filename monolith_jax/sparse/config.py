@@ -391,3 +391,36 @@ class TableConfig:
             raise ValueError(f"TableConfig {self.name!r}: max_rows must be an int >= 0")
         if self.eviction not in EVICTIONS:
             raise ValueError(f"TableConfig {self.name!r}: eviction must be one of {EVICTIONS}")
+
+
+_KINDS = {cls.__name__: cls for cls in (*INITIALIZERS, *OPTIMIZERS, FrequencyFilter, ProbabilisticFilter)}
+
+
+def config_to_dict(config: TableConfig) -> dict:
+    """A TableConfig as plain JSON values (initializer, optimizer and
+    admission as {"kind": class name, **fields}): how a table's definition
+    travels to another process or into a file."""
+    out = {}
+    for f in dataclasses.fields(config):
+        v = getattr(config, f.name)
+        if dataclasses.is_dataclass(v):
+            v = {"kind": type(v).__name__, **dataclasses.asdict(v)}
+        out[f.name] = v
+    return out
+
+
+def config_from_dict(d: dict) -> TableConfig:
+    """The inverse of `config_to_dict`; unknown kinds and fields are refused."""
+    kwargs = {}
+    names = {f.name for f in dataclasses.fields(TableConfig)}
+    for key, v in d.items():
+        if key not in names:
+            raise ValueError(f"TableConfig has no field {key!r}")
+        if isinstance(v, dict):
+            v = dict(v)
+            kind = v.pop("kind", None)
+            if kind not in _KINDS:
+                raise ValueError(f"TableConfig field {key!r}: unknown kind {kind!r}; known: {sorted(_KINDS)}")
+            v = _KINDS[kind](**v)
+        kwargs[key] = v
+    return TableConfig(**kwargs)

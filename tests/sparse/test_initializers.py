@@ -47,3 +47,22 @@ def test_bad_initializers_are_refused():
         Uniform(1.0, 1.0)
     with pytest.raises(ValueError, match="stddev"):
         Normal(0.0, -1.0)
+
+
+def test_table_configs_round_trip_through_json():
+    import json
+
+    import pytest
+
+    from monolith_jax.sparse.config import (FTRL, Adam, FrequencyFilter, ProbabilisticFilter, TableConfig,
+                                            TruncatedNormal, Uniform, config_from_dict, config_to_dict)
+
+    for c in [TableConfig("ids", 9),
+              TableConfig("a", 4, Uniform(-0.1, 0.1), FTRL(0.1), seed=3, admission=FrequencyFilter(3),
+                          expire_after=100, max_rows=10, eviction="lfu"),
+              TableConfig("b", 8, TruncatedNormal(0, 0.02), Adam(0.001), admission=ProbabilisticFilter(0.5))]:
+        assert config_from_dict(json.loads(json.dumps(config_to_dict(c)))) == c
+    with pytest.raises(ValueError, match="unknown kind 'Pickle'"):
+        config_from_dict({"name": "x", "dim": 2, "optimizer": {"kind": "Pickle"}})
+    with pytest.raises(ValueError, match="no field 'colour'"):
+        config_from_dict({"name": "x", "dim": 2, "colour": "red"})
