@@ -382,3 +382,161 @@ class Predictor:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class TrainingPSStub:
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Lookup = channel.unary_unary(
+                '/monolith_jax.v1.TrainingPS/Lookup',
+                request_serializer=serving__pb2.ShardLookupRequest.SerializeToString,
+                response_deserializer=serving__pb2.ShardLookupReply.FromString,
+                _registered_method=True)
+        self.Apply = channel.unary_unary(
+                '/monolith_jax.v1.TrainingPS/Apply',
+                request_serializer=serving__pb2.ShardApplyRequest.SerializeToString,
+                response_deserializer=serving__pb2.ShardApplyReply.FromString,
+                _registered_method=True)
+        self.Info = channel.unary_unary(
+                '/monolith_jax.v1.TrainingPS/Info',
+                request_serializer=serving__pb2.ShardInfoRequest.SerializeToString,
+                response_deserializer=serving__pb2.ShardInfoReply.FromString,
+                _registered_method=True)
+
+
+class TrainingPSServicer:
+    """Missing associated documentation comment in .proto file."""
+
+    def Lookup(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Apply(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Info(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_TrainingPSServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Lookup': grpc.unary_unary_rpc_method_handler(
+                    servicer.Lookup,
+                    request_deserializer=serving__pb2.ShardLookupRequest.FromString,
+                    response_serializer=serving__pb2.ShardLookupReply.SerializeToString,
+            ),
+            'Apply': grpc.unary_unary_rpc_method_handler(
+                    servicer.Apply,
+                    request_deserializer=serving__pb2.ShardApplyRequest.FromString,
+                    response_serializer=serving__pb2.ShardApplyReply.SerializeToString,
+            ),
+            'Info': grpc.unary_unary_rpc_method_handler(
+                    servicer.Info,
+                    request_deserializer=serving__pb2.ShardInfoRequest.FromString,
+                    response_serializer=serving__pb2.ShardInfoReply.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'monolith_jax.v1.TrainingPS', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('monolith_jax.v1.TrainingPS', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class TrainingPS:
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def Lookup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/monolith_jax.v1.TrainingPS/Lookup',
+            serving__pb2.ShardLookupRequest.SerializeToString,
+            serving__pb2.ShardLookupReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Apply(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/monolith_jax.v1.TrainingPS/Apply',
+            serving__pb2.ShardApplyRequest.SerializeToString,
+            serving__pb2.ShardApplyReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Info(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/monolith_jax.v1.TrainingPS/Info',
+            serving__pb2.ShardInfoRequest.SerializeToString,
+            serving__pb2.ShardInfoReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

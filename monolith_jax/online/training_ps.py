@@ -1,0 +1,253 @@
+"""The training parameter server: one shard of every table, behind gRPC.
+
+    python -m monolith_jax.online.training_ps --shard 0 --shards 2 --tables tables.json [--port P]
+
+    table = ShardedTable(config, ["127.0.0.1:P0", "127.0.0.1:P1"])   # the API of a local table
+    trainer.collection.tables["ids"] = table                         # then trainer.train_step_host(batch)
+
+Keys map to shards by `shard_of(key, shards)`: splitmix64's finalizer of
+the 64-bit key, modulo the number of shards. It depends on the key alone,
+so a restarted shard owns the same keys. Each shard holds an ordinary
+`EmbeddingTable` (the same C++ engine, its fused optimizer, filter and
+expiry) for the keys it owns, and refuses keys it does not own
+(INVALID_ARGUMENT), so a misrouted client cannot create stray rows.
+
+`ShardedTable` splits a batch's unique ids by shard, calls the shards in
+parallel and reassembles the rows; gradients of repeated ids are summed
+before they travel (one fused step per id, as the local engine does). A
+shard that does not answer is waited for: the call logs a line and
+retries until it is back, so training never goes on with missing rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from concurrent import futures
+
+import numpy as np
+
+from monolith_jax.online.wire import RequestError, array, channel, start_server
+
+log = logging.getLogger("monolith_jax.online.training_ps")
+
+_U64, _F32 = np.dtype(np.uint64), np.dtype(np.float32)
+
+
+def shard_of(keys, shards: int) -> np.ndarray:
+    """The shard of each key: splitmix64's finalizer, modulo `shards`."""
+    z = np.asarray(keys, np.uint64).copy()
+    with np.errstate(over="ignore"):
+        z ^= z >> np.uint64(30)
+        z *= np.uint64(0xBF58476D1CE4E5B9)
+        z ^= z >> np.uint64(27)
+        z *= np.uint64(0x94D049BB133111EB)
+        z ^= z >> np.uint64(31)
+    return (z % np.uint64(shards)).astype(np.int64)
+
+
+class ShardState:
+    def __init__(self, shard: int, shards: int, configs: list):
+        from monolith_jax.sparse import EmbeddingTable
+
+        if not 0 <= shard < shards:
+            raise ValueError(f"shard must be in [0, {shards}), got {shard}")
+        self.shard, self.shards = shard, shards
+        self.configs = {c.name: c for c in configs}
+        self.tables = {c.name: EmbeddingTable(c) for c in configs}
+
+    def _table_keys(self, table: str, data: bytes):
+        t = self.tables.get(table)
+        if t is None:
+            raise RequestError(f"unknown table {table!r}; this shard holds {sorted(self.tables)}")
+        keys = array(data, _U64, f"keys of table {table!r}")
+        wrong = shard_of(keys, self.shards) != self.shard
+        if wrong.any():
+            raise RequestError(f"{int(wrong.sum())} keys of table {table!r} belong to other shards "
+                               f"(this is shard {self.shard} of {self.shards})")
+        return t, keys
+
+    def lookup(self, req):
+        t, keys = self._table_keys(req.table, req.keys)
+        if req.read_only:
+            values, found = t.find(keys)
+        else:
+            values, found = t.lookup_host(keys), np.ones(keys.size, bool)
+        return values, found, t.dim
+
+    def apply(self, req):
+        t, keys = self._table_keys(req.table, req.keys)
+        grads = array(req.grads, _F32, f"grads of table {req.table!r}", keys.size * t.dim).reshape(keys.size, t.dim)
+        return t.apply_gradients_host(keys, grads, step=int(req.step))
+
+
+def make_servicer(state: ShardState):
+    import grpc
+
+    from monolith_jax.online import serving_pb2 as pb
+    from monolith_jax.online import serving_pb2_grpc as pbg
+    from monolith_jax.sparse.config import config_to_dict
+
+    class Servicer(pbg.TrainingPSServicer):
+        def Lookup(self, request, context):
+            try:
+                values, found, dim = state.lookup(request)
+            except RequestError as err:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+            return pb.ShardLookupReply(values=np.ascontiguousarray(values, np.float32).tobytes(),
+                                       found=found.astype(np.uint8).tobytes(), dim=dim)
+
+        def Apply(self, request, context):
+            try:
+                updated, skipped = state.apply(request)
+            except (RequestError, ValueError) as err:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+            return pb.ShardApplyReply(updated=updated, skipped=skipped)
+
+        def Info(self, request, context):
+            return pb.ShardInfoReply(shard=state.shard, shards=state.shards,
+                                     tables_json=json.dumps([config_to_dict(c) for c in state.configs.values()]),
+                                     rows={n: len(t) for n, t in state.tables.items()})
+
+    return Servicer()
+
+
+def serve(shard: int, shards: int, configs: list, port: int = 0, host: str = "127.0.0.1", workers: int = 8):
+    """Starts one shard; returns (grpc server, bound port, state)."""
+    from monolith_jax.online import serving_pb2_grpc as pbg
+
+    state = ShardState(shard, shards, configs)
+    server, bound = start_server(lambda s: pbg.add_TrainingPSServicer_to_server(make_servicer(state), s),
+                                 host, port, workers)
+    return server, bound, state
+
+
+class ShardedTable:
+    """A table spread over training PS shards, with a local table's host API:
+    `lookup_host`, `apply_gradients_host`, `find`, `dim`, `config`, `len()`."""
+
+    def __init__(self, config, addresses: list, timeout_s: float = 30.0, retry_log_s: float = 5.0):
+        from monolith_jax.online import serving_pb2_grpc as pbg
+
+        self.config = config
+        self.name, self.dim = config.name, config.dim
+        self.addresses = list(addresses)
+        self.shards = len(self.addresses)
+        self._channels = [channel(a) for a in self.addresses]
+        self._stubs = [pbg.TrainingPSStub(c) for c in self._channels]
+        self._pool = futures.ThreadPoolExecutor(max_workers=self.shards)
+        self.timeout_s, self.retry_log_s = timeout_s, retry_log_s
+
+    def _call(self, shard: int, method: str, req):
+        """One RPC to a shard; a shard that is down is waited for, with a log line."""
+        import grpc
+
+        waited = 0.0
+        while True:
+            t0 = time.monotonic()
+            try:
+                return getattr(self._stubs[shard], method)(req, timeout=self.timeout_s, wait_for_ready=True)
+            except grpc.RpcError as err:
+                if err.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    raise
+                waited += time.monotonic() - t0
+                log.warning("training PS shard %d (%s) of table %r does not answer (%s) for %.0f s; "
+                            "training waits for it", shard, self.addresses[shard], self.name, err.code().name, waited)
+                time.sleep(min(self.retry_log_s, 1.0))
+
+    def _split(self, keys: np.ndarray):
+        uniq, inverse = np.unique(keys, return_inverse=True)
+        owner = shard_of(uniq, self.shards)
+        return uniq, inverse, [np.flatnonzero(owner == s) for s in range(self.shards)]
+
+    def _rows(self, keys: np.ndarray, read_only: bool):
+        from monolith_jax.online import serving_pb2 as pb
+
+        uniq, inverse, parts = self._split(keys)
+        values = np.zeros((uniq.size, self.dim), np.float32)
+        found = np.zeros(uniq.size, bool)
+        calls = {s: self._pool.submit(self._call, s, "Lookup", pb.ShardLookupRequest(
+            table=self.name, keys=uniq[idx].tobytes(), read_only=read_only))
+            for s, idx in enumerate(parts) if idx.size}
+        for s, fut in calls.items():
+            reply = fut.result()
+            values[parts[s]] = np.frombuffer(reply.values, np.float32).reshape(-1, self.dim)
+            found[parts[s]] = np.frombuffer(reply.found, np.uint8).astype(bool)
+        return values[inverse], found[inverse]
+
+    def lookup_host(self, ids) -> np.ndarray:
+        """Rows of `ids` (created on first sight, as the local lookup does)."""
+        from monolith_jax.sparse.keys import as_key_array
+
+        keys = np.ascontiguousarray(as_key_array(ids))
+        return self._rows(keys.reshape(-1), read_only=False)[0].reshape(keys.shape + (self.dim,))
+
+    def find(self, ids) -> tuple[np.ndarray, np.ndarray]:
+        from monolith_jax.sparse.keys import as_key_array
+
+        keys = np.ascontiguousarray(as_key_array(ids))
+        values, found = self._rows(keys.reshape(-1), read_only=True)
+        return values.reshape(keys.shape + (self.dim,)), found.reshape(keys.shape)
+
+    def apply_gradients_host(self, ids, grads, *, step=0, learning_rate=None) -> tuple[int, int]:
+        from monolith_jax.online import serving_pb2 as pb
+        from monolith_jax.sparse.keys import as_key_array
+
+        if learning_rate is not None:
+            raise ValueError("a sharded table applies its configured learning rate")
+        keys = np.ascontiguousarray(as_key_array(ids)).reshape(-1)
+        grads = np.asarray(grads, np.float32).reshape(-1, self.dim)
+        if grads.shape[0] != keys.size:
+            raise ValueError(f"table {self.name!r}: {grads.shape[0]} gradient rows for {keys.size} ids")
+        if not np.all(np.isfinite(grads)):
+            raise ValueError(f"table {self.name!r}: gradients are not all finite")
+        uniq, inverse, parts = self._split(keys)
+        summed = np.zeros((uniq.size, self.dim), np.float32)
+        np.add.at(summed, inverse, grads)  # repeated ids step once, with their gradients summed
+        calls = [self._pool.submit(self._call, s, "Apply", pb.ShardApplyRequest(
+            table=self.name, keys=uniq[idx].tobytes(), grads=summed[idx].tobytes(), step=int(step)))
+            for s, idx in enumerate(parts) if idx.size]
+        replies = [f.result() for f in calls]
+        return sum(r.updated for r in replies), sum(r.skipped for r in replies)
+
+    def __len__(self) -> int:
+        from monolith_jax.online import serving_pb2 as pb
+
+        return sum(self._call(s, "Info", pb.ShardInfoRequest()).rows.get(self.name, 0) for s in range(self.shards))
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False)
+        for c in self._channels:
+            c.close()
+
+
+def main(argv=None) -> int:
+    from monolith_jax.sparse.config import config_from_dict
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shard", type=int, required=True)
+    p.add_argument("--shards", type=int, required=True)
+    p.add_argument("--tables", required=True, help="JSON file: a list of TableConfigs as config_to_dict values")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0, help="0: any free port (printed)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    with open(args.tables, encoding="utf-8") as f:
+        configs = [config_from_dict(d) for d in json.load(f)]
+    server, port, _ = serve(args.shard, args.shards, configs, args.port, args.host)
+    print(f"training PS shard {args.shard}/{args.shards} listening on {args.host}:{port}", flush=True)
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    signal.signal(signal.SIGINT, lambda *_: done.set())
+    done.wait()
+    server.stop(2).wait()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
