@@ -207,8 +207,11 @@ class ShardedTable:
         if not np.all(np.isfinite(grads)):
             raise ValueError(f"table {self.name!r}: gradients are not all finite")
         uniq, inverse, parts = self._split(keys)
-        summed = np.zeros((uniq.size, self.dim), np.float32)
-        np.add.at(summed, inverse, grads)  # repeated ids step once, with their gradients summed
+        # Repeated ids step once, with their gradients summed (sorted segments:
+        # np.add.at is ~20x slower).
+        order = np.argsort(inverse, kind="stable")
+        starts = np.flatnonzero(np.r_[True, np.diff(inverse[order]) != 0])
+        summed = np.add.reduceat(grads[order], starts, axis=0) if keys.size else grads[:0]
         calls = [self._pool.submit(self._call, s, "Apply", pb.ShardApplyRequest(
             table=self.name, keys=uniq[idx].tobytes(), grads=summed[idx].tobytes(), step=int(step)))
             for s, idx in enumerate(parts) if idx.size]
