@@ -30,13 +30,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import signal
 import sys
 import threading
 
 import numpy as np
 
-from monolith_jax.online.wire import RequestError, array, channel, start_server, tensors_from_proto
+from monolith_jax.online.wire import run_until_signalled, RequestError, array, channel, start_server, tensors_from_proto
 
 log = logging.getLogger("monolith_jax.online.predictor")
 
@@ -372,11 +371,7 @@ def main(argv=None) -> int:
     server, port, predictor = serve(args.model, args.serving_ps, args.port, args.host, args.workers,
                                     dense_poll_s=args.dense_poll)
     print(f"predictor listening on {args.host}:{port}", flush=True)
-    done = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: done.set())
-    signal.signal(signal.SIGINT, lambda *_: done.set())
-    done.wait()
-    server.stop(2).wait()
+    run_until_signalled(server)
     predictor.close()
     return 0
 

@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
 import threading
 
 import numpy as np
 
-from monolith_jax.online.wire import RequestError, array, dtype as _dtype, start_server, tensors_from_proto
+from monolith_jax.online.wire import run_until_signalled, RequestError, array, dtype as _dtype, start_server, tensors_from_proto
 from monolith_jax.sparse import SGD, TableConfig, Zeros
 from monolith_jax.sparse.table import EmbeddingTable
 
@@ -251,11 +250,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     server, port, _ = serve(parse_tables(args.table), args.port, args.host, snapshot_dir=args.snapshot_dir)
     print(f"serving PS listening on {args.host}:{port}", flush=True)
-    done = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: done.set())
-    signal.signal(signal.SIGINT, lambda *_: done.set())
-    done.wait()
-    server.stop(2).wait()
+    run_until_signalled(server)
     return 0
 
 

@@ -24,15 +24,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import signal
 import sys
-import threading
 import time
 from concurrent import futures
 
 import numpy as np
 
-from monolith_jax.online.wire import RequestError, array, channel, start_server
+from monolith_jax.online.wire import run_until_signalled, RequestError, array, channel, start_server
 
 log = logging.getLogger("monolith_jax.online.training_ps")
 
@@ -244,11 +242,7 @@ def main(argv=None) -> int:
         configs = [config_from_dict(d) for d in json.load(f)]
     server, port, _ = serve(args.shard, args.shards, configs, args.port, args.host)
     print(f"training PS shard {args.shard}/{args.shards} listening on {args.host}:{port}", flush=True)
-    done = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: done.set())
-    signal.signal(signal.SIGINT, lambda *_: done.set())
-    done.wait()
-    server.stop(2).wait()
+    run_until_signalled(server)
     return 0
 
 

@@ -46,6 +46,19 @@ def start_server(add_servicer, host: str, port: int, workers: int):
     return server, bound
 
 
+def run_until_signalled(server, grace_s: float = 2.0) -> None:
+    """Serves until SIGTERM or SIGINT, then stops `server` (requests in
+    flight get `grace_s` to finish). For the services' command lines."""
+    import signal
+    import threading
+
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    signal.signal(signal.SIGINT, lambda *_: done.set())
+    done.wait()
+    server.stop(grace_s).wait()
+
+
 class RequestError(ValueError):
     """A bad request; becomes INVALID_ARGUMENT."""
 
