@@ -159,14 +159,23 @@ class ShardedTable:
                 time.sleep(min(self.retry_log_s, 1.0))
 
     def _split(self, keys: np.ndarray):
-        uniq, inverse = np.unique(keys, return_inverse=True)
+        """One sort of the batch's keys -> (unique keys, each key's index in
+        them, the sort order, where each unique key's run starts in it, the
+        unique keys' indices per shard)."""
+        order = np.argsort(keys, kind="stable")
+        sk = keys[order]
+        first = np.r_[True, sk[1:] != sk[:-1]] if sk.size else np.zeros(0, bool)
+        starts = np.flatnonzero(first)
+        uniq = sk[starts]
+        inverse = np.empty(keys.size, np.int64)
+        inverse[order] = np.cumsum(first) - 1
         owner = shard_of(uniq, self.shards)
-        return uniq, inverse, [np.flatnonzero(owner == s) for s in range(self.shards)]
+        return uniq, inverse, order, starts, [np.flatnonzero(owner == s) for s in range(self.shards)]
 
     def _rows(self, keys: np.ndarray, read_only: bool):
         from monolith_jax.online import serving_pb2 as pb
 
-        uniq, inverse, parts = self._split(keys)
+        uniq, inverse, _, _, parts = self._split(keys)
         values = np.zeros((uniq.size, self.dim), np.float32)
         found = np.zeros(uniq.size, bool)
         calls = {s: self._pool.submit(self._call, s, "Lookup", pb.ShardLookupRequest(
@@ -204,11 +213,9 @@ class ShardedTable:
             raise ValueError(f"table {self.name!r}: {grads.shape[0]} gradient rows for {keys.size} ids")
         if not np.all(np.isfinite(grads)):
             raise ValueError(f"table {self.name!r}: gradients are not all finite")
-        uniq, inverse, parts = self._split(keys)
-        # Repeated ids step once, with their gradients summed (sorted segments:
-        # np.add.at is ~20x slower).
-        order = np.argsort(inverse, kind="stable")
-        starts = np.flatnonzero(np.r_[True, np.diff(inverse[order]) != 0])
+        uniq, _, order, starts, parts = self._split(keys)
+        # Repeated ids step once, with their gradients summed over their runs
+        # in the sort (np.add.at is ~20x slower).
         summed = np.add.reduceat(grads[order], starts, axis=0) if keys.size else grads[:0]
         calls = [self._pool.submit(self._call, s, "Apply", pb.ShardApplyRequest(
             table=self.name, keys=uniq[idx].tobytes(), grads=summed[idx].tobytes(), step=int(step)))
