@@ -58,6 +58,7 @@ class Trainer:
         self.step_count = 0
         self.examples = 0
         self.log_every = log_every
+        self.data_parallel = None  # a distributed.DataParallel: the host-tables step all-reduces
         self.out = out
         self._metrics = open(metrics_path, "a", encoding="utf-8") if metrics_path else None
         self._train = jax.jit(self._train_step)
@@ -121,7 +122,10 @@ class Trainer:
         keys = {name: Keys(coll._table_words(batch, name)).to_numpy()
                 for name in coll.tables if coll.by_table[name]}
         rows = {name: coll.tables[name].lookup_host(k) for name, k in keys.items()}
-        self.params, self.opt_state, loss, g_rows = self._dense(self.params, self.opt_state, rows, batch)
+        if self.data_parallel is not None:
+            self.params, self.opt_state, loss, g_rows = self.data_parallel.step(self, rows, batch)
+        else:
+            self.params, self.opt_state, loss, g_rows = self._dense(self.params, self.opt_state, rows, batch)
         for name, g in g_rows.items():
             coll.tables[name].apply_gradients_host(keys[name], np.asarray(g), step=stamp)
         self.step_count += 1
