@@ -13,7 +13,9 @@ all-reduces it; gloo on CPU, NCCL on GPUs), the optimizer step is the same
 everywhere, so the dense params stay identical, and each process gets its
 own rows' gradients back to apply. The result is the step one process
 would take on the whole batch, except that an id in two processes' batches
-gets two fused sparse updates instead of one with the summed gradient.
+gets two fused sparse updates instead of one with the summed gradient,
+unless the tables are on training PS shards: those sum each round's
+gradients per id and step it once (`ShardApplyRequest.contributors`).
 Every process must call each step with the same batch size (the online
 trainer agrees on it, `agree`); a process with no examples takes part with
 an all-padding batch. The cost is a barrier per step: the group moves at
@@ -83,6 +85,13 @@ class DataParallel:
         trainer.params = jax.device_put(self.broadcast(trainer.params))
         trainer.opt_state = jax.device_put(self.broadcast(trainer.opt_state))
         trainer.data_parallel = self
+        # Tables on training PS shards sum the group's gradients per id and
+        # step each id once a round, as one process would on the whole batch.
+        # int32: JAX without x64 would cut a 64-bit value.
+        session = int(self.broadcast(np.random.default_rng().integers(1, 2**31 - 1, dtype=np.int32)))
+        for t in trainer.tables.values():
+            if hasattr(t, "contributors"):
+                t.contributors, t.session = self.num_processes, session
 
     # --------------------------------------------------------------- step
     def _global(self, tree, sharding):

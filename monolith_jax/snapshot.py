@@ -98,6 +98,12 @@ def unpack(restored: dict, spec: dict, prefix: str) -> dict:
     return out
 
 
+def local_tables(trainer) -> list:
+    """Names of the trainer's tables held in this process (a training PS
+    shard snapshots its own rows)."""
+    return sorted(name for name, t in trainer.tables.items() if hasattr(t, "dump"))
+
+
 def trainer_arrays(trainer) -> tuple[dict, dict, dict]:
     """(dense arrays, table arrays, names) of a Trainer, as host copies."""
     import jax
@@ -106,7 +112,7 @@ def trainer_arrays(trainer) -> tuple[dict, dict, dict]:
     opt = jax.tree.leaves(trainer.opt_state)
     dense = {"params": {str(i): np.asarray(jax.device_get(v)) for i, (_, v) in enumerate(params)},
              "opt": {str(i): np.asarray(jax.device_get(v)) for i, v in enumerate(opt)}}
-    names = sorted(trainer.tables)
+    names = local_tables(trainer)
     tables = {}
     for i, name in enumerate(names):
         dump = trainer.tables[name].dump()
@@ -114,6 +120,17 @@ def trainer_arrays(trainer) -> tuple[dict, dict, dict]:
         tables[f"t{i}"] = dump
     return dense, tables, {"tables": names, "params": [jax.tree_util.keystr(p) for p, _ in params],
                            "opt_leaves": len(opt)}
+
+
+def load_tables(tables: dict, meta: dict, arrays: dict) -> None:
+    """Fills `tables` (name -> EmbeddingTable) from a loaded snapshot's table arrays."""
+    names = meta["names"]["tables"]
+    if sorted(tables) != names:
+        raise ValueError(f"snapshot {meta['step']} holds tables {names}, not {sorted(tables)}")
+    for i, name in enumerate(names):
+        dump = dict(arrays[f"t{i}"])
+        dump["clock"] = int(dump["clock"])
+        tables[name].load(dump)
 
 
 class Snapshots:
@@ -175,10 +192,13 @@ class Snapshots:
         try:
             dense_kept, dense_spec = pack(dense, "dense/")
             tables_kept, tables_spec = pack(tables, "tables/")
+            # Orbax refuses an empty item (a training PS shard has no dense
+            # params; a trainer on shards no tables): those are left out.
+            items = {name: kept for name, kept in (("dense", dense_kept), ("tables", tables_kept)) if kept}
             meta = {**meta, "format_version": FORMAT_VERSION, "step": step, "time": time.time(), "names": names,
-                    "arrays": {**dense_spec, **tables_spec}}
+                    "arrays": {**dense_spec, **tables_spec}, "items": sorted(items)}
             self.manager.save(step, args=ocp.args.Composite(
-                dense=ocp.args.StandardSave(dense_kept), tables=ocp.args.StandardSave(tables_kept),
+                **{name: ocp.args.StandardSave(kept) for name, kept in items.items()},
                 meta=ocp.args.JsonSave(meta)), force=True)
             self.manager.wait_until_finished()
             self._done = meta
@@ -225,13 +245,13 @@ class Snapshots:
                 meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
                 if meta.get("format_version", 0) > FORMAT_VERSION:
                     raise CorruptSnapshot(f"format {meta.get('format_version')} is newer than this reader's")
-                items = {"tables": ocp.args.StandardRestore()}
-                if not tables_only:
-                    items["dense"] = ocp.args.StandardRestore()
-                got = self.manager.restore(step, args=ocp.args.Composite(**items))
+                saved = set(meta.get("items", ["dense", "tables"]))
+                wanted = {"tables"} if tables_only else {"tables", "dense"}
+                items = {name: ocp.args.StandardRestore() for name in sorted(saved & wanted)}
+                got = self.manager.restore(step, args=ocp.args.Composite(**items)) if items else {}
                 spec = meta["arrays"]
-                tables = unpack(got["tables"], spec, "tables/")
-                dense = {} if tables_only else unpack(got["dense"], spec, "dense/")
+                tables = unpack(got["tables"] if "tables" in saved else {}, spec, "tables/")
+                dense = {} if tables_only else unpack(got["dense"] if "dense" in saved else {}, spec, "dense/")
                 return step, dense, tables, meta
             except Exception as err:
                 log.error("snapshot %d in %s is unusable (%s: %s); moving it aside and using the one before",
@@ -255,8 +275,8 @@ class Snapshots:
             return None
         step, dense, tables, meta = found
         names = meta["names"]
-        if sorted(trainer.tables) != names["tables"]:
-            raise ValueError(f"snapshot {step} holds tables {names['tables']}, the trainer has {sorted(trainer.tables)}")
+        if local_tables(trainer) != names["tables"]:
+            raise ValueError(f"snapshot {step} holds tables {names['tables']}, the trainer has {local_tables(trainer)}")
         leaves, treedef = jax.tree_util.tree_flatten(trainer.params)
         opt_leaves, opt_def = jax.tree_util.tree_flatten(trainer.opt_state)
         params = [dense["params"][str(i)] for i in range(len(leaves))] if leaves else []
@@ -267,10 +287,7 @@ class Snapshots:
                                  f"where the model has {old.dtype}{old.shape}")
         trainer.params = jax.tree_util.tree_unflatten(treedef, [jax.device_put(p) for p in params])
         trainer.opt_state = jax.tree_util.tree_unflatten(opt_def, [jax.device_put(p) for p in opt])
-        for i, name in enumerate(names["tables"]):
-            dump = dict(tables[f"t{i}"])
-            dump["clock"] = int(dump["clock"])
-            trainer.tables[name].load(dump)
+        load_tables(trainer.tables, meta, tables)
         trainer.step_count = int(meta["step"])
         trainer.examples = int(meta.get("trained_examples", trainer.examples))
         self._last_step = step

@@ -28,6 +28,13 @@ from monolith_jax.online import replay as R
 log = logging.getLogger("monolith_jax.online.loop")
 
 
+def movielens_tables(seed: int = 0, dim: int = 8) -> list:
+    """The MovieLens DeepFM's one table: dim + 1 (the first-order weight), fused Adagrad."""
+    from monolith_jax.sparse import Adagrad, Normal, TableConfig
+
+    return [TableConfig("ids", dim + 1, Normal(0.0, 0.01), Adagrad(0.05), seed=seed)]
+
+
 def movielens_trainer(seed: int = 0, dim: int = 8, hidden=(128, 64), metrics_path: str | None = None,
                       out=print, log_every: int = 0):
     """DeepFM over the replayed requests' features, one collisionless table
@@ -36,10 +43,9 @@ def movielens_trainer(seed: int = 0, dim: int = 8, hidden=(128, 64), metrics_pat
     from flax import nnx
 
     from monolith_jax.models import DeepFM
-    from monolith_jax.sparse import Adagrad, Normal, TableConfig
     from monolith_jax.training import Trainer
 
-    tables = [TableConfig("ids", dim + 1, Normal(0.0, 0.01), Adagrad(0.05), seed=seed)]
+    tables = movielens_tables(seed, dim)
     model = DeepFM(R.FIELDS, dim, 0, tuple(hidden), rngs=nnx.Rngs(seed))
     return Trainer(model, tables, R.movielens_features(), optimizer=optax.adam(1e-3),
                    metrics_path=metrics_path, log_every=log_every, out=out)

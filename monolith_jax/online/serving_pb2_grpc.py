@@ -408,6 +408,16 @@ class TrainingPSStub:
                 request_serializer=serving__pb2.ShardInfoRequest.SerializeToString,
                 response_deserializer=serving__pb2.ShardInfoReply.FromString,
                 _registered_method=True)
+        self.Snapshot = channel.unary_unary(
+                '/monolith_jax.v1.TrainingPS/Snapshot',
+                request_serializer=serving__pb2.ShardSnapshotRequest.SerializeToString,
+                response_deserializer=serving__pb2.ShardSnapshotReply.FromString,
+                _registered_method=True)
+        self.ExchangeDense = channel.unary_unary(
+                '/monolith_jax.v1.TrainingPS/ExchangeDense',
+                request_serializer=serving__pb2.DenseExchange.SerializeToString,
+                response_deserializer=serving__pb2.DenseMaster.FromString,
+                _registered_method=True)
 
 
 class TrainingPSServicer:
@@ -431,6 +441,18 @@ class TrainingPSServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Snapshot(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExchangeDense(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrainingPSServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -448,6 +470,16 @@ def add_TrainingPSServicer_to_server(servicer, server):
                     servicer.Info,
                     request_deserializer=serving__pb2.ShardInfoRequest.FromString,
                     response_serializer=serving__pb2.ShardInfoReply.SerializeToString,
+            ),
+            'Snapshot': grpc.unary_unary_rpc_method_handler(
+                    servicer.Snapshot,
+                    request_deserializer=serving__pb2.ShardSnapshotRequest.FromString,
+                    response_serializer=serving__pb2.ShardSnapshotReply.SerializeToString,
+            ),
+            'ExchangeDense': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExchangeDense,
+                    request_deserializer=serving__pb2.DenseExchange.FromString,
+                    response_serializer=serving__pb2.DenseMaster.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -531,6 +563,60 @@ class TrainingPS:
             '/monolith_jax.v1.TrainingPS/Info',
             serving__pb2.ShardInfoRequest.SerializeToString,
             serving__pb2.ShardInfoReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Snapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/monolith_jax.v1.TrainingPS/Snapshot',
+            serving__pb2.ShardSnapshotRequest.SerializeToString,
+            serving__pb2.ShardSnapshotReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExchangeDense(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/monolith_jax.v1.TrainingPS/ExchangeDense',
+            serving__pb2.DenseExchange.SerializeToString,
+            serving__pb2.DenseMaster.FromString,
             options,
             channel_credentials,
             insecure,

@@ -61,6 +61,7 @@ class ServingTables:
         self.applied: dict = {}    # trainer -> last sequence applied
         self._pending: dict = {}   # (trainer, sequence) -> {"full": bool, "parts": [(table, keys, values)]}
         self._lock = threading.Lock()
+        self._write_lock = threading.Lock()
         self.dense = None          # the last DenseParams pushed, version set by this server
 
     def _new(self, name: str) -> EmbeddingTable:
@@ -76,7 +77,9 @@ class ServingTables:
             if req.sequence <= last and not req.full:
                 raise RequestError(f"push {req.sequence} from {req.trainer!r} is not newer than {last}")
             key = (req.trainer, req.sequence)
-            entry = self._pending.setdefault(key, {"full": req.full, "parts": []})
+            if req.shards and req.shard >= req.shards:
+                raise RequestError(f"push from shard {req.shard} of {req.shards}")
+            entry = self._pending.setdefault(key, {"full": req.full, "parts": [], "shard": (req.shard, req.shards)})
             entry["parts"].extend(parts)
             if not req.last:
                 return last, sum(k.size for _, k, _ in parts)
@@ -89,10 +92,24 @@ class ServingTables:
             return self.applied[req.trainer], n
 
     def _apply(self, entry) -> int:
+        # One push applied at a time: a full copy from one training PS shard
+        # must not drop the rows another source writes meanwhile.
+        with self._write_lock:
+            return self._apply_one(entry)
+
+    def _apply_one(self, entry) -> int:
         n = 0
         if entry["full"]:
             names = {t for t, _, _ in entry["parts"]}
             fresh = {name: self._new(name) for name in names}
+            shard, shards = entry["shard"]
+            if shards:  # a shard's copy: keep the rows of every other shard's keys
+                from monolith_jax.online.training_ps import shard_of
+
+                for name in names:
+                    keys, values = self.tables[name].export("float32")
+                    other = shard_of(keys, shards) != shard
+                    fresh[name].assign(keys[other], values[other])
             for table, keys, values in entry["parts"]:
                 n += keys.size
                 fresh[table].assign(keys, values)
@@ -108,9 +125,18 @@ class ServingTables:
         """Fills the tables from the newest good trainer snapshot in
         `directory` (values only), so that a restarted server answers with
         recent rows before the trainer's full copy arrives. Returns the
-        snapshot's step, or None if there is none."""
+        snapshot's step, or None if there is none. A folder of training PS
+        shard snapshots (`ps-<i>-of-<n>/`) loads every shard's newest."""
+        import os
+        import re
+
         from monolith_jax.snapshot import Snapshots
 
+        shards = sorted(d for d in (os.listdir(directory) if os.path.isdir(directory) else [])
+                        if re.fullmatch(r"ps-\d+-of-\d+", d))
+        if shards:
+            steps = [self.load_snapshot(os.path.join(directory, d)) for d in shards]
+            return max((s for s in steps if s is not None), default=None)
         snaps = Snapshots(directory, every_s=None)
         try:
             found = snaps.load(tables_only=True)
@@ -125,10 +151,7 @@ class ServingTables:
                 if dump["values"].shape[1] != self.dims[name]:
                     raise ValueError(f"snapshot table {name!r} has dim {dump['values'].shape[1]}, "
                                      f"this server {self.dims[name]}")
-                fresh = self._new(name)
-                fresh.assign(dump["keys"], dump["values"])
-                with self._lock:
-                    self.tables[name] = fresh
+                self.tables[name].assign(dump["keys"], dump["values"])
         return step
 
     def lookup(self, table: str, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -40,7 +40,8 @@ _NP = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloa
 class SyncPusher:
     def __init__(self, tables: dict, address: str, trainer_id: str = "trainer-0", interval_s: float = 2.0,
                  dtype: str = "float32", max_rows_per_message: int = 65_536, timeout_s: float = 10.0,
-                 dense_source=None, dense_interval_s: float = 30.0, history: int = 10_000):
+                 dense_source=None, dense_interval_s: float = 30.0, history: int = 10_000,
+                 shard: tuple | None = None):
         from monolith_jax.online import serving_pb2_grpc as pbg
         from monolith_jax.online.wire import channel
 
@@ -48,6 +49,9 @@ class SyncPusher:
             raise ValueError(f"dtype must be one of {sorted(_NP)}, got {dtype!r}")
         self.tables = dict(tables)
         self.trainer_id = trainer_id
+        # A training PS shard (shard, shards) pushes the rows of its keys: its
+        # full copy replaces only those on the server.
+        self.shard = shard or (0, 0)
         self.interval_s = interval_s
         self.dtype = dtype
         self.max_rows = max(int(max_rows_per_message), 1)
@@ -119,6 +123,8 @@ class SyncPusher:
 
         from monolith_jax.online import serving_pb2 as pb
 
+        if not self.tables:  # dense params only (a trainer whose rows live on training PS shards)
+            return True
         try:
             # wait_for_ready: a server that just came back is reached as soon as it listens
             version = self._stub.Version(pb.VersionRequest(), timeout=self.timeout_s, wait_for_ready=True)
@@ -185,7 +191,7 @@ class SyncPusher:
         n_bytes = 0
         for i, chunk in enumerate(chunks):
             req = pb.PushRequest(trainer=self.trainer_id, sequence=seq, full=full, last=i == len(chunks) - 1,
-                                 tables=[chunk])
+                                 tables=[chunk], shard=self.shard[0], shards=self.shard[1])
             n_bytes += req.ByteSize()
             self._stub.Push(req, timeout=self.timeout_s, wait_for_ready=True)
         return n_bytes, len(chunks), sum(k.size for k, _ in parts.values())

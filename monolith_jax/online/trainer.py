@@ -113,7 +113,7 @@ class OnlineTrainer:
                  auc_window: int = 50_000, consumer_extra: dict | None = None, out=print,
                  serving_ps: str | None = None, sparse_sync_interval_s: float = 2.0, sync_dtype: str = "float32",
                  trainer_id: str | None = None, dense_sync_interval_s: float = 30.0, min_bucket: int = 64,
-                 warmup: bool = False, snapshots=None):
+                 warmup: bool = False, snapshots=None, dense_exchange=None):
         from confluent_kafka import Consumer, Producer
 
         self.trainer = trainer
@@ -136,14 +136,26 @@ class OnlineTrainer:
         self.negative_rate = None  # the sample rate the last negatives carried (serving corrects for it)
         # Touched rows go to the serving PS every sparse_sync_interval_s, the
         # dense params every dense_sync_interval_s, off this thread.
+        # Tables in other processes (training PS shards) or data-parallel
+        # trainers take the host-tables step; the chief (process 0 of a
+        # data-parallel group, or a lone trainer) pushes the dense params and
+        # has the shards snapshot their rows.
+        self.dp = trainer.data_parallel
+        self.remote = {name: t for name, t in trainer.tables.items() if not hasattr(t, "dump")}
+        self.host_step = self.dp is not None or bool(self.remote)
+        self.chief = self.dp is None or self.dp.chief
+        self._empty = None
         self.pusher = None
         if serving_ps:
             from monolith_jax.export import dense_arrays
             from monolith_jax.online.sync import SyncPusher
 
-            self.pusher = SyncPusher(trainer.tables, serving_ps, trainer_id or f"{group}-{id(self):x}",
+            # Rows of remote tables are pushed by their shards (`training_ps --serving-ps`).
+            local = {name: t for name, t in trainer.tables.items() if name not in self.remote}
+            self.pusher = SyncPusher(local, serving_ps, trainer_id or f"{group}-{id(self):x}",
                                      sparse_sync_interval_s, sync_dtype,
-                                     dense_source=lambda: (dense_arrays(trainer.params), self.negative_rate),
+                                     dense_source=(lambda: (dense_arrays(trainer.params), self.negative_rate))
+                                     if self.chief else None,
                                      dense_interval_s=dense_sync_interval_s)
         self._carry: list = []  # messages fetched but not yet taken into a batch
         self._building = None   # (BatchBuilder, messages taken) while a batch fills
@@ -169,6 +181,13 @@ class OnlineTrainer:
                 self._resume = {(t, int(p)): int(o) for t, parts in meta["offsets"].items() for p, o in parts.items()}
                 log.info("trainer resumes from snapshot %d: %d examples trained, offsets %s", meta["step"],
                          self.examples, meta["offsets"])
+        # Asynchronous dense training (dense_ps.AsyncDense): trainers exchange
+        # parameter deltas through a training PS shard instead of all-reducing.
+        self.dense_exchange = dense_exchange
+        if dense_exchange is not None:
+            if self.dp is not None:
+                raise ValueError("a trainer is either data-parallel (synchronous) or exchanges dense deltas")
+            dense_exchange.start(trainer)
         self.warmup_s = self.warmup() if warmup else None
 
     # ---------------------------------------------------------- rebalance
@@ -210,14 +229,29 @@ class OnlineTrainer:
         import jax
 
         t0 = time.perf_counter()
-        empty = self.decoder.batch(self.batch_size).finish()[0]
+        empty = self.empty_batch()
+        coll = self.trainer.collection
         for size in self.buckets():
             batch = shrink(empty, size, size)
-            out = self.trainer._train(self.trainer.params, self.trainer.opt_state, batch, 0)
+            if self.host_step:  # the dense program alone, on zero rows: no table is touched
+                rows = {name: np.zeros((size, sum(f.max_len for f in feats), coll.tables[name].dim), np.float32)
+                        for name, feats in coll.by_table.items() if feats}
+                if self.dp is not None:
+                    out = self.dp.step(self.trainer, rows, batch)
+                else:
+                    out = self.trainer._dense(self.trainer.params, self.trainer.opt_state, rows, batch)
+            else:
+                out = self.trainer._train(self.trainer.params, self.trainer.opt_state, batch, 0)
             jax.block_until_ready(out[:3])
             if self.prequential:
                 self.trainer.predict(batch)
         return time.perf_counter() - t0
+
+    def empty_batch(self):
+        """An all-padding batch (weight 0) of batch_size."""
+        if self._empty is None:
+            self._empty = self.decoder.batch(self.batch_size).finish()[0]
+        return self._empty
 
     def _fill(self, deadline_s: float):
         """Fills one batch from the stream: until it is full, `max_wait_s`
@@ -263,11 +297,19 @@ class OnlineTrainer:
         self._building = None
         return (builder, taken) if taken else None
 
-    def _train(self, builder, msgs: list) -> int:
+    def _train(self, builder, msgs: list, agreed_rows: int = 0) -> int:
+        """Trains on a filled batch. agreed_rows: in a data-parallel group,
+        the most rows any member has this step (every member pads to that
+        size; a member with nothing, builder None, takes an all-padding step)."""
         from confluent_kafka import KafkaError, TopicPartition
 
+        if builder is None:
+            if agreed_rows:
+                self.trainer.train_step_host(shrink(self.empty_batch(), agreed_rows, self.min_bucket),
+                                             stamp=self._stamp())
+            return 0
         batch, info, bad = builder.finish()
-        batch = shrink(batch, info["rows"], self.min_bucket)
+        batch = shrink(batch, max(info["rows"], agreed_rows), self.min_bucket)
         status = info["status"]
         for i in np.flatnonzero(status == -3):
             err = msgs[i].error()
@@ -276,6 +318,8 @@ class OnlineTrainer:
         for i, reason in bad:
             self.dead.send(msgs[i], reason)
         rows = info["rows"]
+        if not rows and agreed_rows:
+            self.trainer.train_step_host(batch, stamp=self._stamp())
         if rows:
             if self.prequential:
                 scores = self.trainer.predict(batch)[:rows]
@@ -284,8 +328,10 @@ class OnlineTrainer:
             negatives = np.asarray(batch.labels)[:rows] == 0
             if negatives.any():
                 self.negative_rate = float(info["sample_rate"][negatives][-1])
-            stamp = min(max(self.max_event_ms // 1000, 0), 2**31 - 1)
-            self.trainer.train_step(batch, stamp=stamp)
+            step = self.trainer.train_step_host if self.host_step else self.trainer.train_step
+            step(batch, stamp=self._stamp())
+            if self.dense_exchange is not None:
+                self.dense_exchange.after_step(self.trainer)
             self.examples += rows
             self.batches += 1
             if self.on_batch is not None:
@@ -300,9 +346,13 @@ class OnlineTrainer:
                 self._resume.pop((tp.topic, tp.partition), None)
             if self.snapshots is None:
                 self._commit(done, asynchronous=True)
-        if self.snapshots is not None and self.snapshots.due(self.trainer.step_count):
+        if self.dp is None and self.snapshots is not None and self.snapshots.due(self.trainer.step_count):
             self._snapshot()
         return rows
+
+    def _stamp(self) -> int:
+        """The rows' last_update: event time in seconds."""
+        return min(max(self.max_event_ms // 1000, 0), 2**31 - 1)
 
     # ---------------------------------------------------------- snapshots
     def _commit(self, offsets: list, asynchronous: bool) -> None:
@@ -318,6 +368,13 @@ class OnlineTrainer:
             offsets.setdefault(tp.topic, {})[str(tp.partition)] = tp.offset
         for (topic, p), off in self._resume.items():  # partitions not read since the restore
             offsets.setdefault(topic, {}).setdefault(str(p), off)
+        if self.chief and self.remote:
+            # The shards copy their rows now (every trainer's updates up to
+            # this step are in: a data-parallel group snapshots between steps)
+            # and write them in the background, as this snapshot does.
+            from monolith_jax.online.training_ps import snapshot_shards
+
+            snapshot_shards(self.remote.values(), self.trainer.step_count)
         self.snapshots.save(self.trainer.step_count, self.trainer, {
             "offsets": offsets, "examples": self.examples, "batches": self.batches,
             "max_event_ms": self.max_event_ms, "negative_rate": self.negative_rate,
@@ -348,20 +405,28 @@ class OnlineTrainer:
         t0 = last_data = last_report = time.monotonic()
         seen_at_report, start_examples = self.examples, self.examples
         try:
-            while not (stop is not None and stop.is_set()):
+            while True:
                 now = time.monotonic()
-                if max_seconds is not None and now - t0 > max_seconds:
-                    break
-                if max_examples is not None and self.examples >= max_examples:
-                    break
-                if idle_timeout_s is not None and self._t_first is not None and now - last_data > idle_timeout_s:
+                done = (stop is not None and stop.is_set()) or \
+                    (max_seconds is not None and now - t0 > max_seconds) or \
+                    (max_examples is not None and self.examples >= max_examples)
+                if not done and idle_timeout_s is not None and self._t_first is not None \
+                        and now - last_data > idle_timeout_s:
                     if upstream_done is None or upstream_done():
+                        done = True
+                    else:
+                        last_data = now
+                if self.dp is None:
+                    if done:
                         break
-                    last_data = now
-                filled = self._fill(now + 1.0)
-                if filled is not None:
-                    self._train(*filled)
-                    last_data = self._t_last = time.monotonic()
+                    filled = self._fill(now + 1.0)
+                    if filled is not None:
+                        self._train(*filled)
+                        last_data = self._t_last = time.monotonic()
+                elif not self._lockstep(done):
+                    break
+                else:
+                    last_data = max(last_data, self._t_last)
                 self.producer.poll(0)
                 if self.snapshots is not None:
                     self._commit_snapshots()
@@ -403,6 +468,27 @@ class OnlineTrainer:
                 "examples_per_s": (self.examples - start_examples) / active,
                 "dead_letters": self.dead.count, "dead_letter_reasons": dict(self.dead.by_reason),
                 "running_auc": self.log.running_auc(), "stream_auc": self._stream_auc()}
+
+    def _lockstep(self, done: bool) -> bool:
+        """One step of a data-parallel group: every member fills a batch
+        (at most max_wait_s), then all agree on the step's size, whether to
+        snapshot first, and whether to go on (until every member is done).
+        False when the group stops."""
+        filled = None if done else self._fill(time.monotonic() + self.max_wait_s)
+        rows = filled[0].rows if filled is not None else 0
+        due = self.snapshots is not None and self.snapshots.due(self.trainer.step_count)
+        rows_max, going, snap = (int(v) for v in self.dp.agree([rows, int(not done), int(due)]))
+        if snap:
+            # Between steps: every member's updates of the last step are in
+            # the shards; none of the next step's lookups have run.
+            if self.trainer.step_count != self.snapshots.last_step:
+                self._snapshot()
+            self.dp.barrier(f"snapshot-{self.trainer.step_count}")
+        if filled is not None or rows_max:
+            self._train(*(filled if filled is not None else (None, [])), agreed_rows=rows_max)
+            if rows:
+                self._t_last = time.monotonic()
+        return bool(going) or rows_max > 0
 
     def _stream_auc(self) -> float:
         y, s, _ = self.log.arrays()

@@ -1,6 +1,7 @@
 """The training parameter server: one shard of every table, behind gRPC.
 
     python -m monolith_jax.online.training_ps --shard 0 --shards 2 --tables tables.json [--port P]
+        [--snapshot-dir DIR] [--serving-ps HOST:PORT --sync-interval S]
 
     table = ShardedTable(config, ["127.0.0.1:P0", "127.0.0.1:P1"])   # the API of a local table
     trainer.collection.tables["ids"] = table                         # then trainer.train_step_host(batch)
@@ -17,6 +18,15 @@ parallel and reassembles the rows; gradients of repeated ids are summed
 before they travel (one fused step per id, as the local engine does). A
 shard that does not answer is waited for: the call logs a line and
 retries until it is back, so training never goes on with missing rows.
+
+Each shard snapshots its own rows (`--snapshot-dir DIR` -> `DIR/ps-<i>-of-<n>/`,
+the same Orbax format as a trainer's tables) when the chief trainer asks
+(`Snapshot`, between two steps of the group), and a restarted shard starts
+from its newest good snapshot. With `--serving-ps` the shard pushes its
+touched rows to the serving PS itself (`sync.SyncPusher`); its full copy
+replaces only its own keys' rows there. A shard also holds the master
+copy of the dense params for trainers that train asynchronously
+(`ExchangeDense`, `dense_ps.AsyncDense`).
 """
 
 from __future__ import annotations
@@ -24,8 +34,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+import threading
 import time
+import types
 from concurrent import futures
 
 import numpy as np
@@ -49,8 +62,20 @@ def shard_of(keys, shards: int) -> np.ndarray:
     return (z % np.uint64(shards)).astype(np.int64)
 
 
+def sum_by_key(keys: np.ndarray, grads: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(unique keys, each one's gradients summed), from one sort."""
+    if keys.size == 0:
+        return keys, grads
+    order = np.argsort(keys, kind="stable")
+    sk = keys[order]
+    starts = np.flatnonzero(np.r_[True, sk[1:] != sk[:-1]])
+    return sk[starts], np.add.reduceat(grads[order], starts, axis=0)
+
+
 class ShardState:
-    def __init__(self, shard: int, shards: int, configs: list):
+    def __init__(self, shard: int, shards: int, configs: list, snapshot_dir: str | None = None,
+                 keep_snapshots: int = 3):
+        from monolith_jax.online.dense_ps import DenseMaster
         from monolith_jax.sparse import EmbeddingTable
 
         if not 0 <= shard < shards:
@@ -58,6 +83,34 @@ class ShardState:
         self.shard, self.shards = shard, shards
         self.configs = {c.name: c for c in configs}
         self.tables = {c.name: EmbeddingTable(c) for c in configs}
+        self.dense = DenseMaster()
+        self._rounds: dict = {}    # (table, session, round) -> [keys list, grads list, contributions, stamp]
+        self._rounds_lock = threading.Lock()
+        self.snapshots, self.restored = None, None
+        self._snapshot_lock = threading.Lock()
+        if snapshot_dir:
+            from monolith_jax.snapshot import Snapshots, load_tables
+
+            self.snapshots = Snapshots(os.path.join(snapshot_dir, f"ps-{shard}-of-{shards}"), every_s=None,
+                                       keep=keep_snapshots)
+            found = self.snapshots.load(tables_only=True)
+            if found is not None:
+                step, _, arrays, meta = found
+                load_tables(self.tables, meta, arrays)
+                self.restored = step
+                log.info("training PS shard %d/%d restored snapshot %d: %s rows", shard, shards, step,
+                         {n: len(t) for n, t in self.tables.items()})
+
+    def snapshot(self, step: int) -> tuple[bool, int]:
+        """Copies every table now and writes snapshot `step` in the
+        background. (saved, newest completed step)."""
+        if self.snapshots is None:
+            return False, 0
+        with self._snapshot_lock:
+            self.snapshots.completed()  # a failed earlier write raises here
+            holder = types.SimpleNamespace(params={}, opt_state=(), tables=self.tables)
+            saved = self.snapshots.save(step, holder, {"shard": self.shard, "shards": self.shards})
+        return saved, max(self.snapshots.steps(), default=0)
 
     def _table_keys(self, table: str, data: bytes):
         t = self.tables.get(table)
@@ -81,7 +134,28 @@ class ShardState:
     def apply(self, req):
         t, keys = self._table_keys(req.table, req.keys)
         grads = array(req.grads, _F32, f"grads of table {req.table!r}", keys.size * t.dim).reshape(keys.size, t.dim)
-        return t.apply_gradients_host(keys, grads, step=int(req.step))
+        if req.contributors <= 1:
+            return t.apply_gradients_host(keys, grads, step=int(req.step))
+        # Synchronous trainers: sum a round's contributions, one fused step per id.
+        ready = []
+        with self._rounds_lock:
+            entry = self._rounds.setdefault((req.table, req.session, req.round), [[], [], 0, 0])
+            entry[0].append(keys)
+            entry[1].append(grads)
+            entry[2] += 1
+            entry[3] = max(entry[3], int(req.step))
+            if entry[2] >= req.contributors:
+                # This round is complete: older rounds and other sessions'
+                # leftovers (a trainer restarted, a shard came back) go with it.
+                for key in [k for k in self._rounds if k[0] == req.table and (k[1] != req.session or k[2] < req.round)]:
+                    ready.append(self._rounds.pop(key))
+                ready.append(self._rounds.pop((req.table, req.session, req.round)))
+        updated = skipped = 0
+        for parts_keys, parts_grads, _, stamp in ready:
+            u, s = t.apply_gradients_host(*sum_by_key(np.concatenate(parts_keys), np.concatenate(parts_grads)),
+                                          step=stamp)
+            updated, skipped = updated + u, skipped + s
+        return updated, skipped
 
 
 def make_servicer(state: ShardState):
@@ -112,17 +186,40 @@ def make_servicer(state: ShardState):
                                      tables_json=json.dumps([config_to_dict(c) for c in state.configs.values()]),
                                      rows={n: len(t) for n, t in state.tables.items()})
 
+        def Snapshot(self, request, context):
+            try:
+                saved, done = state.snapshot(int(request.step))
+            except RuntimeError as err:
+                context.abort(grpc.StatusCode.INTERNAL, str(err))
+            return pb.ShardSnapshotReply(saved=saved, step=done)
+
+        def ExchangeDense(self, request, context):
+            try:
+                return state.dense.exchange(request)
+            except RequestError as err:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+
     return Servicer()
 
 
-def serve(shard: int, shards: int, configs: list, port: int = 0, host: str = "127.0.0.1", workers: int = 8):
-    """Starts one shard; returns (grpc server, bound port, state)."""
+def serve(shard: int, shards: int, configs: list, port: int = 0, host: str = "127.0.0.1", workers: int = 8,
+          snapshot_dir: str | None = None, serving_ps: str | None = None, sync_interval_s: float = 2.0,
+          sync_dtype: str = "float32"):
+    """Starts one shard; returns (grpc server, bound port, state, sync
+    pusher or None)."""
     from monolith_jax.online import serving_pb2_grpc as pbg
 
-    state = ShardState(shard, shards, configs)
+    state = ShardState(shard, shards, configs, snapshot_dir)
     server, bound = start_server(lambda s: pbg.add_TrainingPSServicer_to_server(make_servicer(state), s),
                                  host, port, workers)
-    return server, bound, state
+    pusher = None
+    if serving_ps:
+        from monolith_jax.online.sync import SyncPusher
+
+        pusher = SyncPusher(state.tables, serving_ps, f"training-ps-{shard}-of-{shards}", sync_interval_s,
+                            sync_dtype, shard=(shard, shards))
+        pusher.start()
+    return server, bound, state, pusher
 
 
 class ShardedTable:
@@ -140,6 +237,9 @@ class ShardedTable:
         self._stubs = [pbg.TrainingPSStub(c) for c in self._channels]
         self._pool = futures.ThreadPoolExecutor(max_workers=self.shards)
         self.timeout_s, self.retry_log_s = timeout_s, retry_log_s
+        # Synchronous data-parallel trainers (set by DataParallel.attach):
+        # each apply is one contribution of `contributors` to a round.
+        self.contributors, self.session, self._round = 1, 0, 0
 
     def _call(self, shard: int, method: str, req):
         """One RPC to a shard; a shard that is down is waited for, with a log line."""
@@ -217,11 +317,22 @@ class ShardedTable:
         # Repeated ids step once, with their gradients summed over their runs
         # in the sort (np.add.at is ~20x slower).
         summed = np.add.reduceat(grads[order], starts, axis=0) if keys.size else grads[:0]
+        self._round += 1
+        # A round needs every trainer's contribution at every shard, empty or not.
         calls = [self._pool.submit(self._call, s, "Apply", pb.ShardApplyRequest(
-            table=self.name, keys=uniq[idx].tobytes(), grads=summed[idx].tobytes(), step=int(step)))
-            for s, idx in enumerate(parts) if idx.size]
+            table=self.name, keys=uniq[idx].tobytes(), grads=summed[idx].tobytes(), step=int(step),
+            round=self._round, contributors=self.contributors, session=self.session))
+            for s, idx in enumerate(parts) if idx.size or self.contributors > 1]
         replies = [f.result() for f in calls]
         return sum(r.updated for r in replies), sum(r.skipped for r in replies)
+
+    def snapshot(self, step: int) -> list:
+        """Has every shard snapshot its rows as `step`; the shards' replies."""
+        from monolith_jax.online import serving_pb2 as pb
+
+        calls = [self._pool.submit(self._call, s, "Snapshot", pb.ShardSnapshotRequest(step=int(step)))
+                 for s in range(self.shards)]
+        return [f.result() for f in calls]
 
     def __len__(self) -> int:
         from monolith_jax.online import serving_pb2 as pb
@@ -234,6 +345,26 @@ class ShardedTable:
             c.close()
 
 
+def use_shards(trainer, addresses: list) -> dict:
+    """Puts every table of `trainer` on the training PS shards at
+    `addresses` (shard order): its steps then go through them
+    (`train_step_host`). Returns name -> ShardedTable."""
+    coll = trainer.collection
+    coll.tables = {name: ShardedTable(t.config, addresses) for name, t in coll.tables.items()}
+    return coll.tables
+
+
+def snapshot_shards(tables, step: int) -> list:
+    """Snapshot `step` on every shard behind `tables` (ShardedTables; a
+    shard process holding several of them is asked once)."""
+    seen, replies = set(), []
+    for t in tables:
+        if tuple(t.addresses) not in seen:
+            seen.add(tuple(t.addresses))
+            replies += t.snapshot(step)
+    return replies
+
+
 def main(argv=None) -> int:
     from monolith_jax.sparse.config import config_from_dict
 
@@ -243,13 +374,26 @@ def main(argv=None) -> int:
     p.add_argument("--tables", required=True, help="JSON file: a list of TableConfigs as config_to_dict values")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0, help="0: any free port (printed)")
+    p.add_argument("--snapshot-dir", default=None,
+                   help="snapshots of this shard go to DIR/ps-<shard>-of-<shards>; start from the newest")
+    p.add_argument("--serving-ps", default=None, help="HOST:PORT of a serving PS to push this shard's touched rows to")
+    p.add_argument("--sync-interval", type=float, default=2.0, help="seconds between pushes to the serving PS")
+    p.add_argument("--sync-dtype", default="float32", choices=("float32", "float16", "bfloat16"))
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax's progress lines
     with open(args.tables, encoding="utf-8") as f:
         configs = [config_from_dict(d) for d in json.load(f)]
-    server, port, _ = serve(args.shard, args.shards, configs, args.port, args.host)
-    print(f"training PS shard {args.shard}/{args.shards} listening on {args.host}:{port}", flush=True)
+    server, port, state, pusher = serve(args.shard, args.shards, configs, args.port, args.host,
+                                        snapshot_dir=args.snapshot_dir, serving_ps=args.serving_ps,
+                                        sync_interval_s=args.sync_interval, sync_dtype=args.sync_dtype)
+    restored = f" (from snapshot {state.restored})" if state.restored is not None else ""
+    print(f"training PS shard {args.shard}/{args.shards} listening on {args.host}:{port}{restored}", flush=True)
     run_until_signalled(server)
+    if pusher is not None:
+        pusher.stop(final_push=True)
+    if state.snapshots is not None:
+        state.snapshots.close()
     return 0
 
 
