@@ -12,6 +12,7 @@ import threading
 import time
 
 import numpy as np
+import pytest
 
 from monolith_jax.features import PAD_KEY
 from monolith_jax.metrics import auc
@@ -78,26 +79,33 @@ def test_two_shards_and_two_trainers_reach_the_auc_of_one_process(tansu_broker, 
                              str(tmp_path / "single.npz"), "--summary", str(tmp_path / "single.json")],
                             capture_output=True, text=True, timeout=300, env=ENV)
     assert single.returncode == 0, single.stdout[-2000:] + single.stderr[-3000:]
-    done, lines = run_cluster({"bootstrap": tansu_broker, "ps": 2, "trainers": 2, "group": "scaled",
-                               "run_dir": str(tmp_path / "run"), "prequential": True,
-                               "trainer_args": train_args(topic, 256)}, tmp_path)
-    trained = [t["summary"]["examples"] for t in done["trainers"]]
-    # Both trainers trained (the group split the partitions), every example
-    # once, except at most a batch re-read after the group's first rebalance.
-    assert all(n > 0 for n in trained) and N <= sum(trained) <= N + 256, trained
     one = np.load(tmp_path / "single.npz")
     assert one["labels"].size == N
-    parts = [np.load(tmp_path / "run" / f"trainer-{j}.npz") for j in range(2)]
-    labels = np.concatenate([p["labels"] for p in parts])
-    scores = np.concatenate([p["scores"] for p in parts])
-    a_one, a_two = auc(one["labels"], one["scores"]), auc(labels, scores)
-    print(f"prequential AUC: one process {a_one:.4f}, 2 shards x 2 trainers {a_two:.4f}")
+    a_one = auc(one["labels"], one["scores"])
     assert a_one > 0.65, a_one
-    # Noise: one process on this stream with seeds 0, 1, 2 measured 0.9240,
-    # 0.9315, 0.9285 (the 2 x 2 run: 0.9297).
-    assert abs(a_two - a_one) < 0.015, (a_one, a_two)
-    # The shards held the rows: neither trainer process had a table of its own.
-    assert all(t["summary"]["table_rows"]["ids"] > 1000 for t in done["trainers"])
+    for dense in ("sync", "async"):
+        run = tmp_path / dense
+        done, lines = run_cluster({"bootstrap": tansu_broker, "ps": 2, "trainers": 2, "group": f"scaled-{dense}",
+                                   "dense": dense, "run_dir": str(run), "prequential": True,
+                                   "trainer_args": train_args(topic, 256)}, tmp_path)
+        trained = [t["summary"]["examples"] for t in done["trainers"]]
+        # Both trainers trained (the group split the partitions), every example
+        # once, except at most a batch re-read after the group's first rebalance.
+        assert all(n > 0 for n in trained) and N <= sum(trained) <= N + 256, (dense, trained)
+        parts = [np.load(run / f"trainer-{j}.npz") for j in range(2)]
+        a_two = auc(np.concatenate([p["labels"] for p in parts]), np.concatenate([p["scores"] for p in parts]))
+        print(f"prequential AUC: one process {a_one:.4f}, 2 shards x 2 trainers ({dense}) {a_two:.4f}")
+        if dense == "sync":
+            # The same model: noise is one process on this stream with seeds 0,
+            # 1, 2 measured 0.9240, 0.9315, 0.9285 (2 x 2 synchronous: 0.9297).
+            assert abs(a_two - a_one) < 0.015, (dense, a_one, a_two)
+        else:
+            # Not the same model: each trainer takes its own optimizer steps
+            # (twice the dense steps, ids stepped once per trainer), which
+            # learns this short stream faster (measured 0.9409).
+            assert a_two > a_one - 0.015, (dense, a_one, a_two)
+        # The shards held the rows: neither trainer process had a table of its own.
+        assert all(t["summary"]["table_rows"]["ids"] > 1000 for t in done["trainers"])
 
 
 def expected_keys(values) -> np.ndarray:
@@ -164,3 +172,24 @@ def test_a_killed_shard_restarts_from_its_snapshot_and_the_other_loses_no_row(ta
     _, keys1 = shard_keys(str(snap_root), 1, 2)
     assert np.isin(killed["keys"], keys1).all() and killed["keys"].size > 0
     assert np.isin(keys1, want[shard_of(want, 2) == 1]).all()
+
+
+def test_the_launcher_refuses_bad_job_files(tmp_path):
+    from monolith_jax.online.cluster import load_config, run_role
+
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps({"ps": 2}))
+    with pytest.raises(ValueError, match="bootstrap"):
+        load_config(str(path))
+    path.write_text(json.dumps({"bootstrap": "127.0.0.1:9092", "trainer": 2}))
+    with pytest.raises(ValueError, match="unknown keys"):
+        load_config(str(path))
+    path.write_text(json.dumps({"bootstrap": "127.0.0.1:9092", "dense": "eventually"}))
+    with pytest.raises(ValueError, match="'sync' or 'async'"):
+        load_config(str(path))
+    with pytest.raises(ValueError, match="ps:<i> or trainer:<j>"):
+        run_role({"bootstrap": "b", "ps": ["127.0.0.1:1"]}, "worker:0")
+    with pytest.raises(ValueError, match="must be a list"):
+        run_role({"bootstrap": "b", "ps": 2}, "ps:0")
+    with pytest.raises(ValueError, match="coordinator"):
+        run_role({"bootstrap": "b", "ps": ["127.0.0.1:1"], "trainers": 2}, "trainer:1")

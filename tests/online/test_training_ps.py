@@ -107,7 +107,7 @@ def test_training_waits_for_a_shard_that_is_down_and_goes_on_when_it_is_back(two
     t.start()
     time.sleep(1.5)
     assert not done.is_set(), "training went on without shard 1"
-    procs[1] = start_shard(1, 2, path, port1)   # back, empty: restoring a shard from a snapshot is not built yet
+    procs[1] = start_shard(1, 2, path, port1)   # back, empty (no --snapshot-dir; test_scale_out restores one)
     t.join(30)
     assert done.is_set()
     assert any("does not answer" in r.getMessage() for r in caplog.records)
