@@ -31,6 +31,16 @@ stop takes a last snapshot.
 
 Malformed examples go to the dead-letter topic with the reason, are
 counted, and never stop training.
+
+Scale-out: with tables on training PS shards (`training_ps.use_shards`)
+or a data-parallel trainer (`distributed.DataParallel.attach`), each batch
+takes the host-tables step. A data-parallel group moves in lockstep: every
+member fills a batch (at most `max_wait_s`), they agree on its size (a
+member with nothing takes an all-padding step), on whether to snapshot
+first and on whether to go on (until all are done). The chief (process 0)
+pushes the dense params to the serving PS and has the shards snapshot;
+the shards push their own rows. `dense_exchange` (`dense_ps.AsyncDense`)
+trains asynchronously instead.
 """
 
 from __future__ import annotations
