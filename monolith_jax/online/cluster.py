@@ -195,7 +195,10 @@ def run_local(cfg: dict, out=print, poll_s: float = 0.2) -> dict:
     summaries = []
     for j, t in enumerate(trainers):
         path = os.path.join(run_dir, f"trainer-{j}.json")
-        summary = json.load(open(path, encoding="utf-8")) if os.path.exists(path) else None
+        summary = None
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                summary = json.load(f)
         summaries.append({"exit": t.returncode, "summary": summary})
     return {"trainers": summaries, "restarts": {s.shard: s.restarts for s in shards},
             "ps": [s.address for s in shards], "run_dir": run_dir}
