@@ -143,8 +143,33 @@ class Snapshots:
 
         self.directory = os.path.abspath(directory)
         self.every_s, self.every_steps = every_s, every_steps
-        self.manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, enable_async_checkpointing=async_save, create=True, cleanup_tmp_directories=True))
+        extra, handlers = {}, {}
+        import jax
+
+        if jax.distributed.is_initialized():
+            # One of several data-parallel trainers: each writes its own
+            # folder alone, with no barrier across the group.
+            me = jax.process_index()
+            mp = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me},
+                                                    barrier_sync_key_prefix=f"trainer-{me}")
+            extra["multiprocessing_options"] = mp
+            registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+            json_handler = ocp.handlers.JsonCheckpointHandler(multiprocessing_options=mp)
+            registry.add("meta", ocp.args.JsonSave, json_handler)
+            registry.add("meta", ocp.args.JsonRestore, json_handler)
+            for item in ("dense", "tables"):
+                # OCDBT merges per-process files on process 0 only: plain zarr here.
+                handler = ocp.handlers.StandardCheckpointHandler(multiprocessing_options=mp, use_ocdbt=False)
+                registry.add(item, ocp.args.StandardSave, handler)
+                registry.add(item, ocp.args.StandardRestore, handler)
+            handlers = {"handler_registry": registry}
+            os.makedirs(self.directory, exist_ok=True)  # Orbax's create=True refuses active_processes
+            # Orbax's own async mode signals through the group's coordination
+            # service; this class already writes off the training thread.
+            async_save = False
+        self.manager = ocp.CheckpointManager(self.directory, **handlers, options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, enable_async_checkpointing=async_save, create=not extra,
+            cleanup_tmp_directories=True, **extra))
         self._worker = None             # the thread writing the last save
         self._done = None               # meta of a finished save not yet reported
         self._error = None
@@ -166,6 +191,11 @@ class Snapshots:
         if self.every_steps and step - last >= self.every_steps:
             return True
         return bool(self.every_s) and time.monotonic() - self._last_t >= self.every_s
+
+    def mark(self, step: int) -> None:
+        """Records that snapshot `step` was taken elsewhere (by the chief of
+        a data-parallel group), for `due` and `last_step`."""
+        self._last_step, self._last_t = step, time.monotonic()
 
     def save(self, step: int, trainer, meta: dict) -> bool:
         """Starts a snapshot of `trainer` at `step` with `meta` (JSON). The
@@ -287,7 +317,7 @@ class Snapshots:
                                  f"where the model has {old.dtype}{old.shape}")
         trainer.params = jax.tree_util.tree_unflatten(treedef, [jax.device_put(p) for p in params])
         trainer.opt_state = jax.tree_util.tree_unflatten(opt_def, [jax.device_put(p) for p in opt])
-        load_tables(trainer.tables, meta, tables)
+        load_tables({n: trainer.tables[n] for n in local_tables(trainer)}, meta, tables)
         trainer.step_count = int(meta["step"])
         trainer.examples = int(meta.get("trained_examples", trainer.examples))
         self._last_step = step

@@ -176,6 +176,15 @@ def run_local(cfg: dict, out=print, poll_s: float = 0.2) -> dict:
                     if t.poll() is None:
                         t.send_signal(signal.SIGTERM)
                 stopping.clear()
+            failed = [j for j, t in enumerate(trainers) if t.poll() not in (None, 0)]
+            if failed and cfg.get("dense", "sync") == "sync" and any(t.poll() is None for t in trainers):
+                # A synchronous group cannot go on without a member: stop the
+                # rest (their snapshots hold where to resume) rather than hang.
+                out(f"cluster: trainer {failed[0]} exited with code {trainers[failed[0]].returncode}; "
+                    "stopping the group")
+                for t in trainers:
+                    if t.poll() is None:
+                        t.kill()
             for s in shards:
                 code = s.proc.poll()
                 if code is not None:

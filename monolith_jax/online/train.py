@@ -17,8 +17,9 @@ Scale-out (`monolith_jax.online.cluster` starts these for you):
 - `--coordinator HOST:PORT --trainers M --trainer-index J`: one of M
   data-parallel trainers (`monolith_jax.distributed`, synchronous all-reduce
   of the dense gradients); J = 0 is the chief, which pushes the dense
-  params and has the shards snapshot. Each trainer snapshots its own dense
-  params and offsets in `--snapshot-dir`/trainer-J.
+  params and has the shards snapshot. The group takes one snapshot, in
+  `--snapshot-dir`/trainers: the chief writes the dense params and every
+  member's offsets, and every member resumes from it.
 - `--async-dense`: instead of the all-reduce, exchange dense deltas with
   the master copy on the first shard (`dense_ps`), as Monolith does.
 """
@@ -104,7 +105,10 @@ def main(argv=None) -> int:
 
         from monolith_jax.snapshot import Snapshots
 
+        # A data-parallel group shares one snapshot folder (the chief writes
+        # it); asynchronous trainers on shards keep one each.
         folder = args.snapshot_dir if args.trainers == 1 and not addresses else \
+            os.path.join(args.snapshot_dir, "trainers") if dp is not None else \
             os.path.join(args.snapshot_dir, f"trainer-{args.trainer_index}")
         snapshots = Snapshots(folder, every_s=args.snapshot_every_s, every_steps=args.snapshot_every_steps,
                               keep=args.keep_snapshots)

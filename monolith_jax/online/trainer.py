@@ -179,6 +179,7 @@ class OnlineTrainer:
         # them is complete, and a restart resumes from the newest one.
         self.snapshots = snapshots
         self._resume: dict = {}     # (topic, partition) -> offset to seek to on assignment
+        self._pending_commits: dict = {}  # data-parallel: snapshot step -> this member's offsets in it
         self.resumed_from = None
         if snapshots is not None:
             meta = snapshots.restore(trainer)
@@ -186,6 +187,12 @@ class OnlineTrainer:
                 self.resumed_from = meta["step"]
                 self.examples = int(meta["examples"])
                 self.batches = int(meta["batches"])
+                group = meta.get("trainers")
+                if self.dp is not None and group is not None:
+                    # The group's snapshot: this member's own counts.
+                    mine = group[self.dp.process_id] if len(group) == self.dp.num_processes else {}
+                    self.examples, self.batches = int(mine.get("examples", 0)), int(mine.get("batches", 0))
+                    trainer.examples = int(mine.get("trained_examples", 0))
                 self.max_event_ms = int(meta["max_event_ms"])
                 self.negative_rate = meta.get("negative_rate")
                 self._resume = {(t, int(p)): int(o) for t, parts in meta["offsets"].items() for p, o in parts.items()}
@@ -372,7 +379,31 @@ class OnlineTrainer:
             log.warning("commit failed: %s", err)
 
     def _snapshot(self) -> None:
-        """Starts a snapshot of everything trained so far and the offsets after it."""
+        """Starts a snapshot of everything trained so far and the offsets
+        after it. A data-parallel group (all members call this between the
+        same two steps) takes one snapshot, written by the chief: the dense
+        params (the same everywhere) and every member's offsets and counts."""
+        meta = self._snapshot_meta()
+        step = self.trainer.step_count
+        if self.dp is None:
+            self.snapshots.save(step, self.trainer, meta)
+            return
+        group = self.dp.gather_json(meta)
+        self._pending_commits[step] = list(self._committed.values())
+        if not self.chief:
+            self.snapshots.mark(step)
+            return
+        offsets: dict = {}
+        for m in group:  # a partition's newest offset (a member's stale resume point is older)
+            for topic, parts in m["offsets"].items():
+                for p, o in parts.items():
+                    offsets.setdefault(topic, {})[p] = max(o, offsets.get(topic, {}).get(p, 0))
+        self.snapshots.save(step, self.trainer, {
+            "offsets": offsets, "examples": sum(m["examples"] for m in group), "batches": meta["batches"],
+            "max_event_ms": max(m["max_event_ms"] for m in group), "negative_rate": meta["negative_rate"],
+            "trained_examples": sum(m["trained_examples"] for m in group), "trainers": group})
+
+    def _snapshot_meta(self) -> dict:
         offsets: dict = {}
         for tp in self._committed.values():
             offsets.setdefault(tp.topic, {})[str(tp.partition)] = tp.offset
@@ -385,20 +416,32 @@ class OnlineTrainer:
             from monolith_jax.online.training_ps import snapshot_shards
 
             snapshot_shards(self.remote.values(), self.trainer.step_count)
-        self.snapshots.save(self.trainer.step_count, self.trainer, {
-            "offsets": offsets, "examples": self.examples, "batches": self.batches,
-            "max_event_ms": self.max_event_ms, "negative_rate": self.negative_rate,
-            "trained_examples": self.trainer.examples})
+        return {"offsets": offsets, "examples": self.examples, "batches": self.batches,
+                "max_event_ms": self.max_event_ms, "negative_rate": self.negative_rate,
+                "trained_examples": self.trainer.examples}
 
     def _commit_snapshots(self, wait: bool = False) -> None:
         """Commits the offsets of a snapshot that has completed."""
         from confluent_kafka import TopicPartition
 
+        if self.dp is not None:  # the chief's completed snapshot, agreed by all; each commits its own
+            done = self.snapshots.wait() if wait and self.chief else \
+                self.snapshots.completed() if self.chief else None
+            step = int(self.dp.agree([done["step"] if done else 0])[0])
+            self._commit_group(step, asynchronous=not wait)
+            return
         meta = self.snapshots.wait() if wait else self.snapshots.completed()
         if meta is not None:
             done = [TopicPartition(t, int(p), int(o)) for t, parts in meta["offsets"].items() for p, o in parts.items()]
             if done:
                 self._commit(done, asynchronous=not wait)
+
+    def _commit_group(self, step: int, asynchronous: bool) -> None:
+        """Commits this member's offsets of every group snapshot up to `step`."""
+        for s in sorted(k for k in self._pending_commits if k <= step):
+            offsets = self._pending_commits.pop(s)
+            if offsets:
+                self._commit(offsets, asynchronous=asynchronous)
 
     # ---------------------------------------------------------------- run
     def run(self, max_examples: int | None = None, idle_timeout_s: float | None = None,
@@ -414,6 +457,7 @@ class OnlineTrainer:
             self.pusher.start()
         t0 = last_data = last_report = time.monotonic()
         seen_at_report, start_examples = self.examples, self.examples
+        together = False   # a data-parallel group left its loop together (its last steps are collective)
         try:
             while True:
                 now = time.monotonic()
@@ -434,11 +478,12 @@ class OnlineTrainer:
                         self._train(*filled)
                         last_data = self._t_last = time.monotonic()
                 elif not self._lockstep(done):
+                    together = True
                     break
                 else:
                     last_data = max(last_data, self._t_last)
                 self.producer.poll(0)
-                if self.snapshots is not None:
+                if self.snapshots is not None and self.dp is None:
                     self._commit_snapshots()
                 now = time.monotonic()
                 if report_every_s and now - last_report >= report_every_s:
@@ -452,8 +497,10 @@ class OnlineTrainer:
 
                 jax.block_until_ready(self.trainer.params)  # the rate counts finished steps only
                 self._t_last = time.monotonic()
-            if self.snapshots is not None:
-                # A snapshot on a clean stop (SIGTERM, end of stream), then its offsets.
+            if self.snapshots is not None and (self.dp is None or together):
+                # A snapshot on a clean stop (SIGTERM, end of stream), then its
+                # offsets. (A group member that failed cannot: the others would
+                # wait for it; they resume from the last group snapshot.)
                 if self.trainer.step_count != self.snapshots.last_step:
                     self._snapshot()
                 self._commit_snapshots(wait=True)
@@ -487,7 +534,13 @@ class OnlineTrainer:
         filled = None if done else self._fill(time.monotonic() + self.max_wait_s)
         rows = filled[0].rows if filled is not None else 0
         due = self.snapshots is not None and self.snapshots.due(self.trainer.step_count)
-        rows_max, going, snap = (int(v) for v in self.dp.agree([rows, int(not done), int(due)]))
+        completed = 0
+        if self.chief and self.snapshots is not None:
+            meta = self.snapshots.completed()
+            completed = meta["step"] if meta is not None else 0
+        rows_max, going, snap, completed = (int(v) for v in self.dp.agree([rows, int(not done), int(due), completed]))
+        if completed:  # the chief finished writing a snapshot: commit what it holds
+            self._commit_group(completed, asynchronous=True)
         if snap:
             # Between steps: every member's updates of the last step are in
             # the shards; none of the next step's lookups have run.

@@ -193,3 +193,31 @@ def test_the_launcher_refuses_bad_job_files(tmp_path):
         run_role({"bootstrap": "b", "ps": 2}, "ps:0")
     with pytest.raises(ValueError, match="coordinator"):
         run_role({"bootstrap": "b", "ps": ["127.0.0.1:1"], "trainers": 2}, "trainer:1")
+
+
+def test_a_stopped_job_resumes_from_its_snapshots_and_trains_every_example_once(tansu_broker, tmp_path):
+    topic = "examples-restart"
+    values = produce_rated(tansu_broker, topic, N)
+    snap_root = tmp_path / "snaps"
+
+    def job(run, extra):
+        return run_cluster({"bootstrap": tansu_broker, "ps": 2, "trainers": 2, "group": "restarted",
+                            "run_dir": str(tmp_path / run), "snapshot_dir": str(snap_root),
+                            "trainer_args": [*train_args(topic, 256), "--snapshot-every-steps", "10",
+                                             "--snapshot-every-s", "0", *extra]}, tmp_path)
+
+    first, _ = job("first", ["--max-examples", "4000"])   # each trainer stops after 4,000 of its examples
+    firsts = [t["summary"] for t in first["trainers"]]
+    assert [s["examples"] for s in firsts] == [4000, 4000]
+    second, lines = job("second", [])
+    seconds = [t["summary"] for t in second["trainers"]]
+    # Both trainers resumed from the same step (the group's last snapshot),
+    # and the shards from theirs.
+    assert seconds[0]["resumed_from"] == seconds[1]["resumed_from"] is not None
+    assert sum(1 for l in lines if l.startswith("cluster: ps ") and "from snapshot" in l) == 2
+    # Every example trained once over the two runs (the counts carry over).
+    assert sum(s["examples"] for s in seconds) == N, [s["examples"] for s in seconds]
+    want = expected_keys(values)
+    for shard in range(2):
+        _, keys = shard_keys(str(snap_root), shard, 2)
+        np.testing.assert_array_equal(keys, want[shard_of(want, 2) == shard])
