@@ -141,7 +141,9 @@ def test_killed_serving_ps_is_back_with_the_trainers_rows_within_one_sync_interv
             assert time.monotonic() - restarted < 10, "no push reached the restarted server"
             time.sleep(0.01)
         back = time.monotonic() - restarted
-        assert back <= interval + 0.5, f"back after {back:.2f} s"
+        # Within a sync interval plus the channel's reconnect backoff (at
+        # most 1 s, `wire.channel`) and scheduling slack on a busy machine.
+        assert back <= interval + 1.5, f"back after {back:.2f} s"
         assert dict(stub.Version(pb.VersionRequest()).rows) == {"ids": keys.size}
         stop.set()
         trainer.join()
