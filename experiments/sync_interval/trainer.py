@@ -220,8 +220,7 @@ def main(argv=None) -> int:
     summary["arms"] = sync.stop()
     summary["start"] = state.get("start")
     if args.prequential_out:
-        labels, scores, event_ms = online.log.arrays()
-        np.savez(args.prequential_out, labels=labels, scores=scores, event_ms=event_ms)
+        online.log.save(args.prequential_out)
     line = json.dumps(summary, default=float)
     if args.summary:
         with open(args.summary, "w", encoding="utf-8") as f:

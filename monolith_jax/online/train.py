@@ -128,10 +128,7 @@ def main(argv=None) -> int:
         export_model(trainer, args.export, negative_rate=online.negative_rate or 1.0)
     summary["segment_aucs"] = online.log.segment_aucs(10)
     if args.prequential_out:
-        import numpy as np
-
-        labels, scores, event_ms = online.log.arrays()
-        np.savez(args.prequential_out, labels=labels, scores=scores, event_ms=event_ms)
+        online.log.save(args.prequential_out)
     line = json.dumps(summary, default=float)
     if args.summary:
         with open(args.summary, "w", encoding="utf-8") as f:

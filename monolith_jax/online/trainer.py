@@ -95,6 +95,11 @@ class PrequentialLog:
             return np.zeros(0, np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64)
         return np.concatenate(self._labels), np.concatenate(self._scores), np.concatenate(self._times)
 
+    def save(self, path: str) -> None:
+        """labels, scores and event_ms as an .npz file (arrays only)."""
+        labels, scores, event_ms = self.arrays()
+        np.savez(path, labels=labels, scores=scores, event_ms=event_ms)
+
     def segment_aucs(self, segments: int = 10) -> list:
         """AUC of each of `segments` equal slices of the stream, in order."""
         y, s, _ = self.arrays()
