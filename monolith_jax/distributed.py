@@ -112,6 +112,27 @@ class DataParallel:
 
         return jax.tree.map(lambda a: jax.make_array_from_process_local_data(sharding, np.asarray(a)), tree)
 
+    def _replicated(self, tree):
+        """The dense params as the program's replicated input. With one
+        device per process they stay where they are (no host round trip
+        each step: they may live on an accelerator)."""
+        import jax
+
+        if jax.local_device_count() > 1:
+            return self._global(tree, self.replicated)
+        here = jax.local_devices()[0]
+        return jax.tree.map(lambda a: jax.make_array_from_single_device_arrays(
+            np.shape(a), self.replicated, [jax.device_put(a, here)]), tree)
+
+    def _own(self, tree):
+        """A replicated result -> this process's copy, on its device."""
+        import jax
+
+        if jax.local_device_count() > 1:
+            here = jax.local_devices()[0]
+            return jax.tree.map(lambda a: jax.device_put(self._local(a), here), tree)
+        return jax.tree.map(lambda a: a.addressable_data(0), tree)
+
     def _local(self, a) -> np.ndarray:
         shards = sorted(a.addressable_shards,
                         key=lambda s: (s.index[0].start or 0) if s.index and isinstance(s.index[0], slice) else 0)
@@ -135,9 +156,6 @@ class DataParallel:
         local = SparseBatch(ids={}, lengths=batch.lengths, dense=batch.dense, labels=batch.labels,
                             weights=batch.weights)
         params, opt_state, loss, g_rows = program(
-            self._global(trainer.params, self.replicated), self._global(trainer.opt_state, self.replicated),
+            self._replicated(trainer.params), self._replicated(trainer.opt_state),
             self._global(rows, self.split), self._global(local, self.split))
-        here = jax.local_devices()[0]
-        params = jax.tree.map(lambda a: jax.device_put(self._local(a), here), params)
-        opt_state = jax.tree.map(lambda a: jax.device_put(self._local(a), here), opt_state)
-        return params, opt_state, self._local(loss), {k: self._local(v) for k, v in g_rows.items()}
+        return self._own(params), self._own(opt_state), self._local(loss), {k: self._local(v) for k, v in g_rows.items()}
