@@ -22,7 +22,7 @@ Models and training (import the submodules)
   monolith_jax.models      DeepFM, DCNv2, WideAndDeep, TwoTower, MLP
   monolith_jax.training    Trainer (jitted step, fit, evaluate, metrics JSONL)
   monolith_jax.metrics     auc, log_loss
-  monolith_jax.data        load_movielens_1m
+  monolith_jax.examples.movielens.data        load_movielens_1m
 
 Importing this package loads no native code and changes no JAX setting; the
 first EmbeddingTable loads the C++ engine.

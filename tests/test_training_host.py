@@ -4,8 +4,8 @@ step: the accelerator and remote-table path) trains exactly as the in-jit step."
 import jax
 import numpy as np
 
-from monolith_jax.online.loop import movielens_trainer
-from tests.online.test_predictor import make_batch
+from monolith_jax.examples.movielens.loop import movielens_trainer
+from tests.serving.test_predictor import make_batch
 
 
 def test_host_step_equals_the_in_jit_step():

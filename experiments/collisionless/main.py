@@ -25,7 +25,7 @@ def main(argv=None):
     p.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
     args = p.parse_args(argv)
 
-    from monolith_jax.data import load_movielens_1m
+    from monolith_jax.examples.movielens.data import load_movielens_1m
     ratings = load_movielens_1m()
     if args.limit:
         ratings = dataclasses.replace(ratings, **{f: getattr(ratings, f)[: args.limit] for f in

@@ -18,7 +18,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     out = {}
     if args.data in ("movielens", "both"):
-        from monolith_jax.data import load_movielens_1m
+        from monolith_jax.examples.movielens.data import load_movielens_1m
         ratings = load_movielens_1m()
         if args.limit:
             import dataclasses

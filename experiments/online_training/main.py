@@ -25,7 +25,7 @@ def main(argv=None):
     p.add_argument("--out", default=os.path.join(HERE, "results"))
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    from monolith_jax.data import load_movielens_1m
+    from monolith_jax.examples.movielens.data import load_movielens_1m
     ratings = load_movielens_1m()
     os.makedirs(args.out, exist_ok=True)
     results = {}

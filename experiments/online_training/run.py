@@ -25,11 +25,11 @@ import jax
 import numpy as np
 
 from monolith_jax.metrics import auc
-from monolith_jax.online import kafka as K
-from monolith_jax.online import replay as R
-from monolith_jax.online.join_state import JoinConfig, JoinState
-from monolith_jax.online.loop import movielens_trainer, run_loop
-from monolith_jax.online.messages import ExampleDecoder, parse_action
+from monolith_jax.stream import kafka as K
+from monolith_jax.examples.movielens import replay as R
+from monolith_jax.stream.join_state import JoinConfig, JoinState
+from monolith_jax.examples.movielens.loop import movielens_trainer, run_loop
+from monolith_jax.stream.messages import ExampleDecoder, parse_action
 from monolith_jax.online.trainer import OnlineTrainer
 
 QUIET = dict(out=lambda *a, **k: None)
@@ -104,7 +104,7 @@ def throughput(ratings, n_examples: int = 60_000, batch: int = 1024, rounds: int
         K.ensure_topics(kafka.bootstrap, {topic: K.EMBEDDED_PARTITIONS})
         from confluent_kafka import Producer
         prod = Producer(K.producer_config(kafka.bootstrap))
-        from monolith_jax.online.joiner import ExampleGrouper
+        from monolith_jax.stream.joiner import ExampleGrouper
         grouper = ExampleGrouper(prod, topic)  # as the joiner writes them: groups of 64 per partition
         for i, ex in enumerate(examples):
             grouper.add(str(i), ex)

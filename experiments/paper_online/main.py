@@ -53,7 +53,7 @@ def main(argv=None):
         lines.append(line)
 
     t_start = time.perf_counter()
-    from monolith_jax.data import load_movielens_1m
+    from monolith_jax.examples.movielens.data import load_movielens_1m
     ratings = load_movielens_1m()
     if args.limit:
         ratings = dataclasses.replace(ratings, **{f: getattr(ratings, f)[: args.limit] for f in

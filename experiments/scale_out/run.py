@@ -25,7 +25,7 @@ ENV = {**os.environ, "PYTHONPATH": os.getcwd()}
 def _start_shards(n: int, tables_path: str) -> list:
     procs = []
     for s in range(n):
-        proc = subprocess.Popen([sys.executable, "-m", "monolith_jax.online.training_ps", "--shard", str(s),
+        proc = subprocess.Popen([sys.executable, "-m", "monolith_jax.distributed.training_ps", "--shard", str(s),
                                  "--shards", str(n), "--tables", tables_path],
                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=ENV)
         line = proc.stdout.readline()
@@ -55,7 +55,7 @@ def _steps(table, batches, dim) -> dict:
 def throughput(shard_counts=(1, 2, 4), dim: int = 64, batch_ids: int = 32_768, steps: int = 40,
                vocab: int = 2_000_000, out=print) -> dict:
     import monolith_jax as mj
-    from monolith_jax.online.training_ps import ShardedTable
+    from monolith_jax.distributed.training_ps import ShardedTable
     from monolith_jax.sparse.config import config_to_dict
 
     config = mj.TableConfig("ids", dim, mj.Normal(0, 0.01), mj.Adagrad(0.05))

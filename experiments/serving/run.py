@@ -28,8 +28,8 @@ import time
 
 import numpy as np
 
-from monolith_jax.online import kafka as K
-from monolith_jax.online import replay as R
+from monolith_jax.stream import kafka as K
+from monolith_jax.examples.movielens import replay as R
 
 ROW_DIM = 9  # the MovieLens DeepFM's table: dim 8 + the first-order weight
 
@@ -104,9 +104,9 @@ class Prober:
                  give_up_s: float = 30.0):
         from confluent_kafka import Consumer
 
-        from monolith_jax.online import serving_pb2_grpc as pbg
-        from monolith_jax.online.predictor import PredictorClient
-        from monolith_jax.online.wire import channel
+        from monolith_jax.rpc import serving_pb2_grpc as pbg
+        from monolith_jax.serving.predictor import PredictorClient
+        from monolith_jax.rpc.wire import channel
 
         self.client = PredictorClient(address)
         self._ps_channel = channel(ps_address)
@@ -158,7 +158,7 @@ class Prober:
                 items = list(self.pending.items())[:256]
             if not items:
                 continue
-            from monolith_jax.online import serving_pb2 as pb
+            from monolith_jax.rpc import serving_pb2 as pb
 
             keys = np.array([k for _, (k, _) in items], np.uint64)
             found = np.frombuffer(self._ps.Lookup(pb.LookupRequest(table="ids", keys=keys.tobytes())).found, np.uint8)
@@ -189,7 +189,7 @@ class Prober:
 
 
 def _probe_features(key, item_chunk: bytes, rid: str, t_ms: int) -> bytes:
-    from monolith_jax.online import messages_pb2 as pb
+    from monolith_jax.stream import messages_pb2 as pb
 
     rec = pb.FeatureRecord(version=1, request_id=rid, event_time_ms=t_ms)
     rec.sparse.add(name="user", ids=[int(key)])
@@ -201,7 +201,7 @@ def produce_paced(bootstrap: str, stream, rate: float, seconds: float, prober: P
     """The replay at `rate` messages/s for `seconds`, with probes; returns counts."""
     from confluent_kafka import Producer
 
-    from monolith_jax.online import messages_pb2 as pb
+    from monolith_jax.stream import messages_pb2 as pb
     from monolith_jax.sparse.keys import hash_strings
 
     # The bulk goes in batches of up to 50 ms (as many clients' producers
@@ -248,7 +248,7 @@ def freshness(ratings, rate: float = 3000.0, seconds: float = 120.0, sync_interv
               workdir: str | None = None, out=print, keep_serving=None, bootstrap: str | None = None) -> dict:
     """Runs the live loop with probes. With `keep_serving(ps_port, predictor_port)`,
     calls it after the loop (trainer done, serving still up) before tearing down."""
-    from monolith_jax.online.loop import joiner_command
+    from monolith_jax.examples.movielens.loop import joiner_command
 
     workdir = workdir or tempfile.mkdtemp(prefix="monolith-serving-")
     model_dir = os.path.join(workdir, "model")
@@ -263,7 +263,7 @@ def freshness(ratings, rate: float = 3000.0, seconds: float = 120.0, sync_interv
         bootstrap = bootstrap or kafka.bootstrap
         K.ensure_topics(bootstrap, {t: K.EMBEDDED_PARTITIONS for t in K.TOPICS.values()})
         try:
-            ps, ps_port = start([sys.executable, "-m", "monolith_jax.online.serving_ps", "--table", f"ids:{ROW_DIM}"],
+            ps, ps_port = start([sys.executable, "-m", "monolith_jax.serving.serving_ps", "--table", f"ids:{ROW_DIM}"],
                                 "listening on", logs["ps"])
             procs.append(ps)
             ps_addr = f"127.0.0.1:{ps_port}"
@@ -280,7 +280,7 @@ def freshness(ratings, rate: float = 3000.0, seconds: float = 120.0, sync_interv
                 if trainer.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError("the trainer wrote no export:\n" + "".join(logs["trainer"][-20:]))
                 time.sleep(0.2)
-            pred, pred_port = start([sys.executable, "-m", "monolith_jax.online.predictor", "--model", model_dir,
+            pred, pred_port = start([sys.executable, "-m", "monolith_jax.serving.predictor", "--model", model_dir,
                                      "--serving-ps", ps_addr], "listening on", logs["predictor"])
             procs.append(pred)
             joiner = subprocess.Popen(
@@ -359,7 +359,7 @@ def request_batches(ratings, batch: int, count: int, seed: int = 0) -> list:
 
 def closed_loop(address: str, batches: list, seconds: float) -> dict:
     """One client, one request at a time, for `seconds`: predictions/s and latency."""
-    from monolith_jax.online.predictor import PredictorClient
+    from monolith_jax.serving.predictor import PredictorClient
 
     client = PredictorClient(address)
     for ids in batches[:5]:

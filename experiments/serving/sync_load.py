@@ -29,9 +29,9 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
-    from monolith_jax.export import dense_arrays
-    from monolith_jax.online.loop import movielens_trainer
-    from monolith_jax.online.sync import SyncPusher
+    from monolith_jax.serving.export import dense_arrays
+    from monolith_jax.examples.movielens.loop import movielens_trainer
+    from monolith_jax.serving.sync import SyncPusher
 
     keys = np.load(args.keys, allow_pickle=False)
     if keys.dtype != np.uint64 or keys.ndim != 1:

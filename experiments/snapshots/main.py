@@ -38,7 +38,7 @@ def main(argv=None):
     if args.part in ("size", "both") and args.part == "both":
         print()
     if args.part in ("reliability", "both"):
-        from monolith_jax.data import load_movielens_1m
+        from monolith_jax.examples.movielens.data import load_movielens_1m
 
         print("Parameter-server failures on the MovieLens-1M stream, restarted from the newest snapshot:")
         results["reliability"] = run.reliability(load_movielens_1m(), [float(i) for i in args.intervals],

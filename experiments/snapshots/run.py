@@ -94,9 +94,9 @@ def reliability(ratings, intervals_min=(5, 60, 360, 1440), failures_at=(0.25, 0.
                 batch: int = 1024, seed: int = 0, out=print, workdir: str | None = None) -> dict:
     from experiments.online_training.run import joined_examples
     from monolith_jax.metrics import auc
-    from monolith_jax.online import replay as R
-    from monolith_jax.online.loop import movielens_trainer
-    from monolith_jax.online.messages import ExampleDecoder
+    from monolith_jax.examples.movielens import replay as R
+    from monolith_jax.examples.movielens.loop import movielens_trainer
+    from monolith_jax.stream.messages import ExampleDecoder
     from monolith_jax.snapshot import Snapshots
 
     examples = joined_examples(ratings, limit or len(ratings), seed=seed)

@@ -54,7 +54,7 @@ def main(argv=None):
         lines.append(line)
 
     t_start = time.perf_counter()
-    from monolith_jax.data import load_movielens_1m
+    from monolith_jax.examples.movielens.data import load_movielens_1m
 
     ratings = load_movielens_1m()
     win = run.window(ratings, args.start, args.warmup, args.seconds, args.speed)

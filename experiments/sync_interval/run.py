@@ -45,8 +45,8 @@ import numpy as np
 
 from experiments.serving.run import percentiles, start, stop
 from monolith_jax.metrics import auc
-from monolith_jax.online import kafka as K
-from monolith_jax.online import replay as R
+from monolith_jax.stream import kafka as K
+from monolith_jax.examples.movielens import replay as R
 
 ROW_DIM = 9             # the MovieLens DeepFM's table: dim 8 + the first-order weight
 TABLE = "ids"
@@ -96,13 +96,13 @@ class Serving:
 
     def __init__(self, arms: list):
         self.arms = arms
-        cmd = [sys.executable, "-m", "monolith_jax.online.serving_ps", "--table", f"{TABLE}:{ROW_DIM}"]
+        cmd = [sys.executable, "-m", "monolith_jax.serving.serving_ps", "--table", f"{TABLE}:{ROW_DIM}"]
         with concurrent.futures.ThreadPoolExecutor(len(arms)) as ex:
             started = list(ex.map(lambda _: start(cmd, "listening on"), arms))
         self.ps = {arm.name: s for arm, s in zip(arms, started)}
         self.predictors: dict = {}
-        from monolith_jax.online import serving_pb2_grpc as pbg
-        from monolith_jax.online.wire import channel
+        from monolith_jax.rpc import serving_pb2_grpc as pbg
+        from monolith_jax.rpc.wire import channel
 
         self._channels = {name: channel(self.ps_address(name)) for name in self.ps}
         self._stubs = {name: pbg.ServingPSStub(c) for name, c in self._channels.items()}
@@ -112,7 +112,7 @@ class Serving:
 
     def start_predictors(self, model_dir: str) -> None:
         def one(name):
-            return start([sys.executable, "-m", "monolith_jax.online.predictor", "--model", model_dir, "--serving-ps",
+            return start([sys.executable, "-m", "monolith_jax.serving.predictor", "--model", model_dir, "--serving-ps",
                           self.ps_address(name), "--dense-poll", "0.1"], "listening on", timeout_s=300)
 
         with concurrent.futures.ThreadPoolExecutor(len(self.ps)) as ex:
@@ -122,13 +122,13 @@ class Serving:
         return {name: f"127.0.0.1:{port}" for name, (_, port) in self.predictors.items()}
 
     def version(self, name: str) -> dict:
-        from monolith_jax.online import serving_pb2 as pb
+        from monolith_jax.rpc import serving_pb2 as pb
 
         v = self._stubs[name].Version(pb.VersionRequest(), timeout=10)
         return {"applied": dict(v.applied), "rows": dict(v.rows), "dense_version": int(v.dense_version)}
 
     def lookup(self, name: str, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        from monolith_jax.online import serving_pb2 as pb
+        from monolith_jax.rpc import serving_pb2 as pb
 
         reply = self._stubs[name].Lookup(pb.LookupRequest(table=TABLE, keys=keys.tobytes(), dtype="float32"),
                                          timeout=30)
@@ -203,7 +203,7 @@ class LabelCollector:
         self._thread.start()
 
     def _run(self) -> None:
-        from monolith_jax.online import messages_pb2 as pb
+        from monolith_jax.stream import messages_pb2 as pb
 
         while not self._stop.is_set():
             msgs = self._consumer.consume(num_messages=1000, timeout=0.05)
@@ -259,7 +259,7 @@ class LabelCollector:
 def request_arrays(values: list) -> tuple[dict, np.ndarray]:
     """FeatureRecord bytes -> the predictor's ids (feature -> (flat uint64
     ids, int32 lengths)) and each request's user key."""
-    from monolith_jax.online import messages_pb2 as pb
+    from monolith_jax.stream import messages_pb2 as pb
 
     n = len(values)
     flat = {name: [] for name in R.FIELDS}
@@ -279,7 +279,7 @@ class Scorer:
     """Every arm's predictor, asked at once (one thread per arm)."""
 
     def __init__(self, addresses: dict):
-        from monolith_jax.online.predictor import PredictorClient
+        from monolith_jax.serving.predictor import PredictorClient
 
         self.clients = {name: PredictorClient(a) for name, a in addresses.items()}
         self._pool = concurrent.futures.ThreadPoolExecutor(len(self.clients))
@@ -376,7 +376,7 @@ def run_repeat(win: Window, arms: list, serving: Serving, seed: int, workdir: st
                dense_interval_s: float | None = None, out=print) -> dict:
     """One warm start and paced window through the live loop; returns every
     figure of the repeat, and its per-request arrays under "requests"."""
-    from monolith_jax.online.loop import joiner_command
+    from monolith_jax.examples.movielens.loop import joiner_command
 
     t_begin = time.monotonic()
     stream = R.MovieLensStream(win.ratings, 1.0, seed=seed)

@@ -115,7 +115,7 @@ class MultiSync:
     """Every arm's pusher over one trainer's tables."""
 
     def __init__(self, online, arms: list, trainer_id: str, dense_interval_s: float | None = None):
-        from monolith_jax.export import dense_arrays
+        from monolith_jax.serving.export import dense_arrays
 
         self.online, self.arms = online, arms
         trainer = online.trainer
@@ -128,7 +128,7 @@ class MultiSync:
 
     def start(self) -> dict:
         """The full copy to every arm, then the running arms' intervals."""
-        from monolith_jax.online.sync import SyncPusher
+        from monolith_jax.serving.sync import SyncPusher
 
         self.started_at = time.time()
         copies = {}
@@ -177,7 +177,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
-    from monolith_jax.online.loop import movielens_trainer
+    from monolith_jax.examples.movielens.loop import movielens_trainer
     from monolith_jax.online.trainer import OnlineTrainer
 
     quiet = dict(out=lambda *a, **k: None)
@@ -185,7 +185,7 @@ def main(argv=None) -> int:
     online = OnlineTrainer(trainer, args.bootstrap, group=args.group, batch_size=args.batch,
                            max_wait_s=args.max_wait, warmup=True, **quiet)
     if args.export:
-        from monolith_jax.export import export_model
+        from monolith_jax.serving.export import export_model
 
         export_model(trainer, args.export)
     sync = MultiSync(online, args.arm, args.group, args.dense_interval)
@@ -193,7 +193,7 @@ def main(argv=None) -> int:
     state: dict = {}
 
     def control() -> None:
-        from monolith_jax.online import kafka as K
+        from monolith_jax.stream import kafka as K
 
         for line in sys.stdin:
             word = line.strip()

@@ -6,16 +6,16 @@ Several such processes with one `--group` share the topic's partitions.
 On exit (idle timeout, `--max-examples`, SIGTERM) it prints a JSON summary
 line `trainer done {...}` and, with `--summary`, writes it to a file. With
 `--serving-ps` it pushes touched rows and dense params there; with
-`--export DIR` it writes the exported model (`monolith_jax.export`) for a
+`--export DIR` it writes the exported model (`monolith_jax.serving.export`) for a
 predictor. With `--snapshot-dir` it snapshots everything (Orbax) by time
 or steps and on SIGTERM, commits offsets only with a complete snapshot,
 and resumes from the newest good one after a crash.
 
-Scale-out (`monolith_jax.online.cluster` starts these for you):
+Scale-out (`monolith_jax.distributed.cluster` starts these for you):
 - `--ps HOST:PORT,HOST:PORT`: the tables live on training PS shards
   (`training_ps`), in that shard order; this process holds no rows.
 - `--coordinator HOST:PORT --trainers M --trainer-index J`: one of M
-  data-parallel trainers (`monolith_jax.distributed`, synchronous all-reduce
+  data-parallel trainers (`monolith_jax.distributed.data_parallel`, synchronous all-reduce
   of the dense gradients); J = 0 is the chief, which pushes the dense
   params and has the shards snapshot. The group takes one snapshot, in
   `--snapshot-dir`/trainers: the chief writes the dense params and every
@@ -33,7 +33,7 @@ import signal
 import sys
 import threading
 
-from monolith_jax.online import kafka as K
+from monolith_jax.stream import kafka as K
 
 
 def main(argv=None) -> int:
@@ -78,10 +78,10 @@ def main(argv=None) -> int:
         p.error("--async-dense needs --ps and no --coordinator")
     dp = None
     if args.coordinator:  # before any other JAX call
-        from monolith_jax.distributed import DataParallel
+        from monolith_jax.distributed.data_parallel import DataParallel
 
         dp = DataParallel(args.coordinator, args.trainers, args.trainer_index)
-    from monolith_jax.online.loop import movielens_trainer
+    from monolith_jax.examples.movielens.loop import movielens_trainer
     from monolith_jax.online.trainer import OnlineTrainer
 
     stop = threading.Event()
@@ -89,14 +89,14 @@ def main(argv=None) -> int:
     trainer = movielens_trainer(args.seed, metrics_path=args.metrics)
     addresses = args.ps.split(",") if args.ps else []
     if addresses:
-        from monolith_jax.online.training_ps import use_shards
+        from monolith_jax.distributed.training_ps import use_shards
 
         use_shards(trainer, addresses)
     if dp is not None:
         dp.attach(trainer)
     dense_exchange = None
     if args.async_dense:
-        from monolith_jax.online.dense_ps import AsyncDense
+        from monolith_jax.distributed.dense_ps import AsyncDense
 
         dense_exchange = AsyncDense(addresses[0], f"{args.group}-{args.trainer_index}", args.dense_exchange_every)
     snapshots = None
@@ -120,7 +120,7 @@ def main(argv=None) -> int:
                            snapshots=snapshots, dense_exchange=dense_exchange,
                            trainer_id=f"{args.group}-{args.trainer_index}")
     if args.export:
-        from monolith_jax.export import export_model
+        from monolith_jax.serving.export import export_model
 
         export_model(trainer, args.export)
     summary = online.run(args.max_examples, args.idle_timeout, args.max_seconds, stop)

@@ -54,8 +54,8 @@ import time
 import numpy as np
 
 from monolith_jax.metrics import auc
-from monolith_jax.online import kafka as K
-from monolith_jax.online.messages import ExampleDecoder
+from monolith_jax.stream import kafka as K
+from monolith_jax.stream.messages import ExampleDecoder
 
 log = logging.getLogger("monolith_jax.online.trainer")
 
@@ -162,8 +162,8 @@ class OnlineTrainer:
         self._empty = None
         self.pusher = None
         if serving_ps:
-            from monolith_jax.export import dense_arrays
-            from monolith_jax.online.sync import SyncPusher
+            from monolith_jax.serving.export import dense_arrays
+            from monolith_jax.serving.sync import SyncPusher
 
             # Rows of remote tables are pushed by their shards (`training_ps --serving-ps`).
             local = {name: t for name, t in trainer.tables.items() if name not in self.remote}
@@ -418,7 +418,7 @@ class OnlineTrainer:
             # The shards copy their rows now (every trainer's updates up to
             # this step are in: a data-parallel group snapshots between steps)
             # and write them in the background, as this snapshot does.
-            from monolith_jax.online.training_ps import snapshot_shards
+            from monolith_jax.distributed.training_ps import snapshot_shards
 
             snapshot_shards(self.remote.values(), self.trainer.step_count)
         return {"offsets": offsets, "examples": self.examples, "batches": self.batches,

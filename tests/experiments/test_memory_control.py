@@ -3,7 +3,7 @@
 import numpy as np
 
 from experiments.memory_control import run
-from monolith_jax.data.movielens import Ratings
+from monolith_jax.examples.movielens.data import Ratings
 from monolith_jax.sparse import hash_strings
 
 

@@ -3,7 +3,7 @@
 import numpy as np
 
 from experiments.online_training import run
-from tests.online.streams import synthetic_ratings
+from tests.examples.streams import synthetic_ratings
 
 
 def test_throughput_rounds_compare_kafka_and_files():

@@ -6,7 +6,7 @@ import numpy as np
 
 from experiments.paper_online import main as paper_main
 from experiments.paper_online import run
-from monolith_jax.data.movielens import Ratings
+from monolith_jax.examples.movielens.data import Ratings
 from monolith_jax.sparse import hash_strings
 
 
@@ -109,8 +109,8 @@ def test_serving_copy_ignores_training_until_the_next_sync():
 
 
 def test_main_prints_the_table_for_every_n_and_seed_and_writes_the_plot(tmp_path, monkeypatch, capsys):
-    import monolith_jax.data
-    monkeypatch.setattr(monolith_jax.data, "load_movielens_1m", lambda: arriving_users(4000, seed=1))
+    import monolith_jax.examples.movielens.data
+    monkeypatch.setattr(monolith_jax.examples.movielens.data, "load_movielens_1m", lambda: arriving_users(4000, seed=1))
     results = paper_main.main(["--quick", "--seeds", "2", "--shards", "2", "4", "--batch", "256",
                                "--out", str(tmp_path)])
     assert [r["seed"] for r in results] == [0, 1]

@@ -5,7 +5,7 @@ with and without a sync load."""
 import numpy as np
 
 from experiments.serving import run
-from tests.online.streams import synthetic_ratings
+from tests.examples.streams import synthetic_ratings
 
 
 def test_freshness_sync_cost_and_serving_on_a_short_stream():

@@ -4,7 +4,7 @@ failure with a long snapshot interval loses updates a short one keeps."""
 import numpy as np
 
 from experiments.snapshots import run
-from tests.online.streams import synthetic_ratings
+from tests.examples.streams import synthetic_ratings
 
 
 def test_size_time_measures_snapshot_and_its_floor():

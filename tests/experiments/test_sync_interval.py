@@ -9,7 +9,7 @@ from experiments.sync_interval import run
 from experiments.sync_interval.trainer import TouchedFanout
 from monolith_jax.sparse import SGD, TableConfig, Zeros
 from monolith_jax.sparse.table import EmbeddingTable
-from tests.online.streams import synthetic_ratings
+from tests.examples.streams import synthetic_ratings
 
 
 def test_fanout_gives_each_view_the_rows_touched_since_its_own_drain():

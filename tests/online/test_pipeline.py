@@ -10,10 +10,10 @@ import time
 
 import numpy as np
 
-from monolith_jax.online import kafka as K
-from monolith_jax.online import replay as R
-from monolith_jax.online.loop import joiner_command
-from tests.online.streams import synthetic_ratings
+from monolith_jax.stream import kafka as K
+from monolith_jax.examples.movielens import replay as R
+from monolith_jax.examples.movielens.loop import joiner_command
+from tests.examples.streams import synthetic_ratings
 
 ENV = {**os.environ, "PYTHONPATH": os.getcwd()}
 
@@ -91,9 +91,9 @@ def test_joiner_and_trainer_processes_over_the_embedded_cluster():
     """... with the trainer pushing its touched rows to a serving PS process."""
     import grpc
 
-    from monolith_jax.online import serving_pb2 as pb
-    from monolith_jax.online import serving_pb2_grpc as pbg
-    from tests.online.test_serving_ps import start_server
+    from monolith_jax.rpc import serving_pb2 as pb
+    from monolith_jax.rpc import serving_pb2_grpc as pbg
+    from tests.serving.test_serving_ps import start_server
 
     ps, port = start_server(table="ids:9")
     try:
@@ -127,8 +127,8 @@ def test_two_trainers_share_the_stream_across_a_rebalance(tansu_broker):
     did not always give a revoked member partitions back."""
     from confluent_kafka import Producer
 
-    from monolith_jax.online.joiner import ExampleGrouper
-    from monolith_jax.online.messages import encode_example, encode_features
+    from monolith_jax.stream.joiner import ExampleGrouper
+    from monolith_jax.stream.messages import encode_example, encode_features
 
     bs = tansu_broker
     K.ensure_topics(bs, {"examples": 4})

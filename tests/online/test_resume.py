@@ -14,16 +14,16 @@ import grpc
 import jax
 import numpy as np
 
-from monolith_jax.online import kafka as K
-from monolith_jax.online import replay as R
-from monolith_jax.online import serving_pb2 as pb
-from monolith_jax.online import serving_pb2_grpc as pbg
-from monolith_jax.online.loop import movielens_trainer
-from monolith_jax.online.messages import encode_example
-from monolith_jax.online.sync import SyncPusher
+from monolith_jax.stream import kafka as K
+from monolith_jax.examples.movielens import replay as R
+from monolith_jax.rpc import serving_pb2 as pb
+from monolith_jax.rpc import serving_pb2_grpc as pbg
+from monolith_jax.examples.movielens.loop import movielens_trainer
+from monolith_jax.stream.messages import encode_example
+from monolith_jax.serving.sync import SyncPusher
 from monolith_jax.snapshot import Snapshots
-from tests.online.streams import synthetic_ratings
-from tests.online.test_serving_ps import DIM, lookup, start_server, trainer_table
+from tests.examples.streams import synthetic_ratings
+from tests.serving.test_serving_ps import DIM, lookup, start_server, trainer_table
 
 ENV = {**os.environ, "PYTHONPATH": os.getcwd()}
 BATCH = 128
@@ -69,7 +69,7 @@ def final_state(snap_dir):
 
 
 def test_sigkilled_trainer_resumes_and_ends_where_an_uninterrupted_run_ends(tmp_path):
-    from monolith_jax.online.broker import BrokerProcess
+    from monolith_jax.stream.broker import BrokerProcess
 
     topic = "examples-resume"
     with BrokerProcess() as bootstrap:
@@ -162,7 +162,7 @@ def test_killed_serving_ps_is_back_with_the_trainers_rows_within_one_sync_interv
 def test_sigterm_takes_a_last_snapshot_and_commits_its_offsets(tmp_path):
     from confluent_kafka import Consumer, TopicPartition
 
-    from monolith_jax.online.broker import BrokerProcess
+    from monolith_jax.stream.broker import BrokerProcess
 
     topic, n = "examples-term", BATCH * 20
     with BrokerProcess() as bootstrap:

@@ -4,10 +4,10 @@ bucket is compiled before the first example without changing the model."""
 import jax
 import numpy as np
 
-from monolith_jax.online import kafka as K
-from monolith_jax.online.loop import movielens_trainer
+from monolith_jax.stream import kafka as K
+from monolith_jax.examples.movielens.loop import movielens_trainer
 from monolith_jax.online.trainer import OnlineTrainer, shrink
-from tests.online.test_predictor import make_batch
+from tests.serving.test_predictor import make_batch
 
 
 def test_shrink_pads_to_the_next_power_of_two_and_keeps_the_rows():

@@ -1,0 +1,401 @@
+"""The training parameter server: one shard of every table, behind gRPC.
+
+    python -m monolith_jax.distributed.training_ps --shard 0 --shards 2 --tables tables.json [--port P]
+        [--snapshot-dir DIR] [--serving-ps HOST:PORT --sync-interval S]
+
+    table = ShardedTable(config, ["127.0.0.1:P0", "127.0.0.1:P1"])   # the API of a local table
+    trainer.collection.tables["ids"] = table                         # then trainer.train_step_host(batch)
+
+Keys map to shards by `shard_of(key, shards)`: splitmix64's finalizer of
+the 64-bit key, modulo the number of shards. It depends on the key alone,
+so a restarted shard owns the same keys. Each shard holds an ordinary
+`EmbeddingTable` (the same C++ engine, its fused optimizer, filter and
+expiry) for the keys it owns, and refuses keys it does not own
+(INVALID_ARGUMENT), so a misrouted client cannot create stray rows.
+
+`ShardedTable` splits a batch's unique ids by shard, calls the shards in
+parallel and reassembles the rows; gradients of repeated ids are summed
+before they travel (one fused step per id, as the local engine does). A
+shard that does not answer is waited for: the call logs a line and
+retries until it is back, so training never goes on with missing rows.
+
+Each shard snapshots its own rows (`--snapshot-dir DIR` -> `DIR/ps-<i>-of-<n>/`,
+the same Orbax format as a trainer's tables) when the chief trainer asks
+(`Snapshot`, between two steps of the group), and a restarted shard starts
+from its newest good snapshot. With `--serving-ps` the shard pushes its
+touched rows to the serving PS itself (`sync.SyncPusher`); its full copy
+replaces only its own keys' rows there. A shard also holds the master
+copy of the dense params for trainers that train asynchronously
+(`ExchangeDense`, `dense_ps.AsyncDense`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import threading
+import time
+import types
+from concurrent import futures
+
+import numpy as np
+
+from monolith_jax.rpc.wire import run_until_signalled, RequestError, array, channel, start_server
+
+log = logging.getLogger("monolith_jax.distributed.training_ps")
+
+_U64, _F32 = np.dtype(np.uint64), np.dtype(np.float32)
+
+
+def shard_of(keys, shards: int) -> np.ndarray:
+    """The shard of each key: splitmix64's finalizer, modulo `shards`."""
+    z = np.asarray(keys, np.uint64).copy()
+    with np.errstate(over="ignore"):
+        z ^= z >> np.uint64(30)
+        z *= np.uint64(0xBF58476D1CE4E5B9)
+        z ^= z >> np.uint64(27)
+        z *= np.uint64(0x94D049BB133111EB)
+        z ^= z >> np.uint64(31)
+    return (z % np.uint64(shards)).astype(np.int64)
+
+
+def sum_by_key(keys: np.ndarray, grads: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(unique keys, each one's gradients summed), from one sort."""
+    if keys.size == 0:
+        return keys, grads
+    order = np.argsort(keys, kind="stable")
+    sk = keys[order]
+    starts = np.flatnonzero(np.r_[True, sk[1:] != sk[:-1]])
+    return sk[starts], np.add.reduceat(grads[order], starts, axis=0)
+
+
+class ShardState:
+    def __init__(self, shard: int, shards: int, configs: list, snapshot_dir: str | None = None,
+                 keep_snapshots: int = 3):
+        from monolith_jax.distributed.dense_ps import DenseMaster
+        from monolith_jax.sparse import EmbeddingTable
+
+        if not 0 <= shard < shards:
+            raise ValueError(f"shard must be in [0, {shards}), got {shard}")
+        self.shard, self.shards = shard, shards
+        self.configs = {c.name: c for c in configs}
+        self.tables = {c.name: EmbeddingTable(c) for c in configs}
+        self.dense = DenseMaster()
+        self._rounds: dict = {}    # (table, session, round) -> [keys list, grads list, contributions, stamp]
+        self._rounds_lock = threading.Lock()
+        self.snapshots, self.restored = None, None
+        self._snapshot_lock = threading.Lock()
+        if snapshot_dir:
+            from monolith_jax.snapshot import Snapshots, load_tables
+
+            self.snapshots = Snapshots(os.path.join(snapshot_dir, f"ps-{shard}-of-{shards}"), every_s=None,
+                                       keep=keep_snapshots)
+            found = self.snapshots.load(tables_only=True)
+            if found is not None:
+                step, _, arrays, meta = found
+                load_tables(self.tables, meta, arrays)
+                self.restored = step
+                log.info("training PS shard %d/%d restored snapshot %d: %s rows", shard, shards, step,
+                         {n: len(t) for n, t in self.tables.items()})
+
+    def snapshot(self, step: int) -> tuple[bool, int]:
+        """Copies every table now and writes snapshot `step` in the
+        background. (saved, newest completed step)."""
+        if self.snapshots is None:
+            return False, 0
+        with self._snapshot_lock:
+            self.snapshots.completed()  # a failed earlier write raises here
+            holder = types.SimpleNamespace(params={}, opt_state=(), tables=self.tables)
+            saved = self.snapshots.save(step, holder, {"shard": self.shard, "shards": self.shards})
+        return saved, max(self.snapshots.steps(), default=0)
+
+    def _table_keys(self, table: str, data: bytes):
+        t = self.tables.get(table)
+        if t is None:
+            raise RequestError(f"unknown table {table!r}; this shard holds {sorted(self.tables)}")
+        keys = array(data, _U64, f"keys of table {table!r}")
+        wrong = shard_of(keys, self.shards) != self.shard
+        if wrong.any():
+            raise RequestError(f"{int(wrong.sum())} keys of table {table!r} belong to other shards "
+                               f"(this is shard {self.shard} of {self.shards})")
+        return t, keys
+
+    def lookup(self, req):
+        t, keys = self._table_keys(req.table, req.keys)
+        if req.read_only:
+            values, found = t.find(keys)
+        else:
+            values, found = t.lookup_host(keys), np.ones(keys.size, bool)
+        return values, found, t.dim
+
+    def apply(self, req):
+        t, keys = self._table_keys(req.table, req.keys)
+        grads = array(req.grads, _F32, f"grads of table {req.table!r}", keys.size * t.dim).reshape(keys.size, t.dim)
+        if req.contributors <= 1:
+            return t.apply_gradients_host(keys, grads, step=int(req.step))
+        # Synchronous trainers: sum a round's contributions, one fused step per id.
+        ready = []
+        with self._rounds_lock:
+            entry = self._rounds.setdefault((req.table, req.session, req.round), [[], [], 0, 0])
+            entry[0].append(keys)
+            entry[1].append(grads)
+            entry[2] += 1
+            entry[3] = max(entry[3], int(req.step))
+            if entry[2] >= req.contributors:
+                # This round is complete: older rounds and other sessions'
+                # leftovers (a trainer restarted, a shard came back) go with it.
+                for key in [k for k in self._rounds if k[0] == req.table and (k[1] != req.session or k[2] < req.round)]:
+                    ready.append(self._rounds.pop(key))
+                ready.append(self._rounds.pop((req.table, req.session, req.round)))
+        updated = skipped = 0
+        for parts_keys, parts_grads, _, stamp in ready:
+            u, s = t.apply_gradients_host(*sum_by_key(np.concatenate(parts_keys), np.concatenate(parts_grads)),
+                                          step=stamp)
+            updated, skipped = updated + u, skipped + s
+        return updated, skipped
+
+
+def make_servicer(state: ShardState):
+    import grpc
+
+    from monolith_jax.rpc import serving_pb2 as pb
+    from monolith_jax.rpc import serving_pb2_grpc as pbg
+    from monolith_jax.sparse.config import config_to_dict
+
+    class Servicer(pbg.TrainingPSServicer):
+        def Lookup(self, request, context):
+            try:
+                values, found, dim = state.lookup(request)
+            except RequestError as err:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+            return pb.ShardLookupReply(values=np.ascontiguousarray(values, np.float32).tobytes(),
+                                       found=found.astype(np.uint8).tobytes(), dim=dim)
+
+        def Apply(self, request, context):
+            try:
+                updated, skipped = state.apply(request)
+            except (RequestError, ValueError) as err:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+            return pb.ShardApplyReply(updated=updated, skipped=skipped)
+
+        def Info(self, request, context):
+            return pb.ShardInfoReply(shard=state.shard, shards=state.shards,
+                                     tables_json=json.dumps([config_to_dict(c) for c in state.configs.values()]),
+                                     rows={n: len(t) for n, t in state.tables.items()})
+
+        def Snapshot(self, request, context):
+            try:
+                saved, done = state.snapshot(int(request.step))
+            except RuntimeError as err:
+                context.abort(grpc.StatusCode.INTERNAL, str(err))
+            return pb.ShardSnapshotReply(saved=saved, step=done)
+
+        def ExchangeDense(self, request, context):
+            try:
+                return state.dense.exchange(request)
+            except RequestError as err:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+
+    return Servicer()
+
+
+def serve(shard: int, shards: int, configs: list, port: int = 0, host: str = "127.0.0.1", workers: int = 8,
+          snapshot_dir: str | None = None, serving_ps: str | None = None, sync_interval_s: float = 2.0,
+          sync_dtype: str = "float32"):
+    """Starts one shard; returns (grpc server, bound port, state, sync
+    pusher or None)."""
+    from monolith_jax.rpc import serving_pb2_grpc as pbg
+
+    state = ShardState(shard, shards, configs, snapshot_dir)
+    server, bound = start_server(lambda s: pbg.add_TrainingPSServicer_to_server(make_servicer(state), s),
+                                 host, port, workers)
+    pusher = None
+    if serving_ps:
+        from monolith_jax.serving.sync import SyncPusher
+
+        pusher = SyncPusher(state.tables, serving_ps, f"training-ps-{shard}-of-{shards}", sync_interval_s,
+                            sync_dtype, shard=(shard, shards))
+        pusher.start()
+    return server, bound, state, pusher
+
+
+class ShardedTable:
+    """A table spread over training PS shards, with a local table's host API:
+    `lookup_host`, `apply_gradients_host`, `find`, `dim`, `config`, `len()`."""
+
+    def __init__(self, config, addresses: list, timeout_s: float = 30.0, retry_log_s: float = 5.0):
+        from monolith_jax.rpc import serving_pb2_grpc as pbg
+
+        self.config = config
+        self.name, self.dim = config.name, config.dim
+        self.addresses = list(addresses)
+        self.shards = len(self.addresses)
+        self._channels = [channel(a) for a in self.addresses]
+        self._stubs = [pbg.TrainingPSStub(c) for c in self._channels]
+        self._pool = futures.ThreadPoolExecutor(max_workers=self.shards)
+        self.timeout_s, self.retry_log_s = timeout_s, retry_log_s
+        # Synchronous data-parallel trainers (set by DataParallel.attach):
+        # each apply is one contribution of `contributors` to a round.
+        self.contributors, self.session, self._round = 1, 0, 0
+
+    def _call(self, shard: int, method: str, req):
+        """One RPC to a shard; a shard that is down is waited for, with a log line."""
+        import grpc
+
+        waited = 0.0
+        while True:
+            t0 = time.monotonic()
+            try:
+                return getattr(self._stubs[shard], method)(req, timeout=self.timeout_s, wait_for_ready=True)
+            except grpc.RpcError as err:
+                if err.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    raise
+                waited += time.monotonic() - t0
+                log.warning("training PS shard %d (%s) of table %r does not answer (%s) for %.0f s; "
+                            "training waits for it", shard, self.addresses[shard], self.name, err.code().name, waited)
+                time.sleep(min(self.retry_log_s, 1.0))
+
+    def _split(self, keys: np.ndarray):
+        """One sort of the batch's keys -> (unique keys, each key's index in
+        them, the sort order, where each unique key's run starts in it, the
+        unique keys' indices per shard)."""
+        order = np.argsort(keys, kind="stable")
+        sk = keys[order]
+        first = np.r_[True, sk[1:] != sk[:-1]] if sk.size else np.zeros(0, bool)
+        starts = np.flatnonzero(first)
+        uniq = sk[starts]
+        inverse = np.empty(keys.size, np.int64)
+        inverse[order] = np.cumsum(first) - 1
+        owner = shard_of(uniq, self.shards)
+        return uniq, inverse, order, starts, [np.flatnonzero(owner == s) for s in range(self.shards)]
+
+    def _rows(self, keys: np.ndarray, read_only: bool):
+        from monolith_jax.rpc import serving_pb2 as pb
+
+        uniq, inverse, _, _, parts = self._split(keys)
+        values = np.zeros((uniq.size, self.dim), np.float32)
+        found = np.zeros(uniq.size, bool)
+        calls = {s: self._pool.submit(self._call, s, "Lookup", pb.ShardLookupRequest(
+            table=self.name, keys=uniq[idx].tobytes(), read_only=read_only))
+            for s, idx in enumerate(parts) if idx.size}
+        for s, fut in calls.items():
+            reply = fut.result()
+            values[parts[s]] = np.frombuffer(reply.values, np.float32).reshape(-1, self.dim)
+            found[parts[s]] = np.frombuffer(reply.found, np.uint8).astype(bool)
+        return values[inverse], found[inverse]
+
+    def lookup_host(self, ids) -> np.ndarray:
+        """Rows of `ids` (created on first sight, as the local lookup does)."""
+        from monolith_jax.sparse.keys import as_key_array
+
+        keys = np.ascontiguousarray(as_key_array(ids))
+        return self._rows(keys.reshape(-1), read_only=False)[0].reshape(keys.shape + (self.dim,))
+
+    def find(self, ids) -> tuple[np.ndarray, np.ndarray]:
+        from monolith_jax.sparse.keys import as_key_array
+
+        keys = np.ascontiguousarray(as_key_array(ids))
+        values, found = self._rows(keys.reshape(-1), read_only=True)
+        return values.reshape(keys.shape + (self.dim,)), found.reshape(keys.shape)
+
+    def apply_gradients_host(self, ids, grads, *, step=0, learning_rate=None) -> tuple[int, int]:
+        from monolith_jax.rpc import serving_pb2 as pb
+        from monolith_jax.sparse.keys import as_key_array
+
+        if learning_rate is not None:
+            raise ValueError("a sharded table applies its configured learning rate")
+        keys = np.ascontiguousarray(as_key_array(ids)).reshape(-1)
+        grads = np.asarray(grads, np.float32).reshape(-1, self.dim)
+        if grads.shape[0] != keys.size:
+            raise ValueError(f"table {self.name!r}: {grads.shape[0]} gradient rows for {keys.size} ids")
+        if not np.all(np.isfinite(grads)):
+            raise ValueError(f"table {self.name!r}: gradients are not all finite")
+        uniq, _, order, starts, parts = self._split(keys)
+        # Repeated ids step once, with their gradients summed over their runs
+        # in the sort (np.add.at is ~20x slower).
+        summed = np.add.reduceat(grads[order], starts, axis=0) if keys.size else grads[:0]
+        self._round += 1
+        # A round needs every trainer's contribution at every shard, empty or not.
+        calls = [self._pool.submit(self._call, s, "Apply", pb.ShardApplyRequest(
+            table=self.name, keys=uniq[idx].tobytes(), grads=summed[idx].tobytes(), step=int(step),
+            round=self._round, contributors=self.contributors, session=self.session))
+            for s, idx in enumerate(parts) if idx.size or self.contributors > 1]
+        replies = [f.result() for f in calls]
+        return sum(r.updated for r in replies), sum(r.skipped for r in replies)
+
+    def snapshot(self, step: int) -> list:
+        """Has every shard snapshot its rows as `step`; the shards' replies."""
+        from monolith_jax.rpc import serving_pb2 as pb
+
+        calls = [self._pool.submit(self._call, s, "Snapshot", pb.ShardSnapshotRequest(step=int(step)))
+                 for s in range(self.shards)]
+        return [f.result() for f in calls]
+
+    def __len__(self) -> int:
+        from monolith_jax.rpc import serving_pb2 as pb
+
+        return sum(self._call(s, "Info", pb.ShardInfoRequest()).rows.get(self.name, 0) for s in range(self.shards))
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False)
+        for c in self._channels:
+            c.close()
+
+
+def use_shards(trainer, addresses: list) -> dict:
+    """Puts every table of `trainer` on the training PS shards at
+    `addresses` (shard order): its steps then go through them
+    (`train_step_host`). Returns name -> ShardedTable."""
+    coll = trainer.collection
+    coll.tables = {name: ShardedTable(t.config, addresses) for name, t in coll.tables.items()}
+    return coll.tables
+
+
+def snapshot_shards(tables, step: int) -> list:
+    """Snapshot `step` on every shard behind `tables` (ShardedTables; a
+    shard process holding several of them is asked once)."""
+    seen, replies = set(), []
+    for t in tables:
+        if tuple(t.addresses) not in seen:
+            seen.add(tuple(t.addresses))
+            replies += t.snapshot(step)
+    return replies
+
+
+def main(argv=None) -> int:
+    from monolith_jax.sparse.config import config_from_dict
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shard", type=int, required=True)
+    p.add_argument("--shards", type=int, required=True)
+    p.add_argument("--tables", required=True, help="JSON file: a list of TableConfigs as config_to_dict values")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0, help="0: any free port (printed)")
+    p.add_argument("--snapshot-dir", default=None,
+                   help="snapshots of this shard go to DIR/ps-<shard>-of-<shards>; start from the newest")
+    p.add_argument("--serving-ps", default=None, help="HOST:PORT of a serving PS to push this shard's touched rows to")
+    p.add_argument("--sync-interval", type=float, default=2.0, help="seconds between pushes to the serving PS")
+    p.add_argument("--sync-dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax's progress lines
+    with open(args.tables, encoding="utf-8") as f:
+        configs = [config_from_dict(d) for d in json.load(f)]
+    server, port, state, pusher = serve(args.shard, args.shards, configs, args.port, args.host,
+                                        snapshot_dir=args.snapshot_dir, serving_ps=args.serving_ps,
+                                        sync_interval_s=args.sync_interval, sync_dtype=args.sync_dtype)
+    restored = f" (from snapshot {state.restored})" if state.restored is not None else ""
+    print(f"training PS shard {args.shard}/{args.shards} listening on {args.host}:{port}{restored}", flush=True)
+    run_until_signalled(server)
+    if pusher is not None:
+        pusher.stop(final_push=True)
+    if state.snapshots is not None:
+        state.snapshots.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

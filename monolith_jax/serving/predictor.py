@@ -1,0 +1,380 @@
+"""The predictor: features of a batch of requests -> probabilities.
+
+    python -m monolith_jax.serving.predictor --model DIR --serving-ps HOST:PORT [--port P]
+
+    client = PredictorClient("127.0.0.1:P")
+    client.predict([{"user": "user:42", "movie": "movie:Heat (1995)"}, ...])   # -> probabilities
+
+One request: per table, the ids of the features that read it are looked up
+in one batched call to the serving PS (unique ids only) -> the rows, in the
+exported model's layout -> the exported dense model (`monolith_jax.serving.export`,
+no training code) -> logit -> plus log(negative rate): the examples kept
+only that share of negatives, so the model's odds are too high by 1/rate ->
+probability. Ids the serving PS does not hold read zeros (as in the
+trainer's own evaluation) and are counted, per request in the reply and per
+table in the stats.
+
+The dense params follow the trainer: a thread asks the serving PS every
+`dense_poll_s` whether newer ones were pushed and swaps them in between
+requests; the negative rate comes with them. Batches are padded to the
+next power of two (at most `max_batch`), so the model compiles a handful
+of times, not once per size.
+
+Bad requests (unknown feature, a feature twice, byte lengths that do not
+match, lengths that do not add up, a batch over `max_batch`) get
+INVALID_ARGUMENT naming the problem. Binds 127.0.0.1 unless told otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import threading
+
+import numpy as np
+
+from monolith_jax.rpc.wire import run_until_signalled, RequestError, array, channel, start_server, tensors_from_proto
+
+log = logging.getLogger("monolith_jax.serving.predictor")
+
+_U64, _I32, _F32 = np.dtype(np.uint64), np.dtype(np.int32), np.dtype(np.float32)
+
+
+def _bucket(n: int, cap: int) -> int:
+    return min(1 << max(n - 1, 0).bit_length(), cap)
+
+
+class Predictor:
+    """The service's work, usable in-process: `predict_arrays` and the
+    dense-param refresh."""
+
+    def __init__(self, export_dir: str, serving_ps: str, dense_poll_s: float = 0.5, timeout_s: float = 5.0):
+        import jax
+
+        from monolith_jax.serving.export import load_exported
+        from monolith_jax.rpc import serving_pb2_grpc as pbg
+
+        self.model = load_exported(export_dir)
+        spec = self.model.spec
+        self.spec = spec
+        self.features = {f["name"]: f for f in spec["features"]}
+        self.tables = spec["tables"]
+        self.n_dense = len(spec["dense_features"])
+        self.max_batch = int(spec["max_batch"])
+        self.negative_rate = float(spec["negative_rate"])
+        self.params = [jax.device_put(p) for p in self.model.params]
+        self.dense_version = 0
+        self.timeout_s = timeout_s
+        self.dense_poll_s = dense_poll_s
+        self._channel = channel(serving_ps)
+        self._ps = pbg.ServingPSStub(self._channel)
+        self._lock = threading.Lock()
+        self.stats = {"requests": 0, "predictions": 0, "ids": 0, "dense_updates": 0, "bad_requests": 0,
+                      "unknown_ids": {name: 0 for name in self.tables}}
+        self._stop = threading.Event()
+        self._thread = None
+
+    # ----------------------------------------------------------- dense
+    def start(self) -> None:
+        """Fetches the dense params once, then follows them on a thread."""
+        self.refresh_dense(wait=True)
+        self._thread = threading.Thread(target=self._follow, name="monolith-dense", daemon=True)
+        self._thread.start()
+
+    def _follow(self) -> None:
+        while not self._stop.wait(self.dense_poll_s):
+            try:
+                self.refresh_dense()
+            except Exception as err:  # keep serving with the params held
+                log.warning("dense refresh failed: %s", err)
+
+    def refresh_dense(self, wait: bool = False) -> bool:
+        """Swaps in newer dense params from the serving PS, if any. True if it did."""
+        import grpc
+        import jax
+
+        from monolith_jax.rpc import serving_pb2 as pb
+
+        try:
+            reply = self._ps.GetDense(pb.DenseRequest(have=self.dense_version), timeout=self.timeout_s,
+                                      wait_for_ready=wait)
+        except grpc.RpcError as err:
+            log.warning("serving PS dense params: %s", err.code().name)
+            return False
+        if not reply.tensors:
+            return False
+        params = self.model.check_params(tensors_from_proto(reply.tensors))
+        params = [jax.device_put(p) for p in params]
+        with self._lock:
+            self.params = params
+            self.dense_version = reply.version
+            if reply.negative_rate > 0:
+                self.negative_rate = float(reply.negative_rate)
+            self.stats["dense_updates"] += 1
+        return True
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+        self._channel.close()
+
+    # --------------------------------------------------------- predict
+    def check(self, ids: dict, dense, batch_size: int) -> tuple[dict, np.ndarray]:
+        """Validates a request: ids feature -> (flat uint64, lengths int32 (B,)).
+        Returns them (lengths cut to each feature's max_len) and dense (B, n)."""
+        if not isinstance(batch_size, (int, np.integer)) or not 1 <= batch_size <= self.max_batch:
+            raise RequestError(f"batch_size must be 1..{self.max_batch}, got {batch_size}")
+        out = {}
+        for name, (flat, lengths) in ids.items():
+            if name not in self.features:
+                raise RequestError(f"unknown feature {name!r}; the model reads {sorted(self.features)}")
+            flat, lengths = np.asarray(flat), np.asarray(lengths)
+            if flat.dtype != _U64 or flat.ndim != 1:
+                raise RequestError(f"feature {name!r}: ids must be a 1-d uint64 array, got {flat.dtype}{flat.shape}")
+            if lengths.dtype != _I32 or lengths.shape != (batch_size,):
+                raise RequestError(f"feature {name!r}: lengths must be int32 ({batch_size},), "
+                                   f"got {lengths.dtype}{lengths.shape}")
+            if (lengths < 0).any():
+                raise RequestError(f"feature {name!r}: negative lengths")
+            if int(lengths.sum()) != flat.size:
+                raise RequestError(f"feature {name!r}: lengths add up to {int(lengths.sum())}, "
+                                   f"but {flat.size} ids came")
+            out[name] = (flat, lengths)
+        if dense is None:
+            dense = np.zeros((batch_size, 0), np.float32)
+        dense = np.asarray(dense)
+        if dense.dtype != _F32 or dense.shape != (batch_size, self.n_dense):
+            raise RequestError(f"dense must be float32 ({batch_size}, {self.n_dense}), got {dense.dtype}{dense.shape}")
+        if not np.all(np.isfinite(dense)):
+            raise RequestError("dense values are not all finite")
+        return out, dense
+
+    def predict_arrays(self, ids: dict, dense=None, batch_size: int | None = None) -> dict:
+        """ids: feature -> (flat uint64 ids, int32 lengths per request); a
+        feature left out has no ids. Returns probabilities, logits (the
+        model's own) and unknown (ids per request the serving PS lacks)."""
+        import jax
+
+        if batch_size is None:
+            batch_size = len(next(iter(ids.values()))[1]) if ids else (0 if dense is None else len(dense))
+        ids, dense = self.check(ids, dense, batch_size)
+        b = batch_size
+        padded = _bucket(b, self.max_batch)
+        unknown = np.zeros(b, np.int32)
+        rows, lengths = {}, {}
+        n_ids = 0
+        for table, meta in self.tables.items():
+            feats = [self.features[f] for f in meta["features"]]
+            width = sum(f["max_len"] for f in feats)
+            out = np.zeros((padded, width, meta["dim"]), np.float32)
+            slots, keys, owners = [], [], []
+            start = 0
+            for f in feats:
+                flat, lens = ids.get(f["name"], (np.zeros(0, np.uint64), np.zeros(b, np.int32)))
+                kept = np.minimum(lens, f["max_len"])
+                lengths[f["name"]] = np.concatenate([kept, np.zeros(padded - b, np.int32)])
+                pos = np.arange(f["max_len"])
+                take = pos[None, :] < kept[:, None]               # (b, max_len): the ids kept
+                offsets = np.concatenate([[0], np.cumsum(lens)])[:-1]
+                src = (offsets[:, None] + pos[None, :])[take]
+                req, col = np.nonzero(take)
+                slots.append((req, start + col))
+                keys.append(flat[src])
+                owners.append(req)
+                start += f["max_len"]
+            keys = np.concatenate(keys) if keys else np.zeros(0, np.uint64)
+            if keys.size:
+                uniq, inverse = np.unique(keys, return_inverse=True)
+                values, found = self._lookup(table, uniq, meta["dim"])
+                req = np.concatenate([s[0] for s in slots])
+                col = np.concatenate([s[1] for s in slots])
+                out[req, col] = values[inverse]
+                missing = ~found[inverse]
+                np.add.at(unknown, req[missing], 1)
+                with self._lock:
+                    self.stats["unknown_ids"][table] += int(missing.sum())
+                n_ids += keys.size
+            rows[table] = out
+        for name in self.features:  # features no table reads still have a length input
+            lengths.setdefault(name, np.zeros(padded, np.int32))
+        dense_p = np.concatenate([dense, np.zeros((padded - b, self.n_dense), np.float32)])
+        with self._lock:
+            params, rate = self.params, self.negative_rate
+        logits = np.asarray(jax.device_get(self.model(params, rows, lengths, dense_p)))[:b].astype(np.float32)
+        probs = (1.0 / (1.0 + np.exp(-(logits + np.log(rate))))).astype(np.float32)
+        with self._lock:
+            self.stats["requests"] += 1
+            self.stats["predictions"] += b
+            self.stats["ids"] += n_ids
+        return {"probabilities": probs, "logits": logits, "unknown": unknown, "dense_version": self.dense_version}
+
+    def _lookup(self, table: str, keys: np.ndarray, dim: int):
+        from monolith_jax.rpc import serving_pb2 as pb
+
+        reply = self._ps.Lookup(pb.LookupRequest(table=table, keys=keys.tobytes(), dtype="float32"),
+                                timeout=self.timeout_s)
+        values = np.frombuffer(reply.values, np.float32).reshape(keys.size, dim)
+        return values, np.frombuffer(reply.found, np.uint8).astype(bool)
+
+    def warmup(self) -> None:
+        """Compiles the model for every batch bucket, so no request waits on it."""
+        b = 1
+        while True:
+            self.predict_arrays({}, np.zeros((b, self.n_dense), np.float32), b)
+            if b >= self.max_batch:
+                break
+            b = min(b * 2, self.max_batch)
+        with self._lock:
+            self.stats["requests"] = self.stats["predictions"] = 0
+
+
+def request_arrays(request, n_dense: int, max_batch: int) -> tuple[dict, np.ndarray, int]:
+    """A PredictRequest -> (ids, dense, batch size), byte lengths checked."""
+    b = request.batch_size
+    if not 1 <= b <= max_batch:
+        raise RequestError(f"batch_size must be 1..{max_batch} (this predictor's max_batch), got {b}")
+    ids = {}
+    for s in request.sparse:
+        if s.feature in ids:
+            raise RequestError(f"feature {s.feature!r} twice")
+        ids[s.feature] = (array(s.ids, _U64, f"ids of feature {s.feature!r}"),
+                          array(s.lengths, _I32, f"lengths of feature {s.feature!r}", b))
+    dense = array(request.dense, _F32, "dense", b * n_dense).reshape(b, n_dense)
+    return ids, dense, b
+
+
+def make_servicer(predictor: Predictor):
+    import grpc
+
+    from monolith_jax.rpc import serving_pb2 as pb
+    from monolith_jax.rpc import serving_pb2_grpc as pbg
+
+    class Servicer(pbg.PredictorServicer):
+        def Predict(self, request, context):
+            try:
+                out = predictor.predict_arrays(*request_arrays(request, predictor.n_dense, predictor.max_batch))
+            except RequestError as err:
+                with predictor._lock:
+                    predictor.stats["bad_requests"] += 1
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+            except grpc.RpcError as err:  # the serving PS
+                context.abort(grpc.StatusCode.UNAVAILABLE, f"serving PS lookup: {err.code().name}")
+            return pb.PredictReply(probabilities=out["probabilities"].tobytes(), logits=out["logits"].tobytes(),
+                                   unknown=out["unknown"].tobytes(), dense_version=out["dense_version"])
+
+        def Info(self, request, context):
+            with predictor._lock:
+                stats = json.dumps({**predictor.stats, "dense_version": predictor.dense_version,
+                                    "negative_rate": predictor.negative_rate})
+            return pb.InfoReply(spec_json=json.dumps(predictor.spec), stats_json=stats)
+
+    return Servicer()
+
+
+def serve(export_dir: str, serving_ps: str, port: int = 0, host: str = "127.0.0.1", workers: int = 8,
+          warmup: bool = True, dense_poll_s: float = 0.5):
+    """Starts the service; returns (grpc server, bound port, predictor)."""
+    from monolith_jax.rpc import serving_pb2_grpc as pbg
+
+    predictor = Predictor(export_dir, serving_ps, dense_poll_s=dense_poll_s)
+    if warmup:
+        predictor.warmup()
+    predictor.start()
+    server, bound = start_server(lambda s: pbg.add_PredictorServicer_to_server(make_servicer(predictor), s),
+                                 host, port, workers)
+    return server, bound, predictor
+
+
+class PredictorClient:
+    """A small client. Ids may be ints (keys as they are) or strings (hashed
+    as the trainer hashes string ids)."""
+
+    def __init__(self, address: str, timeout_s: float = 10.0):
+        from monolith_jax.rpc import serving_pb2_grpc as pbg
+
+        self._channel = channel(address)
+        self._stub = pbg.PredictorStub(self._channel)
+        self.timeout_s = timeout_s
+        self._spec = None
+
+    def info(self) -> tuple[dict, dict]:
+        from monolith_jax.rpc import serving_pb2 as pb
+
+        reply = self._stub.Info(pb.InfoRequest(), timeout=self.timeout_s, wait_for_ready=True)
+        return json.loads(reply.spec_json), json.loads(reply.stats_json)
+
+    @property
+    def spec(self) -> dict:
+        if self._spec is None:
+            self._spec = self.info()[0]
+        return self._spec
+
+    def predict_arrays(self, ids: dict, dense=None, batch_size: int | None = None) -> dict:
+        """ids: feature -> (flat uint64 ids, int32 lengths); see Predictor.predict_arrays."""
+        from monolith_jax.rpc import serving_pb2 as pb
+
+        if batch_size is None:
+            batch_size = len(next(iter(ids.values()))[1])
+        req = pb.PredictRequest(batch_size=batch_size, dense=b"" if dense is None else
+                                np.ascontiguousarray(dense, np.float32).tobytes())
+        for name, (flat, lengths) in ids.items():
+            req.sparse.add(feature=name, ids=np.ascontiguousarray(flat, np.uint64).tobytes(),
+                           lengths=np.ascontiguousarray(lengths, np.int32).tobytes())
+        reply = self._stub.Predict(req, timeout=self.timeout_s, wait_for_ready=True)
+        return {"probabilities": np.frombuffer(reply.probabilities, np.float32),
+                "logits": np.frombuffer(reply.logits, np.float32),
+                "unknown": np.frombuffer(reply.unknown, np.int32), "dense_version": reply.dense_version}
+
+    def predict(self, requests: list) -> np.ndarray:
+        """requests: dicts of feature -> id or list of ids, and dense feature
+        -> float (missing dense features read 0). Returns probabilities."""
+        from monolith_jax.sparse.keys import hash_strings
+
+        spec = self.spec
+        dense_names = [f["name"] for f in spec["dense_features"]]
+        ids = {}
+        for f in spec["features"]:
+            per = [r.get(f["name"], []) for r in requests]
+            per = [v if isinstance(v, (list, tuple, np.ndarray)) else [v] for v in per]
+            flat = [k for v in per for k in v]
+            keys = np.zeros(len(flat), np.uint64)
+            strs = [i for i, k in enumerate(flat) if isinstance(k, str)]
+            if strs:
+                keys[strs] = hash_strings([flat[i] for i in strs])
+            ints = [i for i, k in enumerate(flat) if not isinstance(k, str)]
+            if ints:
+                keys[ints] = np.asarray([flat[i] for i in ints], np.int64).view(np.uint64) \
+                    if all(flat[i] < 2**63 for i in ints) else np.asarray([flat[i] for i in ints], np.uint64)
+            if flat:
+                ids[f["name"]] = (keys, np.asarray([len(v) for v in per], np.int32))
+        dense = np.asarray([[float(r.get(n, 0.0)) for n in dense_names] for r in requests], np.float32) \
+            .reshape(len(requests), len(dense_names))
+        return self.predict_arrays(ids, dense, len(requests))["probabilities"]
+
+    def close(self) -> None:
+        self._channel.close()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="folder written by monolith_jax.serving.export.export_model")
+    p.add_argument("--serving-ps", required=True, help="HOST:PORT of the serving PS")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0, help="0: any free port (printed)")
+    p.add_argument("--dense-poll", type=float, default=0.5, help="seconds between checks for new dense params")
+    p.add_argument("--workers", type=int, default=8)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    server, port, predictor = serve(args.model, args.serving_ps, args.port, args.host, args.workers,
+                                    dense_poll_s=args.dense_poll)
+    print(f"predictor listening on {args.host}:{port}", flush=True)
+    run_until_signalled(server)
+    predictor.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,201 @@
+"""Sparse parameter sync: the trainer's touched rows -> serving PS, every few seconds.
+
+    pusher = SyncPusher(trainer.tables, "127.0.0.1:50051", trainer_id="t0", interval_s=1.0)
+    pusher.start()          # a background thread; training goes on
+    ...
+    pusher.stop()           # one last push, then the thread ends
+
+Every `interval_s` the pusher drains each table's touched rows (the
+engine's touched marks: rows created or updated since the last drain) and
+sends them in messages of at most `max_rows_per_message` rows, as
+`dtype` (float32, float16 or bfloat16). A push that fails keeps its rows:
+they are merged with the next drain (newer values win) and sent again, so
+no update is lost. Before each push the pusher asks the server's version:
+a server that has not applied this trainer's last push (it started late or
+restarted) first gets a full copy of every table, then deltas again.
+
+Dense params follow every `dense_interval_s` (given a `dense_source`: a
+callable returning (name -> array, negative rate)), and with every full
+copy, so that a restarted server gets them back at once. A failed dense
+push is tried again at the next sparse tick.
+
+Pushes run on their own thread; the training thread only shares the
+tables' locks with it for the length of a drain or an export.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import ml_dtypes
+import numpy as np
+
+log = logging.getLogger("monolith_jax.serving.sync")
+
+_NP = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
+
+
+class SyncPusher:
+    def __init__(self, tables: dict, address: str, trainer_id: str = "trainer-0", interval_s: float = 2.0,
+                 dtype: str = "float32", max_rows_per_message: int = 65_536, timeout_s: float = 10.0,
+                 dense_source=None, dense_interval_s: float = 30.0, history: int = 10_000,
+                 shard: tuple | None = None):
+        from monolith_jax.rpc import serving_pb2_grpc as pbg
+        from monolith_jax.rpc.wire import channel
+
+        if dtype not in _NP:
+            raise ValueError(f"dtype must be one of {sorted(_NP)}, got {dtype!r}")
+        self.tables = dict(tables)
+        self.trainer_id = trainer_id
+        # A training PS shard (shard, shards) pushes the rows of its keys: its
+        # full copy replaces only those on the server.
+        self.shard = shard or (0, 0)
+        self.interval_s = interval_s
+        self.dtype = dtype
+        self.max_rows = max(int(max_rows_per_message), 1)
+        self.timeout_s = timeout_s
+        self._channel = channel(address)
+        self._stub = pbg.ServingPSStub(self._channel)
+        self._pending: dict = {name: {} for name in self.tables}  # name -> {key: row}, unsent rows
+        self.sequence = 0          # last push this trainer made
+        self.acknowledged = 0      # last push the server applied
+        self.stats = {"pushes": 0, "full_copies": 0, "failures": 0, "rows": 0, "bytes": 0, "messages": 0,
+                      "dense_pushes": 0, "dense_bytes": 0}
+        self.last_push_s = None    # monotonic time of the last applied push
+        # One record per applied sparse push: (wall time, full, rows, bytes, rows in the tables then).
+        import collections
+
+        self.history = collections.deque(maxlen=history)
+        self.dense_source = dense_source
+        self.dense_interval_s = dense_interval_s
+        self._dense_due = 0.0      # monotonic time the next dense push is due (0: at the first tick)
+        self._stop = threading.Event()
+        self._thread = None
+
+    # ------------------------------------------------------------ driving
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="monolith-sync", daemon=True)
+        self._thread.start()
+
+    def stop(self, final_push: bool = True) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(self.timeout_s * 3)
+        if final_push:
+            self.push_once()
+            if self.dense_source is not None:
+                self.push_dense()
+        self._channel.close()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.push_once()
+            if self.dense_source is not None and time.monotonic() >= self._dense_due:
+                self.push_dense()
+
+    def push_dense(self) -> bool:
+        """Pushes the dense params now. True if the server took them."""
+        import grpc
+
+        from monolith_jax.rpc import serving_pb2 as pb
+        from monolith_jax.rpc.wire import tensors_to_proto
+
+        named, negative_rate = self.dense_source()
+        req = pb.DenseParams(trainer=self.trainer_id, tensors=tensors_to_proto(named),
+                             negative_rate=float(negative_rate or 0.0))
+        try:
+            self._stub.PushDense(req, timeout=self.timeout_s, wait_for_ready=True)
+        except grpc.RpcError as err:
+            self._fail(f"dense push: {err.code().name} {err.details()}")
+            return False
+        self.stats["dense_pushes"] += 1
+        self.stats["dense_bytes"] += req.ByteSize()
+        self._dense_due = time.monotonic() + self.dense_interval_s
+        return True
+
+    # -------------------------------------------------------------- push
+    def push_once(self) -> bool:
+        """Drains the touched rows and pushes them (a full copy first when
+        the server lacks this trainer's last push). True if applied."""
+        import grpc
+
+        from monolith_jax.rpc import serving_pb2 as pb
+
+        if not self.tables:  # dense params only (a trainer whose rows live on training PS shards)
+            return True
+        try:
+            # wait_for_ready: a server that just came back is reached as soon as it listens
+            version = self._stub.Version(pb.VersionRequest(), timeout=self.timeout_s, wait_for_ready=True)
+            server_has = version.applied.get(self.trainer_id, 0)
+        except grpc.RpcError as err:
+            self._fail(f"version: {err.code().name}")
+            return False
+        full = server_has < self.acknowledged or self.acknowledged == 0
+        if full:
+            # Drain first, then export: the copy holds every update up to the
+            # export, and updates after it are marked touched for the next push.
+            for name, t in self.tables.items():
+                t.drain_touched(self.dtype)
+                self._pending[name] = {}
+            parts = {name: t.export(self.dtype) for name, t in self.tables.items()}
+        else:
+            parts = {}
+            for name, t in self.tables.items():
+                keys, values = t.drain_touched(self.dtype)
+                parts[name] = self._merge(name, keys, values)
+        seq = self.sequence + 1
+        try:
+            n_bytes, n_msgs, rows = self._send(seq, full, parts)
+        except grpc.RpcError as err:
+            if not full:  # keep the rows for the next try
+                for name, (keys, values) in parts.items():
+                    self._pending[name] = dict(zip(keys.tolist(), values))
+            self._fail(f"push {seq}: {err.code().name} {err.details()}")
+            return False
+        self.sequence = self.acknowledged = seq
+        for name in self.tables:
+            self._pending[name] = {}
+        self.stats["pushes"] += 1
+        self.stats["full_copies"] += int(full)
+        self.stats["rows"] += rows
+        self.stats["bytes"] += n_bytes
+        self.stats["messages"] += n_msgs
+        self.last_push_s = time.monotonic()
+        self.history.append((time.time(), full, rows, n_bytes, sum(len(t) for t in self.tables.values())))
+        if full and self.dense_source is not None:
+            self._dense_due = 0.0  # a late or restarted server gets the dense params with the copy
+        return True
+
+    def _merge(self, name: str, keys: np.ndarray, values: np.ndarray):
+        pending = self._pending[name]
+        if not pending:
+            return keys, values
+        pending.update(zip(keys.tolist(), values))  # newer values win
+        k = np.fromiter(pending.keys(), np.uint64, len(pending))
+        v = np.stack(list(pending.values())) if pending else values[:0]
+        return k, v
+
+    def _send(self, seq: int, full: bool, parts: dict) -> tuple[int, int, int]:
+        from monolith_jax.rpc import serving_pb2 as pb
+
+        chunks = []
+        for name, (keys, values) in parts.items():
+            dim = self.tables[name].config.dim
+            for s in range(0, max(keys.size, 1), self.max_rows):
+                k, v = keys[s:s + self.max_rows], values[s:s + self.max_rows]
+                chunks.append(pb.TableRows(table=name, dim=dim, dtype=self.dtype,
+                                           keys=np.ascontiguousarray(k, np.uint64).tobytes(),
+                                           values=np.ascontiguousarray(v, _NP[self.dtype]).tobytes()))
+        n_bytes = 0
+        for i, chunk in enumerate(chunks):
+            req = pb.PushRequest(trainer=self.trainer_id, sequence=seq, full=full, last=i == len(chunks) - 1,
+                                 tables=[chunk], shard=self.shard[0], shards=self.shard[1])
+            n_bytes += req.ByteSize()
+            self._stub.Push(req, timeout=self.timeout_s, wait_for_ready=True)
+        return n_bytes, len(chunks), sum(k.size for k, _ in parts.values())
+
+    def _fail(self, why: str) -> None:
+        self.stats["failures"] += 1
+        log.warning("sync to serving PS failed (%s); the rows are kept and sent with the next push", why)

@@ -1,0 +1,15 @@
+"""The stream: Kafka plumbing, message formats, the joiner and its spill
+store, the replayer of any time-stamped log, a broker process for tests.
+
+Needs the Kafka client (`confluent-kafka`), which the package installs;
+nothing outside `stream/`, `online/` and the command line imports it, so
+the rest of monolith_jax works without it.
+
+  messages    the three message formats (features, actions, examples)
+  kafka       embedded cluster and client configuration
+  joiner      features + actions -> examples (window, spill, negative sampling)
+  join_state  the join in event time, without Kafka (tested against a reference)
+  spill       waiting requests on disk (SQLite)
+  replay      a time-stamped log (CSV/Parquet) -> features and actions topics
+  broker      a Kafka-protocol broker in its own process (tests, benchmarks)
+"""

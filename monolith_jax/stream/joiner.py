@@ -1,0 +1,284 @@
+"""The joiner process: features + actions topics -> examples topic.
+
+    python -m monolith_jax.stream.joiner --bootstrap HOST:PORT [--window 300] [--negative-rate 0.5] ...
+
+It scales the way Kafka applications scale: producers key both topics by
+request id, so a request's features and actions land in the same partition
+number of each; joiners share one consumer group with the range assignor,
+which hands partition i of both topics to the same member. Start as many
+joiner processes as there are partitions.
+
+Delivery: an input offset is committed only once every message before it
+is fully handled (its example delivered to Kafka, or decided to be
+dropped), so a joiner that dies loses nothing: its successor re-reads from
+the oldest message still pending. Within one joiner's life each request
+emits at most one example; after a crash or a rebalance that moves a
+partition, examples of requests re-read from it may be emitted twice
+(at-least-once, as Kafka applications without transactions are).
+Malformed messages go to the dead-letter topic with the reason, and are
+counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+import zlib
+
+from monolith_jax.stream import kafka as K
+from monolith_jax.stream.join_state import JoinConfig, JoinState
+from monolith_jax.stream.messages import (MessageError, encode_example_batch, features_to_binary, parse_action,
+                                         parse_features)
+
+log = logging.getLogger("monolith_jax.stream.joiner")
+
+
+class ExampleGrouper:
+    """Groups the examples bound for one partition of the examples topic
+    into ExampleBatch values of up to `group_size` (sent when full or
+    `linger_s` old), so that trainers pay Kafka's per-message cost once per
+    group. The partition is crc32(request id) mod the topic's partitions.
+    group_size 1 sends plain Examples."""
+
+    def __init__(self, producer, topic: str, group_size: int = 64, linger_s: float = 0.02):
+        md = producer.list_topics(topic, timeout=10).topics[topic]
+        self.partitions = max(len(md.partitions), 1)
+        self.producer, self.topic = producer, topic
+        self.group_size, self.linger_s = max(int(group_size), 1), linger_s
+        self._groups: dict = {}   # partition -> [examples]
+        self._since: dict = {}    # partition -> monotonic time of its first example
+        self.sent = 0
+
+    def add(self, rid: str, example: bytes) -> None:
+        if self.group_size == 1:
+            self._send(zlib.crc32(rid.encode()) % self.partitions, [example])
+            return
+        p = zlib.crc32(rid.encode()) % self.partitions
+        group = self._groups.setdefault(p, [])
+        if not group:
+            self._since[p] = time.monotonic()
+        group.append(example)
+        if len(group) >= self.group_size:
+            self._send(p, self._groups.pop(p))
+
+    def poll(self) -> None:
+        """Sends groups older than linger_s."""
+        now = time.monotonic()
+        for p in [p for p, t in self._since.items() if p in self._groups and now - t >= self.linger_s]:
+            self._send(p, self._groups.pop(p))
+
+    def flush(self) -> None:
+        for p in list(self._groups):
+            self._send(p, self._groups.pop(p))
+
+    def _send(self, partition: int, examples: list) -> None:
+        value = examples[0] if len(examples) == 1 and self.group_size == 1 else encode_example_batch(examples)
+        K.produce(self.producer, self.topic, value, partition=partition)
+        self.sent += 1
+
+
+class Joiner:
+    def __init__(self, bootstrap: str, config: JoinConfig, topics: dict | None = None,
+                 group: str = "monolith-joiner", spill_dir: str | None = None, commit_every_s: float = 0.5,
+                 consumer_extra: dict | None = None, producer_extra: dict | None = None,
+                 gate_group: str | None = None, max_lag: int = 40_000, group_size: int = 64):
+        from confluent_kafka import Consumer, Producer
+
+        self.topics = {**K.TOPICS, **(topics or {})}
+        self.producer = Producer(K.producer_config(bootstrap, **(producer_extra or {})))
+        self.consumer = Consumer(K.consumer_config(bootstrap, group, **{
+            "enable.auto.commit": False, "enable.partition.eof": True, **(consumer_extra or {})}))
+        self.state = JoinState(config, self._emit, spill_dir)
+        self.grouper = ExampleGrouper(self.producer, self.topics["examples"], group_size)
+        self.dead = K.DeadLetters(self.producer, self.topics["dead_letters"])
+        self.commit_every_s = commit_every_s
+        self._next: dict = {}          # (topic, partition) -> next offset to read
+        self._assigned: set = set()
+        self._last_commit = time.monotonic()
+        # Backpressure: never run more than max_lag examples ahead of the trainers
+        # (the gate counts messages, each a group of up to group_size examples).
+        self.gate = K.LagGate(bootstrap, gate_group, [self.topics["examples"]],
+                              max(max_lag // max(group_size, 1), 50), check_every=50) if gate_group else None
+
+    def _emit(self, rid: str, example: bytes) -> None:
+        sent = self.grouper.sent
+        self.grouper.add(rid, example)
+        if self.gate is not None and self.grouper.sent > sent:
+            self.gate.step(self.grouper.sent - sent, self.producer)
+
+    # ------------------------------------------------------------ commits
+    def commit(self, only=None) -> dict:
+        """Commits, per partition, the oldest offset still needed, after
+        the examples emitted so far are delivered."""
+        from confluent_kafka import TopicPartition
+
+        self.grouper.flush()
+        if self.producer.flush(30) > 0:
+            log.error("examples not delivered within 30 s; offsets not committed")
+            return {}
+        low = self.state.low_offsets()
+        offsets = {}
+        for tp, nxt in self._next.items():
+            if only is not None and tp not in only:
+                continue
+            offsets[tp] = min(nxt, low.get(tp, nxt))
+        if offsets:
+            try:
+                self.consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()],
+                                     asynchronous=False)
+            except Exception as err:  # a rebalance in progress: the next commit covers it
+                log.warning("commit failed: %s", err)
+        self._last_commit = time.monotonic()
+        return offsets
+
+    def _on_assign(self, consumer, partitions) -> None:
+        self._assigned = {(p.topic, p.partition) for p in partitions}
+        self.state.set_partitions(self._assigned)
+        log.info("joiner assigned %s", sorted(self._assigned))
+
+    def _on_revoke(self, consumer, partitions) -> None:
+        tps = {(p.topic, p.partition) for p in partitions}
+        self.commit(only=tps)
+        dropped = self.state.drop_partitions(tps)
+        for tp in tps:
+            self._next.pop(tp, None)
+        self._assigned -= tps
+        if dropped:
+            log.info("rebalance: %d waiting requests of revoked partitions left to their new owner", dropped)
+
+    # ---------------------------------------------------------------- run
+    def handle(self, msg) -> None:
+        topic, value = msg.topic(), msg.value()
+        self._next[(topic, msg.partition())] = msg.offset() + 1
+        origin = (topic, msg.partition(), msg.offset())
+        try:
+            if topic == self.topics["features"]:
+                rec = parse_features(value)
+                self.state.add_features(rec.request_id, rec.event_time_ms, features_to_binary(value), origin)
+            else:
+                act = parse_action(value)
+                self.state.add_action(act.request_id, act.event_time_ms, act.type, act.value, origin)
+        except MessageError as err:
+            self.dead.send(msg, err.reason)
+
+    def run(self, idle_flush_s: float | None = None, exit_when_idle: bool = False,
+            max_seconds: float | None = None, stop: threading.Event | None = None,
+            report_every_s: float = 10.0, out=print) -> dict:
+        """Joins until `stop` is set or `max_seconds` pass. With
+        `idle_flush_s`, a stream silent that long is taken to have ended:
+        every waiting request is decided (and with `exit_when_idle` the
+        joiner then returns)."""
+        from confluent_kafka import KafkaError
+
+        self.consumer.subscribe([self.topics["features"], self.topics["actions"]],
+                                on_assign=self._on_assign, on_revoke=self._on_revoke)
+        t0 = last_msg = last_report = time.monotonic()
+        try:
+            while not (stop is not None and stop.is_set()):
+                now = time.monotonic()
+                if max_seconds is not None and now - t0 > max_seconds:
+                    break
+                msgs = self.consumer.consume(num_messages=5000, timeout=0.01)  # see OnlineTrainer._collect
+                for msg in msgs:
+                    err = msg.error()
+                    if err is not None:
+                        if err.code() == KafkaError._PARTITION_EOF:
+                            self.state.partition_idle((msg.topic(), msg.partition()))
+                        else:
+                            log.warning("consumer error: %s", err)
+                        continue
+                    self.handle(msg)
+                now = time.monotonic()
+                if msgs:
+                    last_msg = now
+                    self.state.advance()
+                elif idle_flush_s is not None and now - last_msg > idle_flush_s and self.state.waiting:
+                    self.state.flush()
+                    self.commit()
+                    if exit_when_idle:
+                        break
+                elif exit_when_idle and idle_flush_s is not None and now - last_msg > idle_flush_s \
+                        and self.state.counts["features"]:
+                    break
+                self.grouper.poll()
+                self.producer.poll(0)
+                if now - self._last_commit > self.commit_every_s:
+                    self.commit()
+                if report_every_s and now - last_report > report_every_s:
+                    last_report = now
+                    out("joiner " + json.dumps(self.stats()), flush=True)
+        finally:
+            self.commit()
+            self.consumer.close()
+        return self.stats()
+
+    def stats(self) -> dict:
+        return {**self.state.counts, "waiting": self.state.waiting, "in_memory": self.state.in_memory,
+                "dead_letters": self.dead.count,
+                "backpressure_s": round(self.gate.waited_s, 2) if self.gate is not None else 0.0}
+
+    def close(self) -> None:
+        self.grouper.flush()
+        self.producer.flush(30)
+        self.state.close()
+        if self.gate is not None:
+            self.gate.close()
+
+
+def config_from_args(args) -> JoinConfig:
+    return JoinConfig(window_s=args.window, lateness_s=args.lateness,
+                      positive_types=tuple(args.positive.split(",")), min_value=args.min_value,
+                      negative_rate=args.negative_rate, max_in_memory=args.max_in_memory, seed=args.seed,
+                      emit_positives=args.emit_positives)
+
+
+def add_join_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--window", type=float, default=300.0, help="seconds of event time to wait for an action")
+    p.add_argument("--lateness", type=float, default=10.0, help="seconds messages may arrive out of order")
+    p.add_argument("--positive", default="click", help="comma-separated action types that make a positive")
+    p.add_argument("--min-value", type=float, default=float("-inf"), help="least action value for a positive")
+    p.add_argument("--negative-rate", type=float, default=1.0, help="share of negatives kept")
+    p.add_argument("--max-in-memory", type=int, default=1_000_000, help="waiting requests held in memory")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--emit-positives", choices=("on_action", "at_window_end"), default="on_action",
+                   help="emit a positive when its action arrives, or when its window closes")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--bootstrap", required=True, help="Kafka bootstrap.servers")
+    p.add_argument("--group", default="monolith-joiner")
+    p.add_argument("--spill-dir", default=None)
+    p.add_argument("--idle-flush", type=float, default=None,
+                   help="seconds of silence after which the stream is taken to have ended")
+    p.add_argument("--exit-when-idle", action="store_true")
+    p.add_argument("--max-seconds", type=float, default=None)
+    p.add_argument("--report-every", type=float, default=10.0)
+    p.add_argument("--gate-group", default=None, help="consumer group (the trainers') not to outrun")
+    p.add_argument("--max-lag", type=int, default=40_000, help="examples the gate group may fall behind")
+    p.add_argument("--group-size", type=int, default=64, help="examples per Kafka value (1: plain Examples)")
+    for name, default in K.TOPICS.items():
+        p.add_argument(f"--topic-{name.replace('_', '-')}", default=default)
+    add_join_args(p)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    topics = {name: getattr(args, f"topic_{name}") for name in K.TOPICS}
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    joiner = Joiner(args.bootstrap, config_from_args(args), topics, args.group, args.spill_dir,
+                    gate_group=args.gate_group, max_lag=args.max_lag, group_size=args.group_size)
+    try:
+        stats = joiner.run(args.idle_flush, args.exit_when_idle, args.max_seconds, stop, args.report_every)
+    finally:
+        joiner.close()
+    print("joiner done " + json.dumps(stats), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

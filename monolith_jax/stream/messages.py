@@ -1,0 +1,318 @@
+"""Stream message formats, version 1: the one place they are documented.
+
+Three topics carry three protobuf messages (`proto/messages.proto`, package
+`monolith_jax.v1`); every message is one Kafka value, keyed by its request
+id so that a request's features and actions land in the same partition
+number of both topics.
+
+  features   FeatureRecord  what was known when a request was served
+               version        uint32   1 (0 = unset reads as 1)
+               request_id     string   joins features, actions and examples
+               event_time_ms  int64    when the request was served
+               sparse[]       IdList   {name, ids: repeated fixed64} per sparse feature
+                                       (64-bit keys; strings via hash_strings)
+               dense[]        FloatList {name, values: repeated float}, one value each
+  actions    Action         what the user did with it
+               version, request_id, event_time_ms
+               type           string   e.g. "click", "rate"
+               value          float    e.g. the rating
+  examples   Example or ExampleBatch   joined training examples, written by the joiner
+               version        uint32
+               features       FeatureRecord  (the request's, byte for byte)
+               label          float    in [0, 1]
+               sample_rate    float    probability the joiner kept this example
+                                       (1 for positives; 0 = unset reads as 1):
+                                       serving adds log(sample_rate) to the logit
+               label_time_ms  int64    the action's time, or the window's end
+             ExampleBatch   several Examples bound for one partition, in one value
+               version        uint32
+               examples[]     Example  (field 16, which an Example never uses)
+
+Hand-made messages may be JSON (protobuf's JSON mapping, field names as
+above: `{"request_id": "r1", "event_time_ms": 5, "sparse": [{"name": "user",
+"ids": ["42"]}]}`); a value whose first non-blank byte is `{` is read as
+JSON, anything else as binary. A newer `version` than this build knows is
+refused, so old readers never misread new data.
+
+The trainer decodes examples with a C++ reader (`ExampleDecoder`) that
+writes straight into a batch's arrays; these protobuf classes are the
+reference it is tested against.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from monolith_jax.features import PAD_KEY, DenseFeature, SparseBatch, SparseFeature
+from monolith_jax.sparse.keys import Keys
+
+SCHEMA_VERSION = 1
+
+# Status codes of the C++ decoder (ffi/src/example_codec.h) and what they mean.
+DECODE_REASONS = {
+    1: "not protobuf wire format, or truncated",
+    2: "schema version newer than this build reads",
+    3: "example has no features record",
+    4: "a dense feature is missing or has other than one value",
+    5: "label, sample rate or a dense value is not finite",
+    6: "label outside [0, 1] or sample rate outside (0, 1]",
+    7: "JSON example could not be read",
+    8: "empty message",
+    10: "example batch holds more examples than a training batch",
+}
+
+
+class MessageError(ValueError):
+    """A stream message that cannot be used; `reason` says why."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _pb():
+    from monolith_jax.stream import messages_pb2
+
+    return messages_pb2
+
+
+def _is_json(value: bytes) -> bool:
+    return value.lstrip()[:1] == b"{"
+
+
+def _parse(cls, value, what: str):
+    from google.protobuf import json_format
+    from google.protobuf.message import DecodeError
+
+    if value is None or len(value) == 0:
+        raise MessageError(f"empty {what} message")
+    msg = cls()
+    try:
+        if _is_json(value):
+            json_format.Parse(value.decode("utf-8"), msg)
+        else:
+            msg.ParseFromString(value)
+    except (DecodeError, json_format.ParseError, UnicodeDecodeError, ValueError) as err:
+        raise MessageError(f"unreadable {what} message: {err}") from None
+    if msg.version > SCHEMA_VERSION:
+        raise MessageError(f"{what} message has schema version {msg.version}; this build reads <= {SCHEMA_VERSION}")
+    return msg
+
+
+def parse_features(value: bytes):
+    """A FeatureRecord from binary or JSON; MessageError if unusable."""
+    rec = _parse(_pb().FeatureRecord, value, "features")
+    if not rec.request_id:
+        raise MessageError("features message has no request_id")
+    for d in rec.dense:
+        if len(d.values) != 1 or not math.isfinite(d.values[0]):
+            raise MessageError(f"features message: dense feature {d.name!r} must hold one finite value")
+    return rec
+
+
+def parse_action(value: bytes):
+    """An Action from binary or JSON; MessageError if unusable."""
+    act = _parse(_pb().Action, value, "actions")
+    if not act.request_id:
+        raise MessageError("actions message has no request_id")
+    if not act.type:
+        raise MessageError("actions message has no type")
+    if not math.isfinite(act.value):
+        raise MessageError("actions message has a non-finite value")
+    return act
+
+
+def parse_example(value: bytes):
+    return _parse(_pb().Example, value, "examples")
+
+
+def encode_features(request_id: str, event_time_ms: int, sparse: Mapping[str, Sequence[int]],
+                    dense: Mapping[str, float] | None = None) -> bytes:
+    pb = _pb()
+    rec = pb.FeatureRecord(version=SCHEMA_VERSION, request_id=request_id, event_time_ms=int(event_time_ms))
+    for name, ids in sparse.items():
+        rec.sparse.add(name=name, ids=np.asarray(ids, np.uint64).reshape(-1).tolist())
+    for name, value in (dense or {}).items():
+        rec.dense.add(name=name, values=[float(value)])
+    return rec.SerializeToString()
+
+
+def encode_action(request_id: str, event_time_ms: int, type: str, value: float = 1.0) -> bytes:
+    return _pb().Action(version=SCHEMA_VERSION, request_id=request_id, event_time_ms=int(event_time_ms),
+                        type=type, value=float(value)).SerializeToString()
+
+
+def _varint(v: int) -> bytes:
+    v &= (1 << 64) - 1  # int64 as protobuf writes it: two's complement
+    out = bytearray()
+    while True:
+        b = v & 0x7F
+        v >>= 7
+        if v:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def encode_example(features: bytes, label: float, sample_rate: float, label_time_ms: int) -> bytes:
+    """An Example around a FeatureRecord's binary bytes, without re-encoding
+    them (the joiner's hot path). Equal to protobuf's own serialization."""
+    return b"".join((b"\x08\x01", b"\x12", _varint(len(features)), features,
+                     b"\x1d", struct.pack("<f", label), b"\x25", struct.pack("<f", sample_rate),
+                     b"\x28", _varint(int(label_time_ms))))
+
+
+def features_to_binary(value: bytes) -> bytes:
+    """A features message as binary (JSON ones are converted)."""
+    return parse_features(value).SerializeToString() if _is_json(value) else value
+
+
+class ExampleDecoder:
+    """Kafka values of the examples topic (Example or ExampleBatch) ->
+    SparseBatch, through the C++ reader.
+
+        b = decoder.batch(batch_size, messages=True)
+        taken = b.add(kafka_messages)   # as many as fit; the rest wait for the next batch
+        batch, info, bad = b.finish()   # padded with weight-0 rows
+
+    `bad` lists `(index, reason)` for values that could not be used (the
+    caller dead-letters them); info holds the good examples' event and
+    label times and sample rates and, for Kafka messages, each value's
+    partition and offset (status -3 marks events such as end of partition)."""
+
+    def __init__(self, sparse: Sequence[SparseFeature], dense: Sequence[DenseFeature] = ()):
+        from monolith_jax.sparse._native import engine
+
+        self.sparse = tuple(sparse)
+        self.dense = tuple(dense)
+        self._native = engine().ExampleDecoder([f.source for f in self.sparse], [f.max_len for f in self.sparse],
+                                               [f.source for f in self.dense], PAD_KEY)
+
+    def batch(self, batch_size: int, messages: bool = False, limit: int | None = None) -> "BatchBuilder":
+        """A batch of `batch_size` rows to fill, taking at most `limit` examples."""
+        return BatchBuilder(self, batch_size, messages, limit)
+
+    def decode(self, values: list, batch_size: int, messages: bool = False):
+        """One batch from `values` (those that do not fit are not taken:
+        info["taken"] says how many were)."""
+        b = self.batch(batch_size, messages)
+        b.add(values)
+        return b.finish()
+
+
+class BatchBuilder:
+    def __init__(self, decoder: ExampleDecoder, batch_size: int, messages: bool, limit: int | None = None):
+        self.d = decoder
+        self.size = batch_size
+        self.limit = batch_size if limit is None else max(1, min(limit, batch_size))
+        self.messages = messages
+        self.ids = [np.empty((batch_size, f.max_len), np.uint64) for f in decoder.sparse]
+        self.lengths = np.zeros((batch_size, len(decoder.sparse)), np.int32)
+        self.dense = np.zeros((batch_size, len(decoder.dense)), np.float32)
+        self.labels = np.zeros(batch_size, np.float32)
+        self.rates = np.ones(batch_size, np.float32)
+        self.event_ms = np.zeros(batch_size, np.int64)
+        self.label_ms = np.zeros(batch_size, np.int64)
+        self.rows = 0
+        self.taken = 0
+        self.bad: list = []
+        self._status, self._parts, self._offs = [], [], []
+
+    @property
+    def full(self) -> bool:
+        return self.rows >= self.limit
+
+    def _decode(self, values):
+        status = np.zeros(len(values), np.int32)
+        meta = (np.zeros(len(values), np.int32), np.zeros(len(values), np.int64)) if self.messages else (None, None)
+        n = self.limit  # views of the first `limit` rows: the decoder fills no more
+        self.rows += self.d._native.decode(values, self.rows, [a[:n] for a in self.ids], self.lengths[:n],
+                                           self.dense[:n], self.labels[:n], self.rates[:n], self.event_ms[:n],
+                                           self.label_ms[:n], status, *meta)
+        return status, meta
+
+    def add(self, values) -> int:
+        """Decodes values in order until one does not fit; returns how many
+        were taken (good, bad or events)."""
+        values = list(values)
+        before = self.taken
+        start = 0
+        while start < len(values):
+            status, (parts, offs) = self._decode(values[start:])
+            stop = np.flatnonzero(status == -1)
+            end = int(stop[0]) if stop.size else len(values) - start
+            json_at = np.flatnonzero(status[:end] == 7)
+            if json_at.size:  # a hand-made JSON value: convert it, decode again from it
+                j = int(json_at[0])
+                end = j
+            self._keep(status[:end], parts, offs, end)
+            start += end
+            if not json_at.size:
+                break
+            item = values[start]
+            raw = item if isinstance(item, (bytes, type(None))) else item.value()
+            p, o = (parts[j], offs[j]) if parts is not None else (0, 0)
+            try:
+                values[start] = _json_examples_to_binary(raw)
+            except MessageError as err:
+                self._keep(np.array([-2], np.int32), np.array([p], np.int32),
+                           np.array([o], np.int64), 1)
+                self.bad.append((self.taken - 1, err.reason))
+                start += 1
+                continue
+            status, _ = self._decode(values[start:start + 1])
+            if status[0] == -1:
+                break
+            self._keep(status, np.array([p], np.int32), np.array([o], np.int64), 1)
+            start += 1
+        return self.taken - before
+
+    def _keep(self, status, parts, offs, n) -> None:
+        for i in np.flatnonzero(status[:n] > 0):
+            self.bad.append((self.taken + int(i), DECODE_REASONS.get(int(status[i]), f"status {status[i]}")))
+        self._status.append(status[:n].copy())
+        if self.messages:
+            self._parts.append(parts[:n].copy())
+            self._offs.append(offs[:n].copy())
+        self.taken += n
+
+    def finish(self):
+        rows = self.rows
+        for k in range(len(self.d.sparse)):
+            self.ids[k][rows:] = PAD_KEY
+        weights = np.zeros(self.size, np.float32)
+        weights[:rows] = 1.0
+        batch = SparseBatch(
+            ids={f.name: Keys.from_ids(self.ids[k]) for k, f in enumerate(self.d.sparse)},
+            lengths={f.name: np.ascontiguousarray(self.lengths[:, k]) for k, f in enumerate(self.d.sparse)},
+            dense=self.dense, labels=self.labels, weights=weights)
+        status = np.concatenate(self._status) if self._status else np.zeros(0, np.int32)
+        info = {"rows": rows, "taken": self.taken, "sample_rate": self.rates[:rows],
+                "event_time_ms": self.event_ms[:rows], "label_time_ms": self.label_ms[:rows], "status": status}
+        if self.messages:
+            info["partition"] = np.concatenate(self._parts) if self._parts else np.zeros(0, np.int32)
+            info["offset"] = np.concatenate(self._offs) if self._offs else np.zeros(0, np.int64)
+        return batch, info, self.bad
+
+
+def _json_examples_to_binary(raw) -> bytes:
+    """A JSON Example or ExampleBatch (`{"examples": [...]}`) as binary."""
+    import json
+
+    if raw is None:
+        raise MessageError("empty message")
+    try:
+        is_batch = "examples" in json.loads(raw)
+    except (ValueError, TypeError) as err:
+        raise MessageError(f"unreadable examples message: {err}") from None
+    return _parse(_pb().ExampleBatch if is_batch else _pb().Example, raw, "examples").SerializeToString()
+
+
+def encode_example_batch(examples: Sequence[bytes]) -> bytes:
+    """An ExampleBatch around Examples' binary bytes (field 16 each)."""
+    return b"".join([b"\x08\x01"] + [b"\x82\x01" + _varint(len(e)) + e for e in examples])

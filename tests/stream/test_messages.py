@@ -1,0 +1,131 @@
+"""Message formats: the C++ example reader against protobuf, bad input, JSON."""
+
+import numpy as np
+import pytest
+
+from monolith_jax.features import PAD_KEY, DenseFeature, SparseFeature
+from monolith_jax.stream import messages as M
+from monolith_jax.stream import messages_pb2 as pb
+
+FEATS = [SparseFeature("user", "ids"), SparseFeature("genres", "ids", combiner="mean", max_len=3)]
+DENSE = [DenseFeature("price")]
+
+
+def random_example(rng, i):
+    sparse = {"user": [int(rng.integers(0, 2**64, dtype=np.uint64))],
+              "genres": [int(x) for x in rng.integers(0, 2**64, rng.integers(0, 6), dtype=np.uint64)],
+              "ignored": [7, 8]}
+    feats = M.encode_features(f"r{i}", int(rng.integers(0, 2**40)), sparse, {"price": float(rng.normal())})
+    return M.encode_example(feats, float(rng.integers(0, 2)), float(rng.choice([1.0, 0.25])), i * 1000), sparse
+
+
+def test_example_bytes_equal_protobuf_serialization():
+    feats = M.encode_features("r1", 123, {"user": [5, 2**63 + 1]}, {"price": 1.5})
+    ours = M.encode_example(feats, 1.0, 0.5, -7)
+    ref = pb.Example(version=1, features=pb.FeatureRecord.FromString(feats), label=1.0, sample_rate=0.5,
+                     label_time_ms=-7)
+    assert ours == ref.SerializeToString()
+    batch = M.encode_example_batch([ours, ours])
+    assert pb.ExampleBatch.FromString(batch) == pb.ExampleBatch(version=1, examples=[ref, ref])
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_cpp_reader_matches_protobuf_on_random_examples(grouped):
+    rng = np.random.default_rng(int(grouped))
+    made = [random_example(rng, i) for i in range(300)]
+    values = [m[0] for m in made]
+    if grouped:
+        values = [M.encode_example_batch(values[i:i + 7]) for i in range(0, len(values), 7)]
+    batch, info, bad = M.ExampleDecoder(FEATS, DENSE).decode(values, 400)
+    assert bad == [] and info["rows"] == 300 and info["taken"] == len(values)
+    for i, (value, sparse) in enumerate(made):
+        ref = pb.Example.FromString(value)
+        assert batch.labels[i] == ref.label and info["sample_rate"][i] == ref.sample_rate
+        assert info["event_time_ms"][i] == ref.features.event_time_ms and info["label_time_ms"][i] == i * 1000
+        assert batch.dense[i, 0] == np.float32(ref.features.dense[0].values[0])
+        assert batch.ids["user"].to_numpy()[i, 0] == sparse["user"][0]
+        g = sparse["genres"][:3]
+        assert batch.lengths["genres"][i] == len(g)
+        assert list(batch.ids["genres"].to_numpy()[i]) == g + [PAD_KEY] * (3 - len(g))
+    assert np.all(batch.weights[:300] == 1) and np.all(batch.weights[300:] == 0)
+    assert np.all(batch.ids["user"].to_numpy()[300:] == PAD_KEY)
+
+
+def test_reader_accepts_unpacked_ids_fields_in_any_order_and_unknown_fields():
+    rec = pb.FeatureRecord(version=1, request_id="x", event_time_ms=9)
+    rec.sparse.add(name="user", ids=[41])
+    rec.dense.add(name="price", values=[2.0])
+    # The same IdList written by hand: ids first, unpacked (wire type 1), then the name.
+    idlist = b"\x11" + (42).to_bytes(8, "little") + b"\x0a\x06genres"
+    unknown = b"\xa0\x06\x05"  # field 100, varint 5
+    feats = rec.SerializeToString() + b"\x22" + bytes([len(idlist)]) + idlist + unknown
+    value = unknown + M.encode_example(feats, 0.0, 1.0, 3)
+    batch, info, bad = M.ExampleDecoder(FEATS, DENSE).decode([value], 4)
+    assert bad == [] and info["rows"] == 1
+    assert batch.ids["genres"].to_numpy()[0, 0] == 42 and batch.lengths["genres"][0] == 1
+    assert batch.ids["user"].to_numpy()[0, 0] == 41 and batch.dense[0, 0] == 2.0
+
+
+def test_bad_values_are_named_and_never_crash():
+    rng = np.random.default_rng(3)
+    good, _ = random_example(rng, 0)
+    feats_no_dense = M.encode_features("r", 1, {"user": [1]})
+    cases = {
+        "truncated": (good[:-3], "not protobuf"),
+        "empty": (b"", "empty"),
+        "newer version": (b"\x08\x02" + good[2:], "version"),
+        "no features": (pb.Example(version=1, label=1.0).SerializeToString(), "no features"),
+        "missing dense": (M.encode_example(feats_no_dense, 1.0, 1.0, 0), "dense"),
+        "label 2": (M.encode_example(M.encode_features("r", 1, {"user": [1]}, {"price": 0.0}), 2.0, 1.0, 0),
+                    "label outside"),
+        "nan label": (M.encode_example(M.encode_features("r", 1, {"user": [1]}, {"price": 0.0}), float("nan"),
+                                       1.0, 0), "not finite"),
+        "bad json": (b'{"features": ', "unreadable"),
+    }
+    values = [v for v, _ in cases.values()] + [good]
+    batch, info, bad = M.ExampleDecoder(FEATS, DENSE).decode(values, 16)
+    assert info["rows"] == 1 and batch.labels[0] == pb.Example.FromString(good).label
+    assert [i for i, _ in bad] == list(range(len(cases)))
+    for (name, (_, expect)), (_, reason) in zip(cases.items(), bad):
+        assert expect in reason, (name, reason)
+    # Random garbage and every truncation of a good value: a status, never a crash.
+    junk = [bytes(rng.integers(0, 256, rng.integers(1, 60), dtype=np.uint8)) for _ in range(2000)]
+    junk += [good[:k] for k in range(1, len(good))]
+    _, info, bad = M.ExampleDecoder(FEATS, DENSE).decode(junk, len(junk))
+    assert info["rows"] + len(bad) == len(junk)
+
+
+def test_json_examples_and_batches_are_read():
+    one = b'{"features": {"request_id": "j1", "sparse": [{"name": "user", "ids": ["42"]}], ' \
+          b'"dense": [{"name": "price", "values": [1.5]}]}, "label": 1}'
+    group = b'{"examples": [' + one + b', ' + one.replace(b'"label": 1', b'"label": 0') + b']}'
+    batch, info, bad = M.ExampleDecoder(FEATS, DENSE).decode([one, group], 8)
+    assert bad == [] and info["rows"] == 3
+    assert list(batch.labels[:3]) == [1.0, 1.0, 0.0]
+    assert list(info["sample_rate"]) == [1.0, 1.0, 1.0]  # unset reads as 1
+    assert batch.ids["user"].to_numpy()[0, 0] == 42
+
+
+def test_batches_fill_without_splitting_a_group():
+    rng = np.random.default_rng(5)
+    values = [M.encode_example_batch([random_example(rng, i)[0] for i in range(n)]) for n in (3, 4, 2, 5)]
+    dec = M.ExampleDecoder(FEATS, DENSE)
+    b = dec.batch(8)
+    assert b.add(values) == 2 and b.rows == 7, "the third group (2) would overflow 8 rows"
+    b2 = dec.batch(8)
+    assert b2.add(values[2:]) == 2 and b2.rows == 7
+    _, _, bad = dec.decode([M.encode_example_batch([random_example(rng, 0)[0]] * 9)], 8)
+    assert "more examples than a training batch" in bad[0][1]
+
+
+def test_features_and_actions_parse_with_clear_errors():
+    assert M.parse_features(M.encode_features("r1", 5, {"u": [1]})).request_id == "r1"
+    assert M.parse_action(b'{"request_id": "r1", "type": "click", "event_time_ms": 3}').type == "click"
+    with pytest.raises(M.MessageError, match="no request_id"):
+        M.parse_features(M.encode_features("", 5, {"u": [1]}))
+    with pytest.raises(M.MessageError, match="no type"):
+        M.parse_action(M.encode_action("r1", 5, ""))
+    with pytest.raises(M.MessageError, match="unreadable"):
+        M.parse_action(b"\xff\xff\xff")
+    with pytest.raises(M.MessageError, match="version"):
+        M.parse_action(pb.Action(version=9, request_id="r", type="click").SerializeToString())
