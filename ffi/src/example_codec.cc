@@ -1,7 +1,9 @@
 #include "example_codec.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <string_view>
 
 namespace monolith {
@@ -84,14 +86,26 @@ int FindName(const std::vector<std::string>& names, std::string_view name) {
   return -1;
 }
 
+std::vector<int> NextSame(const std::vector<std::string>& names) {
+  std::vector<int> next(names.size(), -1);
+  for (size_t i = 0; i < names.size(); ++i)
+    for (size_t j = i + 1; j < names.size(); ++j)
+      if (names[j] == names[i]) {
+        next[i] = int(j);
+        break;
+      }
+  return next;
+}
+
 float AsFloat(uint32_t bits) {
   float f;
   std::memcpy(&f, &bits, 4);
   return f;
 }
 
-// IdList: name (1), ids (2, fixed64, packed or not). Appends up to max_len.
-bool ReadIdList(Reader r, const ExampleLayout& layout, const ExampleRow& row) {
+// IdList: name (1), ids (2, fixed64, packed or not). Appends up to max_len
+// to every feature of that name, and marks them present.
+bool ReadIdList(Reader r, const ExampleLayout& layout, const ExampleRow& row, std::vector<uint8_t>* seen) {
   // The name may follow the ids, so find it first.
   Reader scan = r;
   std::string_view name;
@@ -108,10 +122,8 @@ bool ReadIdList(Reader r, const ExampleLayout& layout, const ExampleRow& row) {
       return false;
     }
   }
-  int f = named ? FindName(layout.sparse_names, name) : -1;
-  uint64_t* out = f >= 0 ? row.ids[f] : nullptr;
-  int32_t cap = f >= 0 ? layout.max_lens[f] : 0;
-  int32_t* len = f >= 0 ? &row.lengths[f] : nullptr;
+  const int first = named ? FindName(layout.sparse_names, name) : -1;
+  for (int f = first; f >= 0; f = layout.next_sparse[f]) (*seen)[f] = 1;
   while (!r.done()) {
     uint32_t field, wire;
     if (!r.Tag(&field, &wire)) return false;
@@ -119,15 +131,19 @@ bool ReadIdList(Reader r, const ExampleLayout& layout, const ExampleRow& row) {
       Reader packed(nullptr, 0);
       if (!r.Bytes(&packed) || packed.left() % 8) return false;
       size_t n = packed.left() / 8;
-      if (out) {
-        size_t take = std::min<size_t>(n, size_t(cap - *len));
-        std::memcpy(out + *len, packed.pos(), take * 8);
+      for (int f = first; f >= 0; f = layout.next_sparse[f]) {
+        int32_t* len = &row.lengths[f];
+        size_t take = std::min<size_t>(n, size_t(layout.max_lens[f] - *len));
+        std::memcpy(row.ids[f] + *len, packed.pos(), take * 8);
         *len += int32_t(take);
       }
     } else if (field == 2 && wire == kFixed64) {
       uint64_t v;
       if (!r.Fixed64(&v)) return false;
-      if (out && *len < cap) out[(*len)++] = v;
+      for (int f = first; f >= 0; f = layout.next_sparse[f]) {
+        int32_t* len = &row.lengths[f];
+        if (*len < layout.max_lens[f]) row.ids[f][(*len)++] = v;
+      }
     } else if (!r.Skip(wire)) {
       return false;
     }
@@ -135,9 +151,11 @@ bool ReadIdList(Reader r, const ExampleLayout& layout, const ExampleRow& row) {
   return true;
 }
 
-// FloatList: name (1), values (2, float, packed or not). Exactly one value.
+// FloatList: name (1), values (2, float, packed or not). Exactly one value,
+// written to every dense feature of that name; a non-finite one is NaN where
+// the layout allows a fill, else kDecodeNonFinite.
 DecodeStatus ReadFloatList(Reader r, const ExampleLayout& layout, const ExampleRow& row,
-                           std::vector<int>* seen) {
+                           std::vector<uint8_t>* seen) {
   Reader scan = r;
   std::string_view name;
   bool named = false;
@@ -153,7 +171,7 @@ DecodeStatus ReadFloatList(Reader r, const ExampleLayout& layout, const ExampleR
       return kDecodeMalformed;
     }
   }
-  int f = named ? FindName(layout.dense_names, name) : -1;
+  const int first = named ? FindName(layout.dense_names, name) : -1;
   while (!r.done()) {
     uint32_t field, wire;
     if (!r.Tag(&field, &wire)) return kDecodeMalformed;
@@ -166,14 +184,20 @@ DecodeStatus ReadFloatList(Reader r, const ExampleLayout& layout, const ExampleR
         return kDecodeMalformed;
       }
       size_t n = wire == kLen ? vals.left() / 4 : 1;
-      if (f < 0 || n == 0) continue;
-      if (n != 1 || (*seen)[f]) return kDecodeDense;
+      if (first < 0 || n == 0) continue;
       uint32_t bits = one;
       if (wire == kLen) std::memcpy(&bits, vals.pos(), 4);
       float v = AsFloat(bits);
-      if (!std::isfinite(v)) return kDecodeNonFinite;
-      row.dense[f] = v;
-      (*seen)[f] = 1;
+      for (int f = first; f >= 0; f = layout.next_dense[f]) {
+        if (n != 1 || (*seen)[f]) return kDecodeDense;
+        if (!std::isfinite(v)) {
+          if (!layout.dense_fill[f]) return kDecodeNonFinite;
+          row.dense[f] = std::numeric_limits<float>::quiet_NaN();
+        } else {
+          row.dense[f] = v;
+        }
+        (*seen)[f] = 1;
+      }
     } else if (!r.Skip(wire)) {
       return kDecodeMalformed;
     }
@@ -182,7 +206,8 @@ DecodeStatus ReadFloatList(Reader r, const ExampleLayout& layout, const ExampleR
 }
 
 DecodeStatus ReadFeatures(Reader r, const ExampleLayout& layout, const ExampleRow& row) {
-  std::vector<int> seen(layout.dense_names.size(), 0);
+  std::vector<uint8_t> seen(layout.dense_names.size(), 0);
+  std::vector<uint8_t> present(layout.sparse_names.size(), 0);
   while (!r.done()) {
     uint32_t field, wire;
     if (!r.Tag(&field, &wire)) return kDecodeMalformed;
@@ -195,7 +220,7 @@ DecodeStatus ReadFeatures(Reader r, const ExampleLayout& layout, const ExampleRo
       if (!r.Varint(&v)) return kDecodeMalformed;
       *row.event_time_ms = int64_t(v);
     } else if (field == 4 && wire == kLen) {
-      if (!r.Bytes(&sub) || !ReadIdList(sub, layout, row)) return kDecodeMalformed;
+      if (!r.Bytes(&sub) || !ReadIdList(sub, layout, row, &present)) return kDecodeMalformed;
     } else if (field == 5 && wire == kLen) {
       if (!r.Bytes(&sub)) return kDecodeMalformed;
       DecodeStatus s = ReadFloatList(sub, layout, row, &seen);
@@ -204,12 +229,23 @@ DecodeStatus ReadFeatures(Reader r, const ExampleLayout& layout, const ExampleRo
       return kDecodeMalformed;
     }
   }
-  for (int s : seen)
-    if (!s) return kDecodeDense;
+  for (size_t f = 0; f < seen.size(); ++f) {
+    if (seen[f]) continue;
+    if (!layout.dense_fill[f]) return kDecodeDense;
+    row.dense[f] = std::numeric_limits<float>::quiet_NaN();
+  }
+  for (uint8_t p : present)
+    if (!p) return kDecodeSparseMissing;
   return kDecodeOk;
 }
 
 }  // namespace
+
+void LinkNames(ExampleLayout* layout) {
+  layout->dense_fill.resize(layout->dense_names.size(), 0);
+  layout->next_sparse = NextSame(layout->sparse_names);
+  layout->next_dense = NextSame(layout->dense_names);
+}
 
 DecodeStatus DecodeExample(const uint8_t* data, size_t size, const ExampleLayout& layout,
                            const ExampleRow& row) {

@@ -9,6 +9,14 @@
 // fields, a feature's ids split over several IdLists of the same name
 // (appended). It never reads past the buffer it was given: a truncated or
 // garbled message gets a status, not a crash.
+//
+// Every sparse feature of the layout must be present in the record (an
+// IdList of its name, possibly with no ids); an absent one is
+// kDecodeSparseMissing, not zero ids. A dense feature whose layout allows a
+// fill may be absent or non-finite: it is written as NaN for the caller to
+// fill (and count); any other dense feature must hold one finite value.
+// Several features may read one name: each gets the ids (or value).
+// Ids are written as they came (raw); the caller maps them to keys.
 #pragma once
 
 #include <cstddef>
@@ -30,14 +38,22 @@ enum DecodeStatus : int32_t {
   kDecodeEmpty = 8,          // an empty or null message
   kDecodeNoRoom = 9,         // (not an error) the value's examples do not fit the rows left
   kDecodeTooBig = 10,        // an ExampleBatch with more examples than a whole batch holds
+  kDecodeSparseMissing = 11, // a sparse feature of the layout has no IdList in the record
 };
 
 struct ExampleLayout {
   std::vector<std::string> sparse_names;  // feature names, in batch order
   std::vector<int> max_lens;              // ids kept per example, per feature
   std::vector<std::string> dense_names;   // one float each
+  std::vector<uint8_t> dense_fill;        // per dense feature: 1 = missing/non-finite read as NaN
   uint64_t pad_key = 0;
+  // Filled by LinkNames: the next feature of the same name, or -1.
+  std::vector<int> next_sparse, next_dense;
 };
+
+// Completes a layout (dense_fill sized, next_sparse/next_dense linked);
+// call once after setting the names.
+void LinkNames(ExampleLayout* layout);
 
 // Where one example's fields go. ids[f] points at max_lens[f] keys.
 struct ExampleRow {

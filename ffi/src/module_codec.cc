@@ -25,15 +25,19 @@ using Out = nb::ndarray<T, nb::ndim<D>, nb::c_contig, nb::device::cpu>;
 class PyExampleDecoder {
  public:
   PyExampleDecoder(std::vector<std::string> sparse_names, std::vector<int> max_lens,
-                   std::vector<std::string> dense_names, uint64_t pad_key) {
+                   std::vector<std::string> dense_names, uint64_t pad_key, std::vector<int> dense_fill) {
     if (sparse_names.size() != max_lens.size())
       throw std::invalid_argument("one max_len per sparse feature");
     for (int m : max_lens)
       if (m < 1) throw std::invalid_argument("max_len must be >= 1");
+    if (!dense_fill.empty() && dense_fill.size() != dense_names.size())
+      throw std::invalid_argument("dense_fill needs one flag per dense feature (or none)");
     layout_.sparse_names = std::move(sparse_names);
     layout_.max_lens = std::move(max_lens);
     layout_.dense_names = std::move(dense_names);
     layout_.pad_key = pad_key;
+    for (int flag : dense_fill) layout_.dense_fill.push_back(flag ? 1 : 0);
+    LinkNames(&layout_);
   }
 
   // Decodes values[i] for every i into batch rows row0, row0+1, ... (only
@@ -124,8 +128,9 @@ class PyExampleDecoder {
 
 void BindCodec(nb::module_& m) {
   nb::class_<PyExampleDecoder>(m, "ExampleDecoder")
-      .def(nb::init<std::vector<std::string>, std::vector<int>, std::vector<std::string>, uint64_t>(),
-           "sparse_names"_a, "max_lens"_a, "dense_names"_a, "pad_key"_a)
+      .def(nb::init<std::vector<std::string>, std::vector<int>, std::vector<std::string>, uint64_t,
+                    std::vector<int>>(),
+           "sparse_names"_a, "max_lens"_a, "dense_names"_a, "pad_key"_a, "dense_fill"_a = std::vector<int>())
       .def("decode", &PyExampleDecoder::Decode, "values"_a, "row0"_a, "ids"_a, "lengths"_a, "dense"_a,
            "labels"_a, "rates"_a, "event_ms"_a, "label_ms"_a, "status"_a, "partitions"_a = nb::none(),
            "offsets"_a = nb::none());

@@ -37,6 +37,20 @@ refused, so old readers never misread new data.
 The trainer decodes examples with a C++ reader (`ExampleDecoder`) that
 writes straight into a batch's arrays; these protobuf classes are the
 reference it is tested against.
+
+What the decoder takes from a record (the rule files and predictor
+requests follow too, `monolith_jax.features`):
+
+- a feature is found by its `source` (`column`, else the feature name):
+  an IdList or FloatList of that `name`;
+- every sparse feature the job reads must have an IdList, possibly with no
+  ids (`"ids": []`); an example whose record lacks one altogether is
+  refused (dead-lettered as "a sparse feature is missing", naming it);
+- ids are raw: the decoder maps them to keys with each feature's
+  `SparseFeature.keys` (its id space), padding stays `PAD_KEY`;
+- a dense feature holds one finite value; a missing or non-finite one is
+  refused, unless the `DenseFeature` declares a `fill`, which replaces it
+  (counted in `info["filled"]` and `monolith_jax.features.fill_counts()`).
 """
 
 from __future__ import annotations
@@ -47,7 +61,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from monolith_jax.features import PAD_KEY, DenseFeature, SparseBatch, SparseFeature
+from monolith_jax.features import PAD_KEY, DenseFeature, SparseBatch, SparseFeature, fill_dense
 from monolith_jax.sparse.keys import Keys
 
 SCHEMA_VERSION = 1
@@ -63,7 +77,9 @@ DECODE_REASONS = {
     7: "JSON example could not be read",
     8: "empty message",
     10: "example batch holds more examples than a training batch",
+    11: "a sparse feature is missing (an empty id list is not missing)",
 }
+SPARSE_MISSING = 11
 
 
 class MessageError(ValueError):
@@ -182,8 +198,10 @@ class ExampleDecoder:
 
     `bad` lists `(index, reason)` for values that could not be used (the
     caller dead-letters them); info holds the good examples' event and
-    label times and sample rates and, for Kafka messages, each value's
-    partition and offset (status -3 marks events such as end of partition)."""
+    label times and sample rates, `filled` (dense feature -> values
+    replaced by its fill in this batch) and, for Kafka messages, each
+    value's partition and offset (status -3 marks events such as end of
+    partition). The batch's ids are keys (each feature's id space)."""
 
     def __init__(self, sparse: Sequence[SparseFeature], dense: Sequence[DenseFeature] = ()):
         from monolith_jax.sparse._native import engine
@@ -191,7 +209,25 @@ class ExampleDecoder:
         self.sparse = tuple(sparse)
         self.dense = tuple(dense)
         self._native = engine().ExampleDecoder([f.source for f in self.sparse], [f.max_len for f in self.sparse],
-                                               [f.source for f in self.dense], PAD_KEY)
+                                               [f.source for f in self.dense], PAD_KEY,
+                                               [int(f.fill is not None) for f in self.dense])
+
+    def missing_sparse(self, value) -> list:
+        """The sources of the sparse features a value's (first incomplete)
+        example lacks; [] if it cannot tell (the slow path, for a reason)."""
+        try:
+            raw = value if isinstance(value, (bytes, type(None))) else value.value()
+            pb = _pb()
+            batch = pb.ExampleBatch.FromString(raw)
+            examples = list(batch.examples) or [pb.Example.FromString(raw)]
+        except Exception:  # the reason stays the generic one
+            return []
+        for ex in examples:
+            have = {s.name for s in ex.features.sparse}
+            lack = [f.source for f in self.sparse if f.source not in have]
+            if lack:
+                return list(dict.fromkeys(lack))
+        return []
 
     def batch(self, batch_size: int, messages: bool = False, limit: int | None = None) -> "BatchBuilder":
         """A batch of `batch_size` rows to fill, taking at most `limit` examples."""
@@ -250,7 +286,7 @@ class BatchBuilder:
             if json_at.size:  # a hand-made JSON value: convert it, decode again from it
                 j = int(json_at[0])
                 end = j
-            self._keep(status[:end], parts, offs, end)
+            self._keep(status[:end], parts, offs, end, values[start:start + end])
             start += end
             if not json_at.size:
                 break
@@ -268,13 +304,19 @@ class BatchBuilder:
             status, _ = self._decode(values[start:start + 1])
             if status[0] == -1:
                 break
-            self._keep(status, np.array([p], np.int32), np.array([o], np.int64), 1)
+            self._keep(status, np.array([p], np.int32), np.array([o], np.int64), 1, values[start:start + 1])
             start += 1
         return self.taken - before
 
-    def _keep(self, status, parts, offs, n) -> None:
+    def _keep(self, status, parts, offs, n, values=None) -> None:
         for i in np.flatnonzero(status[:n] > 0):
-            self.bad.append((self.taken + int(i), DECODE_REASONS.get(int(status[i]), f"status {status[i]}")))
+            code = int(status[i])
+            reason = DECODE_REASONS.get(code, f"status {code}")
+            if code == SPARSE_MISSING and values is not None:
+                lack = self.d.missing_sparse(values[i])
+                if lack:
+                    reason = f"{reason}: {', '.join(repr(x) for x in lack)}"
+            self.bad.append((self.taken + int(i), reason))
         self._status.append(status[:n].copy())
         if self.messages:
             self._parts.append(parts[:n].copy())
@@ -283,8 +325,17 @@ class BatchBuilder:
 
     def finish(self):
         rows = self.rows
-        for k in range(len(self.d.sparse)):
-            self.ids[k][rows:] = PAD_KEY
+        # Rows past the last good example may hold a refused one's partial
+        # fields: padding rows are zeros, no ids.
+        self.lengths[rows:] = 0
+        self.dense[rows:] = 0.0
+        self.labels[rows:] = 0.0
+        for k, f in enumerate(self.d.sparse):
+            ids = self.ids[k]
+            ids[rows:] = PAD_KEY
+            real = np.arange(f.max_len)[None, :] < self.lengths[:rows, k][:, None]
+            ids[:rows][real] = f.keys(ids[:rows][real])  # raw ids -> keys; padding stays PAD_KEY
+        filled = fill_dense(self.dense[:rows], self.d.dense, "examples") if self.d.dense else {}
         weights = np.zeros(self.size, np.float32)
         weights[:rows] = 1.0
         batch = SparseBatch(
@@ -293,7 +344,8 @@ class BatchBuilder:
             dense=self.dense, labels=self.labels, weights=weights)
         status = np.concatenate(self._status) if self._status else np.zeros(0, np.int32)
         info = {"rows": rows, "taken": self.taken, "sample_rate": self.rates[:rows],
-                "event_time_ms": self.event_ms[:rows], "label_time_ms": self.label_ms[:rows], "status": status}
+                "event_time_ms": self.event_ms[:rows], "label_time_ms": self.label_ms[:rows], "status": status,
+                "filled": filled}
         if self.messages:
             info["partition"] = np.concatenate(self._parts) if self._parts else np.zeros(0, np.int32)
             info["offset"] = np.concatenate(self._offs) if self._offs else np.zeros(0, np.int64)

@@ -43,8 +43,8 @@ def test_cpp_reader_matches_protobuf_on_random_examples(grouped):
         assert batch.labels[i] == ref.label and info["sample_rate"][i] == ref.sample_rate
         assert info["event_time_ms"][i] == ref.features.event_time_ms and info["label_time_ms"][i] == i * 1000
         assert batch.dense[i, 0] == np.float32(ref.features.dense[0].values[0])
-        assert batch.ids["user"].to_numpy()[i, 0] == sparse["user"][0]
-        g = sparse["genres"][:3]
+        assert batch.ids["user"].to_numpy()[i, 0] == FEATS[0].keys(sparse["user"][0])
+        g = FEATS[1].keys(np.array(sparse["genres"][:3], np.uint64)).tolist()
         assert batch.lengths["genres"][i] == len(g)
         assert list(batch.ids["genres"].to_numpy()[i]) == g + [PAD_KEY] * (3 - len(g))
     assert np.all(batch.weights[:300] == 1) and np.all(batch.weights[300:] == 0)
@@ -62,8 +62,8 @@ def test_reader_accepts_unpacked_ids_fields_in_any_order_and_unknown_fields():
     value = unknown + M.encode_example(feats, 0.0, 1.0, 3)
     batch, info, bad = M.ExampleDecoder(FEATS, DENSE).decode([value], 4)
     assert bad == [] and info["rows"] == 1
-    assert batch.ids["genres"].to_numpy()[0, 0] == 42 and batch.lengths["genres"][0] == 1
-    assert batch.ids["user"].to_numpy()[0, 0] == 41 and batch.dense[0, 0] == 2.0
+    assert batch.ids["genres"].to_numpy()[0, 0] == FEATS[1].keys(42) and batch.lengths["genres"][0] == 1
+    assert batch.ids["user"].to_numpy()[0, 0] == FEATS[0].keys(41) and batch.dense[0, 0] == 2.0
 
 
 def test_bad_values_are_named_and_never_crash():
@@ -76,10 +76,12 @@ def test_bad_values_are_named_and_never_crash():
         "newer version": (b"\x08\x02" + good[2:], "version"),
         "no features": (pb.Example(version=1, label=1.0).SerializeToString(), "no features"),
         "missing dense": (M.encode_example(feats_no_dense, 1.0, 1.0, 0), "dense"),
-        "label 2": (M.encode_example(M.encode_features("r", 1, {"user": [1]}, {"price": 0.0}), 2.0, 1.0, 0),
-                    "label outside"),
-        "nan label": (M.encode_example(M.encode_features("r", 1, {"user": [1]}, {"price": 0.0}), float("nan"),
-                                       1.0, 0), "not finite"),
+        "label 2": (M.encode_example(M.encode_features("r", 1, {"user": [1], "genres": []}, {"price": 0.0}), 2.0,
+                                     1.0, 0), "label outside"),
+        "nan label": (M.encode_example(M.encode_features("r", 1, {"user": [1], "genres": []}, {"price": 0.0}),
+                                       float("nan"), 1.0, 0), "not finite"),
+        "no genres": (M.encode_example(M.encode_features("r", 1, {"user": [1]}, {"price": 0.0}), 1.0, 1.0, 0),
+                      "a sparse feature is missing (an empty id list is not missing): 'genres'"),
         "bad json": (b'{"features": ', "unreadable"),
     }
     values = [v for v, _ in cases.values()] + [good]
@@ -96,14 +98,14 @@ def test_bad_values_are_named_and_never_crash():
 
 
 def test_json_examples_and_batches_are_read():
-    one = b'{"features": {"request_id": "j1", "sparse": [{"name": "user", "ids": ["42"]}], ' \
+    one = b'{"features": {"request_id": "j1", "sparse": [{"name": "user", "ids": ["42"]}, {"name": "genres"}], ' \
           b'"dense": [{"name": "price", "values": [1.5]}]}, "label": 1}'
     group = b'{"examples": [' + one + b', ' + one.replace(b'"label": 1', b'"label": 0') + b']}'
     batch, info, bad = M.ExampleDecoder(FEATS, DENSE).decode([one, group], 8)
     assert bad == [] and info["rows"] == 3
     assert list(batch.labels[:3]) == [1.0, 1.0, 0.0]
     assert list(info["sample_rate"]) == [1.0, 1.0, 1.0]  # unset reads as 1
-    assert batch.ids["user"].to_numpy()[0, 0] == 42
+    assert batch.ids["user"].to_numpy()[0, 0] == FEATS[0].keys(42)
 
 
 def test_batches_fill_without_splitting_a_group():
@@ -129,3 +131,59 @@ def test_features_and_actions_parse_with_clear_errors():
         M.parse_action(b"\xff\xff\xff")
     with pytest.raises(M.MessageError, match="version"):
         M.parse_action(pb.Action(version=9, request_id="r", type="click").SerializeToString())
+
+
+def test_an_absent_sparse_feature_is_refused_an_empty_one_is_not():
+    dec = M.ExampleDecoder(FEATS, DENSE)
+    empty = M.encode_example(M.encode_features("r", 1, {"user": [3], "genres": []}, {"price": 1.0}), 1.0, 1.0, 0)
+    absent = M.encode_example(M.encode_features("r", 1, {"genres": [4]}, {"price": 1.0}), 1.0, 1.0, 0)
+    both = M.encode_example(M.encode_features("r", 1, {"other": [4]}, {"price": 1.0}), 1.0, 1.0, 0)
+    json_absent = b'{"features": {"request_id": "j", "sparse": [{"name": "user", "ids": ["1"]}], ' \
+                  b'"dense": [{"name": "price", "values": [1]}]}, "label": 1}'
+    grouped = M.encode_example_batch([empty, absent])   # all or nothing: the group is refused
+    batch, info, bad = dec.decode([empty, absent, both, json_absent, grouped], 8)
+    assert info["rows"] == 1 and batch.lengths["genres"][0] == 0 and batch.lengths["user"][0] == 1
+    assert batch.ids["genres"].to_numpy()[0].tolist() == [PAD_KEY] * 3
+    assert [i for i, _ in bad] == [1, 2, 3, 4]
+    assert bad[0][1].endswith(": 'user'") and bad[1][1].endswith(": 'user', 'genres'")
+    assert bad[2][1].endswith(": 'genres'") and bad[3][1].endswith(": 'user'")
+    assert all(r.startswith(M.DECODE_REASONS[M.SPARSE_MISSING]) for _, r in bad)
+
+
+def test_features_are_found_by_source_and_may_share_one():
+    feats = [SparseFeature("u", "ids", column="user_id"), SparseFeature("u_again", "other", column="user_id",
+                                                                        max_len=2),
+             SparseFeature("genres", "ids", max_len=3)]
+    dense = [DenseFeature("p", column="price"), DenseFeature("p2", column="price")]
+    value = M.encode_example(M.encode_features("r", 1, {"user_id": [7, 8], "genres": [1]}, {"price": 2.5}),
+                             1.0, 1.0, 0)
+    batch, info, bad = M.ExampleDecoder(feats, dense).decode([value], 2)
+    assert bad == [] and info["rows"] == 1
+    assert batch.ids["u"].to_numpy()[0].tolist() == [feats[0].keys(7)]
+    assert batch.ids["u_again"].to_numpy()[0].tolist() == feats[1].keys([7, 8]).tolist()
+    assert batch.lengths["u"][0] == 1 and batch.lengths["u_again"][0] == 2
+    assert batch.dense[0].tolist() == [2.5, 2.5]
+    # The feature's name is not its source: a record naming it "u" lacks "user_id".
+    wrong = M.encode_example(M.encode_features("r", 1, {"u": [7], "genres": []}, {"price": 2.5}), 1.0, 1.0, 0)
+    _, _, bad = M.ExampleDecoder(feats, dense).decode([wrong], 2)
+    assert bad and bad[0][1].endswith(": 'user_id'")
+
+
+def test_dense_fill_imputes_in_the_stream_and_counts_else_refuses():
+    from monolith_jax.features import fill_counts, reset_fill_counts
+
+    dense = [DenseFeature("price", fill=-1.0), DenseFeature("age")]
+    sparse = {"user": [1], "genres": []}
+    no_price = M.encode_example(M.encode_features("r", 1, sparse, {"age": 30.0}), 1.0, 1.0, 0)
+    nan_price = M.encode_example(M.encode_features("r", 1, sparse, {"age": 31.0, "price": float("nan")}), 1.0, 1.0, 0)
+    good = M.encode_example(M.encode_features("r", 1, sparse, {"age": 32.0, "price": 5.0}), 0.0, 1.0, 0)
+    no_age = M.encode_example(M.encode_features("r", 1, sparse, {"price": 5.0}), 1.0, 1.0, 0)
+    inf_age = M.encode_example(M.encode_features("r", 1, sparse, {"price": 5.0, "age": float("inf")}), 1.0, 1.0, 0)
+    reset_fill_counts()
+    batch, info, bad = M.ExampleDecoder(FEATS, dense).decode([no_price, no_age, nan_price, inf_age, good], 8)
+    assert info["rows"] == 3 and [i for i, _ in bad] == [1, 3]
+    assert "dense feature is missing" in bad[0][1] and "not finite" in bad[1][1]
+    assert batch.dense[:3].tolist() == [[-1.0, 30.0], [-1.0, 31.0], [5.0, 32.0]]
+    assert np.all(batch.dense[3:] == 0)  # padding rows hold no refused example's values
+    assert info["filled"] == {"price": 2} and fill_counts() == {"price": 2}
+    reset_fill_counts()
