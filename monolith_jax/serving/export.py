@@ -9,9 +9,11 @@ A folder holds:
     model.stablehlo   the forward pass (pooling + the Flax model -> logits),
                       `jax.export` serialized StableHLO, batch dimension
                       symbolic, lowered for CPU and CUDA
-    spec.json         sparse and dense features, tables (dim, the features
-                      whose ids fill each table's rows, in order), the dense
-                      params' names, shapes and dtypes, the negative rate
+    spec.json         sparse features (name, table, column, id space, ...)
+                      and dense ones (name, column, fill), the key scheme,
+                      tables (dim, the features whose ids fill each table's
+                      rows, in order), the dense params' names, shapes and
+                      dtypes, the negative rate
     params.npz        the dense params at export (numpy, read with
                       allow_pickle=False)
 
@@ -25,6 +27,11 @@ The program's inputs are `(params, rows, lengths, dense)`:
     dense    float32 (B, number of dense features)
 
 Nothing here is pickled; the spec is JSON and arrays are plain .npy data.
+
+A predictor maps request ids to table keys with each feature's `id_space`
+(`monolith_jax.sparse.keys.space_keys`), as the trainer did. An export
+written before per-feature key spaces (format 1, no `id_space`) is
+refused: its tables were trained on raw ids.
 """
 
 from __future__ import annotations
@@ -38,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 
 FORMAT = "monolith_jax.serving.export"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2   # 2: per-feature key spaces (id_space, key_scheme), dense fills
 PLATFORMS = ("cpu", "cuda")
 
 
@@ -51,7 +58,11 @@ def dense_arrays(params) -> dict:
 
 def _feature_spec(f) -> dict:
     return {"name": f.name, "table": f.table, "column": f.column, "combiner": f.combiner,
-            "max_len": f.max_len, "separator": f.separator}
+            "max_len": f.max_len, "separator": f.separator, "id_space": f.space}
+
+
+def _dense_spec(f) -> dict:
+    return {"name": f.name, "column": f.column, "fill": f.fill}
 
 
 def export_model(trainer, directory: str, negative_rate: float = 1.0, max_batch: int = 1024,
@@ -60,6 +71,7 @@ def export_model(trainer, directory: str, negative_rate: float = 1.0, max_batch:
     returns the spec. `negative_rate`: the share of negatives the joiner
     kept (the examples' sample_rate); serving adds log(rate) to the logit."""
     from monolith_jax.features import SparseBatch
+    from monolith_jax.sparse.keys import KEY_SCHEME
 
     if not 0.0 < negative_rate <= 1.0:
         raise ValueError(f"negative_rate must be in (0, 1], got {negative_rate}")
@@ -88,7 +100,8 @@ def export_model(trainer, directory: str, negative_rate: float = 1.0, max_batch:
         "format": FORMAT, "format_version": FORMAT_VERSION, "jax_version": jax.__version__,
         "platforms": list(exported.platforms),
         "features": [_feature_spec(f) for f in trainer.features],
-        "dense_features": [{"name": f.name, "column": f.column} for f in trainer.dense_features],
+        "dense_features": [_dense_spec(f) for f in trainer.dense_features],
+        "key_scheme": KEY_SCHEME,
         "tables": {name: {"dim": coll.tables[name].config.dim, "features": [f.name for f in feats],
                           "unadmitted": "zeros"}
                    for name, feats in used.items()},
@@ -153,6 +166,15 @@ def load_exported(directory: str) -> ExportedModel:
     if spec.get("format_version", 0) > FORMAT_VERSION:
         raise ValueError(f"{directory}: export format {spec['format_version']} is newer than this "
                          f"reader's {FORMAT_VERSION}")
+    from monolith_jax.sparse.keys import KEY_SCHEME
+
+    if any("id_space" not in f for f in spec.get("features", [])) or "key_scheme" not in spec:
+        raise ValueError(f"{directory}: this export predates per-feature key spaces (its features have no "
+                         f"id_space): its tables were trained on raw ids, which no longer map to their rows. "
+                         f"Export the model again from a trainer of this version")
+    if spec["key_scheme"] != KEY_SCHEME:
+        raise ValueError(f"{directory}: export uses key scheme {spec['key_scheme']!r}; this reader maps ids "
+                         f"with {KEY_SCHEME!r}")
     with open(os.path.join(directory, "model.stablehlo"), "rb") as f:
         exported = jax.export.deserialize(bytearray(f.read()))
     with np.load(os.path.join(directory, "params.npz"), allow_pickle=False) as z:

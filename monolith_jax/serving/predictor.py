@@ -1,9 +1,21 @@
 """The predictor: features of a batch of requests -> probabilities.
 
-    python -m monolith_jax.serving.predictor --model DIR --serving-ps HOST:PORT [--port P]
+    monolith predictor --model DIR --serving-ps HOST:PORT [--port P]
 
     client = PredictorClient("127.0.0.1:P")
-    client.predict([{"user": "user:42", "movie": "movie:Heat (1995)"}, ...])   # -> probabilities
+    client.predict([{"user": "user:42", "movie": "movie:Heat (1995)", "genres": []}, ...])  # -> probabilities
+
+A request names each feature by its `source` (the feature's `column`,
+else its `name`), as files and stream messages do, and carries its raw
+ids (strings hashed with `hash_strings`, as the trainer hashes them); the
+predictor maps them to keys in each feature's id space
+(`monolith_jax.sparse.keys.space_keys` with the export's `id_space`), as
+the trainer did. Every sparse feature the model reads must be in the
+request: no ids for a request is lengths 0, and a feature left out is
+INVALID_ARGUMENT naming it. A dense value that is not finite (the dict
+client sends NaN for one left out) is INVALID_ARGUMENT naming the feature
+and the count, unless the feature declares a `fill`: then it is filled
+and counted (`dense_filled` in the stats).
 
 One request: per table, the ids of the features that read it are looked up
 in one batched call to the serving PS (unique ids only) -> the rows, in the
@@ -20,9 +32,10 @@ requests; the negative rate comes with them. Batches are padded to the
 next power of two (at most `max_batch`), so the model compiles a handful
 of times, not once per size.
 
-Bad requests (unknown feature, a feature twice, byte lengths that do not
-match, lengths that do not add up, a batch over `max_batch`) get
-INVALID_ARGUMENT naming the problem. Binds 127.0.0.1 unless told otherwise.
+Bad requests (unknown feature, a feature twice or left out, byte lengths
+that do not match, lengths that do not add up, a batch over `max_batch`,
+dense values not finite without a fill) get INVALID_ARGUMENT naming the
+problem. Binds 127.0.0.1 unless told otherwise.
 """
 
 from __future__ import annotations
@@ -56,10 +69,17 @@ class Predictor:
         from monolith_jax.serving.export import load_exported
         from monolith_jax.rpc import serving_pb2_grpc as pbg
 
+        from monolith_jax.features import DenseFeature
+
         self.model = load_exported(export_dir)
         spec = self.model.spec
         self.spec = spec
         self.features = {f["name"]: f for f in spec["features"]}
+        self.sources: dict = {}  # what requests name: source -> the features reading it
+        for f in spec["features"]:
+            self.sources.setdefault(_source(f), []).append(f)
+        self.dense_features = [DenseFeature(d["name"], d.get("column"), d.get("fill"))
+                               for d in spec["dense_features"]]
         self.tables = spec["tables"]
         self.n_dense = len(spec["dense_features"])
         self.max_batch = int(spec["max_batch"])
@@ -72,7 +92,8 @@ class Predictor:
         self._ps = pbg.ServingPSStub(self._channel)
         self._lock = threading.Lock()
         self.stats = {"requests": 0, "predictions": 0, "ids": 0, "dense_updates": 0, "bad_requests": 0,
-                      "unknown_ids": {name: 0 for name in self.tables}}
+                      "unknown_ids": {name: 0 for name in self.tables},
+                      "dense_filled": {f.name: 0 for f in self.dense_features if f.fill is not None}}
         self._stop = threading.Event()
         self._thread = None
 
@@ -123,14 +144,17 @@ class Predictor:
 
     # --------------------------------------------------------- predict
     def check(self, ids: dict, dense, batch_size: int) -> tuple[dict, np.ndarray]:
-        """Validates a request: ids feature -> (flat uint64, lengths int32 (B,)).
-        Returns them (lengths cut to each feature's max_len) and dense (B, n)."""
+        """Validates a request: ids source -> (flat uint64, lengths int32 (B,)),
+        every source the model reads present. Returns them and dense (B, n),
+        fills applied."""
+        from monolith_jax.features import fill_dense
+
         if not isinstance(batch_size, (int, np.integer)) or not 1 <= batch_size <= self.max_batch:
             raise RequestError(f"batch_size must be 1..{self.max_batch}, got {batch_size}")
         out = {}
         for name, (flat, lengths) in ids.items():
-            if name not in self.features:
-                raise RequestError(f"unknown feature {name!r}; the model reads {sorted(self.features)}")
+            if name not in self.sources:
+                raise RequestError(f"unknown feature {name!r}; the model reads {sorted(self.sources)}")
             flat, lengths = np.asarray(flat), np.asarray(lengths)
             if flat.dtype != _U64 or flat.ndim != 1:
                 raise RequestError(f"feature {name!r}: ids must be a 1-d uint64 array, got {flat.dtype}{flat.shape}")
@@ -143,19 +167,34 @@ class Predictor:
                 raise RequestError(f"feature {name!r}: lengths add up to {int(lengths.sum())}, "
                                    f"but {flat.size} ids came")
             out[name] = (flat, lengths)
+        lack = [name for name in self.sources if name not in out]
+        if lack:
+            raise RequestError(f"the request lacks sparse feature{'s' if len(lack) > 1 else ''} "
+                               f"{', '.join(repr(n) for n in lack)}; every request carries each feature the "
+                               f"model reads (lengths 0 for no ids)")
         if dense is None:
             dense = np.zeros((batch_size, 0), np.float32)
         dense = np.asarray(dense)
         if dense.dtype != _F32 or dense.shape != (batch_size, self.n_dense):
             raise RequestError(f"dense must be float32 ({batch_size}, {self.n_dense}), got {dense.dtype}{dense.shape}")
         if not np.all(np.isfinite(dense)):
-            raise RequestError("dense values are not all finite")
+            dense = dense.copy()
+            try:
+                filled = fill_dense(dense, self.dense_features, "dense")
+            except ValueError as err:
+                raise RequestError(str(err)) from None
+            with self._lock:
+                for name, n in filled.items():
+                    self.stats["dense_filled"][name] += n
         return out, dense
 
     def predict_arrays(self, ids: dict, dense=None, batch_size: int | None = None) -> dict:
-        """ids: feature -> (flat uint64 ids, int32 lengths per request); a
-        feature left out has no ids. Returns probabilities, logits (the
-        model's own) and unknown (ids per request the serving PS lacks)."""
+        """ids: source -> (flat uint64 raw ids, int32 lengths per request),
+        every source the model reads (lengths 0: no ids). Returns
+        probabilities, logits (the model's own) and unknown (ids per
+        request the serving PS lacks)."""
+        from monolith_jax.sparse.keys import space_keys
+
         import jax
 
         if batch_size is None:
@@ -173,7 +212,7 @@ class Predictor:
             slots, keys, owners = [], [], []
             start = 0
             for f in feats:
-                flat, lens = ids.get(f["name"], (np.zeros(0, np.uint64), np.zeros(b, np.int32)))
+                flat, lens = ids[_source(f)]
                 kept = np.minimum(lens, f["max_len"])
                 lengths[f["name"]] = np.concatenate([kept, np.zeros(padded - b, np.int32)])
                 pos = np.arange(f["max_len"])
@@ -182,7 +221,7 @@ class Predictor:
                 src = (offsets[:, None] + pos[None, :])[take]
                 req, col = np.nonzero(take)
                 slots.append((req, start + col))
-                keys.append(flat[src])
+                keys.append(space_keys(flat[src], f["id_space"]))  # as the trainer keyed them
                 owners.append(req)
                 start += f["max_len"]
             keys = np.concatenate(keys) if keys else np.zeros(0, np.uint64)
@@ -223,7 +262,8 @@ class Predictor:
         """Compiles the model for every batch bucket, so no request waits on it."""
         b = 1
         while True:
-            self.predict_arrays({}, np.zeros((b, self.n_dense), np.float32), b)
+            none = {name: (np.zeros(0, np.uint64), np.zeros(b, np.int32)) for name in self.sources}
+            self.predict_arrays(none, np.zeros((b, self.n_dense), np.float32), b)
             if b >= self.max_batch:
                 break
             b = min(b * 2, self.max_batch)
@@ -231,8 +271,14 @@ class Predictor:
             self.stats["requests"] = self.stats["predictions"] = 0
 
 
+def _source(feature_spec: dict) -> str:
+    """The name requests use for a feature of the export's spec."""
+    return feature_spec.get("column") or feature_spec["name"]
+
+
 def request_arrays(request, n_dense: int, max_batch: int) -> tuple[dict, np.ndarray, int]:
-    """A PredictRequest -> (ids, dense, batch size), byte lengths checked."""
+    """A PredictRequest -> (ids by source, dense, batch size), byte lengths
+    checked. `SparseIds.feature` is the feature's source."""
     b = request.batch_size
     if not 1 <= b <= max_batch:
         raise RequestError(f"batch_size must be 1..{max_batch} (this predictor's max_batch), got {b}")
@@ -289,8 +335,10 @@ def serve(export_dir: str, serving_ps: str, port: int = 0, host: str = "127.0.0.
 
 
 class PredictorClient:
-    """A small client. Ids may be ints (keys as they are) or strings (hashed
-    as the trainer hashes string ids)."""
+    """A small client. Requests name features by source (`column`, else
+    `name`); ids may be ints (raw ids) or strings (hashed as the trainer
+    hashes string ids); the predictor maps them into each feature's id
+    space."""
 
     def __init__(self, address: str, timeout_s: float = 10.0):
         from monolith_jax.rpc import serving_pb2_grpc as pbg
@@ -313,7 +361,7 @@ class PredictorClient:
         return self._spec
 
     def predict_arrays(self, ids: dict, dense=None, batch_size: int | None = None) -> dict:
-        """ids: feature -> (flat uint64 ids, int32 lengths); see Predictor.predict_arrays."""
+        """ids: source -> (flat uint64 raw ids, int32 lengths); see Predictor.predict_arrays."""
         from monolith_jax.rpc import serving_pb2 as pb
 
         if batch_size is None:
@@ -329,16 +377,23 @@ class PredictorClient:
                 "unknown": np.frombuffer(reply.unknown, np.int32), "dense_version": reply.dense_version}
 
     def predict(self, requests: list) -> np.ndarray:
-        """requests: dicts of feature -> id or list of ids, and dense feature
-        -> float (missing dense features read 0). Returns probabilities."""
+        """requests: dicts of source -> id or list of ids (`[]`: none), and
+        dense source -> float. Every sparse feature must be there (a
+        ValueError names the request and feature otherwise); a dense one
+        left out (or None) is sent as NaN: filled if its feature has a
+        `fill`, else refused by the predictor. Returns probabilities."""
         from monolith_jax.sparse.keys import hash_strings
 
         spec = self.spec
-        dense_names = [f["name"] for f in spec["dense_features"]]
+        sources = list(dict.fromkeys(_source(f) for f in spec["features"]))
         ids = {}
-        for f in spec["features"]:
-            per = [r.get(f["name"], []) for r in requests]
-            per = [v if isinstance(v, (list, tuple, np.ndarray)) else [v] for v in per]
+        for name in sources:
+            per = []
+            for i, r in enumerate(requests):
+                v = r.get(name)
+                if v is None:
+                    raise ValueError(f"request {i} lacks sparse feature {name!r}; send [] for no ids")
+                per.append(v if isinstance(v, (list, tuple, np.ndarray)) else [v])
             flat = [k for v in per for k in v]
             keys = np.zeros(len(flat), np.uint64)
             strs = [i for i, k in enumerate(flat) if isinstance(k, str)]
@@ -348,10 +403,10 @@ class PredictorClient:
             if ints:
                 keys[ints] = np.asarray([flat[i] for i in ints], np.int64).view(np.uint64) \
                     if all(flat[i] < 2**63 for i in ints) else np.asarray([flat[i] for i in ints], np.uint64)
-            if flat:
-                ids[f["name"]] = (keys, np.asarray([len(v) for v in per], np.int32))
-        dense = np.asarray([[float(r.get(n, 0.0)) for n in dense_names] for r in requests], np.float32) \
-            .reshape(len(requests), len(dense_names))
+            ids[name] = (keys, np.asarray([len(v) for v in per], np.int32))
+        dense_sources = [d.get("column") or d["name"] for d in spec["dense_features"]]
+        dense = np.asarray([[np.nan if r.get(n) is None else float(r[n]) for n in dense_sources] for r in requests],
+                           np.float32).reshape(len(requests), len(dense_sources))
         return self.predict_arrays(ids, dense, len(requests))["probabilities"]
 
     def close(self) -> None:
@@ -359,13 +414,14 @@ class PredictorClient:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="monolith predictor", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", required=True, help="folder written by monolith_jax.serving.export.export_model")
     p.add_argument("--serving-ps", required=True, help="HOST:PORT of the serving PS")
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (loopback unless told otherwise)")
     p.add_argument("--port", type=int, default=0, help="0: any free port (printed)")
     p.add_argument("--dense-poll", type=float, default=0.5, help="seconds between checks for new dense params")
-    p.add_argument("--workers", type=int, default=8)
+    p.add_argument("--workers", type=int, default=8, help="threads answering requests")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     server, port, predictor = serve(args.model, args.serving_ps, args.port, args.host, args.workers,

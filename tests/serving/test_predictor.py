@@ -16,9 +16,10 @@ from monolith_jax.features import SparseBatch
 from monolith_jax.rpc import serving_pb2 as pb
 from monolith_jax.rpc import serving_pb2_grpc as pbg
 from monolith_jax.examples.movielens.loop import movielens_trainer
+from monolith_jax.examples.movielens.replay import movielens_features
 from monolith_jax.serving.predictor import PredictorClient
 from monolith_jax.serving.sync import SyncPusher
-from monolith_jax.sparse import Keys
+from monolith_jax.sparse import Keys, hash_strings, space_ids
 from tests.serving.test_serving_ps import start_server
 
 DIM = 4
@@ -26,26 +27,28 @@ B = 32
 
 
 def make_batch(trainer, rng, b=B, pool=500, fresh=None):
-    """Random ids from a pool; `fresh`: a feature whose ids nobody has seen."""
+    """Random ids from a pool, keyed in each feature's id space as records
+    are; `fresh`: a feature whose ids nobody has seen."""
     ids, lengths = {}, {}
     for f in trainer.features:
-        keys = rng.integers(1, pool, (b, f.max_len)).astype(np.uint64)
+        raw = rng.integers(1, pool, (b, f.max_len)).astype(np.uint64)
         if f.name == fresh:
-            keys = keys + np.uint64(10**12)
+            raw = raw + np.uint64(10**12)
         lens = rng.integers(1, f.max_len + 1, b).astype(np.int32)
-        ids[f.name] = Keys.from_ids(keys)
+        ids[f.name] = Keys.from_ids(f.keys(raw))
         lengths[f.name] = lens
     return SparseBatch(ids=ids, lengths=lengths, dense=np.zeros((b, 0), np.float32),
                        labels=(rng.random(b) < 0.3).astype(np.float32), weights=np.ones(b, np.float32))
 
 
-def flat_ids(batch):
-    """SparseBatch -> feature -> (flat uint64 ids, int32 lengths), as a client sends them."""
+def flat_ids(trainer, batch):
+    """SparseBatch -> source -> (flat uint64 raw ids, int32 lengths), as a
+    client sends them (keys back to ids with the inverse mapping)."""
     out = {}
-    for name, keys in batch.ids.items():
-        k, lens = keys.to_numpy(), np.asarray(batch.lengths[name])
+    for f in trainer.features:
+        k, lens = batch.ids[f.name].to_numpy(), np.asarray(batch.lengths[f.name])
         take = np.arange(k.shape[1])[None, :] < lens[:, None]
-        out[name] = (k[take], lens)
+        out[f.source] = (space_ids(k[take], f.space), lens)
     return out
 
 
@@ -90,15 +93,20 @@ def test_predictor_answers_as_the_trainer_and_follows_dense_syncs(trained, tmp_p
     ps, ps_port = start_server(table=f"ids:{DIM + 1}")
     pred = None
     try:
+        # Every id of these two batches has a row (each feature has its own key space).
+        rng = np.random.default_rng(9)
+        batch, fresh = make_batch(trained, rng), make_batch(trained, rng, b=5)
+        trained.train_step(batch, stamp=19)
+        trained.train_step(fresh, stamp=19)
+        user = next(f for f in trained.features if f.name == "user")
+        fresh.ids["user"] = Keys.from_ids(user.keys(np.arange(5, dtype=np.uint64).reshape(5, 1) + np.uint64(10**12)))
         export_model(trained, str(tmp_path), negative_rate=0.25, max_batch=64)
         pusher = SyncPusher(trained.tables, f"127.0.0.1:{ps_port}", "t0",
                             dense_source=lambda: (dense_arrays(trained.params), 0.5))
         assert pusher.push_once() and pusher.push_dense()
         pred, port = start_predictor(tmp_path, ps_port)
         client = PredictorClient(f"127.0.0.1:{port}")
-        rng = np.random.default_rng(9)
-        batch = make_batch(trained, rng)
-        out = client.predict_arrays(flat_ids(batch))
+        out = client.predict_arrays(flat_ids(trained, batch))
         expect = trainer_logits(trained, batch)
         np.testing.assert_allclose(out["logits"], expect, rtol=1e-5, atol=1e-5)
         # The dense push's negative rate (0.5) wins over the export's (0.25).
@@ -106,8 +114,7 @@ def test_predictor_answers_as_the_trainer_and_follows_dense_syncs(trained, tmp_p
         assert (out["unknown"] == 0).all()
 
         # Ids nobody trained read zeros, as in the trainer's evaluation, and are counted.
-        fresh = make_batch(trained, rng, b=5, fresh="user")
-        out = client.predict_arrays(flat_ids(fresh))
+        out = client.predict_arrays(flat_ids(trained, fresh))
         np.testing.assert_allclose(out["logits"], trainer_logits(trained, fresh), rtol=1e-5, atol=1e-5)
         assert (out["unknown"] == 1).all()
         assert client.info()[1]["unknown_ids"]["ids"] == 5
@@ -118,14 +125,25 @@ def test_predictor_answers_as_the_trainer_and_follows_dense_syncs(trained, tmp_p
             trained.train_step(make_batch(trained, rng), stamp=step)
         assert pusher.push_once() and pusher.push_dense()
         deadline = time.monotonic() + 20
-        while client.predict_arrays(flat_ids(batch))["dense_version"] == version:
+        while client.predict_arrays(flat_ids(trained, batch))["dense_version"] == version:
             assert time.monotonic() < deadline, "the predictor never took the new dense params"
             time.sleep(0.05)
-        np.testing.assert_allclose(client.predict_arrays(flat_ids(batch))["logits"], trainer_logits(trained, batch),
+        np.testing.assert_allclose(client.predict_arrays(flat_ids(trained, batch))["logits"], trainer_logits(trained, batch),
                                    rtol=1e-5, atol=1e-5)
-        # The dict client hashes string ids as the trainer does and takes ints as keys.
-        probs = client.predict([{"user": "user:u1", "movie": 3, "genres": ["genre:Drama", "genre:War"]}, {}])
+        # The dict client hashes string ids as the trainer does and takes ints as raw ids.
+        everything = {f.source: [] for f in trained.features}
+        reqs = [{**everything, "user": "user:u1", "movie": 3, "genres": ["genre:Drama", "genre:War"]}, everything]
+        probs = client.predict(reqs)
         assert probs.shape == (2,) and np.all((probs > 0) & (probs < 1))
+        as_arrays = flat_ids(trained, batch)
+        as_arrays["movie"] = (np.array([3], np.uint64), np.array([1, 0], np.int32))
+        as_arrays["user"] = (hash_strings(["user:u1"]), np.array([1, 0], np.int32))
+        as_arrays["genres"] = (hash_strings(["genre:Drama", "genre:War"]), np.array([2, 0], np.int32))
+        for name in set(as_arrays) - {"movie", "user", "genres"}:
+            as_arrays[name] = (np.zeros(0, np.uint64), np.zeros(2, np.int32))
+        np.testing.assert_array_equal(probs, client.predict_arrays(as_arrays)["probabilities"])
+        with pytest.raises(ValueError, match="request 1 lacks sparse feature 'genres'; send \\[\\] for no ids"):
+            client.predict([everything, {k: v for k, v in everything.items() if k != "genres"}])
         pusher.stop(final_push=False)
     finally:
         for proc in (pred, ps):
@@ -155,6 +173,15 @@ def _sparse(feature="user", ids=(1, 2), lengths=(1, 1)):
                         lengths=np.asarray(lengths, np.int32).tobytes())
 
 
+SOURCES = [f.source for f in movielens_features()]
+
+
+def _complete(*given, b=2):
+    """The given SparseIds plus every other feature the model reads, with no ids."""
+    have = {g.feature for g in given}
+    return [*given, *[_sparse(s, (), (0,) * b) for s in SOURCES if s not in have]]
+
+
 @pytest.mark.parametrize("request_, expect", [
     (pb.PredictRequest(batch_size=2, sparse=[_sparse("nope")]), "unknown feature 'nope'"),
     (pb.PredictRequest(batch_size=2, sparse=[_sparse(), _sparse()]), "feature 'user' twice"),
@@ -166,13 +193,17 @@ def _sparse(feature="user", ids=(1, 2), lengths=(1, 1)):
     (pb.PredictRequest(batch_size=9), "batch_size must be 1..8"),
     (pb.PredictRequest(batch_size=0), "batch_size must be 1..8"),
     (pb.PredictRequest(batch_size=2, dense=b"\0" * 8), "dense: 2 values, expected 0"),
+    (pb.PredictRequest(batch_size=2, sparse=[_sparse()]), "the request lacks sparse features 'movie', 'age', "),
+    (pb.PredictRequest(batch_size=2, sparse=[s for s in _complete() if s.feature != "genres"]),
+     "the request lacks sparse feature 'genres'; every request carries each feature the model reads "
+     "(lengths 0 for no ids)"),
 ])
 def test_bad_requests_get_invalid_argument(predictor_process, request_, expect):
     with pytest.raises(grpc.RpcError) as err:
         predictor_process.Predict(request_, timeout=30)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value
     assert expect in err.value.details()
-    ok = predictor_process.Predict(pb.PredictRequest(batch_size=2, sparse=[_sparse()]), timeout=30)
+    ok = predictor_process.Predict(pb.PredictRequest(batch_size=2, sparse=_complete(_sparse())), timeout=30)
     assert np.frombuffer(ok.probabilities, np.float32).shape == (2,)
 
 
