@@ -14,8 +14,9 @@ items:
              values, optimizer slots, row metadata, touched marks, the
              admission filter's counters and the clock, as large arrays
     meta     JSON: what the caller adds (stream offsets per partition, the
-             trainer's examples and event time, ...), the step, and for
-             every array its dtype, shape and CRC-32
+             trainer's examples and event time, ...), the step, the key
+             scheme of the tables' keys (`key_scheme`), and for every
+             array its dtype, shape and CRC-32
 
 Orbax writes a checkpoint under a temporary name and renames it when every
 item is written, so a snapshot is either complete or not listed. Restore
@@ -23,6 +24,13 @@ also checks every array against its CRC-32: a corrupt or unreadable newest
 snapshot is reported in one log line, moved aside (`<step>.corrupt`) and
 the one before it is used. Every file is arrays or JSON; nothing is
 pickled.
+
+Table keys are ids mapped into per-feature key spaces
+(`monolith_jax.sparse.keys.KEY_SCHEME`). A snapshot written before them
+(no `key_scheme` in its meta) holds raw ids as keys, which no record maps
+to any more: restoring it raises `KeySchemeMismatch` (it is not moved
+aside; re-train, or restore it with the version that wrote it and
+re-export).
 """
 
 from __future__ import annotations
@@ -42,6 +50,24 @@ FORMAT_VERSION = 1
 
 class CorruptSnapshot(RuntimeError):
     pass
+
+
+class KeySchemeMismatch(ValueError):
+    """A snapshot whose table keys follow another key scheme than this
+    version's; refused, not loaded and not set aside."""
+
+
+def check_key_scheme(meta: dict, where: str) -> None:
+    from monolith_jax.sparse.keys import KEY_SCHEME
+
+    scheme = meta.get("key_scheme")
+    if scheme is None:
+        raise KeySchemeMismatch(
+            f"{where} predates per-feature key spaces: its table keys are raw ids, which records no longer "
+            f"map to (ids become keys in each feature's id space, {KEY_SCHEME}). Re-train, or re-export with "
+            f"the version that wrote it; the snapshot is left in place")
+    if scheme != KEY_SCHEME:
+        raise KeySchemeMismatch(f"{where} keys its tables by {scheme!r}; this version reads {KEY_SCHEME!r}")
 
 
 def _crc(a: np.ndarray) -> int:
@@ -219,14 +245,17 @@ class Snapshots:
     def _write(self, step, dense, tables, names, meta) -> None:
         import orbax.checkpoint as ocp
 
+        from monolith_jax.sparse.keys import KEY_SCHEME
+
         try:
             dense_kept, dense_spec = pack(dense, "dense/")
             tables_kept, tables_spec = pack(tables, "tables/")
             # Orbax refuses an empty item (a training PS shard has no dense
             # params; a trainer on shards no tables): those are left out.
             items = {name: kept for name, kept in (("dense", dense_kept), ("tables", tables_kept)) if kept}
-            meta = {**meta, "format_version": FORMAT_VERSION, "step": step, "time": time.time(), "names": names,
-                    "arrays": {**dense_spec, **tables_spec}, "items": sorted(items)}
+            meta = {**meta, "format_version": FORMAT_VERSION, "key_scheme": KEY_SCHEME, "step": step,
+                    "time": time.time(), "names": names, "arrays": {**dense_spec, **tables_spec},
+                    "items": sorted(items)}
             self.manager.save(step, args=ocp.args.Composite(
                 **{name: ocp.args.StandardSave(kept) for name, kept in items.items()},
                 meta=ocp.args.JsonSave(meta)), force=True)
@@ -267,7 +296,9 @@ class Snapshots:
 
     def load(self, tables_only: bool = False) -> tuple[int, dict, dict, dict] | None:
         """(step, dense arrays, table arrays, meta) of the newest snapshot
-        that reads back whole and passes its checks; None if there is none."""
+        that reads back whole and passes its checks; None if there is none.
+        KeySchemeMismatch if the newest readable one predates this version's
+        key scheme."""
         import orbax.checkpoint as ocp
 
         for step in reversed(self.steps()):
@@ -275,6 +306,7 @@ class Snapshots:
                 meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
                 if meta.get("format_version", 0) > FORMAT_VERSION:
                     raise CorruptSnapshot(f"format {meta.get('format_version')} is newer than this reader's")
+                check_key_scheme(meta, f"snapshot {step} in {self.directory}")
                 saved = set(meta.get("items", ["dense", "tables"]))
                 wanted = {"tables"} if tables_only else {"tables", "dense"}
                 items = {name: ocp.args.StandardRestore() for name in sorted(saved & wanted)}
@@ -283,6 +315,8 @@ class Snapshots:
                 tables = unpack(got["tables"] if "tables" in saved else {}, spec, "tables/")
                 dense = {} if tables_only else unpack(got["dense"] if "dense" in saved else {}, spec, "dense/")
                 return step, dense, tables, meta
+            except KeySchemeMismatch:
+                raise
             except Exception as err:
                 log.error("snapshot %d in %s is unusable (%s: %s); moving it aside and using the one before",
                           step, self.directory, type(err).__name__, err)

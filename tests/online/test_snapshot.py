@@ -1,15 +1,20 @@
-"""Snapshots: a trainer's whole state round-trips; a corrupt newest snapshot falls back to the one before."""
+"""Snapshots: a trainer's whole state round-trips; a corrupt newest snapshot
+falls back to the one before; one written before per-feature key spaces is
+refused."""
 
 import glob
+import json
 import logging
 import os
 
 import jax
 import numpy as np
+import pytest
 
 from monolith_jax.examples.movielens.loop import movielens_trainer
 from monolith_jax.serving.serving_ps import ServingTables
-from monolith_jax.snapshot import Snapshots
+from monolith_jax.snapshot import KeySchemeMismatch, Snapshots
+from monolith_jax.sparse import KEY_SCHEME
 from tests.serving.test_predictor import make_batch
 
 
@@ -123,3 +128,34 @@ def test_serving_tables_start_from_a_snapshot(tmp_path):
     keys, values = trainer.tables["ids"].export()
     got, found = state.lookup("ids", keys)
     assert found.all() and np.array_equal(got, values)
+
+
+def _rewrite_meta(folder, step, edit):
+    path = os.path.join(folder, str(step), "meta", "metadata")
+    with open(path) as f:
+        meta = json.load(f)
+    edit(meta)
+    with open(path, "w") as f:
+        json.dump(meta, f)
+
+
+def test_a_snapshot_of_raw_id_keys_is_refused_not_loaded_or_set_aside(tmp_path):
+    trainer = small_trainer()
+    trainer.train_step(make_batch(trainer, np.random.default_rng(4)), stamp=1)
+    snaps = Snapshots(str(tmp_path), every_s=None)
+    snaps.save(1, trainer, {})
+    assert snaps.wait()["key_scheme"] == KEY_SCHEME
+    snaps.close()
+    _rewrite_meta(tmp_path, 1, lambda m: m.pop("key_scheme"))   # as a snapshot of an earlier version reads
+    fresh = small_trainer()
+    with pytest.raises(KeySchemeMismatch, match=r"snapshot 1 in .* predates per-feature key spaces: its table "
+                                                r"keys are raw ids.*Re-train, or re-export"):
+        Snapshots(str(tmp_path)).restore(fresh)
+    assert len(fresh.tables["ids"]) == 0 and fresh.step_count == 0
+    assert os.path.isdir(tmp_path / "1") and not glob.glob(str(tmp_path / "1.corrupt-*"))
+    # The serving PS and training PS shards read snapshots through the same path.
+    with pytest.raises(KeySchemeMismatch, match="predates per-feature key spaces"):
+        ServingTables({"ids": 5}).load_snapshot(str(tmp_path))
+    _rewrite_meta(tmp_path, 1, lambda m: m.update(key_scheme="slot-48/1"))
+    with pytest.raises(KeySchemeMismatch, match="keys its tables by 'slot-48/1'"):
+        Snapshots(str(tmp_path)).restore(fresh)
