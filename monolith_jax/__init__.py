@@ -15,6 +15,12 @@ Public API, in one screen:
   Fused optimizers: SGD, Momentum, Adagrad, RowwiseAdagrad, Adam, AMSGrad,
                     RMSProp, FTRL
 
+Jobs (what every `monolith` command runs, named as --job MODULE:NAME)
+  Job(sparse, tables, model, dense, optimizer, label, batch_size, labels, log, source)
+  LabelRule(positive, min_value, window_s, negative_rate)   the joiner's labels
+  LogSpec(time_column, actions, request_id_column, ...)     a log to replay
+  load_job("module:name")
+
 Models and training (import the submodules)
   monolith_jax.features    SparseFeature, DenseFeature, SparseBatch, records_to_batch
   monolith_jax.io          iter_batches (CSV, Parquet)
@@ -22,7 +28,7 @@ Models and training (import the submodules)
   monolith_jax.models      DeepFM, DCNv2, WideAndDeep, TwoTower, MLP
   monolith_jax.training    Trainer (jitted step, fit, evaluate, metrics JSONL)
   monolith_jax.metrics     auc, log_loss
-  monolith_jax.examples.movielens.data        load_movielens_1m
+  monolith_jax.examples    example jobs, users of this API like yours
 
 Importing this package loads no native code and changes no JAX setting; the
 first EmbeddingTable loads the C++ engine.
@@ -51,10 +57,13 @@ from monolith_jax.sparse import (
     key_words,
 )
 
+from monolith_jax.job import Job, JobError, LabelRule, LogSpec, load_job
+
 __version__ = "0.1.0"
 
 __all__ = [
-    "AMSGrad", "Adagrad", "Adam", "Constant", "EmbeddingTable", "FTRL", "FrequencyFilter", "Keys",
+    "AMSGrad", "Adagrad", "Adam", "Constant", "EmbeddingTable", "FTRL", "FrequencyFilter", "Job", "JobError",
+    "Keys", "LabelRule", "LogSpec", "load_job",
     "Momentum", "Normal", "ProbabilisticFilter", "RMSProp", "RowwiseAdagrad", "SGD", "TableConfig",
     "TruncatedNormal", "Uniform", "Zeros", "hash_strings", "key_words",
 ]

@@ -268,7 +268,7 @@ def freshness(ratings, rate: float = 3000.0, seconds: float = 120.0, sync_interv
             procs.append(ps)
             ps_addr = f"127.0.0.1:{ps_port}"
             trainer = subprocess.Popen(
-                [sys.executable, "-m", "monolith_jax.online.train", "--bootstrap", bootstrap, "--group",
+                [sys.executable, "-m", "monolith_jax.online.train", "--job", "monolith_jax.examples.movielens.job:job", "--bootstrap", bootstrap, "--group",
                  group + "-trainer", "--batch", "1024", "--max-wait", "0.1", "--idle-timeout", "5",
                  "--serving-ps", ps_addr, "--sync-interval", str(sync_interval_s),
                  "--dense-sync-interval", str(dense_interval_s), "--export", model_dir, "--summary", summary_path],

@@ -1,12 +1,13 @@
 """A scale-out training job: N training PS shards and M trainers.
 
-    python -m monolith_jax.distributed.cluster --config cluster.json                # all of it, on this machine
-    python -m monolith_jax.distributed.cluster --config cluster.json --role ps:1    # one part, on its own machine
-    python -m monolith_jax.distributed.cluster --config cluster.json --role trainer:0
+    monolith cluster --config cluster.json                # all of it, on this machine
+    monolith cluster --config cluster.json --role ps:1    # one part, on its own machine
+    monolith cluster --config cluster.json --role trainer:0
 
-cluster.json (only "bootstrap" is required):
+cluster.json ("job" and "bootstrap" are required):
 
-    {"bootstrap": "10.0.0.5:9092",                  Kafka, with the examples topic
+    {"job": "my_job:job",                           the job (MODULE:NAME) every shard and trainer runs
+     "bootstrap": "10.0.0.5:9092",                  Kafka, with the examples topic
      "ps": ["10.0.0.1:7100", "10.0.0.2:7100"],      shard addresses, in shard order; or a count
                                                     (that many here, on free loopback ports)
      "trainers": 2,                                 consumers of the examples topic, one group
@@ -19,10 +20,10 @@ cluster.json (only "bootstrap" is required):
      "snapshot_dir": "/shared/snapshots",           trainers' and shards' snapshots (optional)
      "serving_ps": "10.0.0.9:50051",                shards push rows, trainer 0 dense params (optional)
      "sync_interval_s": 2.0,
-     "run_dir": "run",                              tables.json and each trainer's summary go here
+     "run_dir": "run",                              each trainer's summary goes here
      "prequential": false,                          true: each trainer writes the labels and the scores
                                                     it gave before training to run_dir/trainer-<j>.npz
-     "trainer_args": ["--batch", "512"]}            passed to every `monolith_jax.online.train`
+     "trainer_args": ["--batch", "512"]}            passed to every `monolith train`
 
 With no `--role`, everything starts here: the shards first (each prints
 its address), then the trainers. A shard that dies while the trainers run
@@ -58,7 +59,9 @@ def load_config(path: str) -> dict:
         cfg = json.load(f)
     if "bootstrap" not in cfg:
         raise ValueError(f"{path}: 'bootstrap' (the Kafka bootstrap servers) is required")
-    unknown = set(cfg) - {"bootstrap", "ps", "trainers", "dense", "coordinator", "group", "seed", "snapshot_dir",
+    if not isinstance(cfg.get("job"), str) or ":" not in cfg["job"]:
+        raise ValueError(f"{path}: 'job' (the job every shard and trainer runs, as MODULE:NAME) is required")
+    unknown = set(cfg) - {"job", "bootstrap", "ps", "trainers", "dense", "coordinator", "group", "seed", "snapshot_dir",
                           "serving_ps", "sync_interval_s", "run_dir", "prequential", "trainer_args"}
     if unknown:
         raise ValueError(f"{path}: unknown keys {sorted(unknown)}")
@@ -67,18 +70,9 @@ def load_config(path: str) -> dict:
     return cfg
 
 
-def tables_file(cfg: dict, run_dir: str) -> str:
-    from monolith_jax.examples.movielens.loop import movielens_tables
-    from monolith_jax.sparse.config import config_to_dict
-
-    path = os.path.join(run_dir, "tables.json")
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump([config_to_dict(c) for c in movielens_tables(int(cfg.get("seed", 0)))], f)
-    return path
-
-
-def ps_argv(cfg: dict, shard: int, shards: int, tables: str, port: int, host: str = "127.0.0.1") -> list:
-    argv = ["--shard", str(shard), "--shards", str(shards), "--tables", tables, "--host", host, "--port", str(port)]
+def ps_argv(cfg: dict, shard: int, shards: int, port: int, host: str = "127.0.0.1") -> list:
+    argv = ["--shard", str(shard), "--shards", str(shards), "--job", cfg["job"], "--seed", str(cfg.get("seed", 0)),
+            "--host", host, "--port", str(port)]
     if cfg.get("snapshot_dir"):
         argv += ["--snapshot-dir", cfg["snapshot_dir"]]
     if cfg.get("serving_ps"):
@@ -88,7 +82,7 @@ def ps_argv(cfg: dict, shard: int, shards: int, tables: str, port: int, host: st
 
 def trainer_argv(cfg: dict, index: int, addresses: list, coordinator: str | None, run_dir: str) -> list:
     trainers = int(cfg.get("trainers", 1))
-    argv = ["--bootstrap", cfg["bootstrap"], "--group", cfg.get("group", "monolith-trainer"),
+    argv = ["--job", cfg["job"], "--bootstrap", cfg["bootstrap"], "--group", cfg.get("group", "monolith-trainer"),
             "--seed", str(cfg.get("seed", 0)), "--ps", ",".join(addresses), "--trainer-index", str(index),
             "--trainers", str(trainers), "--summary", os.path.join(run_dir, f"trainer-{index}.json")]
     if cfg.get("dense", "sync") == "async":
@@ -107,13 +101,13 @@ def trainer_argv(cfg: dict, index: int, addresses: list, coordinator: str | None
 class Shard:
     """One training PS shard process, restartable on its address."""
 
-    def __init__(self, cfg, shard, shards, tables, host, port, out):
-        self.cfg, self.shard, self.shards, self.tables, self.host, self.port = cfg, shard, shards, tables, host, port
+    def __init__(self, cfg, shard, shards, host, port, out):
+        self.cfg, self.shard, self.shards, self.host, self.port = cfg, shard, shards, host, port
         self.out, self.proc, self.restarts = out, None, 0
 
     def start(self) -> str:
-        cmd = [sys.executable, "-m", "monolith_jax.distributed.training_ps",
-               *ps_argv(self.cfg, self.shard, self.shards, self.tables, self.port, self.host)]
+        cmd = [sys.executable, "-m", "monolith_jax.cli", "training-ps",
+               *ps_argv(self.cfg, self.shard, self.shards, self.port, self.host)]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         deadline = time.monotonic() + 120
         while True:
@@ -151,14 +145,13 @@ def run_local(cfg: dict, out=print, poll_s: float = 0.2) -> dict:
 
     run_dir = cfg.get("run_dir") or tempfile.mkdtemp(prefix="monolith-cluster-")
     os.makedirs(run_dir, exist_ok=True)
-    tables = tables_file(cfg, run_dir)
     ps = cfg.get("ps", 1)
     given = ps if isinstance(ps, list) else None
     n = len(given) if given else int(ps)
     shards = []
     for i in range(n):
         host, port = (given[i].rsplit(":", 1)[0], int(given[i].rsplit(":", 1)[1])) if given else ("127.0.0.1", 0)
-        shards.append(Shard(cfg, i, n, tables, host, port, out))
+        shards.append(Shard(cfg, i, n, host, port, out))
     trainers: list = []
     stopping = threading.Event()
     previous = {s: signal.signal(s, lambda *_: stopping.set()) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -166,7 +159,7 @@ def run_local(cfg: dict, out=print, poll_s: float = 0.2) -> dict:
         addresses = [s.start() for s in shards]
         coordinator = cfg.get("coordinator") or f"127.0.0.1:{free_port()}"
         for j in range(int(cfg.get("trainers", 1))):
-            cmd = [sys.executable, "-m", "monolith_jax.online.train",
+            cmd = [sys.executable, "-m", "monolith_jax.cli", "train",
                    *trainer_argv(cfg, j, addresses, coordinator, run_dir)]
             trainers.append(subprocess.Popen(cmd))
             out(f"cluster: trainer {j} pid {trainers[-1].pid}")
@@ -228,7 +221,7 @@ def run_role(cfg: dict, role: str) -> int:
         from monolith_jax.distributed.data_parallel import training_ps
 
         host, port = addresses[i].rsplit(":", 1)
-        return training_ps.main(ps_argv(cfg, i, len(addresses), tables_file(cfg, run_dir), int(port), host))
+        return training_ps.main(ps_argv(cfg, i, len(addresses), int(port), host))
     if int(cfg.get("trainers", 1)) > 1 and cfg.get("dense", "sync") == "sync" and not cfg.get("coordinator"):
         raise ValueError("several synchronous trainers on several machines need 'coordinator'")
     from monolith_jax.online import train
@@ -237,7 +230,8 @@ def run_role(cfg: dict, role: str) -> int:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="monolith cluster", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config", required=True, help="the job's JSON file (see the module docstring)")
     p.add_argument("--role", default=None, help="ps:<i> or trainer:<j>: start only that part, here")
     args = p.parse_args(argv)

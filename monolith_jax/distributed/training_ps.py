@@ -1,6 +1,6 @@
 """The training parameter server: one shard of every table, behind gRPC.
 
-    python -m monolith_jax.distributed.training_ps --shard 0 --shards 2 --tables tables.json [--port P]
+    monolith training-ps --job MODULE:NAME --shard 0 --shards 2 [--port P]      (or --tables tables.json)
         [--snapshot-dir DIR] [--serving-ps HOST:PORT --sync-interval S]
 
     table = ShardedTable(config, ["127.0.0.1:P0", "127.0.0.1:P1"])   # the API of a local table
@@ -368,22 +368,33 @@ def snapshot_shards(tables, step: int) -> list:
 def main(argv=None) -> int:
     from monolith_jax.sparse.config import config_from_dict
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--shard", type=int, required=True)
-    p.add_argument("--shards", type=int, required=True)
-    p.add_argument("--tables", required=True, help="JSON file: a list of TableConfigs as config_to_dict values")
-    p.add_argument("--host", default="127.0.0.1")
+    p = argparse.ArgumentParser(prog="monolith training-ps", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--shard", type=int, required=True, help="this shard's index, 0..shards-1")
+    p.add_argument("--shards", type=int, required=True, help="shards of the job")
+    tables = p.add_mutually_exclusive_group(required=True)
+    tables.add_argument("--job", default=None, help="MODULE:NAME of the job whose tables this shard holds")
+    tables.add_argument("--tables", default=None,
+                        help="JSON file: a list of TableConfigs as config_to_dict values (instead of --job)")
+    p.add_argument("--seed", type=int, default=0, help="the job's seed offset (as the trainers' --seed)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (loopback unless told otherwise)")
     p.add_argument("--port", type=int, default=0, help="0: any free port (printed)")
     p.add_argument("--snapshot-dir", default=None,
                    help="snapshots of this shard go to DIR/ps-<shard>-of-<shards>; start from the newest")
     p.add_argument("--serving-ps", default=None, help="HOST:PORT of a serving PS to push this shard's touched rows to")
     p.add_argument("--sync-interval", type=float, default=2.0, help="seconds between pushes to the serving PS")
-    p.add_argument("--sync-dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    p.add_argument("--sync-dtype", default="float32", choices=("float32", "float16", "bfloat16"),
+                   help="row dtype of pushes to the serving PS")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax's progress lines
-    with open(args.tables, encoding="utf-8") as f:
-        configs = [config_from_dict(d) for d in json.load(f)]
+    if args.job:
+        from monolith_jax.job import load_job
+
+        configs = load_job(args.job).table_configs(args.seed)
+    else:
+        with open(args.tables, encoding="utf-8") as f:
+            configs = [config_from_dict(d) for d in json.load(f)]
     server, port, state, pusher = serve(args.shard, args.shards, configs, args.port, args.host,
                                         snapshot_dir=args.snapshot_dir, serving_ps=args.serving_ps,
                                         sync_interval_s=args.sync_interval, sync_dtype=args.sync_dtype)

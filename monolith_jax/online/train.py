@@ -1,8 +1,13 @@
-"""An online trainer process: the examples topic -> the MovieLens DeepFM.
+"""The trainer process: a job's model, trained from files or from the examples topic.
 
-    python -m monolith_jax.online.train --bootstrap HOST:PORT [--group G] [--idle-timeout S]
+    monolith train --job MODULE:NAME --data train.parquet [--epochs N] [--validation test.parquet]
+    monolith train --job MODULE:NAME --bootstrap HOST:PORT [--group G] [--idle-timeout S]
 
-Several such processes with one `--group` share the topic's partitions.
+From files (CSV/Parquet, the job's feature columns and label): `--epochs`
+passes in order, an evaluation after each with `--validation`; then a
+snapshot, an export and a full push to the serving PS, as asked. From the
+stream:
+several such processes with one `--group` share the topic's partitions.
 On exit (idle timeout, `--max-examples`, SIGTERM) it prints a JSON summary
 line `trainer done {...}` and, with `--summary`, writes it to a file. With
 `--serving-ps` it pushes touched rows and dense params there; with
@@ -37,17 +42,23 @@ from monolith_jax.stream import kafka as K
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--bootstrap", required=True)
-    p.add_argument("--group", default="monolith-trainer")
-    p.add_argument("--topic-examples", default=K.TOPICS["examples"])
-    p.add_argument("--topic-dead-letters", default=K.TOPICS["dead_letters"])
-    p.add_argument("--batch", type=int, default=1024)
+    p = argparse.ArgumentParser(prog="monolith train", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--job", required=True, help="MODULE:NAME of the job to train")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", nargs="+", default=None, help="train from these CSV/Parquet files")
+    source.add_argument("--bootstrap", default=None, help="train from the examples topic of this Kafka cluster")
+    p.add_argument("--epochs", type=int, default=1, help="passes over --data")
+    p.add_argument("--validation", nargs="+", default=None, help="files to evaluate after each epoch (--data)")
+    p.add_argument("--group", default="monolith-trainer", help="consumer group the trainers share")
+    p.add_argument("--topic-examples", default=K.TOPICS["examples"], help="the examples topic")
+    p.add_argument("--topic-dead-letters", default=K.TOPICS["dead_letters"], help="the dead-letters topic")
+    p.add_argument("--batch", type=int, default=None, help="examples per step (default: the job's batch_size)")
     p.add_argument("--max-wait", type=float, default=0.5, help="seconds a partial batch waits for more")
     p.add_argument("--idle-timeout", type=float, default=None, help="stop after this long with no examples")
-    p.add_argument("--max-examples", type=int, default=None)
-    p.add_argument("--max-seconds", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-examples", type=int, default=None, help="stop after this many examples (stream)")
+    p.add_argument("--max-seconds", type=float, default=None, help="stop after this long (stream)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the model's init and the tables' initializers")
     p.add_argument("--serving-ps", default=None, help="HOST:PORT of a serving PS to push touched rows to")
     p.add_argument("--sync-interval", type=float, default=2.0, help="seconds between sparse syncs")
     p.add_argument("--dense-sync-interval", type=float, default=30.0, help="seconds between dense syncs")
@@ -57,13 +68,13 @@ def main(argv=None) -> int:
                    help="Orbax snapshots here; resume from the newest; offsets committed only with a snapshot")
     p.add_argument("--snapshot-every-s", type=float, default=60.0, help="seconds between snapshots")
     p.add_argument("--snapshot-every-steps", type=int, default=None, help="steps between snapshots")
-    p.add_argument("--keep-snapshots", type=int, default=3)
+    p.add_argument("--keep-snapshots", type=int, default=3, help="snapshots kept on disk")
     p.add_argument("--no-warmup", action="store_true",
                    help="skip compiling every batch bucket before the first example")
     p.add_argument("--ps", default=None, help="comma-separated training PS shard addresses, in shard order")
     p.add_argument("--coordinator", default=None, help="HOST:PORT of jax.distributed's coordinator (trainer 0's)")
     p.add_argument("--trainers", type=int, default=1, help="data-parallel trainers in the group")
-    p.add_argument("--trainer-index", type=int, default=0)
+    p.add_argument("--trainer-index", type=int, default=0, help="this trainer's index in the group (0: the chief)")
     p.add_argument("--async-dense", action="store_true",
                    help="exchange dense deltas with the first shard instead of all-reducing (needs --ps)")
     p.add_argument("--dense-exchange-every", type=int, default=1, help="steps between async dense exchanges")
@@ -76,17 +87,27 @@ def main(argv=None) -> int:
 
     if args.async_dense and (not args.ps or args.coordinator):
         p.error("--async-dense needs --ps and no --coordinator")
+    if args.data and (args.ps or args.coordinator or args.async_dense):
+        p.error("--data trains one process on local tables: --ps, --coordinator and --async-dense need --bootstrap")
+    if args.epochs < 1:
+        p.error("--epochs must be >= 1")
+    from monolith_jax.job import JobError, load_job
+
+    try:
+        job = load_job(args.job)
+    except JobError as err:
+        p.error(str(err))
+    batch_size = args.batch or job.batch_size
     dp = None
     if args.coordinator:  # before any other JAX call
         from monolith_jax.distributed.data_parallel import DataParallel
 
         dp = DataParallel(args.coordinator, args.trainers, args.trainer_index)
-    from monolith_jax.examples.movielens.loop import movielens_trainer
-    from monolith_jax.online.trainer import OnlineTrainer
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    trainer = movielens_trainer(args.seed, metrics_path=args.metrics)
+    trainer = job.make_trainer(args.seed, metrics_path=args.metrics, **({"log_every": 100} if args.data else
+                                                                        {"log_every": 0}))
     addresses = args.ps.split(",") if args.ps else []
     if addresses:
         from monolith_jax.distributed.training_ps import use_shards
@@ -112,13 +133,20 @@ def main(argv=None) -> int:
             os.path.join(args.snapshot_dir, f"trainer-{args.trainer_index}")
         snapshots = Snapshots(folder, every_s=args.snapshot_every_s, every_steps=args.snapshot_every_steps,
                               keep=args.keep_snapshots)
-    online = OnlineTrainer(trainer, args.bootstrap, {"examples": args.topic_examples,
-                                                    "dead_letters": args.topic_dead_letters},
-                           args.group, batch_size=args.batch, max_wait_s=args.max_wait,
-                           serving_ps=args.serving_ps, sparse_sync_interval_s=args.sync_interval,
-                           dense_sync_interval_s=args.dense_sync_interval, warmup=not args.no_warmup,
-                           snapshots=snapshots, dense_exchange=dense_exchange,
-                           trainer_id=f"{args.group}-{args.trainer_index}")
+    if args.data:
+        return train_files(job, trainer, args, batch_size, snapshots)
+    from monolith_jax.online.trainer import OnlineTrainer
+
+    try:
+        online = OnlineTrainer(trainer, args.bootstrap, {"examples": args.topic_examples,
+                                                        "dead_letters": args.topic_dead_letters},
+                               args.group, batch_size=batch_size, max_wait_s=args.max_wait,
+                               serving_ps=args.serving_ps, sparse_sync_interval_s=args.sync_interval,
+                               dense_sync_interval_s=args.dense_sync_interval, warmup=not args.no_warmup,
+                               snapshots=snapshots, dense_exchange=dense_exchange,
+                               trainer_id=f"{args.group}-{args.trainer_index}")
+    except K.BrokerUnreachable as err:
+        raise SystemExit(f"monolith train: {err}") from None
     if args.export:
         from monolith_jax.serving.export import export_model
 
@@ -129,6 +157,60 @@ def main(argv=None) -> int:
     summary["segment_aucs"] = online.log.segment_aucs(10)
     if args.prequential_out:
         online.log.save(args.prequential_out)
+    line = json.dumps(summary, default=float)
+    if args.summary:
+        with open(args.summary, "w", encoding="utf-8") as f:
+            f.write(line)
+    print("trainer done " + line, flush=True)
+    if snapshots is not None:
+        snapshots.close()
+    trainer.close()
+    return 0
+
+
+def train_files(job, trainer, args, batch_size: int, snapshots) -> int:
+    """`--data`: epochs over the files, then snapshot, export and a full push."""
+    import time
+
+    t0 = time.perf_counter()
+    epochs = []
+    for epoch in range(args.epochs):
+        fit = trainer.fit(job.batches(args.data, batch_size=batch_size))
+        record = {"epoch": epoch + 1, "examples": fit["examples"], "loss": fit["loss"],
+                  "examples_per_s": fit["examples_per_s"]}
+        if args.validation:
+            ev = trainer.evaluate(job.batches(args.validation, batch_size=batch_size))
+            record.update({"auc": ev["auc"], "logloss": ev["logloss"]})
+        print("epoch " + json.dumps(record, default=float), flush=True)
+        epochs.append(record)
+    if not epochs or epochs[0]["examples"] == 0:
+        raise SystemExit(f"no examples in {args.data}")
+    summary = {"source": "files", "files": args.data, "epochs": epochs, "examples": trainer.examples,
+               "steps": trainer.step_count, "seconds": time.perf_counter() - t0}
+    if snapshots is not None:
+        # No stream offsets: an online trainer started on this folder resumes
+        # these params and rows and reads the stream from its committed offsets.
+        snapshots.save(trainer.step_count, trainer, {"offsets": {}, "examples": 0, "batches": trainer.step_count,
+                                                     "max_event_ms": 0, "negative_rate": 1.0,
+                                                     "trained_examples": trainer.examples})
+        meta = snapshots.wait()
+        summary["snapshot"] = None if meta is None else meta["step"]
+    if args.export:
+        from monolith_jax.serving.export import export_model
+
+        export_model(trainer, args.export)
+        summary["export"] = args.export
+    if args.serving_ps:
+        from monolith_jax.serving.export import dense_arrays
+        from monolith_jax.serving.sync import SyncPusher
+
+        pusher = SyncPusher(trainer.tables, args.serving_ps, f"files-{args.seed}",
+                            dense_source=lambda: (dense_arrays(trainer.params), 1.0))
+        ok = pusher.push_once() and pusher.push_dense()
+        pusher.stop(final_push=False)
+        if not ok:
+            raise SystemExit(f"could not push the trained model to the serving PS at {args.serving_ps}")
+        summary["pushed"] = {k: pusher.stats[k] for k in ("rows", "bytes", "dense_pushes")}
     line = json.dumps(summary, default=float)
     if args.summary:
         with open(args.summary, "w", encoding="utf-8") as f:

@@ -128,9 +128,10 @@ class OnlineTrainer:
                  auc_window: int = 50_000, consumer_extra: dict | None = None, out=print,
                  serving_ps: str | None = None, sparse_sync_interval_s: float = 2.0, sync_dtype: str = "float32",
                  trainer_id: str | None = None, dense_sync_interval_s: float = 30.0, min_bucket: int = 64,
-                 warmup: bool = False, snapshots=None, dense_exchange=None):
+                 warmup: bool = False, snapshots=None, dense_exchange=None, connect_timeout_s: float = 15.0):
         from confluent_kafka import Consumer, Producer
 
+        K.check_reachable(bootstrap, connect_timeout_s)  # a clear error, not a silent wait on a dead address
         self.trainer = trainer
         self.topics = {**K.TOPICS, **(topics or {})}
         self.batch_size = batch_size

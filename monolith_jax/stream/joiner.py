@@ -1,6 +1,6 @@
 """The joiner process: features + actions topics -> examples topic.
 
-    python -m monolith_jax.stream.joiner --bootstrap HOST:PORT [--window 300] [--negative-rate 0.5] ...
+    monolith join --bootstrap HOST:PORT [--job MODULE:NAME] [--window 300] [--negative-rate 0.5] ...
 
 It scales the way Kafka applications scale: producers key both topics by
 request id, so a request's features and actions land in the same partition
@@ -231,51 +231,81 @@ class Joiner:
 
 
 def config_from_args(args) -> JoinConfig:
-    return JoinConfig(window_s=args.window, lateness_s=args.lateness,
-                      positive_types=tuple(args.positive.split(",")), min_value=args.min_value,
-                      negative_rate=args.negative_rate, max_in_memory=args.max_in_memory, seed=args.seed,
-                      emit_positives=args.emit_positives)
+    """The join's rules: each flag given wins, then the job's `LabelRule`
+    (`--job`), then the defaults of `LabelRule`."""
+    from monolith_jax.job import LabelRule, load_job
+
+    rule = load_job(args.job).labels if getattr(args, "job", None) else LabelRule()
+    pick = lambda flag, value: value if flag is None else flag  # noqa: E731
+    return JoinConfig(window_s=pick(args.window, rule.window_s), lateness_s=args.lateness,
+                      positive_types=tuple(args.positive.split(",")) if args.positive else rule.positive,
+                      min_value=pick(args.min_value, rule.min_value),
+                      negative_rate=pick(args.negative_rate, rule.negative_rate),
+                      max_in_memory=args.max_in_memory, seed=args.seed, emit_positives=args.emit_positives)
 
 
 def add_join_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--window", type=float, default=300.0, help="seconds of event time to wait for an action")
+    p.add_argument("--job", default=None,
+                   help="MODULE:NAME of the job whose LabelRule gives the defaults of --positive, --min-value, "
+                        "--window and --negative-rate")
+    p.add_argument("--window", type=float, default=None,
+                   help="seconds of event time to wait for an action (default: the job's, else 300)")
     p.add_argument("--lateness", type=float, default=10.0, help="seconds messages may arrive out of order")
-    p.add_argument("--positive", default="click", help="comma-separated action types that make a positive")
-    p.add_argument("--min-value", type=float, default=float("-inf"), help="least action value for a positive")
-    p.add_argument("--negative-rate", type=float, default=1.0, help="share of negatives kept")
+    p.add_argument("--positive", default=None,
+                   help="comma-separated action types that make a positive (default: the job's, else click)")
+    p.add_argument("--min-value", type=float, default=None,
+                   help="least action value for a positive (default: the job's, else none)")
+    p.add_argument("--negative-rate", type=float, default=None,
+                   help="share of negatives kept (default: the job's, else 1)")
     p.add_argument("--max-in-memory", type=int, default=1_000_000, help="waiting requests held in memory")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds the negative sampling")
     p.add_argument("--emit-positives", choices=("on_action", "at_window_end"), default="on_action",
                    help="emit a positive when its action arrives, or when its window closes")
 
 
+def warn_if_unlabelled(stats: dict, config: JoinConfig, out=None) -> str | None:
+    """A line saying the stream's actions made no positive (the joiner's
+    rule and the producer's action types disagree), or None."""
+    if stats.get("actions", 0) and not stats.get("positives", 0):
+        line = (f"joiner: {stats['actions']:,} actions but no positive: none matched "
+                f"--positive {','.join(config.positive_types)} with value >= {config.min_value} "
+                f"({stats.get('other_actions', 0):,} actions of other types). Every example is a negative; "
+                "check that the joiner's --positive (or the job's LabelRule) names the producer's action types")
+        log.warning(line)
+        return line
+    return None
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="monolith join", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--bootstrap", required=True, help="Kafka bootstrap.servers")
-    p.add_argument("--group", default="monolith-joiner")
-    p.add_argument("--spill-dir", default=None)
+    p.add_argument("--group", default="monolith-joiner", help="consumer group the joiners share")
+    p.add_argument("--spill-dir", default=None, help="folder for requests spilled to disk (default: a temp folder)")
     p.add_argument("--idle-flush", type=float, default=None,
                    help="seconds of silence after which the stream is taken to have ended")
-    p.add_argument("--exit-when-idle", action="store_true")
-    p.add_argument("--max-seconds", type=float, default=None)
-    p.add_argument("--report-every", type=float, default=10.0)
+    p.add_argument("--exit-when-idle", action="store_true", help="exit once the stream has ended and is flushed")
+    p.add_argument("--max-seconds", type=float, default=None, help="stop after this long")
+    p.add_argument("--report-every", type=float, default=10.0, help="seconds between progress lines (0: none)")
     p.add_argument("--gate-group", default=None, help="consumer group (the trainers') not to outrun")
     p.add_argument("--max-lag", type=int, default=40_000, help="examples the gate group may fall behind")
     p.add_argument("--group-size", type=int, default=64, help="examples per Kafka value (1: plain Examples)")
     for name, default in K.TOPICS.items():
-        p.add_argument(f"--topic-{name.replace('_', '-')}", default=default)
+        p.add_argument(f"--topic-{name.replace('_', '-')}", default=default, help=f"the {name} topic")
     add_join_args(p)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     topics = {name: getattr(args, f"topic_{name}") for name in K.TOPICS}
+    config = config_from_args(args)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    joiner = Joiner(args.bootstrap, config_from_args(args), topics, args.group, args.spill_dir,
+    joiner = Joiner(args.bootstrap, config, topics, args.group, args.spill_dir,
                     gate_group=args.gate_group, max_lag=args.max_lag, group_size=args.group_size)
     try:
         stats = joiner.run(args.idle_flush, args.exit_when_idle, args.max_seconds, stop, args.report_every)
     finally:
         joiner.close()
+    warn_if_unlabelled(stats, config)
     print("joiner done " + json.dumps(stats), flush=True)
     return 0
 

@@ -77,6 +77,29 @@ def consumer_config(bootstrap: str, group: str, **extra) -> dict:
         **extra})
 
 
+class BrokerUnreachable(ConnectionError):
+    """No Kafka broker answered at the bootstrap address in time."""
+
+
+def check_reachable(bootstrap: str, timeout_s: float = 15.0) -> None:
+    """Raises BrokerUnreachable, naming the address, unless a broker at
+    `bootstrap` answers a metadata request within `timeout_s`. Its probe
+    logs nothing (librdkafka would print a line per failed connect)."""
+    from confluent_kafka import KafkaException, Producer
+
+    errors: list = []
+    probe = Producer({"bootstrap.servers": bootstrap, "log_level": 0, "error_cb": errors.append,
+                      "socket.connection.setup.timeout.ms": max(int(timeout_s * 1000), 1000)})
+    try:
+        probe.list_topics(timeout=timeout_s)
+    except KafkaException as err:
+        why = errors[-1].str() if errors else str(err)
+        raise BrokerUnreachable(f"no Kafka broker answers at {bootstrap!r} within {timeout_s:g} s ({why}); "
+                                "start one, or point bootstrap.servers at a running cluster") from None
+    finally:
+        probe.flush(0)
+
+
 def ensure_topics(bootstrap: str, topics: Mapping[str, int], timeout_s: float = 15.0) -> dict:
     """Create missing topics ({name: partitions}); returns {name: partitions}
     as the cluster has them."""

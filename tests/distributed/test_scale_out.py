@@ -24,6 +24,7 @@ from monolith_jax.snapshot import Snapshots
 from tests.examples.streams import synthetic_ratings
 
 ENV = {**os.environ, "PYTHONPATH": os.getcwd()}
+ML_JOB = "monolith_jax.examples.movielens.job:job"
 N = 24_000
 
 
@@ -74,7 +75,7 @@ def run_cluster(cfg, tmp_path, on_line=None, timeout=400):
 def test_two_shards_and_two_trainers_reach_the_auc_of_one_process(tansu_broker, tmp_path):
     topic = "examples-scale"
     produce_rated(tansu_broker, topic, N)
-    single = subprocess.run([sys.executable, "-m", "monolith_jax.online.train", "--bootstrap", tansu_broker,
+    single = subprocess.run([sys.executable, "-m", "monolith_jax.online.train", "--job", "monolith_jax.examples.movielens.job:job", "--bootstrap", tansu_broker,
                              "--group", "single", *train_args(topic, 512), "--prequential-out",
                              str(tmp_path / "single.npz"), "--summary", str(tmp_path / "single.json")],
                             capture_output=True, text=True, timeout=300, env=ENV)
@@ -85,7 +86,7 @@ def test_two_shards_and_two_trainers_reach_the_auc_of_one_process(tansu_broker, 
     assert a_one > 0.65, a_one
     for dense in ("sync", "async"):
         run = tmp_path / dense
-        done, lines = run_cluster({"bootstrap": tansu_broker, "ps": 2, "trainers": 2, "group": f"scaled-{dense}",
+        done, lines = run_cluster({"job": ML_JOB, "bootstrap": tansu_broker, "ps": 2, "trainers": 2, "group": f"scaled-{dense}",
                                    "dense": dense, "run_dir": str(run), "prequential": True,
                                    "trainer_args": train_args(topic, 256)}, tmp_path)
         trained = [t["summary"]["examples"] for t in done["trainers"]]
@@ -151,7 +152,7 @@ def test_a_killed_shard_restarts_from_its_snapshot_and_the_other_loses_no_row(ta
                 return
             time.sleep(0.02)
 
-    done, lines = run_cluster({"bootstrap": tansu_broker, "ps": 2, "trainers": 1, "group": "killed",
+    done, lines = run_cluster({"job": ML_JOB, "bootstrap": tansu_broker, "ps": 2, "trainers": 1, "group": "killed",
                                "run_dir": str(tmp_path / "run"), "snapshot_dir": str(snap_root),
                                "trainer_args": [*train_args(topic, 256), "--snapshot-every-steps", "5",
                                                 "--snapshot-every-s", "0"]}, tmp_path, kill_when_snapshotted)
@@ -181,10 +182,13 @@ def test_the_launcher_refuses_bad_job_files(tmp_path):
     path.write_text(json.dumps({"ps": 2}))
     with pytest.raises(ValueError, match="bootstrap"):
         load_config(str(path))
-    path.write_text(json.dumps({"bootstrap": "127.0.0.1:9092", "trainer": 2}))
+    path.write_text(json.dumps({"bootstrap": "127.0.0.1:9092"}))
+    with pytest.raises(ValueError, match="'job'"):
+        load_config(str(path))
+    path.write_text(json.dumps({"job": ML_JOB, "bootstrap": "127.0.0.1:9092", "trainer": 2}))
     with pytest.raises(ValueError, match="unknown keys"):
         load_config(str(path))
-    path.write_text(json.dumps({"bootstrap": "127.0.0.1:9092", "dense": "eventually"}))
+    path.write_text(json.dumps({"job": ML_JOB, "bootstrap": "127.0.0.1:9092", "dense": "eventually"}))
     with pytest.raises(ValueError, match="'sync' or 'async'"):
         load_config(str(path))
     with pytest.raises(ValueError, match="ps:<i> or trainer:<j>"):
@@ -201,7 +205,7 @@ def test_a_stopped_job_resumes_from_its_snapshots_and_trains_every_example_once(
     snap_root = tmp_path / "snaps"
 
     def job(run, extra):
-        return run_cluster({"bootstrap": tansu_broker, "ps": 2, "trainers": 2, "group": "restarted",
+        return run_cluster({"job": ML_JOB, "bootstrap": tansu_broker, "ps": 2, "trainers": 2, "group": "restarted",
                             "run_dir": str(tmp_path / run), "snapshot_dir": str(snap_root),
                             "trainer_args": [*train_args(topic, 256), "--snapshot-every-steps", "10",
                                              "--snapshot-every-s", "0", *extra]}, tmp_path)

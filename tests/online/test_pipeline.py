@@ -57,7 +57,7 @@ def run_pipeline(bootstrap, n=1500, trainer_args=()):
     prod.produce("examples", value=b"\xff\xfe not an example", key="bad3")
     prod.flush(10)
     joiner = _start(joiner_command(bootstrap, 60.0, 0.5, "itest-joiner", idle_flush_s=4.0))
-    trainer = _start([sys.executable, "-m", "monolith_jax.online.train", "--bootstrap", bootstrap,
+    trainer = _start([sys.executable, "-m", "monolith_jax.online.train", "--job", "monolith_jax.examples.movielens.job:job", "--bootstrap", bootstrap,
                       "--group", "itest-trainer", "--idle-timeout", "8", "--max-seconds", "150",
                       "--max-wait", "0.2", *trainer_args])
     joined = _done_line(joiner, "joiner done ")
@@ -153,11 +153,11 @@ def test_two_trainers_share_the_stream_across_a_rebalance(tansu_broker):
 
     args = ["--bootstrap", bs, "--group", "shared", "--idle-timeout", "6", "--max-seconds", "120",
             "--max-wait", "0.1", "--batch", "256"]
-    a = _start([sys.executable, "-m", "monolith_jax.online.train", *args])
+    a = _start([sys.executable, "-m", "monolith_jax.online.train", "--job", "monolith_jax.examples.movielens.job:job", *args])
     producer = threading.Thread(target=produce)
     producer.start()
     time.sleep(5)
-    b = _start([sys.executable, "-m", "monolith_jax.online.train", *args])
+    b = _start([sys.executable, "-m", "monolith_jax.online.train", "--job", "monolith_jax.examples.movielens.job:job", *args])
     try:
         ra, rb = _done_line(a, "trainer done "), _done_line(b, "trainer done ")
     finally:

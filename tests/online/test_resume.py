@@ -51,7 +51,7 @@ def produce_examples(bootstrap, topic, n):
 
 
 def trainer_cmd(bootstrap, topic, group, snap_dir, summary):
-    return [sys.executable, "-m", "monolith_jax.online.train", "--bootstrap", bootstrap, "--group", group,
+    return [sys.executable, "-m", "monolith_jax.online.train", "--job", "monolith_jax.examples.movielens.job:job", "--bootstrap", bootstrap, "--group", group,
             "--topic-examples", topic, "--batch", str(BATCH), "--max-wait", "30", "--idle-timeout", "4",
             "--snapshot-dir", str(snap_dir), "--snapshot-every-steps", "10", "--snapshot-every-s", "0",
             "--summary", str(summary), "--no-warmup"]

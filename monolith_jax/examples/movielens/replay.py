@@ -1,6 +1,6 @@
 """The replayer: a logged data set -> the features and actions topics.
 
-    python -m monolith_jax.examples.movielens.replay --bootstrap HOST:PORT [--limit N] [--speed X]
+    monolith replay --job monolith_jax.examples.movielens.job:job --bootstrap HOST:PORT [--limit N] [--speed X]
 
 MovieLens-1M in time order. Each rating is a request: its features (user,
 movie, age, gender, occupation, release year, genres) at the rating's time,
@@ -19,15 +19,10 @@ id.
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
-import time
-
 import numpy as np
 
 from monolith_jax.features import SparseFeature
-from monolith_jax.stream import kafka as K
+from monolith_jax.stream.replay import replay  # noqa: F401  (the generic producer, for callers of this module)
 from monolith_jax.sparse.keys import hash_strings
 
 FIELDS = ("user", "movie", "age", "gender", "occupation", "year", "genres")
@@ -126,70 +121,3 @@ class MovieLensStream:
                 rid = f"r{i}"
                 yield "actions", rid, pb.Action(version=1, request_id=rid, event_time_ms=t, type="rate",
                                                 value=float(self._rating[i])).SerializeToString(), t
-
-
-def replay(bootstrap: str, stream: MovieLensStream, topics: dict | None = None, speed: float = 0.0,
-           report_every_s: float = 10.0, out=print, stop=None, gate_group: str | None = None,
-           max_lag: int = 40_000) -> dict:
-    """Produces the stream; returns counts. With `speed` > 0, paces event
-    time at `speed` seconds per wall second. With `gate_group`, never runs
-    more than `max_lag` messages ahead of that consumer group (the joiner's)."""
-    from confluent_kafka import Producer
-
-    topics = {**K.TOPICS, **(topics or {})}
-    producer = Producer(K.producer_config(bootstrap))
-    gate = K.LagGate(bootstrap, gate_group, [topics["features"], topics["actions"]], max_lag) \
-        if gate_group else None
-    counts = {"features": 0, "actions": 0}
-    t0 = last = time.monotonic()
-    first_event = None
-    for kind, rid, value, t in stream.messages():
-        if stop is not None and stop.is_set():
-            break
-        if speed > 0:
-            first_event = t if first_event is None else first_event
-            ahead = (t - first_event) / 1000.0 / speed - (time.monotonic() - t0)
-            if ahead > 0:
-                producer.poll(0)
-                time.sleep(ahead)
-        K.produce(producer, topics[kind], value, rid)
-        counts[kind] += 1
-        if gate is not None:
-            gate.step(1, producer, stop)
-        if (counts["features"] + counts["actions"]) % 20000 == 0:
-            producer.poll(0)
-            now = time.monotonic()
-            if report_every_s and now - last > report_every_s:
-                last = now
-                out("replay " + json.dumps(counts), flush=True)
-    producer.flush(60)
-    counts["seconds"] = time.monotonic() - t0
-    if gate is not None:
-        counts["backpressure_s"] = round(gate.waited_s, 2)
-        gate.close()
-    return counts
-
-
-def main(argv=None) -> int:
-    from monolith_jax.examples.movielens.data import load_movielens_1m
-
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--bootstrap", required=True)
-    p.add_argument("--limit", type=int, default=None, help="replay only the first N ratings")
-    p.add_argument("--impressions", type=float, default=1.0, help="unrated impressions per rating")
-    p.add_argument("--speed", type=float, default=0.0, help="event seconds per wall second (0: unpaced)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--gate-group", default=None, help="consumer group (the joiner's) not to outrun")
-    p.add_argument("--max-lag", type=int, default=40_000, help="messages the gate group may fall behind")
-    for name in ("features", "actions"):
-        p.add_argument(f"--topic-{name}", default=K.TOPICS[name])
-    args = p.parse_args(argv)
-    stream = MovieLensStream(load_movielens_1m(), args.impressions, seed=args.seed, limit=args.limit)
-    counts = replay(args.bootstrap, stream, {"features": args.topic_features, "actions": args.topic_actions},
-                    args.speed, gate_group=args.gate_group, max_lag=args.max_lag)
-    print("replay done " + json.dumps(counts), flush=True)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,51 @@
+"""The MovieLens-1M job: what `monolith ... --job monolith_jax.examples.movielens.job:job` runs.
+
+Each rating is a request with the user's and the movie's features; the
+label is a `rate` action of value >= 4. Seven sparse features in one
+collisionless table (each feature its own key space), a DeepFM over them
+(dim 8 + 1 first-order weight per row), fused Adagrad for the rows, Adam
+for the dense params. `source` replays MovieLens-1M in time order, with
+unrated impressions beside the ratings (`replay.MovieLensStream`).
+"""
+
+from __future__ import annotations
+
+import optax
+
+from monolith_jax.examples.movielens import replay as R
+from monolith_jax.job import Job, LabelRule
+from monolith_jax.sparse import Adagrad, Normal, TableConfig
+
+DIM = 8
+
+
+def tables(seed: int = 0, dim: int = DIM) -> list:
+    """One table: dim + 1 (the first-order weight), fused Adagrad."""
+    return [TableConfig("ids", dim + 1, Normal(0.0, 0.01), Adagrad(0.05), seed=seed)]
+
+
+def model(rngs, dim: int = DIM, hidden=(128, 64)):
+    from monolith_jax.models import DeepFM
+
+    return DeepFM(R.FIELDS, dim, 0, tuple(hidden), rngs=rngs)
+
+
+def source(limit: int | None = None, seed: int = 0, impressions: float = 1.0):
+    """The replay (a `MovieLensStream`: `messages()` in event-time order); fetches the data at first use."""
+    from monolith_jax.examples.movielens.data import load_movielens_1m
+
+    return R.MovieLensStream(load_movielens_1m(), impressions, seed=seed, limit=limit)
+
+
+job = Job(
+    name="movielens",
+    sparse=R.movielens_features(),
+    tables=tables(),
+    model=model,
+    optimizer=optax.adam(1e-3),
+    label="rating",
+    label_threshold=R.MIN_VALUE,
+    batch_size=1024,
+    labels=LabelRule(positive=R.POSITIVE_TYPES, min_value=R.MIN_VALUE, window_s=60.0, negative_rate=0.5),
+    source=source,
+)

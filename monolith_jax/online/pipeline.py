@@ -1,0 +1,163 @@
+"""Replay -> join -> online training of any job, in one command.
+
+    monolith demo --job MODULE:NAME [--data LOG ...] [--limit N] [--bootstrap HOST:PORT]
+
+With no `--bootstrap`, librdkafka's built-in cluster starts inside this
+process; with it, that cluster is used. The joiner runs as its own process
+(`monolith join`) with the job's `LabelRule`; the replayer (the log given
+with `--data`, else the job's own `source`) runs in a thread; the job's
+model trains here, scoring each batch before training on it (prequential),
+and prints examples/s and the running AUC, then the AUC by tenth of the
+stream. `scripts/demo.sh` runs it on the example job in
+`monolith_jax/examples/`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+
+from monolith_jax.stream import kafka as K
+
+
+def joiner_command(bootstrap: str, group: str, labels, topics: dict | None = None, window_s: float | None = None,
+                   negative_rate: float | None = None, idle_flush_s: float = 3.0, gate_group: str | None = None,
+                   emit_positives: str = "at_window_end", exit_when_idle: bool = True,
+                   lateness_s: float = 1.0) -> list:
+    """The `monolith join` process for a job's `LabelRule` (flags override it)."""
+    cmd = [sys.executable, "-m", "monolith_jax.cli", "join", "--bootstrap", bootstrap, "--group", group,
+           "--window", str(labels.window_s if window_s is None else window_s), "--lateness", str(lateness_s),
+           "--positive", ",".join(labels.positive), "--min-value", str(labels.min_value),
+           "--negative-rate", str(labels.negative_rate if negative_rate is None else negative_rate),
+           "--idle-flush", str(idle_flush_s), "--report-every", "0",
+           # A replay packs sessions into seconds: emitting at window end keeps
+           # each request's label from reaching the model before the negatives
+           # served beside it (delayed-feedback bias). "on_action" is freshest.
+           "--emit-positives", emit_positives]
+    if exit_when_idle:
+        cmd.append("--exit-when-idle")
+    if gate_group:
+        cmd += ["--gate-group", gate_group]
+    for name, topic in (topics or {}).items():
+        cmd += [f"--topic-{name.replace('_', '-')}", topic]
+    return cmd
+
+
+def run_pipeline(job, messages, bootstrap: str | None = None, batch_size: int | None = None,
+                 negative_rate: float | None = None, window_s: float | None = None, speed: float = 0.0,
+                 seed: int = 0, metrics_path: str | None = None, out=print, report_every_s: float = 5.0,
+                 topics: dict | None = None, trainer=None, on_batch=None, emit_positives: str = "at_window_end",
+                 describe: str | None = None) -> dict:
+    """Replays `messages` (an object with `messages()`, or an iterable of
+    (kind, request id, value, event ms)) through Kafka, the joiner and an
+    online trainer of `job`; returns the trainer's summary with the
+    replayer's and the joiner's counts."""
+    from monolith_jax.online.trainer import OnlineTrainer
+    from monolith_jax.stream.joiner import warn_if_unlabelled
+    from monolith_jax.stream.join_state import JoinConfig
+    from monolith_jax.stream.replay import replay
+
+    topics = {**K.TOPICS, **(topics or {})}
+    embedded = None
+    if not bootstrap:
+        embedded = K.EmbeddedKafka()
+        bootstrap = embedded.bootstrap
+        out(f"embedded Kafka cluster (librdkafka's built-in) at {bootstrap}")
+    try:
+        K.ensure_topics(bootstrap, {t: K.EMBEDDED_PARTITIONS for t in topics.values()})
+        if describe:
+            out(describe)
+        group = f"monolith-{os.getpid()}-{int(time.time())}"
+        joiner = subprocess.Popen(joiner_command(bootstrap, group + "-joiner", job.labels, topics, window_s,
+                                                 negative_rate, gate_group=group + "-trainer",
+                                                 emit_positives=emit_positives),
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        joiner_lines: list = []
+        reader = threading.Thread(target=lambda: joiner_lines.extend(joiner.stdout), daemon=True)
+        reader.start()
+        stop = threading.Event()
+        replayed: dict = {}
+        replayer = threading.Thread(target=lambda: replayed.update(
+            replay(bootstrap, messages, topics, speed, report_every_s=0, stop=stop, gate_group=group + "-joiner")),
+            daemon=True)
+        replayer.start()
+        trainer = trainer or job.make_trainer(seed, metrics_path=metrics_path, out=out, log_every=0)
+        online = OnlineTrainer(trainer, bootstrap, topics, group + "-trainer",
+                               batch_size=batch_size or job.batch_size, out=out)
+        online.on_batch = on_batch
+        try:
+            summary = online.run(idle_timeout_s=3.0, report_every_s=report_every_s,
+                                 upstream_done=lambda: joiner.poll() is not None and not replayer.is_alive())
+        finally:
+            stop.set()
+            if joiner.poll() is None:
+                joiner.terminate()
+            joiner.wait(30)
+            reader.join(5)
+        joined = next((json.loads(line.split(" ", 2)[2]) for line in reversed(joiner_lines)
+                       if line.startswith("joiner done ")), None)
+        if joined is None:
+            raise RuntimeError("the joiner did not finish cleanly:\n" + "".join(joiner_lines[-30:]))
+        rule = job.labels
+        warning = warn_if_unlabelled(joined, JoinConfig(window_s=rule.window_s, positive_types=rule.positive,
+                                                        min_value=rule.min_value))
+        if warning:
+            out(warning)
+        summary.update({"replayed": replayed, "joined": joined, "segment_aucs": online.log.segment_aucs(10),
+                        "bootstrap": bootstrap})
+        summary["online"] = online
+        return summary
+    finally:
+        if embedded is not None:
+            embedded.close()
+
+
+def print_summary(s: dict, out=print) -> None:
+    j = s["joined"]
+    out(f"\njoined: {j['positives']:,} positives, {j['negatives']:,} negatives kept "
+        f"({j['negatives_sampled_out']:,} sampled out), {j['late_actions']:,} late actions, "
+        f"{j['dead_letters']} dead letters")
+    out(f"trained: {s['examples']:,} examples in {s['batches']:,} batches, {s['examples_per_s']:,.0f} ex/s, "
+        f"{s['dead_letters']} dead letters")
+    out("prequential AUC by tenth of the stream: " + " ".join(f"{a:.3f}" for a in s["segment_aucs"]))
+    out(f"stream AUC {s['stream_auc']:.4f}, last {s['online'].log.window:,} examples {s['running_auc']:.4f}")
+
+
+def main(argv=None) -> int:
+    from monolith_jax.job import load_job
+    from monolith_jax.stream.replay import add_log_args, job_messages
+
+    p = argparse.ArgumentParser(prog="monolith demo", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--job", required=True, help="MODULE:NAME of the job to run")
+    p.add_argument("--bootstrap", default=None, help="Kafka bootstrap.servers (default: embedded cluster)")
+    add_log_args(p)
+    p.set_defaults(limit=300_000)
+    p.add_argument("--negative-rate", type=float, default=None, help="share of negatives kept (default: the job's)")
+    p.add_argument("--window", type=float, default=None, help="join window in seconds (default: the job's)")
+    p.add_argument("--batch", type=int, default=None, help="examples per step (default: the job's)")
+    p.add_argument("--speed", type=float, default=0.0, help="event seconds per wall second (0: unpaced)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the model, the tables and the job's source")
+    p.add_argument("--metrics", default=None, help="append metrics as JSON lines to this file")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    job = load_job(args.job)
+    try:
+        messages = job_messages(job, args.data, args, args.limit, args.seed)
+    except (ValueError, KeyError) as err:
+        p.error(str(err))
+    what = f"{len(messages):,} messages" if hasattr(messages, "__len__") else "its messages"
+    s = run_pipeline(job, messages, args.bootstrap, args.batch, args.negative_rate, args.window, args.speed,
+                     args.seed, args.metrics, describe=f"replaying job {job.name!r}: {what}")
+    print_summary(s)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
