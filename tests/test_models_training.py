@@ -33,7 +33,7 @@ def test_pooling_combiners_and_masks():
 ])
 def test_model_forward_shapes(make, dim):
     m = make(nnx.Rngs(0))
-    out = m({"a": jnp.ones((7, dim)), "b": jnp.ones((7, dim))}, jnp.ones((7, 3)))
+    out = m({"a": jnp.ones((7, dim)), "b": jnp.ones((7, dim))}, None if isinstance(m, TwoTower) else jnp.ones((7, 3)))
     assert out.shape == (7,) and jnp.isfinite(out).all()
 
 
@@ -76,7 +76,7 @@ def test_training_lowers_the_loss_and_learns_the_signal(model_name, tmp_path):
 
 
 def test_features_sharing_a_table_step_each_id_once():
-    feats = [SparseFeature("a", "ids"), SparseFeature("b", "ids")]
+    feats = [SparseFeature("a", "ids", id_space="shared"), SparseFeature("b", "ids", id_space="shared")]
     tables = [TableConfig("ids", 3, Constant(0.0), SGD(1.0))]
 
     class Sum(nnx.Module):
@@ -90,8 +90,73 @@ def test_features_sharing_a_table_step_each_id_once():
     batch = records_to_batch(pa.table({"a": [5, 6], "b": [5, 7], "label": [1.0, 1.0]}), feats)
     tr.train_step(batch)
     d = tr.tables["ids"].dump()
+    k5, k6, k7 = feats[0].keys(np.array([5, 6, 7], np.uint64)).tolist()
     counts = dict(zip(d["keys"].tolist(), d["update_count"].tolist()))
-    assert counts == {5: 1, 6: 1, 7: 1}
+    assert counts == {k5: 1, k6: 1, k7: 1}
     rows = dict(zip(d["keys"].tolist(), d["values"][:, 0].tolist()))
     # d loss / d row = sigmoid(0) - 1 = -0.5 per occurrence; id 5 appears twice.
-    assert rows[5] == pytest.approx(1.0) and rows[6] == pytest.approx(0.5)
+    assert rows[k5] == pytest.approx(1.0) and rows[k6] == pytest.approx(0.5)
+
+
+# ------------------------------------------------------------ small jobs
+FEATS = [SparseFeature("user", "ids"), SparseFeature("item", "ids")]
+DENSE = [DenseFeature("x")]
+QUIET = dict(out=lambda *a, **k: None)
+
+
+def _small_trainer(seed=0, model=None, dim=5, features=FEATS, dense=DENSE, **kwargs):
+    model = model or DeepFM(["user", "item"], 4, len(dense), (8,), rngs=nnx.Rngs(seed))
+    kwargs = {**QUIET, **kwargs}
+    return Trainer(model, [TableConfig("ids", dim, Normal(0, 0.05), Adagrad(0.05))], features, dense,
+                   optax.adam(3e-3), **kwargs)
+
+
+def _small_batches(n=2000, size=250, seed=0, features=FEATS, dense=DENSE):
+    data = _synthetic(n, seed)
+    return [records_to_batch(data.slice(s, size), features, dense, "label", size) for s in range(0, n, size)]
+
+
+@pytest.mark.parametrize("make", [
+    lambda r: DeepFM(["user", "item"], 4, 1, (8,), rngs=r),
+    lambda r: WideAndDeep(["user", "item"], 4, 1, (8,), rngs=r),
+])
+def test_wide_models_refuse_a_table_of_another_width(make):
+    for dim in (4, 8):   # embed_dim and something else: both would train silently
+        tr = _small_trainer(model=make(nnx.Rngs(0)), dim=dim)
+        with pytest.raises(ValueError, match=rf"feature 'user' reads a table with rows of width {dim}; "
+                                             r"\w+ needs rows of width embed_dim \+ 1 = 5"):
+            tr.train_step(_small_batches()[0])
+        assert tr.step_count == 0 and len(tr.tables["ids"]) == 0
+
+
+@pytest.mark.parametrize("make, dim", [
+    (lambda r: DeepFM(["user", "item"], 4, 0, (8,), rngs=r), 5),
+    (lambda r: WideAndDeep(["user", "item"], 4, 0, (8,), rngs=r), 5),
+    (lambda r: DCNv2(["user", "item"], 4, 0, 1, (8,), rngs=r), 4),
+    (lambda r: TwoTower(["user"], ["item"], 4, (8,), 6, rngs=r), 4),
+])
+def test_models_refuse_sequence_features_other_widths_and_unread_inputs(make, dim):
+    batch_of = lambda feats, dense=(): _small_batches(500, 250, features=feats, dense=dense)[0]
+    seq = [SparseFeature("user", "ids", combiner=None, max_len=3), SparseFeature("item", "ids")]
+    tr = _small_trainer(model=make(nnx.Rngs(0)), dim=dim, features=seq, dense=())
+    with pytest.raises(ValueError, match=r"feature 'user' gives rows of shape \(250, 3, \d\).*combiner=None"):
+        tr.train_step(batch_of(seq))
+    tr = _small_trainer(model=make(nnx.Rngs(0)), dim=dim + 2, dense=())
+    with pytest.raises(ValueError, match=rf"feature 'user' reads a table with rows of width {dim + 2}"):
+        tr.train_step(batch_of(FEATS))
+    # dense features the model was not built to read would be ignored: refused
+    tr = _small_trainer(model=make(nnx.Rngs(0)), dim=dim, dense=DENSE)
+    with pytest.raises(ValueError, match=r"dense features of shape \(250, 1\).*ignored"):
+        tr.train_step(batch_of(FEATS, DENSE))
+    # a field no feature provides
+    other = [SparseFeature("user", "ids"), SparseFeature("movie", "ids", column="item")]
+    tr = _small_trainer(model=make(nnx.Rngs(0)), dim=dim, features=other, dense=())
+    with pytest.raises(KeyError, match=r"reads feature 'item', which no sparse feature provides"):
+        tr.train_step(batch_of(other))
+
+
+def test_a_model_built_for_dense_features_refuses_a_batch_without_them():
+    tr = _small_trainer(model=DCNv2(["user", "item"], 4, 2, 1, (8,), rngs=nnx.Rngs(0)), dim=4, dense=DENSE)
+    with pytest.raises(ValueError, match=r"DCNv2 was built with n_dense=2 but the batch has dense features of "
+                                         r"shape \(250, 1\)"):
+        tr.train_step(_small_batches()[0])

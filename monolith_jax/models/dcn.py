@@ -9,6 +9,7 @@ from typing import Sequence
 import jax.numpy as jnp
 from flax import nnx
 
+from monolith_jax.models.checks import dense_input, pooled_fields
 from monolith_jax.models.mlp import MLP
 
 
@@ -21,9 +22,12 @@ class DCNv2(nnx.Module):
         self.deep = MLP(d, hidden, rngs=rngs)
         self.out = nnx.Linear(d + hidden[-1], 1, rngs=rngs)
         self.n_dense = n_dense
+        self.embed_dim = embed_dim
 
     def __call__(self, fields: dict, dense=None):
-        x0 = jnp.concatenate([fields[f] for f in self.fields], axis=-1)
+        x0 = jnp.concatenate(pooled_fields(self, fields, self.fields, self.embed_dim,
+                                           f"embed_dim = {self.embed_dim}"), axis=-1)
+        dense = dense_input(self, dense, self.n_dense)
         if self.n_dense:
             x0 = jnp.concatenate([x0, dense], axis=-1)
         x = x0

@@ -10,6 +10,7 @@ from typing import Sequence
 import jax.numpy as jnp
 from flax import nnx
 
+from monolith_jax.models.checks import dense_input, pooled_fields
 from monolith_jax.models.mlp import MLP
 
 
@@ -21,9 +22,14 @@ class WideAndDeep(nnx.Module):
         self.deep = MLP(len(self.fields) * embed_dim + n_dense, hidden, 1, rngs=rngs)
         self.dense_linear = nnx.Linear(n_dense, 1, rngs=rngs) if n_dense else None
         self.bias = nnx.Param(jnp.zeros(()))
+        self.n_dense = n_dense
 
     def __call__(self, fields: dict, dense=None):
-        rows = jnp.stack([fields[f] for f in self.fields], axis=1)
+        d = self.embed_dim
+        rows = jnp.stack(pooled_fields(self, fields, self.fields, d + 1,
+                                       f"embed_dim + 1 = {d + 1} ({d} embedding values, then the wide "
+                                       f"weight)"), axis=1)  # (B, F, D+1)
+        dense = dense_input(self, dense, self.n_dense)
         v, w = rows[..., : self.embed_dim], rows[..., self.embed_dim]
         deep_in = v.reshape(v.shape[0], -1)
         wide = self.bias[...] + w.sum(axis=1)
