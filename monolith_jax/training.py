@@ -1,4 +1,4 @@
-"""`Trainer`: the jitted training step, one pass over files, evaluation.
+"""`Trainer`: the jitted training step, `fit` (epochs, validation, progress), evaluation, state copies.
 
 One step, one XLA program on CPU:
 
@@ -13,14 +13,25 @@ batch, as sparse training does; `sparse_loss="mean"` divides by the batch
 instead), dense parameters the batch mean. Evaluation reads rows with a
 read-only find on the host, so it creates no rows and counts no admission
 sightings; unknown ids read zeros.
+
+A model returns one logit per example: shape (B,), or (B, 1) (read as
+(B,)). Any other shape is refused while the first step is traced, naming
+the model, so that a (B, 1) against (B,) labels cannot broadcast to a
+(B, B) loss and train to nothing.
+
+    trainer.fit(batches, epochs=1, validation=None, max_steps=None)
+    state = trainer.state_dict()          # a deep copy: numpy arrays, dicts, ints
+    trainer.load_state_dict(state)        # back to it exactly
 """
 
 from __future__ import annotations
 
+import collections.abc
+import itertools
 import json
 import sys
 import time
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -34,19 +45,172 @@ from monolith_jax.metrics import auc, log_loss
 from monolith_jax.sparse import Keys, TableConfig
 
 
+Batches = Union[Iterable[SparseBatch], Callable[[], Iterable[SparseBatch]]]
+
+
 def calibration(labels, probs, weights=None) -> float:
     """Mean predicted probability over the observed rate (1.0 is calibrated)."""
     w = np.ones_like(labels) if weights is None else weights
     return float(np.sum(probs * w) / max(np.sum(labels * w), 1e-12))
 
 
+def _batch_rows(batch: SparseBatch):
+    """The batch size B (static; symbolic under `jax.export`)."""
+    for a in (batch.labels, batch.dense, *batch.lengths.values()):
+        if a is not None:
+            return a.shape[0]
+    raise ValueError("the batch holds no labels, dense features or lengths to take its size from")
+
+
+def check_logits(logits, rows, model_name: str):
+    """A model's output as (B,) logits: (B,) as it is, (B, 1) squeezed; any
+    other shape refused naming the model (shapes are static: this runs when
+    the step is traced, so the first step fails, not the thousandth)."""
+    shape = getattr(logits, "shape", None)
+    if shape is None:
+        raise TypeError(f"{model_name} returned {type(logits).__name__}; expected an array of logits of shape "
+                        f"({rows},): one per example")
+    shape = tuple(shape)
+    if len(shape) == 2 and shape[1] == 1 and shape[0] == rows:
+        logits = logits[:, 0]
+    elif shape != (rows,):
+        raise ValueError(f"{model_name} returned logits of shape {shape}; expected ({rows},) (one logit per "
+                         f"example) or ({rows}, 1)")
+    if not jnp.issubdtype(logits.dtype, jnp.floating):
+        raise TypeError(f"{model_name} returned logits of dtype {logits.dtype}; expected a float dtype")
+    return logits
+
+
+def _is_one_shot(obj) -> bool:
+    return isinstance(obj, collections.abc.Iterator)
+
+
+class _Passes:
+    """`batches` / `validation` of `fit`: each `new()` is one pass."""
+
+    def __init__(self, what: str, source, passes: int):
+        self.what = what
+        if isinstance(source, collections.abc.Iterable):
+            if passes > 1 and _is_one_shot(source):
+                raise ValueError(
+                    f"fit(epochs={passes}): {what} is a one-shot iterator ({type(source).__name__}), which the "
+                    f"first epoch would use up; pass a list, or a function of no arguments that returns a "
+                    f"new iterable each time, e.g. fit(lambda: iter_batches(...), epochs={passes})")
+            self._new = lambda: source
+        elif callable(source):
+            self._new = source
+        else:
+            raise TypeError(f"{what} must be an iterable of SparseBatches or a function of no arguments "
+                            f"returning one, got {type(source).__name__}")
+
+    def new(self):
+        it = self._new()
+        if not isinstance(it, collections.abc.Iterable):
+            raise TypeError(f"{self.what}() returned {type(it).__name__}, not an iterable of SparseBatches")
+        return it
+
+
+def _path_name(path) -> str:
+    parts = []
+    for k in path:
+        if isinstance(k, jax.tree_util.DictKey):
+            parts.append(str(k.key))
+        elif isinstance(k, jax.tree_util.SequenceKey):
+            parts.append(str(k.idx))
+        elif isinstance(k, jax.tree_util.GetAttrKey):
+            parts.append(k.name)
+        elif isinstance(k, jax.tree_util.FlattenedIndexKey):
+            parts.append(str(k.key))
+        else:
+            parts.append(str(k))
+    if len(parts) > 1 and parts[-1] == "value" and isinstance(path[-1], jax.tree_util.GetAttrKey):
+        parts.pop()   # an nnx Variable's array
+    return "/".join(parts)
+
+
+def _named_leaves(tree) -> dict:
+    named = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        name = _path_name(path)
+        named[name if name not in named else jax.tree_util.keystr(path)] = leaf
+    return named
+
+
+def _flat_copy(tree) -> dict:
+    """{path name: a numpy copy of the leaf}."""
+    return {name: np.array(leaf) for name, leaf in _named_leaves(tree).items()}
+
+
+def _restored(tree, arrays, what: str):
+    """`tree` with its leaves replaced by copies of `arrays` ({path name:
+    array}, as `_flat_copy` gives), each checked for name, shape and dtype;
+    each lands where the leaf it replaces lives."""
+    if not isinstance(arrays, dict):
+        raise TypeError(f"state {what!r} must be a dict of arrays, got {type(arrays).__name__}")
+    mine = _named_leaves(tree)
+    missing, extra = sorted(set(mine) - set(arrays)), sorted(set(arrays) - set(mine))
+    if missing or extra:
+        raise ValueError(f"state {what!r} does not fit this trainer: missing {missing}, unexpected {extra}")
+    leaves = []
+    for name, leaf in mine.items():
+        a = np.asarray(arrays[name])
+        if a.shape != tuple(np.shape(leaf)) or a.dtype != np.dtype(leaf.dtype):
+            raise ValueError(f"state {what!r}: {name} is {a.dtype}{a.shape}, this trainer's is "
+                             f"{np.dtype(leaf.dtype)}{tuple(np.shape(leaf))}")
+        a = np.array(a)  # our own copy: the state given stays the caller's
+        sharding = getattr(leaf, "sharding", None)
+        leaves.append(jax.device_put(a, sharding) if sharding is not None else jax.device_put(a))
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(tree), leaves)
+
+
+class _Progress:
+    """fit's progress lines: the first step (with its compile time), then
+    every `every` steps or `every_s` seconds, whichever comes first. On a
+    terminal (`out` is print, stdout a tty) the line updates in place;
+    elsewhere each is a plain line."""
+
+    def __init__(self, out, every: int, every_s: float):
+        self.active = every > 0         # progress is logged (metrics JSONL) and printed
+        self.out = out if self.active else None
+        self.every, self.every_s = every, every_s
+        self.in_place = out is print and sys.stdout.isatty()
+        self._open = 0  # width of the in-place line now shown, 0 if none
+
+    def line(self, text: str, final: bool = False) -> None:
+        if self.out is None:
+            return
+        if self.in_place:
+            pad = " " * max(self._open - len(text), 0)
+            if final:
+                print("\r" + text + pad, flush=True)
+                self._open = 0
+            else:
+                print("\r" + text + pad, end="", flush=True)
+                self._open = len(text)
+        else:
+            self.out(text)
+
+    def close(self) -> None:
+        if self.out is not None and self.in_place and self._open:
+            print(flush=True)
+            self._open = 0
+
+
 class Trainer:
     def __init__(self, model: nnx.Module, tables: Sequence[TableConfig], features: Sequence[SparseFeature],
                  dense_features: Sequence[DenseFeature] = (), optimizer: optax.GradientTransformation | None = None,
                  sparse_loss: str = "sum", metrics_path: str | None = None, log_every: int = 100,
-                 out=print):
+                 out=print, log_every_s: float = 5.0):
+        """log_every: `fit` prints and logs its progress at the first step,
+        then every `log_every` steps or `log_every_s` seconds, whichever
+        comes first; 0 (or out=None) prints nothing. out: where lines go
+        (print, or any function of one string)."""
         if sparse_loss not in ("sum", "mean"):
             raise ValueError("sparse_loss must be 'sum' or 'mean'")
+        if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 0:
+            raise ValueError(f"log_every must be an int >= 0 (0: quiet), got {log_every!r}")
+        if not log_every_s > 0:
+            raise ValueError(f"log_every_s must be > 0, got {log_every_s!r}")
         self.features = tuple(features)
         self.collection = EmbeddingCollection(tables, features)
         self.pooling = SparseFeatures(features)
@@ -58,6 +222,8 @@ class Trainer:
         self.step_count = 0
         self.examples = 0
         self.log_every = log_every
+        self.log_every_s = float(log_every_s)
+        self.model_name = type(model).__name__
         self.data_parallel = None  # a distributed.DataParallel: the host-tables step all-reduces
         self.out = out
         self._metrics = open(metrics_path, "a", encoding="utf-8") if metrics_path else None
@@ -75,8 +241,10 @@ class Trainer:
 
     # ------------------------------------------------------------ programs
     def _forward(self, params, table_rows, batch: SparseBatch):
+        """Logits (B,): the model on pooled rows, its output shape checked."""
         fields = self.pooling(self.collection.split(table_rows), batch.lengths)
-        return nnx.merge(self.graphdef, params, self.rest)(fields, batch.dense)
+        logits = nnx.merge(self.graphdef, params, self.rest)(fields, batch.dense)
+        return check_logits(logits, _batch_rows(batch), self.model_name)
 
     def _train_step(self, params, opt_state, batch: SparseBatch, step):
         rows = self.collection.lookup(batch)
@@ -142,31 +310,126 @@ class Trainer:
         self.examples += int(np.sum(batch.weights))
         return loss
 
-    def fit(self, batches: Iterable[SparseBatch], max_steps: int | None = None) -> dict:
-        """One pass over `batches`, logging examples/s and loss as it goes."""
+    def fit(self, batches: Batches, epochs: int = 1, validation: Batches | None = None,
+            max_steps: int | None = None) -> dict:
+        """Trains `epochs` passes over `batches`, printing and logging its
+        progress from the first step.
+
+        batches, validation: an iterable of SparseBatches that can be
+        iterated again (a list), or a function of no arguments returning a
+        new iterable per pass (`lambda: iter_batches(...)`); a one-shot
+        iterator (a generator) serves one epoch only and is refused for
+        more. validation: evaluated after every epoch (AUC, log loss,
+        calibration), printed and logged as an "epoch" event.
+        max_steps: at most this many steps in all (across epochs).
+
+        Returns {"event": "fit", steps, examples, seconds, examples_per_s,
+        loss (mean over the steps), epochs: one dict per epoch (epoch,
+        steps, examples, seconds, loss, and validation's metrics if
+        given)}."""
+        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+            raise ValueError(f"epochs must be an int >= 1, got {epochs!r}")
+        if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int)
+                                      or max_steps < 0):
+            raise ValueError(f"max_steps must be an int >= 0 or None, got {max_steps!r}")
+        train = _Passes("batches", batches, epochs)
+        val = None if validation is None else _Passes("validation", validation, epochs)
+        progress = _Progress(self.out, self.log_every, self.log_every_s)
+        report_epochs = epochs > 1 or val is not None
         t0 = time.perf_counter()
-        seen, losses, last_log, last_t = 0, [], 0, t0
-        for k, batch in enumerate(batches):
-            if max_steps is not None and k >= max_steps:
-                break
-            losses.append(self.train_step(batch))
-            seen += int(np.sum(batch.weights))
-            if self.log_every and (k + 1) % self.log_every == 0:
-                loss = float(np.mean(jax.device_get(losses[-self.log_every:])))
-                now = time.perf_counter()
-                rate = (seen - last_log) / (now - last_t)
-                self._log({"event": "train", "step": self.step_count, "examples": self.examples, "loss": loss,
-                           "examples_per_s": rate})
-                self.out(f"\rstep {self.step_count:>7}  {seen:>10,} examples  {rate:>9,.0f} ex/s  loss {loss:.4f}",
-                         **({"end": "", "flush": True} if self.out is print and sys.stdout.isatty() else {}))
-                last_log, last_t = seen, now
+        steps, seen, loss_sum, history = 0, 0, 0.0, []
+        try:
+            for epoch in range(epochs):
+                if max_steps is not None and steps >= max_steps:
+                    break
+                source = train.new()
+                if max_steps is not None:
+                    source = itertools.islice(source, max_steps - steps)
+                record = self._epoch(source, progress, steps, f"epoch {epoch + 1}/{epochs}  " if epochs > 1 else "")
+                if record["steps"] == 0 and epoch > 0 and history[0]["steps"] > 0:
+                    raise ValueError(f"fit: epoch {epoch + 1} got no batches: `batches` gave an exhausted "
+                                     f"iterable (a function must return a new iterable on every call)")
+                steps += record["steps"]
+                seen += record["examples"]
+                loss_sum += record.pop("loss_sum")
+                record = {"epoch": epoch + 1, **record}
+                if val is not None:
+                    result = self._evaluate(val.new())
+                    record["validation"] = {k: v for k, v in result.items() if k != "event"}
+                history.append(record)
+                if report_epochs:
+                    self._log({"event": "epoch", "epochs": epochs, **record})
+                    progress.line(self._epoch_line(record, epochs), final=True)
+        finally:
+            progress.close()
         jax.block_until_ready(self.params)
         seconds = time.perf_counter() - t0
-        summary = {"event": "fit", "steps": len(losses), "examples": seen, "seconds": seconds,
+        summary = {"event": "fit", "steps": steps, "examples": seen, "seconds": seconds,
                    "examples_per_s": seen / max(seconds, 1e-9),
-                   "loss": float(np.mean(jax.device_get(losses))) if losses else float("nan")}
+                   "loss": loss_sum / steps if steps else float("nan")}
         self._log(summary)
-        return summary
+        return {**summary, "epochs": history}
+
+    def _epoch(self, source, progress: _Progress, steps_before: int, prefix: str) -> dict:
+        """One pass over `source`: {steps, examples, seconds, loss, loss_sum}."""
+        t0 = time.perf_counter()
+        steps, seen, loss_sum = 0, 0, 0.0
+        window, window_seen, last_t = [], 0, t0
+        for batch in source:
+            if steps == 0 and steps_before == 0:
+                cache = self._compiled_count()
+                first_t = time.perf_counter()
+                loss = jax.block_until_ready(self.train_step(batch))
+                took = time.perf_counter() - first_t
+                compiled = cache is not None and self._compiled_count() != cache
+                n = int(np.sum(batch.weights))
+                steps, seen, loss_sum = 1, n, float(loss)
+                what = f"compiled and ran in {took:.2f} s" if compiled else f"ran in {took:.3f} s"
+                if progress.active:
+                    self._log({"event": "train", "step": self.step_count, "examples": self.examples,
+                               "loss": float(loss), "first_step_s": took, "compiled": compiled})
+                progress.line(f"{prefix}step {self.step_count:>7}  first step {what}  loss {float(loss):.4f}")
+                last_t = time.perf_counter()
+                continue
+            window.append(self.train_step(batch))
+            n = int(np.sum(batch.weights))
+            steps += 1
+            seen += n
+            window_seen += n
+            now = time.perf_counter()
+            if progress.active and (steps % progress.every == 0 or now - last_t >= progress.every_s):
+                losses = jax.device_get(window)
+                loss_sum += float(np.sum(losses))
+                now = time.perf_counter()
+                rate = window_seen / max(now - last_t, 1e-9)
+                loss = float(np.mean(losses))
+                self._log({"event": "train", "step": self.step_count, "examples": self.examples, "loss": loss,
+                           "examples_per_s": rate})
+                progress.line(f"{prefix}step {self.step_count:>7}  {seen:>10,} examples  {rate:>9,.0f} ex/s  "
+                              f"loss {loss:.4f}")
+                window, window_seen, last_t = [], 0, now
+        if window:
+            loss_sum += float(np.sum(jax.device_get(window)))
+        seconds = time.perf_counter() - t0
+        return {"steps": steps, "examples": seen, "seconds": seconds, "examples_per_s": seen / max(seconds, 1e-9),
+                "loss": loss_sum / steps if steps else float("nan"), "loss_sum": loss_sum, "step": self.step_count}
+
+    def _compiled_count(self):
+        """How many programs the training step has compiled (None if JAX does not say)."""
+        try:
+            return self._train._cache_size()
+        except AttributeError:
+            return None
+
+    @staticmethod
+    def _epoch_line(record: dict, epochs: int) -> str:
+        text = (f"epoch {record['epoch']}/{epochs}  {record['steps']} steps  {record['examples']:,} examples  "
+                f"loss {record['loss']:.4f}  {record['seconds']:.1f} s")
+        v = record.get("validation")
+        if v is not None:
+            text += (f"  validation: auc {v['auc']:.4f}  logloss {v['logloss']:.4f}  "
+                     f"calibration {v['calibration']:.3f}  ({v['examples']:,} examples)")
+        return text
 
     def predict(self, batch: SparseBatch) -> np.ndarray:
         """Probabilities, from rows read without creating any."""
@@ -174,18 +437,95 @@ class Trainer:
         return np.asarray(jax.nn.sigmoid(self._logits(self.params, rows, batch)))
 
     def evaluate(self, batches: Iterable[SparseBatch]) -> dict:
+        """AUC, log loss and calibration over the real (weight > 0) rows,
+        read-only (no rows created); logged as an "eval" event."""
+        result = self._evaluate(batches)
+        self._log(result)
+        return result
+
+    def _evaluate(self, batches: Iterable[SparseBatch]) -> dict:
         labels, probs, weights = [], [], []
         for batch in batches:
             probs.append(self.predict(batch))
             labels.append(np.asarray(batch.labels))
             weights.append(np.asarray(batch.weights))
+        if not probs:
+            raise ValueError("evaluate: no batches to evaluate")
         y, p, w = (np.concatenate(a) for a in (labels, probs, weights))
         real = w > 0
-        result = {"event": "eval", "step": self.step_count, "examples": int(real.sum()),
-                  "auc": auc(y[real], p[real]), "logloss": log_loss(y[real], p[real]),
-                  "calibration": calibration(y[real], p[real])}
-        self._log(result)
-        return result
+        return {"event": "eval", "step": self.step_count, "examples": int(real.sum()),
+                "auc": auc(y[real], p[real]), "logloss": log_loss(y[real], p[real]),
+                "calibration": calibration(y[real], p[real])}
+
+    # --------------------------------------------------------------- state
+    def state_dict(self, tables: bool = True) -> dict:
+        """A deep copy of the whole training state, in plain values:
+
+            {"params":     {path: np.ndarray},   the dense parameters
+             "opt_state":  {path: np.ndarray},   the optax state
+             "tables":     {table name: table.dump()},   rows, slots, metadata, filter, clock
+             "step_count": int, "examples": int}
+
+        (paths like "deep/layers/0/kernel"). Later training does not change
+        it; `load_state_dict` returns this trainer, or a new one built the
+        same way, to it exactly. tables=False leaves the tables out (the
+        dense part only, e.g. for a serving copy that takes rows
+        elsewhere). Nothing here is pickled: arrays, dicts and ints."""
+        state = {"params": _flat_copy(self.params), "opt_state": _flat_copy(self.opt_state),
+                 "step_count": int(self.step_count), "examples": int(self.examples)}
+        if tables:
+            state["tables"] = {name: t.dump() for name, t in self.tables.items()}
+        return state
+
+    def load_state_dict(self, state: dict, strict: bool = True) -> None:
+        """Restores a `state_dict()` (of this trainer or of one built the same
+        way: same model, tables and optimizer). Every part is checked before
+        anything changes (array names, shapes and dtypes; table names and
+        row widths), and errors name what does not fit. strict=False: parts
+        absent from `state` (and tables it does not name) are left as they
+        are."""
+        if not isinstance(state, dict):
+            raise TypeError(f"state must be a dict from state_dict(), got {type(state).__name__}")
+        parts = ("params", "opt_state", "tables", "step_count", "examples")
+        unknown = sorted(set(state) - set(parts))
+        if unknown:
+            raise ValueError(f"state has unknown parts {unknown}; a state_dict() has {list(parts)}")
+        if strict:
+            missing = [p for p in parts if p not in state]
+            if missing:
+                raise ValueError(f"state lacks {missing} (load_state_dict(state, strict=False) restores only "
+                                 f"the parts given)")
+        params = _restored(self.params, state["params"], "params") if "params" in state else None
+        opt_state = _restored(self.opt_state, state["opt_state"], "opt_state") if "opt_state" in state else None
+        dumps = state.get("tables", {})
+        if not isinstance(dumps, dict):
+            raise TypeError(f"state 'tables' must be a dict of table dumps, got {type(dumps).__name__}")
+        extra = sorted(set(dumps) - set(self.tables))
+        missing = sorted(set(self.tables) - set(dumps)) if strict and "tables" in state else []
+        if extra or missing:
+            raise ValueError(f"state 'tables' does not fit this trainer's tables {sorted(self.tables)}: "
+                             f"missing {missing}, unexpected {extra}")
+        for name, dump in dumps.items():
+            table = self.tables[name]
+            values = np.shape(dump.get("values", ())) if isinstance(dump, dict) else ()
+            if not isinstance(dump, dict) or len(values) != 2 or values[1] != table.dim:
+                raise ValueError(f"state 'tables'[{name!r}] is not a dump of a table of dim {table.dim} "
+                                 f"(values {values})")
+        counters = {}
+        for key in ("step_count", "examples"):
+            if key in state:
+                v = state[key]
+                if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
+                    raise ValueError(f"state {key!r} must be an int >= 0, got {v!r}")
+                counters[key] = int(v)
+        for name, dump in dumps.items():
+            self.tables[name].load(dump)
+        if params is not None:
+            self.params = params
+        if opt_state is not None:
+            self.opt_state = opt_state
+        for key, v in counters.items():
+            setattr(self, key, v)
 
     def _log(self, record: dict) -> None:
         if self._metrics is not None:

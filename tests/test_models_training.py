@@ -1,6 +1,9 @@
 """Models' forward shapes, pooling, and training that lowers the loss on a
 synthetic set with a known signal; shared tables step once per id."""
 
+import json
+import re
+
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -116,6 +119,47 @@ def _small_batches(n=2000, size=250, seed=0, features=FEATS, dense=DENSE):
     return [records_to_batch(data.slice(s, size), features, dense, "label", size) for s in range(0, n, size)]
 
 
+class _Logits(nnx.Module):
+    """logit = <w, [user row, item row, x]> + b, returned in `shape` form."""
+
+    def __init__(self, shape="b", dim=4):
+        self.w = nnx.Param(0.1 * jnp.ones((2 * dim + 1,)))
+        self.b = nnx.Param(jnp.zeros(()))
+        self.shape = shape
+
+    def __call__(self, fields, dense):
+        z = jnp.concatenate([fields["user"], fields["item"], dense], axis=-1) @ self.w[...] + self.b[...]
+        return {"b": z, "b1": z[:, None], "b2": jnp.stack([z, z], axis=1), "bb": z[:, None] + z[None, :],
+                "scalar": z.sum(), "int": z.astype(jnp.int32)}[self.shape]
+
+
+def test_logits_of_shape_b1_train_exactly_as_b():
+    batches = _small_batches()
+    a = _small_trainer(model=_Logits("b"), dim=4)
+    b = _small_trainer(model=_Logits("b1"), dim=4)
+    fa, fb = a.fit(batches), b.fit(batches)
+    assert fa["loss"] == pytest.approx(fb["loss"], rel=1e-6)
+    np.testing.assert_allclose(a.predict(batches[0]), b.predict(batches[0]), rtol=1e-6)
+    assert b.predict(batches[0]).shape == (250,)
+    assert b.evaluate(batches)["auc"] > 0.6
+
+
+@pytest.mark.parametrize("shape, returned", [("b2", r"\(250, 2\)"), ("bb", r"\(250, 250\)"), ("scalar", r"\(\)")])
+def test_other_logit_shapes_are_refused_at_the_first_step(shape, returned):
+    tr = _small_trainer(model=_Logits(shape), dim=4)
+    batch = _small_batches()[0]
+    message = rf"_Logits returned logits of shape {returned}; expected \(250,\) .*or \(250, 1\)"
+    with pytest.raises(ValueError, match=message):
+        tr.train_step(batch)
+    assert tr.step_count == 0 and len(tr.tables["ids"]) == 0      # nothing ran
+    with pytest.raises(ValueError, match=message):
+        tr.predict(batch)
+    with pytest.raises(ValueError, match=message):
+        tr.fit([batch])
+    with pytest.raises(TypeError, match="_Logits returned logits of dtype int32"):
+        _small_trainer(model=_Logits("int"), dim=4).train_step(batch)
+
+
 @pytest.mark.parametrize("make", [
     lambda r: DeepFM(["user", "item"], 4, 1, (8,), rngs=r),
     lambda r: WideAndDeep(["user", "item"], 4, 1, (8,), rngs=r),
@@ -160,3 +204,150 @@ def test_a_model_built_for_dense_features_refuses_a_batch_without_them():
     with pytest.raises(ValueError, match=r"DCNv2 was built with n_dense=2 but the batch has dense features of "
                                          r"shape \(250, 1\)"):
         tr.train_step(_small_batches()[0])
+
+
+# ------------------------------------------------------------------- fit
+def test_fit_epochs_over_a_list_or_a_function_with_validation(tmp_path):
+    batches, val = _small_batches(2000), _small_batches(1000, seed=1)
+    lines = []
+    metrics = tmp_path / "m.jsonl"
+    tr = _small_trainer(out=lines.append, log_every=0, metrics_path=str(metrics))
+    s = tr.fit(batches, epochs=3, validation=val)
+    assert s["steps"] == 24 and s["examples"] == 6000 and tr.step_count == 24
+    assert [e["epoch"] for e in s["epochs"]] == [1, 2, 3] and all(e["steps"] == 8 for e in s["epochs"])
+    aucs = [e["validation"]["auc"] for e in s["epochs"]]
+    assert aucs[-1] > aucs[0] and s["epochs"][-1]["validation"]["examples"] == 1000
+    events = [json.loads(x) for x in metrics.read_text().splitlines()]
+    epochs = [e for e in events if e["event"] == "epoch"]
+    assert [e["epoch"] for e in epochs] == [1, 2, 3] and epochs[2]["validation"]["auc"] == aucs[2]
+    assert events[-1]["event"] == "fit" and events[-1]["steps"] == 24
+    assert lines == []                                           # log_every=0: quiet
+
+    calls = []
+
+    def make():
+        calls.append(1)
+        return iter(batches)
+
+    tr2 = _small_trainer(log_every=0)
+    s2 = tr2.fit(make, epochs=3, validation=lambda: iter(val))
+    assert len(calls) == 3 and s2["steps"] == 24
+    # the same batches in the same order train the same model
+    np.testing.assert_allclose([e["validation"]["auc"] for e in s2["epochs"]], aucs, rtol=1e-6)
+
+    # max_steps counts across epochs; no batch past it is drawn
+    drawn = []
+
+    def counting():
+        for b in batches:
+            drawn.append(1)
+            yield b
+
+    s3 = _small_trainer(log_every=0).fit(counting, epochs=3, max_steps=10)
+    assert s3["steps"] == 10 and [e["steps"] for e in s3["epochs"]] == [8, 2] and len(drawn) == 10
+
+
+def test_fit_refuses_epochs_over_a_one_shot_iterator_and_an_exhausted_function():
+    batches = _small_batches(1000)
+    tr = _small_trainer()
+    with pytest.raises(ValueError, match=r"fit\(epochs=2\): batches is a one-shot iterator \(generator\).*"
+                                         r"lambda: iter_batches"):
+        tr.fit((b for b in batches), epochs=2)
+    with pytest.raises(ValueError, match=r"validation is a one-shot iterator"):
+        tr.fit(batches, epochs=2, validation=iter(batches))
+    assert tr.step_count == 0                                    # refused before training
+    once = iter(batches)
+    with pytest.raises(ValueError, match=r"epoch 2 got no batches"):
+        tr.fit(lambda: once, epochs=2)
+    with pytest.raises(TypeError, match=r"batches must be an iterable of SparseBatches or a function"):
+        tr.fit(batches[0])
+    with pytest.raises(ValueError, match=r"epochs must be an int >= 1"):
+        tr.fit(batches, epochs=0)
+    # one pass over a generator, as before
+    assert _small_trainer().fit(b for b in batches)["steps"] == 4
+
+
+def test_fit_prints_from_the_first_step_then_every_log_every_steps():
+    lines = []
+    tr = _small_trainer(out=lines.append, log_every=3, log_every_s=1e9)
+    tr.fit(_small_batches(2000))                                  # 8 steps
+    assert len(lines) == 3
+    assert re.match(r"step +1  first step compiled and ran in \d+\.\d+ s  loss \d\.\d{4}$", lines[0]), lines[0]
+    assert re.match(r"step +3 +750 examples .* ex/s  loss \d\.\d{4}$", lines[1]) and "step       6" in lines[2]
+    lines.clear()
+    tr.fit(_small_batches(500))                                   # compiled already
+    assert "first step ran in" in lines[0] and "compiled" not in lines[0]
+    # or every few seconds, whichever comes first
+    lines.clear()
+    _small_trainer(out=lines.append, log_every=10**6, log_every_s=1e-9).fit(_small_batches(1000))
+    assert len(lines) == 4
+    # epochs: a line per epoch
+    lines.clear()
+    _small_trainer(out=lines.append, log_every=100, log_every_s=1e9).fit(_small_batches(500), epochs=2)
+    assert [x.split("  ")[0] for x in lines] == ["epoch 1/2", "epoch 1/2", "epoch 2/2"]
+    assert "2 steps  500 examples  loss" in lines[1]
+
+
+# ----------------------------------------------------------------- state
+def _rows(trainer):
+    d = trainer.tables["ids"].dump()
+    order = np.argsort(d["keys"])
+    return {k: v[order] for k, v in d.items() if isinstance(v, np.ndarray) and v.shape[:1] == d["keys"].shape}
+
+
+def test_state_dict_copies_and_restores_the_whole_training_state():
+    batches, probe = _small_batches(2000), _small_batches(500, seed=3)
+    tr = _small_trainer()
+    tr.fit(batches[:4])
+    state = tr.state_dict()
+    assert state["step_count"] == 4 and state["examples"] == 1000
+    assert all(isinstance(v, np.ndarray) for v in [*state["params"].values(), *state["opt_state"].values()])
+    assert "deep/layers/0/kernel" in state["params"]
+    at_copy, rows_at_copy = [tr.predict(b) for b in probe], _rows(tr)
+    frozen = {k: v.copy() for k, v in state["params"].items()}
+    tr.fit(batches[4:])
+    after = [tr.predict(b) for b in probe]
+    assert np.abs(after[0] - at_copy[0]).max() > 1e-4
+    assert all(np.array_equal(frozen[k], v) for k, v in state["params"].items())   # a copy: training did not move it
+
+    tr.load_state_dict(state)
+    assert tr.step_count == 4 and tr.examples == 1000
+    for p, q in zip(at_copy, [tr.predict(b) for b in probe]):
+        np.testing.assert_array_equal(p, q)
+    for k, v in _rows(tr).items():
+        np.testing.assert_array_equal(v, rows_at_copy[k])
+    # and training on from it repeats the same steps exactly
+    tr.fit(batches[4:])
+    for p, q in zip(after, [tr.predict(b) for b in probe]):
+        np.testing.assert_array_equal(p, q)
+
+    # into a fresh trainer of the same job (other initial params): the same model
+    fresh = _small_trainer(seed=7)
+    fresh.load_state_dict(state)
+    for p, q in zip(at_copy, [fresh.predict(b) for b in probe]):
+        np.testing.assert_array_equal(p, q)
+    state["params"]["bias"][...] = 100.0                        # the trainer holds its own copy
+    np.testing.assert_array_equal(fresh.predict(probe[0]), at_copy[0])
+
+
+def test_load_state_dict_refuses_a_state_of_another_job_before_changing_anything():
+    tr = _small_trainer()
+    tr.fit(_small_batches(500))
+    state = tr.state_dict()
+    other = _small_trainer(model=DeepFM(["user", "item"], 4, 1, (16,), rngs=nnx.Rngs(0)))
+    before = other.state_dict()
+    with pytest.raises(ValueError, match=r"state 'params': deep/layers/0/bias is float32\(8,\), this trainer's "
+                                         r"is float32\(16,\)"):
+        other.load_state_dict(state)
+    assert other.step_count == 0 and len(other.tables["ids"]) == 0
+    assert all(np.array_equal(before["params"][k], v) for k, v in other.state_dict()["params"].items())
+    wide = _small_trainer(dim=9, model=DeepFM(["user", "item"], 8, 1, (8,), rngs=nnx.Rngs(0)))
+    with pytest.raises(ValueError, match=r"missing \[.*\], unexpected|is float32"):
+        wide.load_state_dict(state)
+    with pytest.raises(ValueError, match=r"state lacks \['tables'\]"):
+        tr.load_state_dict(tr.state_dict(tables=False))
+    # strict=False: only the parts given (the dense part, for a serving copy)
+    copy = _small_trainer(seed=3)
+    copy.load_state_dict({"params": state["params"]}, strict=False)
+    assert copy.step_count == 0 and len(copy.tables["ids"]) == 0
+    assert all(np.array_equal(state["params"][k], v) for k, v in copy.state_dict()["params"].items())

@@ -26,3 +26,26 @@ def test_host_step_equals_the_in_jit_step():
     np.testing.assert_allclose(da["values"][oa], db["values"][ob], rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(da["slots"][oa], db["slots"][ob], rtol=1e-6, atol=1e-7)
     assert a.step_count == b.step_count == 5 and a.examples == b.examples
+
+
+def test_host_step_checks_the_model_output_and_its_inputs():
+    import pytest
+    from flax import nnx
+
+    from tests.test_models_training import _Logits, _small_batches, _small_trainer
+    from monolith_jax.models import DeepFM
+
+    batch = _small_batches(500)[0]
+    a = _small_trainer(model=_Logits("b"), dim=4)
+    b = _small_trainer(model=_Logits("b1"), dim=4)
+    for _ in range(3):
+        np.testing.assert_allclose(float(a.train_step_host(batch)), float(b.train_step_host(batch)), rtol=1e-6)
+    np.testing.assert_allclose(a.predict(batch), b.predict(batch), rtol=1e-6)
+    bad = _small_trainer(model=_Logits("bb"), dim=4)
+    with pytest.raises(ValueError, match=r"_Logits returned logits of shape \(250, 250\); expected \(250,\)"):
+        bad.train_step_host(batch)
+    assert bad.step_count == 0
+    narrow = _small_trainer(model=DeepFM(["user", "item"], 4, 1, (8,), rngs=nnx.Rngs(0)), dim=4)
+    with pytest.raises(ValueError, match=r"DeepFM: feature 'user' reads a table with rows of width 4; DeepFM "
+                                         r"needs rows of width embed_dim \+ 1 = 5"):
+        narrow.train_step_host(batch)
