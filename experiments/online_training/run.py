@@ -155,9 +155,7 @@ class Frozen:
             if int(info["event_time_ms"].max()) < self.freeze_ms:
                 return
             self.copy = movielens_trainer(self.seed, **QUIET)
-            for name, t in online.trainer.tables.items():
-                self.copy.tables[name].load(t.dump())
-            self.copy.params = jax.tree.map(lambda x: x.copy(), online.trainer.params)
+            self.copy.load_state_dict(online.trainer.state_dict())
             self.at_example = online.examples
             return
         self.labels.append(np.asarray(batch.labels)[:rows])

@@ -37,7 +37,6 @@ import dataclasses
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pyarrow as pa
@@ -104,35 +103,6 @@ def time_cut_counts(times: np.ndarray, n_shards: int) -> np.ndarray:
     return np.histogram(times, edges)[0]
 
 
-# ----------------------------------------------------------------- state
-@dataclasses.dataclass
-class State:
-    """A trainer's whole training state: tables (with optimizer slots),
-    dense params and optimizer state, step count."""
-    tables: dict
-    params: object
-    opt_state: object
-    step_count: int
-
-
-def _copy(tree):
-    """A copy of a tree of arrays: the step does not donate its inputs
-    today, but a copy stays frozen whatever the step does with its buffers."""
-    return jax.tree.map(jnp.copy, tree)
-
-
-def save_state(trainer: Trainer) -> State:
-    return State({n: t.dump() for n, t in trainer.tables.items()}, _copy(trainer.params),
-                 _copy(trainer.opt_state), trainer.step_count)
-
-
-def restore_state(trainer: Trainer, state: State) -> None:
-    for name, dump in state.tables.items():
-        trainer.tables[name].load(dump)
-    trainer.params, trainer.opt_state = _copy(state.params), _copy(state.opt_state)
-    trainer.step_count = state.step_count
-
-
 def batch_train(train: pa.Table, epochs: int, batch: int, seed: int) -> Trainer:
     """Shuffled epochs over the batch-training part (the seed sets the
     initialisation and the shuffling)."""
@@ -172,7 +142,7 @@ class Serving:
             mine.clear()
             mine.assign(keys, values)
             rows += keys.size
-        self.trainer.params = _copy(source.params)
+        self._dense_from(source)
         self.sync_s += time.perf_counter() - t0
         return rows
 
@@ -184,23 +154,27 @@ class Serving:
             keys, values = t.drain_touched()
             self.trainer.tables[name].assign(keys, values)
             rows += keys.size
-        self.trainer.params = _copy(source.params)
+        self._dense_from(source)
         self.syncs += 1
         self.rows_pushed += rows
         self.sync_s += time.perf_counter() - t0
         return rows
 
+    def _dense_from(self, source: Trainer) -> None:
+        """The trainer's dense params, copied (its tables reach this copy row by row)."""
+        self.trainer.load_state_dict({"params": source.state_dict(tables=False)["params"]}, strict=False)
+
     def score(self, batch_list) -> np.ndarray:
         return score(self.trainer, batch_list)
 
 
-def online(trainer: Trainer, serving: Serving, base: State, shards: list[list], on_sync=None) -> dict:
-    """Algorithm 1 from `base` over `shards`. Returns the serving copy's
+def online(trainer: Trainer, serving: Serving, base: dict, shards: list[list], on_sync=None) -> dict:
+    """Algorithm 1 from `base` (a `Trainer.state_dict()`) over `shards`. Returns the serving copy's
     scores on every stream row, in order, and the time spent.
 
     on_sync(k, trainer, serving): called after the sync that follows shard k
     (the test rebuilds the serving model from what it sees there)."""
-    restore_state(trainer, base)
+    trainer.load_state_dict(base)
     serving.syncs, serving.rows_pushed, serving.sync_s = 0, 0, 0.0
     serving.full_sync(trainer)
     scores, t_score, t_train = [], 0.0, 0.0
@@ -243,7 +217,7 @@ def run_seed(data: Data, shards_by_n: dict, epochs: int, batch: int, seed: int, 
     trainer = batch_train(data.train, epochs, batch, seed)
     jax.block_until_ready(trainer.params)
     t_batch = time.perf_counter() - t0
-    base = save_state(trainer)
+    base = trainer.state_dict()
     labels, new_user = data.labels, data.new_user
 
     # Batch-only: the batch-trained model serves the whole stream. Its scores

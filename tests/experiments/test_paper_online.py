@@ -57,7 +57,7 @@ def test_serving_copy_is_frozen_between_syncs_and_catches_up_at_each():
         mine, theirs = _export(serving.trainer.tables["ids"]), _export(trainer.tables["ids"])
         assert all(np.array_equal(mine[key], theirs[key]) for key in theirs)
         if n == 6:
-            synced.append(run.save_state(trainer))
+            synced.append(trainer.state_dict())
 
     res = run.run_seed(data, shards, epochs=2, batch=256, seed=0, out=lambda *a: None, on_sync=on_sync,
                        keep_scores=True)
@@ -77,9 +77,9 @@ def test_serving_copy_is_frozen_between_syncs_and_catches_up_at_each():
     rebuilt = run.make_trainer(0)
     for k in range(1, 6):
         part = slice(edges[6][k], edges[6][k + 1])
-        run.restore_state(rebuilt, synced[k - 1])
+        rebuilt.load_state_dict(synced[k - 1])
         np.testing.assert_allclose(scores["online N=6"][part], run.score(rebuilt, shards[6][k]), atol=1e-6)
-        run.restore_state(rebuilt, synced[k])
+        rebuilt.load_state_dict(synced[k])
         assert np.abs(run.score(rebuilt, shards[6][k]) - scores["online N=6"][part]).max() > 1e-3
         # and it is newer than the batch-only model
         assert np.abs(scores["online N=6"][part] - scores["batch-only"][part]).max() > 1e-3
