@@ -33,7 +33,7 @@ def joiner_command(bootstrap: str, group: str, labels, topics: dict | None = Non
     """The `monolith join` process for a job's `LabelRule` (flags override it)."""
     cmd = [sys.executable, "-m", "monolith_jax.cli", "join", "--bootstrap", bootstrap, "--group", group,
            "--window", str(labels.window_s if window_s is None else window_s), "--lateness", str(lateness_s),
-           "--positive", ",".join(labels.positive), "--min-value", str(labels.min_value),
+           "--positive", ",".join(labels.positive), f"--min-value={labels.min_value}",
            "--negative-rate", str(labels.negative_rate if negative_rate is None else negative_rate),
            "--idle-flush", str(idle_flush_s), "--report-every", "0",
            # A replay packs sessions into seconds: emitting at window end keeps
