@@ -205,8 +205,10 @@ def _rows(mask: np.ndarray, limit: int = 5) -> str:
     return f"row{'s' if rows.size > 1 else ''} {shown}{', ...' if rows.size > limit else ''}"
 
 
-def _id_column(values, feature: SparseFeature) -> tuple[np.ndarray, np.ndarray]:
-    """(keys uint64 (n, max_len) padded with PAD_KEY, lengths int32 (n,)), vectorized."""
+def _id_column(values, feature: SparseFeature, raw_ids: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(keys uint64 (n, max_len) padded with PAD_KEY, lengths int32 (n,)), vectorized.
+    raw_ids: the record's ids as they are (strings hashed), not yet in the
+    feature's key space: what a stream message carries (the replayer)."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -254,7 +256,7 @@ def _id_column(values, feature: SparseFeature) -> tuple[np.ndarray, np.ndarray]:
     pos = np.arange(feature.max_len)
     take = pos[None, :] < lengths[:, None]
     src = (offsets[:-1, None] + pos[None, :])[take]
-    out[take] = feature.keys(raw[src])
+    out[take] = raw[src] if raw_ids else feature.keys(raw[src])
     return out, lengths
 
 

@@ -166,6 +166,10 @@ class Job:
             raise TypeError(f"job {self.name!r}: labels must be a LabelRule")
         if self.log is not None and not isinstance(self.log, LogSpec):
             raise TypeError(f"job {self.name!r}: log must be a LogSpec")
+        if self.log is not None and not set(self.log.actions) & set(self.labels.positive):
+            # The replayer would send actions the joiner never counts as positive.
+            raise ValueError(f"job {self.name!r}: the log's actions {sorted(self.log.actions)} include none of "
+                             f"the label rule's positive types {list(self.labels.positive)}")
 
     # ------------------------------------------------------------------
     def table_configs(self, seed: int | None = None) -> list:

@@ -38,6 +38,8 @@ def test_a_job_checks_its_parts():
         mj.LabelRule(positive=())
     with pytest.raises(ValueError, match="time_unit"):
         mj.LogSpec("ts", {"click": "c"}, time_unit="h")
+    with pytest.raises(ValueError, match="include none of the label rule's positive types"):
+        make(labels=mj.LabelRule(positive=("click",)), log=mj.LogSpec("ts", {"rate": "rating"}))
     job = make(seed=3)
     assert job.table_configs()[0].seed == 3 and job.table_configs(5)[0].seed == 5
 

@@ -111,7 +111,7 @@ class LogReplay:
             rids = [f"row{i}" for i in range(n)]
         sparse = []
         for f in job.sparse:
-            keys, lengths = _id_column(table.column(f.source), f)
+            keys, lengths = _id_column(table.column(f.source), f, raw_ids=True)
             sparse.append((f.source, keys, lengths))
         dense = []
         for f in job.dense:

@@ -96,6 +96,13 @@ def own_predictions(trainer, path, n) -> np.ndarray:
     return probs[:n]
 
 
+def assert_rows_found(client):
+    """Every id of the requests had a trained row on the serving PS (equal
+    answers from rows nobody has would prove nothing)."""
+    stats = client.info()[1]
+    assert stats["predictions"] > 0 and stats["unknown_ids"] == {"ids": 0}, stats
+
+
 def assert_served_equal(model, serving_args, trainer, test_path, cols, n=300):
     from monolith_jax.serving.predictor import PredictorClient
 
@@ -106,6 +113,7 @@ def assert_served_equal(model, serving_args, trainer, test_path, cols, n=300):
             client = PredictorClient(pred.address)
             served = np.concatenate([client.predict(requests_of(cols, range(s, min(s + 100, n))))
                                      for s in range(0, n, 100)])
+            assert_rows_found(client)
             client.close()
         finally:
             pred.stop()
@@ -113,6 +121,7 @@ def assert_served_equal(model, serving_args, trainer, test_path, cols, n=300):
         ps.stop()
     own = own_predictions(trainer, test_path, n)
     np.testing.assert_allclose(served, own, rtol=1e-4, atol=1e-6)
+    assert np.std(served) > 0.05  # the model tells requests apart
     return served
 
 
@@ -177,6 +186,7 @@ def test_stream_replay_join_train_sync_and_serve_through_commands(tmp_path):
             try:
                 client = PredictorClient(pred.address)
                 served = client.predict(requests_of(cols, range(200)))
+                assert_rows_found(client)
                 client.close()
             finally:
                 pred.stop()
