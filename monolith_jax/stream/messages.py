@@ -51,6 +51,9 @@ requests follow too, `monolith_jax.features`):
 - a dense feature holds one finite value; a missing or non-finite one is
   refused, unless the `DenseFeature` declares a `fill`, which replaces it
   (counted in `info["filled"]` and `monolith_jax.features.fill_counts()`).
+  Upstream, `parse_features` (the joiner's check) refuses a non-finite
+  value unless it is given the job's dense features and that one has a
+  fill.
 """
 
 from __future__ import annotations
@@ -119,13 +122,17 @@ def _parse(cls, value, what: str):
     return msg
 
 
-def parse_features(value: bytes):
-    """A FeatureRecord from binary or JSON; MessageError if unusable."""
+def parse_features(value: bytes, dense: Sequence[DenseFeature] | None = None):
+    """A FeatureRecord from binary or JSON; MessageError if unusable. Each
+    dense value must be one finite number, except, when the job's `dense`
+    features are given, a non-finite one of a feature that declares a
+    `fill` (the trainer's decoder fills it)."""
     rec = _parse(_pb().FeatureRecord, value, "features")
     if not rec.request_id:
         raise MessageError("features message has no request_id")
+    filled = {f.source for f in dense or () if f.fill is not None}
     for d in rec.dense:
-        if len(d.values) != 1 or not math.isfinite(d.values[0]):
+        if len(d.values) != 1 or not (math.isfinite(d.values[0]) or d.name in filled):
             raise MessageError(f"features message: dense feature {d.name!r} must hold one finite value")
     return rec
 

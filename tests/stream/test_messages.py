@@ -125,6 +125,12 @@ def test_features_and_actions_parse_with_clear_errors():
     assert M.parse_action(b'{"request_id": "r1", "type": "click", "event_time_ms": 3}').type == "click"
     with pytest.raises(M.MessageError, match="no request_id"):
         M.parse_features(M.encode_features("", 5, {"u": [1]}))
+    nan_price = M.encode_features("r1", 5, {"u": [1]}, {"price": float("nan")})
+    with pytest.raises(M.MessageError, match="dense feature 'price' must hold one finite value"):
+        M.parse_features(nan_price)
+    with pytest.raises(M.MessageError, match="dense feature 'price' must hold one finite value"):
+        M.parse_features(nan_price, [DenseFeature("price")])
+    assert M.parse_features(nan_price, [DenseFeature("p", column="price", fill=0.0)]).request_id == "r1"
     with pytest.raises(M.MessageError, match="no type"):
         M.parse_action(M.encode_action("r1", 5, ""))
     with pytest.raises(M.MessageError, match="unreadable"):
