@@ -154,7 +154,11 @@ class Predictor:
         out = {}
         for name, (flat, lengths) in ids.items():
             if name not in self.sources:
-                raise RequestError(f"unknown feature {name!r}; the model reads {sorted(self.sources)}")
+                hint = ""
+                if name in self.features:
+                    hint = (f" (feature {name!r} is read from {_source(self.features[name])!r}: requests name "
+                            f"features by source, as records do)")
+                raise RequestError(f"unknown feature {name!r}; the model reads {sorted(self.sources)}{hint}")
             flat, lengths = np.asarray(flat), np.asarray(lengths)
             if flat.dtype != _U64 or flat.ndim != 1:
                 raise RequestError(f"feature {name!r}: ids must be a 1-d uint64 array, got {flat.dtype}{flat.shape}")

@@ -217,7 +217,9 @@ def test_the_predictor_keys_requests_as_the_trainer_did(shared, tmp_path):
             predictor.predict_arrays(sub, gap, 3)
         with pytest.raises(RequestError, match="lacks sparse feature 'item_id'"):
             predictor.predict_arrays({"user_id": sub["user_id"]}, dense[:3], 3)
-        with pytest.raises(RequestError, match=r"unknown feature 'item'; the model reads \['item_id', 'user_id'\]"):
+        with pytest.raises(RequestError, match=r"unknown feature 'item'; the model reads \['item_id', 'user_id'\] "
+                                               r"\(feature 'item' is read from 'item_id': requests name features "
+                                               r"by source"):
             predictor.predict_arrays({**sub, "item": sub["item_id"]}, dense[:3], 3)
     finally:
         predictor.close()
