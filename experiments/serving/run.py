@@ -144,8 +144,14 @@ class Prober:
                             self.stages.setdefault(probe, {})["example"] = now - t_act
         self._consumer.close()
 
+    def _request(self, keys: np.ndarray) -> dict:
+        """The probe users' ids, every other feature present with no ids."""
+        ids = {f.source: (np.zeros(0, np.uint64), np.zeros(keys.size, np.int32)) for f in R.movielens_features()}
+        ids["user"] = (keys, np.ones(keys.size, np.int32))
+        return ids
+
     def check_unknown(self, key) -> int:
-        out = self.client.predict_arrays({"user": (np.array([key], np.uint64), np.ones(1, np.int32))})
+        out = self.client.predict_arrays(self._request(np.array([key], np.uint64)))
         return int(out["unknown"][0])
 
     def add(self, probe: int, key, t_action: float) -> None:
@@ -161,9 +167,11 @@ class Prober:
             from monolith_jax.rpc import serving_pb2 as pb
 
             keys = np.array([k for _, (k, _) in items], np.uint64)
-            found = np.frombuffer(self._ps.Lookup(pb.LookupRequest(table="ids", keys=keys.tobytes())).found, np.uint8)
+            user = next(f for f in R.movielens_features() if f.name == "user")
+            rows = user.keys(keys)  # the table keys of the user feature's ids
+            found = np.frombuffer(self._ps.Lookup(pb.LookupRequest(table="ids", keys=rows.tobytes())).found, np.uint8)
             t_ps = time.time()
-            out = self.client.predict_arrays({"user": (keys, np.ones(keys.size, np.int32))})
+            out = self.client.predict_arrays(self._request(keys))
             now = time.time()
             with self._lock:
                 for (probe, (_, t_act)), unknown, on_ps in zip(items, out["unknown"], found):
@@ -193,6 +201,8 @@ def _probe_features(key, item_chunk: bytes, rid: str, t_ms: int) -> bytes:
 
     rec = pb.FeatureRecord(version=1, request_id=rid, event_time_ms=t_ms)
     rec.sparse.add(name="user", ids=[int(key)])
+    for name in ("age", "gender", "occupation"):  # a new user: present, with no ids
+        rec.sparse.add(name=name, ids=[])
     return rec.SerializeToString() + item_chunk
 
 
@@ -386,7 +396,10 @@ def serving(ratings, ps_port: int, pred_port: int, rows_per_sync: int, seconds: 
     address = f"127.0.0.1:{pred_port}"
     users, items = R.entity_keys(ratings)
     keys_path = os.path.join(tempfile.mkdtemp(prefix="monolith-sync-load-"), "keys.npy")
-    np.save(keys_path, np.unique(np.concatenate([*users.values(), items["movie"], items["year"], *items["genres"]])))
+    feats = {f.name: f for f in R.movielens_features()}   # the rows' keys: each feature's id space
+    np.save(keys_path, np.unique(np.concatenate([feats[n].keys(v) for n, v in users.items()] +
+                                                [feats[n].keys(items[n]) for n in ("movie", "year")] +
+                                                [feats["genres"].keys(np.concatenate(items["genres"]))])))
     result = {}
     for label in ("no_syncs", "syncs"):
         load = None

@@ -384,7 +384,10 @@ def run_repeat(win: Window, arms: list, serving: Serving, seed: int, workdir: st
     split = next(k for k, m in enumerate(messages) if m[3] >= win.start_ms)
     warm, paced = messages[:split], messages[split:]
     users, items = R.entity_keys(win.ratings)
-    keys = np.unique(np.concatenate([*users.values(), items["movie"], items["year"], *items["genres"]]))
+    feats = {f.name: f for f in R.movielens_features()}   # the rows' keys: each feature's id space
+    keys = np.unique(np.concatenate([feats[n].keys(v) for n, v in users.items()] +
+                                    [feats[n].keys(items[n]) for n in ("movie", "year")] +
+                                    [feats["genres"].keys(np.concatenate(items["genres"]))]))
     warm_users = np.unique(users["user"][win.ratings.user[:win.warmup]])
     rdir = os.path.join(workdir, f"repeat-{seed}")
     os.makedirs(rdir, exist_ok=True)

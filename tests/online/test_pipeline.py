@@ -127,6 +127,7 @@ def test_two_trainers_share_the_stream_across_a_rebalance(tansu_broker):
     did not always give a revoked member partitions back."""
     from confluent_kafka import Producer
 
+    from monolith_jax.examples.movielens.replay import movielens_features
     from monolith_jax.stream.joiner import ExampleGrouper
     from monolith_jax.stream.messages import encode_example, encode_features
 
@@ -139,8 +140,9 @@ def test_two_trainers_share_the_stream_across_a_rebalance(tansu_broker):
         prod = Producer(K.producer_config(bs))
         grouper = ExampleGrouper(prod, "examples", group_size=8, linger_s=0.005)
         rng = np.random.default_rng(0)
+        none = {f.source: [] for f in movielens_features()}  # a record carries every feature the job reads
         for i in range(total):
-            f = encode_features(f"q{i}", i, {"user": [int(rng.integers(0, 500))], "movie": [i % 97]})
+            f = encode_features(f"q{i}", i, {**none, "user": [int(rng.integers(0, 500))], "movie": [i % 97]})
             grouper.add(f"q{i}", encode_example(f, float(i % 3 == 0), 1.0, i))
             if i % 100 == 99:
                 grouper.flush()
