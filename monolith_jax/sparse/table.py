@@ -196,20 +196,29 @@ class EmbeddingTable:
     def drain_touched(self, dtype="float32") -> tuple[np.ndarray, np.ndarray]:
         """(keys, values) of the rows created or updated since the last drain,
         clearing their marks: what a parameter sync pushes. dtype: float32,
-        float16 or bfloat16 (serving keeps values only, compressed)."""
+        float16 or bfloat16 (serving keeps values only, compressed). A dtype
+        outside those is refused before any mark is cleared."""
+        target = self._export_dtype(dtype)
         keys, values = self._native.drain_touched()
-        return keys, self._as_export(values, dtype)
+        return keys, values if target is None else values.astype(target)
 
     def export(self, dtype="float32") -> tuple[np.ndarray, np.ndarray]:
         """(keys, values) of every row, values as float32, float16 or bfloat16."""
+        target = self._export_dtype(dtype)
         keys, values = self._native.export()
-        return keys, self._as_export(values, dtype)
+        return keys, values if target is None else values.astype(target)
 
-    def _as_export(self, values: np.ndarray, dtype) -> np.ndarray:
-        name = np.dtype(dtype).name if not isinstance(dtype, str) else dtype
+    def _export_dtype(self, dtype):
+        """The numpy type to convert exported values to (None: float32, as
+        stored); ValueError naming the table for any other dtype."""
+        try:
+            name = dtype if isinstance(dtype, str) else np.dtype(dtype).name
+        except TypeError:
+            name = None
         if name not in _EXPORT_DTYPES:
-            raise ValueError(f"table {self.name!r}: export dtype must be one of {sorted(_EXPORT_DTYPES)}, got {dtype!r}")
-        return values if name == "float32" else values.astype(_EXPORT_DTYPES[name])
+            raise ValueError(f"table {self.name!r}: export dtype must be one of {sorted(_EXPORT_DTYPES)}, "
+                             f"got {dtype!r}")
+        return None if name == "float32" else _EXPORT_DTYPES[name]
 
     # ------------------------------------------------------ state and stats
     def stats(self) -> dict:

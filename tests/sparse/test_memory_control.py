@@ -235,6 +235,25 @@ def test_export_and_drain_compress_values():
         t.export("int8")
 
 
+@pytest.mark.parametrize("dtype", ["int8", np.int8, "float64", "no-such-type"])
+def test_a_refused_drain_dtype_keeps_every_touched_mark(dtype):
+    """The dtype is checked before the marks are cleared: the rows of a
+    refused drain are still there for the next one (else they never sync)."""
+    t = make(initializer=Normal(0, 1))
+    t.lookup_host(np.arange(20, dtype=np.uint64))
+    t.drain_touched()
+    t.apply_gradients_host(np.array([3, 7, 11], np.uint64), ones(3), step=1)
+    with pytest.raises(ValueError, match=r"table 'm': export dtype must be one of"):
+        t.drain_touched(dtype)
+    with pytest.raises(ValueError, match=r"table 'm': export dtype must be one of"):
+        t.export(dtype)
+    assert t.stats()["touched"] == 3
+    keys, values = t.drain_touched("float16")
+    order = np.argsort(keys)
+    assert keys[order].tolist() == [3, 7, 11]
+    np.testing.assert_array_equal(values[order], t.find(keys[order])[0].astype(np.float16))
+
+
 def test_memory_stats_add_up():
     t = make(admission=FrequencyFilter(2, counters=1 << 14), max_rows=100, expire_after=5)
     ids = np.arange(300, dtype=np.uint64)
