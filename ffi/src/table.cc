@@ -2,9 +2,11 @@
 #include "table.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <mutex>
 #include <stdexcept>
+#include <string>
 
 #include "thread_pool.h"
 
@@ -36,10 +38,17 @@ inline void CopyRow(float* __restrict dst, const float* __restrict src, int dim)
   }
 }
 
-inline bool AllFinite(const float* g, int dim) {
+inline bool AllFinite(const float* g, int64_t n) {
   float acc = 0.0f;
-  for (int i = 0; i < dim; ++i) acc += g[i] * 0.0f;  // NaN iff some g is NaN/Inf
+  for (int64_t i = 0; i < n; ++i) acc += g[i] * 0.0f;  // NaN iff some g is NaN/Inf
   return acc == 0.0f;
+}
+
+// How many of v[0..n) are NaN or infinite.
+inline int64_t CountNonFinite(const float* v, size_t n) {
+  int64_t bad = 0;
+  for (size_t i = 0; i < n; ++i) bad += !std::isfinite(v[i]);
+  return bad;
 }
 
 using Shards = std::array<std::unique_ptr<Shard>, EmbeddingTable::kShards>;
@@ -78,6 +87,7 @@ struct ApplyScratch {
   std::vector<uint32_t> map_index;  // its unique index
   std::vector<uint64_t> unique_refs;
   std::vector<float> grad_sum;
+  std::vector<float> row;  // one row's values and slots, stepped before they are kept
 };
 
 }  // namespace
@@ -351,6 +361,8 @@ std::pair<int64_t, int64_t> EmbeddingTable::ApplyLocked(const uint64_t* keys, co
     }
     int64_t ok = 0, bad = 0;
     const size_t u_count = s.unique_refs.size();
+    const int state = dim + layout_.slot_width;  // values, then slots
+    s.row.resize(static_cast<size_t>(state));
     auto row_of = [&](RowRef ref) { return shards_[ref >> 32]->Row(static_cast<uint32_t>(ref)); };
     for (size_t u = 0; u < u_count; ++u) {
       if (u + 6 < u_count) {  // the whole row: values and optimizer slots
@@ -364,10 +376,20 @@ std::pair<int64_t, int64_t> EmbeddingTable::ApplyLocked(const uint64_t* keys, co
       }
       const RowRef ref = s.unique_refs[u];
       float* row = row_of(ref);
-      shards_[ref >> 32]->Touch(static_cast<uint32_t>(ref));
       uint32_t* meta = Shard::Meta(row);
       const uint32_t count = meta[1] == 0xFFFFFFFFu ? meta[1] : meta[1] + 1;
-      ApplyRule(opt, dim, lr, count, g, row + 4, row + 4 + dim);
+      // The step goes to a copy; a result with a NaN or Inf anywhere in the
+      // values or slots (a finite gradient times a large rate can overflow)
+      // is dropped and counted, and the row stays as it was.
+      float* next = s.row.data();
+      std::memcpy(next, row + 4, static_cast<size_t>(state) * sizeof(float));
+      ApplyRule(opt, dim, lr, count, g, next, next + dim);
+      if (!AllFinite(next, state)) {
+        ++bad;
+        continue;
+      }
+      std::memcpy(row + 4, next, static_cast<size_t>(state) * sizeof(float));
+      shards_[ref >> 32]->Touch(static_cast<uint32_t>(ref));
       meta[0] = time;
       meta[1] = count;
       ++ok;
@@ -580,6 +602,18 @@ TableDump EmbeddingTable::Dump() const {
 void EmbeddingTable::Load(const TableDump& d) {
   const int64_t n = static_cast<int64_t>(d.keys.size());
   const int dim = layout_.dim, width = layout_.slot_width;
+  if (d.values.size() != static_cast<size_t>(n) * dim || d.slots.size() != static_cast<size_t>(n) * width ||
+      d.last_update.size() != static_cast<size_t>(n) || d.update_count.size() != static_cast<size_t>(n) ||
+      (!d.touched.empty() && d.touched.size() != static_cast<size_t>(n))) {
+    throw std::invalid_argument("dump arrays do not match the table's dim and slots");
+  }
+  // Checked before anything changes: a refused dump leaves the table whole.
+  const int64_t bad_values = CountNonFinite(d.values.data(), d.values.size());
+  const int64_t bad_slots = CountNonFinite(d.slots.data(), d.slots.size());
+  if (bad_values || bad_slots) {
+    throw std::invalid_argument("the dump holds " + std::to_string(bad_values) + " non-finite values and " +
+                                std::to_string(bad_slots) + " non-finite optimizer slots; nothing was loaded");
+  }
   ExclusiveAll lock(shards_);
   std::array<int64_t, kShards> per_shard{};
   for (uint64_t k : d.keys) ++per_shard[ShardOf(Hash(k))];

@@ -13,8 +13,11 @@
 //   * Lookup is find-or-insert: a missing key gets a row whose values are a
 //     pure function of (seed, key) (initializers.h).
 //   * Apply sums the gradients of duplicate keys in order of appearance and
-//     steps each unique key's row once (optimizers.h); a row whose summed
-//     gradient is not finite is skipped and counted, never written.
+//     steps each unique key's row once (optimizers.h). A row whose summed
+//     gradient is not finite, or whose stepped values or optimizer slots
+//     would not be (a finite gradient times a large learning rate can
+//     overflow), is skipped and counted, never written: it keeps its values,
+//     slots, update count, last update and touched mark.
 //   * With an admission filter, only admitted ids get rows (see TableOptions).
 //   * Memory control: Expire() drops rows not updated for expire_after; with
 //     max_rows, a call that leaves more rows evicts the least recently
@@ -76,7 +79,7 @@ struct TableStats {
   int64_t lookups = 0;            // ids looked up
   int64_t inserts = 0;            // rows created
   int64_t updates = 0;            // row updates applied
-  int64_t nonfinite_skipped = 0;  // row updates refused for NaN/Inf gradients
+  int64_t nonfinite_skipped = 0;  // row updates refused: NaN/Inf gradient or result
   int64_t index_rebuilds = 0;     // times a shard's index grew
   int64_t index_kicks = 0;        // cuckoo displacements so far
   int64_t bytes_filter = 0;       // admission sketch
@@ -154,7 +157,9 @@ class EmbeddingTable {
   int64_t Size() const;
   TableStats Stats() const;
   TableDump Dump() const;
-  // Replaces the whole content with `d` (keys must be unique).
+  // Replaces the whole content with `d` (keys must be unique). A dump whose
+  // arrays do not fit, or that holds a NaN or Inf value or slot, throws
+  // std::invalid_argument before anything changes.
   void Load(const TableDump& d);
   void Clear();
 

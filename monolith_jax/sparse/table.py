@@ -239,7 +239,26 @@ class EmbeddingTable:
         return dict(self._native.dump())
 
     def load(self, dump: dict) -> None:
-        """Replaces the table's content with a `dump()` of a same-shaped table."""
+        """Replaces the table's content with a `dump()` of a same-shaped table.
+        Everything is checked first (`check_dump`): a refused dump leaves the
+        table as it was."""
+        arrays, clock = self._checked_dump(dump)
+        self._native.load(
+            arrays["keys"], arrays["values"], arrays["slots"].reshape(-1),
+            arrays["last_update"], arrays["update_count"], arrays["touched"], arrays["filter"], clock,
+        )
+
+    def check_dump(self, dump: dict) -> None:
+        """Raises (TypeError / ValueError naming the table and the field) if
+        `load(dump)` would refuse it: missing fields, dtypes or shapes that
+        do not fit this table (dim, optimizer slots, admission filter),
+        duplicate keys, a clock out of range, NaN or Inf values or slots.
+        Changes nothing, so several tables can be checked before any loads."""
+        self._checked_dump(dump)
+
+    def _checked_dump(self, dump: dict) -> tuple[dict, int]:
+        if not isinstance(dump, dict):
+            raise TypeError(f"table {self.name!r}: a dump is a dict from dump(), got {type(dump).__name__}")
         missing = [f for f in _DUMP_FIELDS if f not in dump]
         if missing:
             raise ValueError(f"table {self.name!r}: dump lacks {missing}")
@@ -247,14 +266,13 @@ class EmbeddingTable:
         if keys.dtype != np.uint64 or keys.ndim != 1:
             raise TypeError(f"table {self.name!r}: dump keys must be uint64 (n,), got {keys.dtype}{keys.shape}")
         n = keys.shape[0]
-        filter_size = np.asarray(dump["filter"]).shape
         want = {
             "values": (np.float32, (n, self.dim)),
             "slots": (np.float32, (n, self.slot_width)),
             "last_update": (np.uint32, (n,)),
             "update_count": (np.uint32, (n,)),
             "touched": (np.uint8, (n,)),
-            "filter": (np.uint8, filter_size),
+            "filter": (np.uint8, (self._native.stats()["bytes_filter"],)),
         }
         arrays = {"keys": np.ascontiguousarray(keys)}
         for field, (dtype, shape) in want.items():
@@ -267,13 +285,20 @@ class EmbeddingTable:
             arrays[field] = np.ascontiguousarray(a)
         if np.unique(keys).size != n:
             raise ValueError(f"table {self.name!r}: dump keys are not unique")
-        clock = int(dump["clock"])
+        bad_values = arrays["values"].size - int(np.count_nonzero(np.isfinite(arrays["values"])))
+        bad_slots = arrays["slots"].size - int(np.count_nonzero(np.isfinite(arrays["slots"])))
+        if bad_values or bad_slots:
+            rows = int(np.count_nonzero(~np.isfinite(arrays["values"]).all(axis=1)
+                                        | ~np.isfinite(arrays["slots"]).all(axis=1)))
+            raise ValueError(f"table {self.name!r}: dump holds {bad_values} non-finite values and {bad_slots} "
+                             f"non-finite optimizer slots in {rows} of its {n} rows; nothing was loaded")
+        try:
+            clock = int(dump["clock"])
+        except (TypeError, ValueError):
+            raise TypeError(f"table {self.name!r}: dump clock must be an int, got {dump['clock']!r}") from None
         if not 0 <= clock < 2**32:
             raise ValueError(f"table {self.name!r}: dump clock must be in [0, 2^32), got {clock}")
-        self._native.load(
-            arrays["keys"], arrays["values"], arrays["slots"].reshape(-1),
-            arrays["last_update"], arrays["update_count"], arrays["touched"], arrays["filter"], clock,
-        )
+        return arrays, clock
 
     # --------------------------------------------------------------- checks
     def _check_grads(self, id_shape, grads):

@@ -220,6 +220,46 @@ def test_dump_and_load_round_trip_everything():
     np.testing.assert_array_equal(t.find(ids[:10])[0], u.find(ids[:10])[0])
 
 
+@pytest.mark.parametrize("field", ["values", "slots"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_load_refuses_non_finite_values_or_slots_and_keeps_the_table(field, bad):
+    t = make(optimizer=Adagrad(0.1))
+    ids = np.arange(50, dtype=np.uint64)
+    t.lookup_host(ids)
+    t.apply_gradients_host(ids[:20], np.ones((20, 4), np.float32), step=3)
+    dump = t.dump()
+    target = make(optimizer=Adagrad(0.1))
+    target.apply_gradients_host([7, 8], np.ones((2, 4), np.float32), step=1)
+    before = target.dump()
+    dump[field][[4, 9, 9], [0, 1, 3]] = bad
+    with pytest.raises(ValueError, match=rf"table 't': dump holds {3 if field == 'values' else 0} non-finite "
+                                         rf"values and {3 if field == 'slots' else 0} non-finite optimizer slots "
+                                         r"in 2 of its 50 rows; nothing was loaded"):
+        target.load(dump)
+    with pytest.raises(ValueError, match="non-finite"):
+        target.check_dump(dump)
+    with pytest.raises(ValueError, match="non-finite .* nothing was loaded"):   # the engine's own check
+        target._native.load(dump["keys"], dump["values"], dump["slots"].reshape(-1), dump["last_update"],
+                            dump["update_count"], dump["touched"], dump["filter"], dump["clock"])
+    after = target.dump()
+    for k in before:
+        np.testing.assert_array_equal(np.asarray(before[k]), np.asarray(after[k]), err_msg=k)
+
+
+def test_check_dump_refuses_what_load_would_and_changes_nothing():
+    t = make(optimizer=Adagrad(0.1))
+    t.lookup_host(np.arange(5, dtype=np.uint64))
+    good = t.dump()
+    t.check_dump(good)
+    other = make(optimizer=SGD(0.1))                        # no slots: the dump's do not fit
+    with pytest.raises(ValueError, match=r"table 't': dump slots must be float32\(5, 0\)"):
+        other.check_dump(good)
+    assert len(other) == 0
+    dup = {**good, "keys": np.array([1, 1, 2, 3, 4], np.uint64)}
+    with pytest.raises(ValueError, match="not unique"):
+        t.check_dump(dup)
+
+
 def test_a_million_keys():
     t = make(dim=2, initializer=Zeros())
     keys = np.random.default_rng(1).integers(0, 2**64 - 1, 1_200_000, dtype=np.uint64, endpoint=True)
