@@ -17,10 +17,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECTION = "## Your own model"
 
 
-def walkthrough() -> tuple[list, str]:
+def walkthrough(section_title: str = SECTION) -> tuple[list, str]:
     text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
-    start = text.index(SECTION)
-    end = text.find("\n## ", start + len(SECTION))
+    start = text.index(section_title)
+    end = text.find("\n## ", start + len(section_title))
     section = text[start:end if end > 0 else None]
     return re.findall(r"```(python|bash)\n(.*?)```", section, flags=re.S), section
 
@@ -97,6 +97,12 @@ def test_the_walkthrough_runs_from_a_csv_file_to_a_served_prediction(tmp_path):
                         if line.strip():
                             command(line.strip())
             command("monolith demo --job my_job:job --data clicks.csv")
+            for kind, body in walkthrough("## Training a model on files, from Python")[0]:
+                assert kind == "python"
+                done = subprocess.run([sys.executable, "-c", body], cwd=tmp_path, env={**env, "PYTHONPATH": "."},
+                                      capture_output=True, text=True, timeout=300)
+                assert done.returncode == 0, f"{body}\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
+                outputs.append((body, done.stdout))
         finally:
             for proc in servers:
                 if proc.poll() is None:
@@ -111,5 +117,7 @@ def test_the_walkthrough_runs_from_a_csv_file_to_a_served_prediction(tmp_path):
     assert len(probs) == 2 and all(0.0 < p < 1.0 for p in probs), printed
     trained = next(out for code, out in outputs if code.startswith("monolith train") and "--data" in code)
     assert "trainer done" in trained
-    demo = outputs[-1][1]
+    demo = next(out for code, out in outputs if code.startswith("monolith demo"))
     assert "stream AUC" in demo
+    aucs = [float(x) for x in outputs[-1][1].split()[-2:]]
+    assert all(0.6 < a < 1.0 for a in aucs), outputs[-1][1]
