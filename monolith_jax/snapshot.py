@@ -5,25 +5,53 @@
     snaps.save(trainer.step_count, trainer, {"offsets": {...}})   # copies, then writes in the background
     done = snaps.completed()               # the meta of a save that has finished, once
 
-One snapshot is one Orbax checkpoint (a `CheckpointManager` step) of three
+    Snapshots("snapshots/", read_only=True).load(tables_only=True)   # another process reading them
+
+One snapshot is one Orbax checkpoint (a `CheckpointManager` step) of four
 items:
 
-    dense    the dense params and optimizer state, as arrays "0", "1", ...
-             in the pytrees' flatten order
-    tables   per table ("t0", "t1", ... in name order) its `dump()`: keys,
-             values, optimizer slots, row metadata, touched marks, the
-             admission filter's counters and the clock, as large arrays
-    meta     JSON: what the caller adds (stream offsets per partition, the
-             trainer's examples and event time, ...), the step, the key
-             scheme of the tables' keys (`key_scheme`), and for every
-             array its dtype, shape and CRC-32
+    dense      the dense params and optimizer state, as arrays "0", "1", ...
+               in the pytrees' flatten order
+    tables     per table ("t0", "t1", ... in name order) its `dump()`: keys,
+               values, optimizer slots, row metadata, touched marks, the
+               admission filter's counters and the clock, as large arrays
+    meta       JSON: what the caller adds (stream offsets per partition, the
+               trainer's examples and event time, ...), the step, the key
+               scheme of the tables' keys (`key_scheme`), and for every
+               array its dtype, shape and CRC-32
+    meta_crc32 JSON beside it: the CRC-32 of the meta's canonical JSON
+               (sorted keys, no spaces), so that offsets and array
+               checksums are as written
+
+One folder has one writer (the trainer, or a training PS shard) and any
+number of readers (a serving PS, tools), which open it with
+`read_only=True`. Readers never change the folder; the writer, when it
+opens it, removes what an earlier writer left unfinished (Orbax's
+`*.orbax-checkpoint-tmp-*`), so a reader opening the folder while the
+writer saves does not break that save.
 
 Orbax writes a checkpoint under a temporary name and renames it when every
 item is written, so a snapshot is either complete or not listed. Restore
-also checks every array against its CRC-32: a corrupt or unreadable newest
-snapshot is reported in one log line, moved aside (`<step>.corrupt`) and
-the one before it is used. Every file is arrays or JSON; nothing is
-pickled.
+checks the meta and every array against their CRC-32s. What it does with a
+snapshot that does not read back:
+
+    proven corrupt   a checksum, dtype or shape that does not match, a file
+                     or item of the finished snapshot that is missing or
+                     truncated, a meta that is not JSON: one log line; the
+                     writer moves it aside (`<step>.corrupt-<time>`), a
+                     reader skips it; the one before it is used
+    newer format     written by a newer version (`format_version` above
+                     this one's): skipped and left in place, one log line
+    any other error  (too many open files, a permission, an I/O error that
+                     proves nothing) retried a few times, then raised as
+                     `SnapshotUnreadable`; nothing is moved or skipped
+    other key scheme  `KeySchemeMismatch` (below); left in place
+
+Every file is arrays or JSON; nothing is pickled.
+
+Restoring into a trainer is all or nothing: every part of the snapshot is
+checked against the trainer (dense shapes and dtypes, table names, dims,
+optimizer slots, finite values) before anything of the trainer changes.
 
 Table keys are ids mapped into per-feature key spaces
 (`monolith_jax.sparse.keys.KEY_SCHEME`). A snapshot written before them
@@ -35,6 +63,8 @@ re-export).
 
 from __future__ import annotations
 
+import errno
+import json
 import logging
 import os
 import threading
@@ -45,11 +75,27 @@ import numpy as np
 
 log = logging.getLogger("monolith_jax.snapshot")
 
+# Format 1 since the first snapshots; the meta checksum is an added item
+# that earlier readers ignore, so it did not change the format.
 FORMAT_VERSION = 1
+META_CRC_ITEM = "meta_crc32"
+# Pauses before the 2nd, 3rd, ... try of a read that failed without proving
+# the snapshot corrupt.
+RETRY_DELAYS_S = (0.2, 1.0)
 
 
 class CorruptSnapshot(RuntimeError):
-    pass
+    """A snapshot proven damaged: a checksum, dtype or shape that does not
+    match, or a missing part of a finished snapshot."""
+
+
+class NewerFormat(RuntimeError):
+    """A snapshot written by a newer version of this format; skipped, left in place."""
+
+
+class SnapshotUnreadable(RuntimeError):
+    """A snapshot that failed to read back, repeatedly, for a reason that
+    does not prove it corrupt (e.g. too many open files); left in place."""
 
 
 class KeySchemeMismatch(ValueError):
@@ -73,6 +119,33 @@ def check_key_scheme(meta: dict, where: str) -> None:
 def _crc(a: np.ndarray) -> int:
     a = np.ascontiguousarray(a)
     return zlib.crc32(memoryview(a.reshape(-1).view(np.uint8))) if a.size else 0
+
+
+def canonical_json(meta: dict) -> str:
+    return json.dumps(meta, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+def meta_crc(meta: dict) -> int:
+    """CRC-32 of the meta's canonical JSON (what `meta_crc32` stores)."""
+    return zlib.crc32(canonical_json(meta).encode("ascii"))
+
+
+# tensorstore's status codes (the start of its errors' text) that say a file
+# of the snapshot is missing, cut short or damaged.
+_CORRUPT_STATUS = ("NOT_FOUND:", "DATA_LOSS:", "OUT_OF_RANGE:")
+
+
+def proves_corruption(err: BaseException) -> bool:
+    """Whether an error reading a finished snapshot (whose folder still
+    exists) shows that the snapshot itself is damaged, as opposed to a
+    condition of this process or machine (EMFILE, EACCES, EIO, ...)."""
+    if isinstance(err, (CorruptSnapshot, json.JSONDecodeError)):
+        return True
+    if isinstance(err, FileNotFoundError) or (isinstance(err, OSError) and err.errno == errno.ENOENT):
+        return True
+    if isinstance(err, KeyError) and "was not found in the checkpoint" in str(err):
+        return True  # Orbax: an item folder of the snapshot is missing
+    return isinstance(err, ValueError) and str(err).startswith(_CORRUPT_STATUS)
 
 
 def pack(arrays: dict, prefix: str = "") -> tuple[dict, dict]:
@@ -148,14 +221,29 @@ def trainer_arrays(trainer) -> tuple[dict, dict, dict]:
                            "opt_leaves": len(opt)}
 
 
-def load_tables(tables: dict, meta: dict, arrays: dict) -> None:
-    """Fills `tables` (name -> EmbeddingTable) from a loaded snapshot's table arrays."""
+def table_dumps(tables: dict, meta: dict, arrays: dict) -> dict:
+    """{name: dump} of a loaded snapshot's table arrays, each checked to fit
+    `tables` (name -> EmbeddingTable) as `load` would; nothing is changed."""
     names = meta["names"]["tables"]
     if sorted(tables) != names:
-        raise ValueError(f"snapshot {meta['step']} holds tables {names}, not {sorted(tables)}")
+        raise ValueError(f"snapshot {meta['step']} holds tables {names}, not {sorted(tables)}; nothing was restored")
+    dumps = {}
     for i, name in enumerate(names):
         dump = dict(arrays[f"t{i}"])
         dump["clock"] = int(dump["clock"])
+        try:
+            tables[name].check_dump(dump)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"snapshot {meta['step']} does not fit table {name!r}: {err}; nothing was restored") \
+                from err
+        dumps[name] = dump
+    return dumps
+
+
+def load_tables(tables: dict, meta: dict, arrays: dict) -> None:
+    """Fills `tables` (name -> EmbeddingTable) from a loaded snapshot's table
+    arrays: all of them are checked before any is loaded."""
+    for name, dump in table_dumps(tables, meta, arrays).items():
         tables[name].load(dump)
 
 
@@ -164,15 +252,25 @@ class Snapshots:
     steps (`every_steps`), the newest `keep` kept."""
 
     def __init__(self, directory: str, every_s: float | None = 60.0, every_steps: int | None = None,
-                 keep: int = 3, async_save: bool = True):
+                 keep: int = 3, async_save: bool = True, read_only: bool = False):
+        """read_only: a reader of another process's snapshots (a serving PS):
+        never writes, moves or deletes anything in `directory`, so the
+        writer's save in progress goes on untouched. Otherwise this is the
+        folder's one writer: opening it removes unfinished saves left by an
+        earlier writer, and corrupt snapshots are moved aside."""
         import orbax.checkpoint as ocp
 
         self.directory = os.path.abspath(directory)
         self.every_s, self.every_steps = every_s, every_steps
+        self.read_only = read_only
         extra, handlers = {}, {}
         import jax
 
-        if jax.distributed.is_initialized():
+        if read_only:
+            self.manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
+                read_only=True, max_to_keep=None, create=False, cleanup_tmp_directories=False,
+                enable_async_checkpointing=False))
+        elif jax.distributed.is_initialized():
             # One of several data-parallel trainers: each writes its own
             # folder alone, with no barrier across the group.
             me = jax.process_index()
@@ -193,9 +291,10 @@ class Snapshots:
             # Orbax's own async mode signals through the group's coordination
             # service; this class already writes off the training thread.
             async_save = False
-        self.manager = ocp.CheckpointManager(self.directory, **handlers, options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, enable_async_checkpointing=async_save, create=not extra,
-            cleanup_tmp_directories=True, **extra))
+        if not read_only:
+            self.manager = ocp.CheckpointManager(self.directory, **handlers, options=ocp.CheckpointManagerOptions(
+                max_to_keep=keep, enable_async_checkpointing=async_save, create=not extra,
+                cleanup_tmp_directories=True, **extra))
         self._worker = None             # the thread writing the last save
         self._done = None               # meta of a finished save not yet reported
         self._error = None
@@ -229,6 +328,9 @@ class Snapshots:
         the dense arrays): checksums and writing go on in a background
         thread. A save still running from before is waited for first. False
         if `step` is already saved."""
+        if self.read_only:
+            raise RuntimeError(f"snapshots in {self.directory} are opened read-only (a reader); only their "
+                               f"writer saves")
         if step in self.manager.all_steps() or step == self._last_step:
             return False
         self._join()
@@ -255,10 +357,12 @@ class Snapshots:
             items = {name: kept for name, kept in (("dense", dense_kept), ("tables", tables_kept)) if kept}
             meta = {**meta, "format_version": FORMAT_VERSION, "key_scheme": KEY_SCHEME, "step": step,
                     "time": time.time(), "names": names, "arrays": {**dense_spec, **tables_spec},
-                    "items": sorted(items)}
+                    "items": sorted(items), "meta_checksum": META_CRC_ITEM}
+            meta = json.loads(json.dumps(meta))  # as it reads back (str keys, lists), for its checksum
             self.manager.save(step, args=ocp.args.Composite(
                 **{name: ocp.args.StandardSave(kept) for name, kept in items.items()},
-                meta=ocp.args.JsonSave(meta)), force=True)
+                meta=ocp.args.JsonSave(meta), **{META_CRC_ITEM: ocp.args.JsonSave({"crc32": meta_crc(meta)})}),
+                force=True)
             self.manager.wait_until_finished()
             self._done = meta
         except Exception as err:  # reported by completed()/wait() on the caller's thread
@@ -297,63 +401,137 @@ class Snapshots:
     def load(self, tables_only: bool = False) -> tuple[int, dict, dict, dict] | None:
         """(step, dense arrays, table arrays, meta) of the newest snapshot
         that reads back whole and passes its checks; None if there is none.
-        KeySchemeMismatch if the newest readable one predates this version's
-        key scheme."""
-        import orbax.checkpoint as ocp
-
-        for step in reversed(self.steps()):
-            try:
-                meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-                if meta.get("format_version", 0) > FORMAT_VERSION:
-                    raise CorruptSnapshot(f"format {meta.get('format_version')} is newer than this reader's")
-                check_key_scheme(meta, f"snapshot {step} in {self.directory}")
-                saved = set(meta.get("items", ["dense", "tables"]))
-                wanted = {"tables"} if tables_only else {"tables", "dense"}
-                items = {name: ocp.args.StandardRestore() for name in sorted(saved & wanted)}
-                got = self.manager.restore(step, args=ocp.args.Composite(**items)) if items else {}
-                spec = meta["arrays"]
-                tables = unpack(got["tables"] if "tables" in saved else {}, spec, "tables/")
-                dense = {} if tables_only else unpack(got["dense"] if "dense" in saved else {}, spec, "dense/")
-                return step, dense, tables, meta
-            except KeySchemeMismatch:
-                raise
-            except Exception as err:
-                log.error("snapshot %d in %s is unusable (%s: %s); moving it aside and using the one before",
-                          step, self.directory, type(err).__name__, err)
-                self._set_aside(step)
+        Proven corrupt ones are set aside (by the writer) or skipped (by a
+        reader), newer-format ones skipped; KeySchemeMismatch if the newest
+        readable one predates this version's key scheme; SnapshotUnreadable
+        if one keeps failing for a reason that proves nothing about it."""
+        for _ in range(3):
+            vanished = False
+            for step in reversed(self.steps()):
+                try:
+                    return self._read_with_retries(step, tables_only)
+                except KeySchemeMismatch:
+                    raise
+                except NewerFormat as err:
+                    log.warning("snapshot %d in %s is skipped and left in place: %s", step, self.directory, err)
+                except StepVanished:
+                    vanished = True  # its writer removed it (keep=N) while this read it: list again
+                    break
+                except CorruptSnapshot as err:
+                    self._unusable(step, err)
+            if not vanished:
+                return None
+            self.manager.reload()
         return None
 
+    def _step_dir(self, step: int) -> str:
+        return os.path.join(self.directory, str(step))
+
+    def _read_with_retries(self, step: int, tables_only: bool):
+        for attempt in range(len(RETRY_DELAYS_S) + 1):
+            try:
+                return self._read(step, tables_only)
+            except (KeySchemeMismatch, NewerFormat):
+                raise
+            except Exception as err:
+                if not os.path.isdir(self._step_dir(step)):
+                    raise StepVanished() from err
+                if isinstance(err, CorruptSnapshot):
+                    raise
+                if proves_corruption(err):
+                    raise CorruptSnapshot(f"{type(err).__name__}: {err}") from err
+                if attempt == len(RETRY_DELAYS_S):
+                    raise SnapshotUnreadable(
+                        f"snapshot {step} in {self.directory} could not be read ({type(err).__name__}: {err}) "
+                        f"in {attempt + 1} tries; that does not show it is damaged, so it is left in place and "
+                        f"no older snapshot is used instead. Fix the cause and start again") from err
+                log.warning("reading snapshot %d in %s failed (%s: %s); trying again", step, self.directory,
+                            type(err).__name__, err)
+                time.sleep(RETRY_DELAYS_S[attempt])
+
+    def _read(self, step: int, tables_only: bool):
+        import orbax.checkpoint as ocp
+
+        meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        if not isinstance(meta, dict):
+            raise CorruptSnapshot(f"its meta is a JSON {type(meta).__name__}, not an object")
+        version = meta.get("format_version", 0)
+        if isinstance(version, int) and version > FORMAT_VERSION:
+            raise NewerFormat(f"written in snapshot format {version} by a newer version; this one reads "
+                              f"format {FORMAT_VERSION} and older")
+        if meta.get("meta_checksum") is not None or os.path.isdir(os.path.join(self._step_dir(step), META_CRC_ITEM)):
+            # Written with a checksum (snapshots from before it have none).
+            stored = self.manager.restore(step, args=ocp.args.Composite(
+                **{META_CRC_ITEM: ocp.args.JsonRestore()}))[META_CRC_ITEM]
+            if not isinstance(stored, dict) or stored.get("crc32") != meta_crc(meta):
+                raise CorruptSnapshot("its meta (stream offsets, array checksums) fails its CRC-32 check")
+        check_key_scheme(meta, f"snapshot {step} in {self.directory}")
+        try:
+            saved = set(meta.get("items", ["dense", "tables"]))
+            wanted = {"tables"} if tables_only else {"tables", "dense"}
+            spec = meta["arrays"]
+            meta["names"]["tables"]
+        except (KeyError, TypeError) as err:
+            raise CorruptSnapshot(f"its meta lacks {err}") from err
+        items = {name: ocp.args.StandardRestore() for name in sorted(saved & wanted)}
+        got = self.manager.restore(step, args=ocp.args.Composite(**items)) if items else {}
+        tables = unpack(got["tables"] if "tables" in saved else {}, spec, "tables/")
+        dense = {} if tables_only else unpack(got["dense"] if "dense" in saved else {}, spec, "dense/")
+        return step, dense, tables, meta
+
+    def _unusable(self, step: int, err: Exception) -> None:
+        if self.read_only:
+            log.error("snapshot %d in %s is unusable (%s); skipping it for the one before (left in place: "
+                      "a reader changes nothing)", step, self.directory, err)
+            return
+        log.error("snapshot %d in %s is unusable (%s); moving it aside and using the one before",
+                  step, self.directory, err)
+        self._set_aside(step)
+
     def _set_aside(self, step: int) -> None:
-        path = os.path.join(self.directory, str(step))
+        path = self._step_dir(step)
         if os.path.exists(path):
             os.replace(path, f"{path}.corrupt-{int(time.time())}")
         self.manager.reload()
 
     def restore(self, trainer) -> dict | None:
         """Loads the newest good snapshot into `trainer` (dense params,
-        optimizer state, step, every table); returns its meta, or None."""
-        import jax
-
+        optimizer state, step, examples, every table held here); returns its
+        meta, or None. All or nothing: a snapshot that does not fit the
+        trainer raises ValueError naming what, with the trainer unchanged."""
         found = self.load()
         if found is None:
             return None
         step, dense, tables, meta = found
-        names = meta["names"]
-        if local_tables(trainer) != names["tables"]:
-            raise ValueError(f"snapshot {step} holds tables {names['tables']}, the trainer has {local_tables(trainer)}")
-        leaves, treedef = jax.tree_util.tree_flatten(trainer.params)
-        opt_leaves, opt_def = jax.tree_util.tree_flatten(trainer.opt_state)
-        params = [dense["params"][str(i)] for i in range(len(leaves))] if leaves else []
-        opt = [dense["opt"][str(i)] for i in range(len(opt_leaves))] if opt_leaves else []
-        for new, old in zip(params + opt, leaves + opt_leaves):
-            if new.shape != old.shape or new.dtype != old.dtype:
-                raise ValueError(f"snapshot {step} does not fit this model: {new.dtype}{new.shape} "
-                                 f"where the model has {old.dtype}{old.shape}")
-        trainer.params = jax.tree_util.tree_unflatten(treedef, [jax.device_put(p) for p in params])
-        trainer.opt_state = jax.tree_util.tree_unflatten(opt_def, [jax.device_put(p) for p in opt])
-        load_tables({n: trainer.tables[n] for n in local_tables(trainer)}, meta, tables)
-        trainer.step_count = int(meta["step"])
-        trainer.examples = int(meta.get("trained_examples", trainer.examples))
+        where = f"snapshot {step} in {self.directory}"
+        local = local_tables(trainer)
+        if local != meta["names"]["tables"]:
+            raise ValueError(f"{where} holds tables {meta['names']['tables']}, the trainer has {local}; "
+                             f"nothing was restored")
+        # The trainer's current dense state: leaf names in flatten order (the
+        # snapshot's "0", "1", ... follow it), and what to return to.
+        backup = trainer.state_dict(tables=False)
+        state = {"step_count": int(meta["step"]),
+                 "examples": int(meta.get("trained_examples", trainer.examples))}
+        for part, saved in (("params", dense.get("params", {})), ("opt_state", dense.get("opt", {}))):
+            if len(saved) != len(backup[part]):
+                raise ValueError(f"{where} does not fit this model: it holds {len(saved)} arrays of {part}, "
+                                 f"the model has {len(backup[part])}; nothing was restored")
+            state[part] = {name: saved[str(i)] for i, name in enumerate(backup[part])}
+        state["tables"] = table_dumps({n: trainer.tables[n] for n in local}, meta, tables)
+        backup["tables"] = {n: trainer.tables[n].dump() for n in local}
+        try:
+            trainer.load_state_dict(state, strict=False)  # checks every part before it changes any
+        except BaseException as err:
+            # A refusal changed nothing; a failure half way (memory) is undone.
+            trainer.load_state_dict(backup, strict=False)
+            if isinstance(err, (TypeError, ValueError)):
+                raise ValueError(f"{where} does not fit this trainer: {err}; nothing was restored") from err
+            raise
         self._last_step = step
         log.info("resumed from snapshot %d in %s", step, self.directory)
         return meta
+
+
+class StepVanished(Exception):
+    """A snapshot removed by its writer while it was being read."""

@@ -139,7 +139,7 @@ class ServingTables:
         if shards:
             steps = [self.load_snapshot(os.path.join(directory, d)) for d in shards]
             return max((s for s in steps if s is not None), default=None)
-        snaps = Snapshots(directory, every_s=None)
+        snaps = Snapshots(directory, every_s=None, read_only=True)  # a reader: the trainer writes there
         try:
             found = snaps.load(tables_only=True)
         finally:
