@@ -29,8 +29,12 @@ restores the newest good snapshot and seeks each partition to its offset,
 so a crash (even SIGKILL) loses nothing and trains nothing twice. A clean
 stop takes a last snapshot.
 
-Malformed examples go to the dead-letter topic with the reason, are
-counted, and never stop training.
+No message stops training: one that cannot be used (unreadable of any
+shape or size, an example the decoder refuses) goes to the dead-letter
+topic with the reason and is counted; a dead letter too large for one
+message is truncated (headers say its original size), and one that cannot
+be written is counted and logged (`dead_letters_failed`). Per message:
+trained, or dead-lettered.
 
 Scale-out: with tables on training PS shards (`training_ps.use_shards`)
 or a data-parallel trainer (`distributed.DataParallel.attach`), each batch
@@ -55,6 +59,7 @@ import numpy as np
 
 from monolith_jax.metrics import auc
 from monolith_jax.stream import kafka as K
+from monolith_jax.stream.dead_letters import DeadLetters
 from monolith_jax.stream.messages import ExampleDecoder
 
 log = logging.getLogger("monolith_jax.online.trainer")
@@ -141,8 +146,9 @@ class OnlineTrainer:
         self.decoder = ExampleDecoder(trainer.features, trainer.dense_features)
         self.consumer = Consumer(K.consumer_config(bootstrap, group, **{"enable.auto.commit": False,
                                                                          **(consumer_extra or {})}))
-        self.producer = Producer(K.producer_config(bootstrap))
-        self.dead = K.DeadLetters(self.producer, self.topics["dead_letters"])
+        producer_conf = K.producer_config(bootstrap)
+        self.producer = Producer(producer_conf)
+        self.dead = DeadLetters(self.producer, self.topics["dead_letters"], K.max_message_bytes(producer_conf))
         self.log = PrequentialLog(auc_window)
         self.out = out
         self.examples = 0
@@ -340,6 +346,8 @@ class OnlineTrainer:
                 log.warning("consumer error: %s", err)
         for i, reason in bad:
             self.dead.send(msgs[i], reason)
+        if bad:
+            self.producer.flush(10)  # dead letters delivered (or counted as failed) before their offsets commit
         rows = info["rows"]
         if not rows and agreed_rows:
             self.trainer.train_step_host(batch, stamp=self._stamp())
@@ -530,6 +538,7 @@ class OnlineTrainer:
                 "table_rows": {name: len(t) for name, t in self.trainer.tables.items()},
                 "examples_per_s": (self.examples - start_examples) / active,
                 "dead_letters": self.dead.count, "dead_letter_reasons": dict(self.dead.by_reason),
+                "dead_letters_failed": self.dead.failed,
                 "running_auc": self.log.running_auc(), "stream_auc": self._stream_auc()}
 
     def _lockstep(self, done: bool) -> bool:

@@ -1,4 +1,4 @@
-"""Kafka plumbing: the embedded cluster, client settings, topics, dead letters.
+"""Kafka plumbing: the embedded cluster, client settings, topics, backpressure.
 
 With no `bootstrap.servers`, `EmbeddedKafka()` starts librdkafka's built-in
 cluster inside this process (through confluent-kafka; it speaks the real
@@ -22,6 +22,27 @@ log = logging.getLogger("monolith_jax.stream")
 
 TOPICS = {"features": "features", "actions": "actions", "examples": "examples", "dead_letters": "dead-letters"}
 EMBEDDED_PARTITIONS = 4
+# librdkafka's default `message.max.bytes`: the most a producer sends in one message.
+DEFAULT_MESSAGE_MAX_BYTES = 1_000_000
+# What a producer adds around a value (record and batch framing, headers'
+# lengths): values are kept this far under `message.max.bytes`.
+PROTOCOL_HEADROOM = 4096
+# The id librdkafka's built-in cluster gives itself in its metadata.
+EMBEDDED_CLUSTER_ID_PREFIX = "mockCluster"
+
+
+def max_message_bytes(conf: Mapping | None) -> int:
+    """`message.max.bytes` of a client's settings (librdkafka's default if unset)."""
+    value = (conf or {}).get("message.max.bytes", DEFAULT_MESSAGE_MAX_BYTES)
+    return int(value)
+
+
+def __getattr__(name):  # DeadLetters lives in its own module; `K.DeadLetters` still works
+    if name == "DeadLetters":
+        from monolith_jax.stream.dead_letters import DeadLetters
+
+        return DeadLetters
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class EmbeddedKafka:
@@ -135,30 +156,6 @@ def ensure_topics(bootstrap: str, topics: Mapping[str, int], timeout_s: float = 
                 raise TimeoutError(f"topic {name!r} did not appear on {bootstrap} within {timeout_s} s")
             time.sleep(0.1)
     return out
-
-
-class DeadLetters:
-    """Sends unusable messages to a dead-letter topic, with why, and counts
-    them by reason. The original key and value are kept; headers say the
-    reason and where the message came from."""
-
-    def __init__(self, producer, topic: str):
-        self.producer = producer
-        self.topic = topic
-        self.count = 0
-        self.by_reason: dict[str, int] = {}
-
-    def send(self, msg, reason: str) -> None:
-        self.count += 1
-        short = reason.split(":")[0]
-        self.by_reason[short] = self.by_reason.get(short, 0) + 1
-        headers = [("reason", reason.encode()), ("source.topic", (msg.topic() or "").encode()),
-                   ("source.partition", str(msg.partition()).encode()),
-                   ("source.offset", str(msg.offset()).encode())]
-        if self.count <= 10 or self.count % 1000 == 0:  # the count says the rest
-            log.warning("dead letter %d from %s[%s]@%s: %s", self.count, msg.topic(), msg.partition(),
-                        msg.offset(), reason)
-        produce(self.producer, self.topic, msg.value(), msg.key(), headers=headers)
 
 
 def produce(producer, topic: str, value: bytes, key: bytes | str | None = None, **kwargs) -> None:

@@ -117,6 +117,8 @@ def _parse(cls, value, what: str):
             msg.ParseFromString(value)
     except (DecodeError, json_format.ParseError, UnicodeDecodeError, ValueError) as err:
         raise MessageError(f"unreadable {what} message: {err}") from None
+    except Exception as err:  # any shape of value (e.g. JSON nested past the recursion limit): a reason, not a crash
+        raise MessageError(f"unreadable {what} message: {type(err).__name__}: {str(err)[:200]}") from None
     if msg.version > SCHEMA_VERSION:
         raise MessageError(f"{what} message has schema version {msg.version}; this build reads <= {SCHEMA_VERSION}")
     return msg
@@ -366,12 +368,29 @@ def _json_examples_to_binary(raw) -> bytes:
     if raw is None:
         raise MessageError("empty message")
     try:
-        is_batch = "examples" in json.loads(raw)
+        obj = json.loads(raw)
+        if not isinstance(obj, dict):
+            raise ValueError(f"a JSON {type(obj).__name__}, not an object")
+        is_batch = "examples" in obj
     except (ValueError, TypeError) as err:
         raise MessageError(f"unreadable examples message: {err}") from None
+    except Exception as err:  # e.g. RecursionError: JSON nested deeper than Python's recursion limit
+        raise MessageError(f"unreadable examples message: {type(err).__name__}: {str(err)[:200]}") from None
     return _parse(_pb().ExampleBatch if is_batch else _pb().Example, raw, "examples").SerializeToString()
 
 
 def encode_example_batch(examples: Sequence[bytes]) -> bytes:
     """An ExampleBatch around Examples' binary bytes (field 16 each)."""
     return b"".join([b"\x08\x01"] + [b"\x82\x01" + _varint(len(e)) + e for e in examples])
+
+
+# What `encode_example` adds around a features record, at most (tags, a
+# length, label, sample rate, a 10-byte label time), and what
+# `encode_example_batch` adds: its version, then per example a tag and a length.
+EXAMPLE_OVERHEAD = 32
+BATCH_OVERHEAD = 2
+
+
+def batch_entry_size(example_size: int) -> int:
+    """Bytes one Example of `example_size` takes inside an ExampleBatch."""
+    return 2 + len(_varint(example_size)) + example_size
