@@ -28,6 +28,18 @@ Rules (times are event times, in ms):
 - Features beyond `max_in_memory` waiting requests go to the SpillStore on
   disk, those that have waited longest first, and are read back when their
   action or their deadline comes.
+- Event times are bounded, so that no record moves the watermark where the
+  stream is not: a negative one, or one more than `max_future_s` ahead of
+  the joiner's clock, is refused at once; one more than `max_future_s`
+  ahead of the stream's front (the latest event time taken so far, over
+  all partitions) is held aside until the next message of its partition
+  says which it is: if that one is also that far ahead, the stream jumped
+  (a gap in the log) and both are taken; if the front has come within
+  `max_future_s` of the held one meanwhile (other partitions went on), it
+  is taken; else it was an outlier and is refused. Refused records go to `reject(ref, reason)`
+  (the joiner dead-letters them) and are counted as `bad_times`. At the
+  end of the stream (`flush`) a held record is decided with the rest but
+  does not move the watermark.
 
 `emit(request_id, example_bytes)` receives every example. `origin` values
 (topic, partition, offset) travel with what is pending so that the caller
@@ -57,6 +69,7 @@ class JoinConfig:
     seed: int = 0
     emit_positives: str = "on_action"
     idle_partition_s: float = 2.0
+    max_future_s: float = 86_400.0
 
     def __post_init__(self):
         if self.emit_positives not in ("on_action", "at_window_end"):
@@ -67,19 +80,30 @@ class JoinConfig:
             raise ValueError("window_s and lateness_s must be >= 0")
         if self.max_in_memory < 1:
             raise ValueError("max_in_memory must be >= 1")
+        if not self.max_future_s > 0:
+            raise ValueError(f"max_future_s must be > 0, got {self.max_future_s}")
         object.__setattr__(self, "positive_types", tuple(self.positive_types))
 
 
 COUNTERS = ("features", "actions", "positives", "negatives", "negatives_sampled_out", "late_actions",
-            "orphan_actions", "repeat_actions", "other_actions", "duplicate_features", "spilled", "unspilled")
+            "orphan_actions", "repeat_actions", "other_actions", "duplicate_features", "spilled", "unspilled",
+            "bad_times")
+BAD_TIME = "event time out of bounds"
+_FLUSH = 2**64  # the watermark while flushing: above every int64 deadline
 
 
 class JoinState:
-    def __init__(self, config: JoinConfig, emit: Callable[[str, bytes], None], spill_dir: str | None = None):
+    def __init__(self, config: JoinConfig, emit: Callable[[str, bytes], None], spill_dir: str | None = None,
+                 reject: Callable | None = None, clock: Callable[[], float] = time.time):
         self.cfg = config
         self.emit = emit
+        self.reject = reject      # reject(ref, reason): a record refused for its event time
+        self.clock = clock        # seconds since the epoch
         self.window = int(round(config.window_s * 1000))
         self.lateness = int(round(config.lateness_s * 1000))
+        self.max_future = config.max_future_s * 1000  # ms; may be inf
+        self.front = None          # the latest event time taken, over all partitions
+        self._held: dict = {}      # (topic, partition) -> a record far ahead of the front, until the next one
         self.counts = dict.fromkeys(COUNTERS, 0)
         self._part_max: dict = {}     # (topic, partition) or None -> latest event time
         self._inputs: set = set()     # assigned input partitions
@@ -98,9 +122,22 @@ class JoinState:
         self._threshold = int(config.negative_rate * 2**32)
 
     # ------------------------------------------------------------ inputs
-    def add_features(self, rid: str, event_ms: int, payload: bytes, origin=None) -> None:
+    def add_features(self, rid: str, event_ms: int, payload: bytes, origin=None, ref=None) -> None:
+        """A request's features; `ref` is what `reject` receives if its
+        event time is refused (the joiner's Kafka message)."""
+        record = ("features", rid, int(event_ms), payload, origin, ref)
+        if self._admit(record):
+            self._add_features(rid, int(event_ms), payload, origin)
+
+    def add_action(self, rid: str, event_ms: int, kind: str, value: float, origin=None, ref=None) -> None:
+        record = ("actions", rid, int(event_ms), (kind, value), origin, ref)
+        if self._admit(record):
+            self._add_action(rid, int(event_ms), kind, value, origin)
+
+    def _add_features(self, rid: str, event_ms: int, payload: bytes, origin=None, see: bool = True) -> None:
         self.counts["features"] += 1
-        self._see(event_ms, origin)
+        if see:
+            self._see(event_ms, origin)
         if rid in self._pending or rid in self._closed:
             self.counts["duplicate_features"] += 1
             return
@@ -122,9 +159,10 @@ class JoinState:
         if len(self._pending) > self.cfg.max_in_memory:
             self._spill()
 
-    def add_action(self, rid: str, event_ms: int, kind: str, value: float, origin=None) -> None:
+    def _add_action(self, rid: str, event_ms: int, kind: str, value: float, origin=None, see: bool = True) -> None:
         self.counts["actions"] += 1
-        self._see(event_ms, origin)
+        if see:
+            self._see(event_ms, origin)
         closed = self._closed.get(rid)
         if closed is not None:
             if self._positive(kind, value):
@@ -139,7 +177,7 @@ class JoinState:
                 self.counts["unspilled"] += 1
                 waiting = (row[2], row[3], (row[4], row[5], row[6]))
                 self._pending[rid] = waiting  # back in memory until decided
-                heapq.heappush(self._pending_heap, (row[1], rid))
+                heapq.heappush(self._pending_heap, (row[2] + self.window, rid))  # (the stored deadline is clamped)
         if waiting is None:
             self._early.setdefault(rid, []).append((event_ms, kind, value, origin))
             heapq.heappush(self._early_heap, (event_ms, rid))
@@ -160,11 +198,56 @@ class JoinState:
         del self._pending[rid]
         self._emit_positive(rid, tf, payload, event_ms)
 
+    # ------------------------------------------------------- event times
+    def _admit(self, record) -> bool:
+        """Whether a record is taken now (see the module's rules on event
+        times); a held one is decided by the next of its partition."""
+        kind, rid, t, _, origin, ref = record
+        if t < 0:
+            self._refuse(ref, f"{BAD_TIME}: {kind} event time {t} ms is negative")
+            return False
+        now_ms = self.clock() * 1000.0
+        if t > now_ms + self.max_future:
+            self._refuse(ref, f"{BAD_TIME}: {kind} event time {t} ms is more than {self.cfg.max_future_s:g} s "
+                              f"ahead of the joiner's clock ({int(now_ms)} ms)")
+            return False
+        part = None if origin is None else (origin[0], origin[1])
+        beyond = self.front is not None and t > self.front + self.max_future
+        held = self._held.pop(part, None)
+        if held is not None:
+            if beyond or held[2] <= self.front + self.max_future:
+                # Two in a row that far ahead: the stream jumped (a gap), both
+                # are real; or the stream has caught up with the held one since.
+                self._apply(held)
+                beyond = t > self.front + self.max_future
+                if not beyond:
+                    return True
+            else:
+                    self._refuse(held[5], f"{BAD_TIME}: {held[0]} event time {held[2]} ms is more than "
+                                      f"{self.cfg.max_future_s:g} s ahead of the stream (latest event time "
+                                      f"{self.front} ms), and the next message of its partition is not")
+        if beyond:
+            self._held[part] = record
+            return False
+        return True
+
+    def _apply(self, record, see: bool = True) -> None:
+        kind, rid, t, body, origin, _ = record
+        if kind == "features":
+            self._add_features(rid, t, body, origin, see)
+        else:
+            self._add_action(rid, t, body[0], body[1], origin, see)
+
+    def _refuse(self, ref, reason: str) -> None:
+        self.counts["bad_times"] += 1
+        if self.reject is not None:
+            self.reject(ref, reason)
+
     # ---------------------------------------------------------- deciding
     def advance(self) -> int:
         """Finalizes requests and drops orphans below the watermark; returns
         the number of requests finalized."""
-        if self._part_max and self.watermark < 2**62:
+        if self._part_max and self.watermark < _FLUSH:
             self.watermark = max(self.watermark, self._low_time() - self.lateness)
         wm = self.watermark
         due = []  # (deadline, rid, event_ms, payload), from memory and disk, decided in deadline order
@@ -196,8 +279,13 @@ class JoinState:
 
     def flush(self) -> int:
         """End of stream: decide every waiting request now (and count the
-        actions still waiting for features as orphans)."""
-        self.watermark = 2**62
+        actions still waiting for features as orphans). Records held for
+        their event time are taken with the rest, without moving the
+        watermark."""
+        held, self._held = list(self._held.values()), {}
+        for record in held:
+            self._apply(record, see=False)
+        self.watermark = _FLUSH
         done = self.advance()
         self.watermark = max(self._part_max.values()) - self.lateness if self._part_max else -(2**62)
         return done
@@ -216,6 +304,8 @@ class JoinState:
 
         for _, _, origin in self._pending.values():
             see(origin)
+        for record in self._held.values():
+            see(record[4])
         for actions in self._early.values():
             for a in actions:
                 see(a[3])
@@ -230,8 +320,10 @@ class JoinState:
         self._inputs -= tps
         for tp in tps:
             self._idle.pop(tp, None)
+        held = 0
         for tp in tps:
             self._part_max.pop(tp, None)
+            held += self._held.pop(tp, None) is not None
         gone = [rid for rid, (_, _, o) in self._pending.items() if o is not None and (o[0], o[1]) in tps]
         for rid in gone:
             del self._pending[rid]
@@ -240,11 +332,12 @@ class JoinState:
             self._early[rid] = [a for a in self._early[rid] if not (a[3] and (a[3][0], a[3][1]) in tps)]
             if not self._early[rid]:
                 del self._early[rid]
-        return len(gone) + self._store.drop_partitions(tps)
+        return len(gone) + held + self._store.drop_partitions(tps)
 
     @property
     def waiting(self) -> int:
-        return len(self._pending) + len(self._store)
+        """Requests waiting to be decided, and records held for their event time."""
+        return len(self._pending) + len(self._store) + len(self._held)
 
     @property
     def in_memory(self) -> int:
@@ -278,6 +371,8 @@ class JoinState:
         part = None if origin is None else (origin[0], origin[1])
         if event_ms > self._part_max.get(part, -(2**62)):
             self._part_max[part] = event_ms
+        if self.front is None or event_ms > self.front:
+            self.front = event_ms
         if self._idle:
             self._idle.pop(part, None)
 

@@ -5,6 +5,10 @@ request id, indexed by deadline. It is a cache of what the joiner has read
 but not yet finalized: on a crash the joiner re-reads those messages from
 the offsets it committed (the oldest pending one per partition), so the
 file is written without fsync and deleted on close.
+
+SQLite integers are 64-bit: deadlines and times are clamped to that range
+(an event time near 2^63 plus the window would not fit), and `pop_due`
+takes any Python int.
 """
 
 from __future__ import annotations
@@ -12,6 +16,12 @@ from __future__ import annotations
 import os
 import sqlite3
 import tempfile
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+def _int64(v) -> int:
+    return min(max(int(v), INT64_MIN), INT64_MAX)
 
 
 class SpillStore:
@@ -35,7 +45,8 @@ class SpillStore:
 
     def put_many(self, rows) -> None:
         """rows: (rid, deadline, event_ms, payload, topic, partition, offset)."""
-        rows = list(rows)
+        rows = [(rid, _int64(deadline), _int64(event_ms), payload, topic, _int64(part), _int64(off))
+                for rid, deadline, event_ms, payload, topic, part, off in rows]
         if rows:
             self._db.execute("BEGIN")
             self._db.executemany("INSERT OR REPLACE INTO pending VALUES (?,?,?,?,?,?,?)", rows)
@@ -55,13 +66,17 @@ class SpillStore:
         """Rows whose deadline is < `deadline`, removed, oldest first."""
         if not self._n:
             return []
-        rows = self._db.execute("DELETE FROM pending WHERE deadline < ? RETURNING *", (deadline,)).fetchall()
+        if deadline > INT64_MAX:  # above every stored deadline: all of them
+            rows = self._db.execute("DELETE FROM pending RETURNING *").fetchall()
+        else:
+            rows = self._db.execute("DELETE FROM pending WHERE deadline < ? RETURNING *",
+                                    (_int64(deadline),)).fetchall()
         self._n -= len(rows)
         rows.sort(key=lambda r: r[1])
         return rows
 
     def pop_all(self) -> list:
-        return self.pop_due(2**62)
+        return self.pop_due(INT64_MAX + 1)
 
     def min_offsets(self) -> dict:
         """{(topic, partition): smallest offset held}."""

@@ -110,3 +110,95 @@ def test_per_partition_watermark_waits_for_the_slowest_partition():
     assert out == ["a"]
     assert st.low_offsets() == {("features", 1): 0}
     st.close()
+
+
+def _record(rid, t):
+    return encode_features(rid, t, {"u": [1]})
+
+
+def run_clicks(events, config, clock=lambda: 2e9):
+    """events: (kind, rid, time[, partition]) in arrival order (partition 0
+    of their topic unless given); advance after each. Returns (emitted
+    {rid: label}, refused {rid: reason}, counts)."""
+    out, refused = {}, {}
+    st = JoinState(config, lambda rid, ex: out.__setitem__(rid, parse_example(ex).label),
+                   reject=lambda ref, why: refused.__setitem__(ref, why), clock=clock)
+    try:
+        for k, (kind, rid, t, *part) in enumerate(events):
+            p = part[0] if part else 0
+            if kind == "f":
+                st.add_features(rid, t, _record(rid, t), ("features", p, k), ref=rid)
+            else:
+                st.add_action(rid, t, "click", 1.0, ("actions", p, k), ref=rid)
+            st.advance()
+        assert st.low_offsets() or st.waiting == 0
+        st.flush()
+        return out, refused, dict(st.counts)
+    finally:
+        st.close()
+
+
+def clicked_stream(n, t0=0, step=1000, prefix="r"):
+    events = []
+    for i in range(n):
+        t = t0 + i * step
+        events.append(("f", f"{prefix}{i}", t))
+        if i % 2 == 0:
+            events.append(("a", f"{prefix}{i}", t + step // 2))
+    return events
+
+
+def test_one_far_future_event_time_does_not_capture_the_watermark():
+    """A record at 2^62 (or 2^63-1, or negative) is refused at once; one in
+    the past of the clock but a year ahead of the stream is held, and
+    refused when the next message of its partition is not that far ahead.
+    Every later click still makes a positive, none is an orphan."""
+    events = clicked_stream(40)
+    events[10:10] = [("f", "far", 2**62), ("a", "far-click", 2**63 - 1), ("f", "neg", -1),
+                     ("f", "year-ahead", 20_000 + 365 * 86_400_000)]
+    out, refused, counts = run_clicks(events, JoinConfig(window_s=10, lateness_s=0))
+    assert set(refused) == {"far", "far-click", "neg", "year-ahead"}
+    assert all(why.startswith("event time out of bounds") for why in refused.values())
+    assert "ahead of the joiner's clock" in refused["far"] and "negative" in refused["neg"]
+    assert "ahead of the stream" in refused["year-ahead"]
+    assert out == {f"r{i}": float(i % 2 == 0) for i in range(40)}
+    assert counts["orphan_actions"] == counts["late_actions"] == 0 and counts["bad_times"] == 4
+
+
+def test_a_gap_in_the_log_is_a_jump_not_an_outlier():
+    """Three days without a message, then the log goes on: the first record
+    after the gap waits for the next, which confirms it; nothing is refused."""
+    gap = 3 * 86_400_000
+    events = clicked_stream(10) + clicked_stream(10, t0=gap, prefix="s")
+    out, refused, counts = run_clicks(events, JoinConfig(window_s=10, lateness_s=0))
+    assert refused == {} and counts["bad_times"] == 0
+    assert out == {**{f"r{i}": float(i % 2 == 0) for i in range(10)}, **{f"s{i}": float(i % 2 == 0) for i in range(10)}}
+
+
+def test_an_int64_max_event_time_while_spilling_stops_nothing():
+    """The deadline of 2^63-1 does not fit SQLite's integers: refused by the
+    bound; with no bound, it is spilled (clamped) and decided at the end."""
+    import dataclasses
+
+    events = clicked_stream(30)
+    events[5:5] = [("f", "max", 2**63 - 1, 1), ("a", "max", 2**63 - 1, 1)]  # partition 0 holds the watermark
+    config = JoinConfig(window_s=10, lateness_s=0, max_in_memory=1)
+    out, refused, counts = run_clicks(events, config)
+    assert set(refused) == {"max"} and counts["bad_times"] == 2 and counts["spilled"] > 0
+    assert out == {f"r{i}": float(i % 2 == 0) for i in range(30)}
+    unbounded = dataclasses.replace(config, max_future_s=float("inf"))
+    out, refused, counts = run_clicks(events, unbounded)
+    assert refused == {} and counts["spilled"] > 0
+    assert out["max"] == 1.0 and len(out) == 31
+
+
+def test_the_spill_store_takes_any_deadline():
+    from monolith_jax.stream.spill import SpillStore
+
+    store = SpillStore()
+    try:
+        store.put_many([("a", 2**63 + 10, 2**63 - 1, b"x", "features", 0, 7), ("b", 5, 0, b"y", "features", 0, 8)])
+        assert [r[0] for r in store.pop_due(2**64)] == ["b", "a"]
+        assert len(store) == 0
+    finally:
+        store.close()
