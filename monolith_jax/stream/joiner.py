@@ -15,8 +15,21 @@ the oldest message still pending. Within one joiner's life each request
 emits at most one example; after a crash or a rebalance that moves a
 partition, examples of requests re-read from it may be emitted twice
 (at-least-once, as Kafka applications without transactions are).
-Malformed messages go to the dead-letter topic with the reason, and are
-counted.
+
+No message stops it. A message that cannot be used goes to the dead-letter
+topic with the reason, and is counted: unreadable (of any shape or size),
+a dense value that is not finite where the job (`--job`) declares no fill,
+an event time out of bounds (negative, or more than `--max-future-s` ahead:
+see `join_state`), or a features record too large for any message of the
+examples topic. So, per input message: it is joined (one example, or a
+negative sampled out), counted (actions: positives, repeats, late, orphans,
+others), or dead-lettered.
+
+Examples leave in groups (ExampleBatch) bound for one partition, of at most
+`--group-size` examples and at most the producer's `message.max.bytes`
+less `kafka.PROTOCOL_HEADROOM` bytes. A group the broker still refuses
+as too large is sent again in halves; a single example it refuses, or one
+that cannot be delivered after retries, is dead-lettered.
 """
 
 from __future__ import annotations
@@ -31,71 +44,146 @@ import time
 import zlib
 
 from monolith_jax.stream import kafka as K
+from monolith_jax.stream.dead_letters import DeadLetters
 from monolith_jax.stream.join_state import JoinConfig, JoinState
-from monolith_jax.stream.messages import (MessageError, encode_example_batch, features_to_binary, parse_action,
-                                         parse_features)
+from monolith_jax.stream.messages import (BATCH_OVERHEAD, EXAMPLE_OVERHEAD, MessageError, batch_entry_size,
+                                         encode_example_batch, features_to_binary, parse_action, parse_features)
 
 log = logging.getLogger("monolith_jax.stream.joiner")
 
 
 class ExampleGrouper:
     """Groups the examples bound for one partition of the examples topic
-    into ExampleBatch values of up to `group_size` (sent when full or
-    `linger_s` old), so that trainers pay Kafka's per-message cost once per
-    group. The partition is crc32(request id) mod the topic's partitions.
-    group_size 1 sends plain Examples."""
+    into ExampleBatch values of up to `group_size` examples and `max_bytes`
+    bytes less `kafka.PROTOCOL_HEADROOM` (sent when full or `linger_s`
+    old), so that trainers pay Kafka's per-message cost once per group. The
+    partition is crc32(request id) mod the topic's partitions. group_size 1
+    sends plain Examples.
 
-    def __init__(self, producer, topic: str, group_size: int = 64, linger_s: float = 0.02):
+    Delivery is checked: a group the broker refuses as too large is sent
+    again in halves; an example that cannot be sent or delivered (too large
+    alone, or refused after `retries` sends) goes to `dead` (a DeadLetters)
+    with the reason, and is counted in `failed`."""
+
+    def __init__(self, producer, topic: str, group_size: int = 64, linger_s: float = 0.02,
+                 max_bytes: int = K.DEFAULT_MESSAGE_MAX_BYTES, dead: DeadLetters | None = None, retries: int = 3):
         md = producer.list_topics(topic, timeout=10).topics[topic]
         self.partitions = max(len(md.partitions), 1)
         self.producer, self.topic = producer, topic
         self.group_size, self.linger_s = max(int(group_size), 1), linger_s
+        self.limit = max(int(max_bytes) - K.PROTOCOL_HEADROOM, 1024)  # bytes of one value
+        self.dead, self.retries = dead, retries
         self._groups: dict = {}   # partition -> [examples]
+        self._bytes: dict = {}    # partition -> size of its ExampleBatch so far
         self._since: dict = {}    # partition -> monotonic time of its first example
-        self.sent = 0
+        self.sent = 0             # messages produced
+        self.failed = 0           # examples that could not be delivered (dead-lettered)
+        self.resent = 0           # groups sent again in halves, or retried
+
+    def fits(self, example_size: int) -> bool:
+        """Whether an Example of this size fits in a message of the topic."""
+        return BATCH_OVERHEAD + batch_entry_size(example_size) <= self.limit
 
     def add(self, rid: str, example: bytes) -> None:
-        if self.group_size == 1:
-            self._send(zlib.crc32(rid.encode()) % self.partitions, [example])
-            return
         p = zlib.crc32(rid.encode()) % self.partitions
-        group = self._groups.setdefault(p, [])
+        if self.group_size == 1:
+            self._send(p, [example])
+            return
+        size = batch_entry_size(len(example))
+        group = self._groups.get(p)
+        if group and self._bytes[p] + size > self.limit:
+            self._send(p, self._take(p))
+            group = None
         if not group:
+            group = self._groups[p] = []
+            self._bytes[p] = BATCH_OVERHEAD
             self._since[p] = time.monotonic()
         group.append(example)
-        if len(group) >= self.group_size:
-            self._send(p, self._groups.pop(p))
+        self._bytes[p] += size
+        if len(group) >= self.group_size or self._bytes[p] >= self.limit:
+            self._send(p, self._take(p))
+
+    def _take(self, p: int) -> list:
+        self._bytes.pop(p, None)
+        return self._groups.pop(p)
 
     def poll(self) -> None:
         """Sends groups older than linger_s."""
         now = time.monotonic()
         for p in [p for p, t in self._since.items() if p in self._groups and now - t >= self.linger_s]:
-            self._send(p, self._groups.pop(p))
+            self._send(p, self._take(p))
 
     def flush(self) -> None:
         for p in list(self._groups):
-            self._send(p, self._groups.pop(p))
+            self._send(p, self._take(p))
 
-    def _send(self, partition: int, examples: list) -> None:
-        value = examples[0] if len(examples) == 1 and self.group_size == 1 else encode_example_batch(examples)
-        K.produce(self.producer, self.topic, value, partition=partition)
-        self.sent += 1
+    def _send(self, partition: int, examples: list, attempt: int = 0) -> None:
+        from confluent_kafka import KafkaError, KafkaException
+
+        plain = len(examples) == 1 and self.group_size == 1
+        value = examples[0] if plain else encode_example_batch(examples)
+        try:
+            K.produce(self.producer, self.topic, value, partition=partition,
+                      on_delivery=lambda err, msg: self._delivered(err, partition, examples, attempt))
+            self.sent += 1
+        except KafkaException as err:  # refused by the client (e.g. MSG_SIZE_TOO_LARGE)
+            code = err.args[0].code() if err.args else None
+            self._failed(partition, examples, attempt, err.args[0] if err.args else err,
+                         too_large=code == KafkaError.MSG_SIZE_TOO_LARGE)
+
+    def _delivered(self, err, partition: int, examples: list, attempt: int) -> None:
+        if err is None:
+            return
+        from confluent_kafka import KafkaError
+
+        self._failed(partition, examples, attempt, err, too_large=err.code() == KafkaError.MSG_SIZE_TOO_LARGE)
+
+    def _failed(self, partition: int, examples: list, attempt: int, err, too_large: bool) -> None:
+        why = err.str() if hasattr(err, "str") else str(err)
+        if too_large and len(examples) > 1:
+            # The broker's limit is below ours: halve this group, and later ones.
+            self.resent += 1
+            self.limit = max(min(self.limit, sum(len(e) for e in examples) // 2), 1024)
+            half = len(examples) // 2
+            log.warning("a group of %d examples was refused as too large (%s); sending it in halves, "
+                        "groups now at most %d bytes", len(examples), why, self.limit)
+            self._send(partition, examples[:half], attempt)
+            self._send(partition, examples[half:], attempt)
+            return
+        if not too_large and attempt < self.retries:
+            self.resent += 1
+            log.warning("examples not delivered (%s); sending them again", why)
+            self._send(partition, examples, attempt + 1)
+            return
+        for example in examples:
+            self.failed += 1
+            if self.dead is not None:
+                self.dead.send_value(example, None, f"example not delivered to {self.topic}: {why}",
+                                     (self.topic, partition, -1))
+            else:
+                log.error("example for %s[%d] lost: %s", self.topic, partition, why)
 
 
 class Joiner:
     def __init__(self, bootstrap: str, config: JoinConfig, topics: dict | None = None,
                  group: str = "monolith-joiner", spill_dir: str | None = None, commit_every_s: float = 0.5,
                  consumer_extra: dict | None = None, producer_extra: dict | None = None,
-                 gate_group: str | None = None, max_lag: int = 40_000, group_size: int = 64):
+                 gate_group: str | None = None, max_lag: int = 40_000, group_size: int = 64, dense=()):
+        """`dense`: the job's DenseFeatures; a non-finite value of one that
+        declares a fill passes (the trainer fills it), else it is refused."""
         from confluent_kafka import Consumer, Producer
 
         self.topics = {**K.TOPICS, **(topics or {})}
-        self.producer = Producer(K.producer_config(bootstrap, **(producer_extra or {})))
+        self.dense = tuple(dense or ())
+        producer_conf = K.producer_config(bootstrap, **(producer_extra or {}))
+        max_bytes = K.max_message_bytes(producer_conf)
+        self.producer = Producer(producer_conf)
         self.consumer = Consumer(K.consumer_config(bootstrap, group, **{
             "enable.auto.commit": False, "enable.partition.eof": True, **(consumer_extra or {})}))
-        self.state = JoinState(config, self._emit, spill_dir)
-        self.grouper = ExampleGrouper(self.producer, self.topics["examples"], group_size)
-        self.dead = K.DeadLetters(self.producer, self.topics["dead_letters"])
+        self.dead = DeadLetters(self.producer, self.topics["dead_letters"], max_bytes)
+        self.state = JoinState(config, self._emit, spill_dir, reject=self.dead.send)
+        self.grouper = ExampleGrouper(self.producer, self.topics["examples"], group_size, max_bytes=max_bytes,
+                                      dead=self.dead)
         self.commit_every_s = commit_every_s
         self._next: dict = {}          # (topic, partition) -> next offset to read
         self._assigned: set = set()
@@ -153,18 +241,31 @@ class Joiner:
 
     # ---------------------------------------------------------------- run
     def handle(self, msg) -> None:
+        """One input message: into the join, or to the dead letters with why."""
         topic, value = msg.topic(), msg.value()
         self._next[(topic, msg.partition())] = msg.offset() + 1
         origin = (topic, msg.partition(), msg.offset())
+        features = topic == self.topics["features"]
         try:
-            if topic == self.topics["features"]:
-                rec = parse_features(value)
-                self.state.add_features(rec.request_id, rec.event_time_ms, features_to_binary(value), origin)
+            if features:
+                rec = parse_features(value, self.dense)
+                payload = features_to_binary(value, rec)
+                if not self.grouper.fits(len(payload) + EXAMPLE_OVERHEAD):
+                    raise MessageError(f"features record too large: {len(payload)} bytes; a message of the "
+                                       f"examples topic holds at most {self.grouper.limit} bytes")
             else:
                 act = parse_action(value)
-                self.state.add_action(act.request_id, act.event_time_ms, act.type, act.value, origin)
         except MessageError as err:
             self.dead.send(msg, err.reason)
+            return
+        except Exception as err:  # any other failure to read it: a reason, never a stop
+            self.dead.send(msg, f"unreadable {'features' if features else 'actions'} message: "
+                                f"{type(err).__name__}: {str(err)[:200]}")
+            return
+        if features:
+            self.state.add_features(rec.request_id, rec.event_time_ms, payload, origin, ref=msg)
+        else:
+            self.state.add_action(act.request_id, act.event_time_ms, act.type, act.value, origin, ref=msg)
 
     def run(self, idle_flush_s: float | None = None, exit_when_idle: bool = False,
             max_seconds: float | None = None, stop: threading.Event | None = None,
@@ -219,7 +320,8 @@ class Joiner:
 
     def stats(self) -> dict:
         return {**self.state.counts, "waiting": self.state.waiting, "in_memory": self.state.in_memory,
-                "dead_letters": self.dead.count,
+                "dead_letters": self.dead.count, "dead_letter_reasons": dict(self.dead.by_reason),
+                "dead_letters_failed": self.dead.failed, "examples_failed": self.grouper.failed,
                 "backpressure_s": round(self.gate.waited_s, 2) if self.gate is not None else 0.0}
 
     def close(self) -> None:
@@ -230,24 +332,28 @@ class Joiner:
             self.gate.close()
 
 
-def config_from_args(args) -> JoinConfig:
+def config_from_args(args, job=None) -> JoinConfig:
     """The join's rules: each flag given wins, then the job's `LabelRule`
-    (`--job`), then the defaults of `LabelRule`."""
+    (`job`, else `--job` loaded), then the defaults of `LabelRule`."""
     from monolith_jax.job import LabelRule, load_job
 
-    rule = load_job(args.job).labels if getattr(args, "job", None) else LabelRule()
+    if job is None and getattr(args, "job", None):
+        job = load_job(args.job)
+    rule = job.labels if job is not None else LabelRule()
     pick = lambda flag, value: value if flag is None else flag  # noqa: E731
     return JoinConfig(window_s=pick(args.window, rule.window_s), lateness_s=args.lateness,
                       positive_types=tuple(args.positive.split(",")) if args.positive else rule.positive,
                       min_value=pick(args.min_value, rule.min_value),
                       negative_rate=pick(args.negative_rate, rule.negative_rate),
-                      max_in_memory=args.max_in_memory, seed=args.seed, emit_positives=args.emit_positives)
+                      max_in_memory=args.max_in_memory, seed=args.seed, emit_positives=args.emit_positives,
+                      max_future_s=getattr(args, "max_future_s", None) or JoinConfig.max_future_s)
 
 
 def add_join_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--job", default=None,
                    help="MODULE:NAME of the job whose LabelRule gives the defaults of --positive, --min-value, "
-                        "--window and --negative-rate")
+                        "--window and --negative-rate, and whose dense features say which may be non-finite "
+                        "(those with a fill)")
     p.add_argument("--window", type=float, default=None,
                    help="seconds of event time to wait for an action (default: the job's, else 300)")
     p.add_argument("--lateness", type=float, default=10.0, help="seconds messages may arrive out of order")
@@ -261,6 +367,9 @@ def add_join_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seeds the negative sampling")
     p.add_argument("--emit-positives", choices=("on_action", "at_window_end"), default="on_action",
                    help="emit a positive when its action arrives, or when its window closes")
+    p.add_argument("--max-future-s", type=float, default=JoinConfig.max_future_s,
+                   help="an event time more than this far ahead of the joiner's clock, or of the stream, is "
+                        "dead-lettered (negative ones too)")
 
 
 def warn_if_unlabelled(stats: dict, config: JoinConfig, out=None) -> str | None:
@@ -296,11 +405,15 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     topics = {name: getattr(args, f"topic_{name}") for name in K.TOPICS}
-    config = config_from_args(args)
+    from monolith_jax.job import load_job
+
+    job = load_job(args.job) if args.job else None
+    config = config_from_args(args, job)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     joiner = Joiner(args.bootstrap, config, topics, args.group, args.spill_dir,
-                    gate_group=args.gate_group, max_lag=args.max_lag, group_size=args.group_size)
+                    gate_group=args.gate_group, max_lag=args.max_lag, group_size=args.group_size,
+                    dense=job.dense if job is not None else ())
     try:
         stats = joiner.run(args.idle_flush, args.exit_when_idle, args.max_seconds, stop, args.report_every)
     finally:

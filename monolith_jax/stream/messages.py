@@ -192,9 +192,12 @@ def encode_example(features: bytes, label: float, sample_rate: float, label_time
                      b"\x28", _varint(int(label_time_ms))))
 
 
-def features_to_binary(value: bytes) -> bytes:
-    """A features message as binary (JSON ones are converted)."""
-    return parse_features(value).SerializeToString() if _is_json(value) else value
+def features_to_binary(value: bytes, record=None) -> bytes:
+    """A features message as binary (JSON ones are converted; `record`:
+    the value already parsed, e.g. by `parse_features`)."""
+    if not _is_json(value):
+        return value
+    return (record if record is not None else parse_features(value)).SerializeToString()
 
 
 class ExampleDecoder:

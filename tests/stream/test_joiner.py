@@ -1,0 +1,132 @@
+"""The joiner on the embedded cluster, in this process: no input stops it,
+every valid message comes out (joined or counted) and every other one is
+dead-lettered with its reason; grouped examples fit in a Kafka message."""
+
+import json
+
+from monolith_jax.stream import kafka as K
+from monolith_jax.stream import messages_pb2 as pb
+from monolith_jax.stream.join_state import JoinConfig
+from monolith_jax.stream.joiner import Joiner
+from monolith_jax.stream.messages import encode_action, encode_features
+from tests.stream.kafka_util import producer, read_topic
+
+T0 = 1_700_000_000_000  # event times of the requests, ms
+
+
+def examples_out(bootstrap):
+    """The request ids of every example on the examples topic, and the values' sizes."""
+    rids, sizes = [], []
+    for m in read_topic(bootstrap, "examples"):
+        sizes.append(len(m.value()))
+        batch = pb.ExampleBatch.FromString(m.value())
+        rids += [e.features.request_id for e in batch.examples] or [pb.Example.FromString(m.value()).features.request_id]
+    return rids, sizes
+
+
+def run_joiner(bootstrap, config, **kwargs):
+    joiner = Joiner(bootstrap, config, group="test-joiner", **kwargs)
+    try:
+        return joiner.run(idle_flush_s=2.0, exit_when_idle=True, max_seconds=120, report_every_s=0)
+    finally:
+        joiner.close()
+
+
+def test_no_message_stops_the_joiner_and_each_is_joined_or_dead_lettered():
+    n = 60
+    deep = b"[" * 50_000 + b"]" * 50_000
+    with K.EmbeddedKafka() as kafka:
+        bs = kafka.bootstrap
+        K.ensure_topics(bs, {t: K.EMBEDDED_PARTITIONS for t in K.TOPICS.values()})
+        prod = producer(bs, **{"message.max.bytes": 5_000_000})  # a producer that may send what ours cannot
+        for i in range(n):
+            rid, t = f"q{i}", T0 + i * 1000
+            prod.produce("features", encode_features(rid, t, {"user": [i], "item": [i]}, {"price": 1.0, "age": 3.0}),
+                         rid)
+            if i % 2 == 0:
+                prod.produce("actions", encode_action(rid, t + 500, "click"), rid)
+        bad = {
+            "nan-age": ("features", encode_features("nan-age", T0, {"user": [1]}, {"price": 1.0, "age": float("nan")}),
+                        "must hold one finite value"),
+            "deep-f": ("features", b'{"request_id": "deep", "sparse": ' + deep + b"}", "unreadable features"),
+            "deep-a": ("actions", b'{"request_id": "deep", "type": ' + deep + b"}", "unreadable actions"),
+            "big-junk": ("features", b"\x08\x01" + b"\xff" * 1_500_000, "unreadable features"),
+            "big-record": ("features", encode_features("huge", T0, {"user": list(range(200_000))}),
+                           "features record too large"),
+            "future": ("features", encode_features("future", 2**62, {"user": [1]}), "event time out of bounds"),
+            "int64-max": ("features", encode_features("max", 2**63 - 1, {"user": [1]}), "event time out of bounds"),
+            "negative": ("actions", encode_action("q1", -5, "click"), "event time out of bounds"),
+        }
+        for key, (topic, value, _) in bad.items():
+            prod.produce(topic, value, key)
+        assert prod.flush(30) == 0
+        stats = run_joiner(bs, JoinConfig(window_s=5, lateness_s=1, max_in_memory=5))  # spills to disk
+        rids, sizes = examples_out(bs)
+        dead = read_topic(bs, "dead-letters")
+
+    assert stats["spilled"] > 0
+    # Valid requests in = examples out (negative rate 1): each once; clicks all matched.
+    assert sorted(rids) == sorted(f"q{i}" for i in range(n))
+    assert stats["positives"] == n // 2 and stats["negatives"] == n // 2
+    assert stats["orphan_actions"] == stats["late_actions"] == 0
+    assert stats["dead_letters"] == len(dead) == len(bad), stats["dead_letter_reasons"]
+    assert stats["dead_letters_failed"] == 0 and stats["examples_failed"] == 0
+    by_key = {m.key().decode(): m for m in dead}
+    assert set(by_key) == set(bad)
+    for key, (_, value, why) in bad.items():
+        headers = dict(by_key[key].headers())
+        assert why in headers["reason"].decode(), (key, headers["reason"])
+        if len(value) > 1_000_000:  # too large for a dead letter: truncated, with its size
+            assert headers["truncated"] == b"1" and int(headers["original.size"]) == len(value)
+            assert value.startswith(by_key[key].value()) and len(by_key[key].value()) < 1_000_000
+        else:
+            assert by_key[key].value() == value
+    assert max(sizes) < 1_000_000
+
+
+def test_large_requests_are_grouped_under_the_message_limit_and_all_come_out():
+    """400 requests of ~20 KB (7 features x 360 ids): 64 of them would be a
+    1.3 MB message, over the producer's 1 MB."""
+    n = 400
+    ids = {f"f{k}": list(range(k * 1000, k * 1000 + 360)) for k in range(7)}
+    with K.EmbeddedKafka() as kafka:
+        bs = kafka.bootstrap
+        K.ensure_topics(bs, {t: K.EMBEDDED_PARTITIONS for t in K.TOPICS.values()})
+        prod = producer(bs)
+        for i in range(n):
+            value = encode_features(f"r{i}", T0 + i, ids)
+            assert 19_000 < len(value) < 21_000
+            prod.produce("features", value, f"r{i}")
+            if i % 3 == 0:
+                prod.produce("actions", encode_action(f"r{i}", T0 + i + 1, "click"), f"r{i}")
+        assert prod.flush(30) == 0
+        stats = run_joiner(bs, JoinConfig(window_s=5, lateness_s=1))
+        rids, sizes = examples_out(bs)
+    assert stats["dead_letters"] == 0 and stats["examples_failed"] == 0
+    assert sorted(rids) == sorted(f"r{i}" for i in range(n))
+    assert stats["positives"] == len(range(0, n, 3))
+    assert max(sizes) <= 1_000_000 - K.PROTOCOL_HEADROOM
+    assert len(sizes) < n / 10, "still grouped: dozens of examples a message"
+
+
+def test_the_joiner_command_passes_the_jobs_dense_features(capsys):
+    """With --job, a non-finite dense value of a feature that declares a
+    fill passes the joiner (the trainer's decoder fills it)."""
+    from monolith_jax.stream import joiner
+
+    sparse = {"user": [1], "item": [2], "category": [3], "recent_items": []}
+    with K.EmbeddedKafka() as kafka:
+        bs = kafka.bootstrap
+        K.ensure_topics(bs, {t: K.EMBEDDED_PARTITIONS for t in K.TOPICS.values()})
+        prod = producer(bs)
+        prod.produce("features", encode_features("a", T0, sparse, {"price": float("nan")}), "a")
+        prod.produce("features", encode_features("b", T0 + 1, sparse, {"price": 3.5}), "b")
+        assert prod.flush(30) == 0
+        code = joiner.main(["--bootstrap", bs, "--job", "tests.jobs.shop:job", "--idle-flush", "2",
+                            "--exit-when-idle", "--max-seconds", "120", "--report-every", "0"])
+        rids, _ = examples_out(bs)
+    assert code == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("joiner done "))
+    stats = json.loads(line[len("joiner done "):])
+    assert stats["dead_letters"] == 0 and stats["negatives"] == 2
+    assert sorted(rids) == ["a", "b"]
