@@ -130,3 +130,50 @@ def test_the_joiner_command_passes_the_jobs_dense_features(capsys):
     stats = json.loads(line[len("joiner done "):])
     assert stats["dead_letters"] == 0 and stats["negatives"] == 2
     assert sorted(rids) == ["a", "b"]
+
+
+class BrokerWithLowerLimit:
+    """A producer whose broker refuses values over `limit` on the examples
+    topic at delivery (its max.message.bytes below the producer's
+    message.max.bytes)."""
+
+    def __init__(self, limit):
+        self.limit, self.delivered = limit, []
+
+    def list_topics(self, topic, timeout=None):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(topics={topic: SimpleNamespace(partitions={0: None, 1: None})})
+
+    def produce(self, topic, value=None, key=None, partition=None, headers=None, on_delivery=None):
+        from confluent_kafka import KafkaError
+
+        ok = topic != "examples" or len(value) <= self.limit
+        if ok:
+            self.delivered.append((topic, value, dict(headers or ())))
+        on_delivery(None if ok else KafkaError(KafkaError.MSG_SIZE_TOO_LARGE), None)
+
+    def poll(self, timeout=0):
+        return 0
+
+
+def test_a_group_the_broker_refuses_is_sent_in_halves_and_a_lone_example_dead_lettered():
+    from monolith_jax.stream.dead_letters import DeadLetters
+    from monolith_jax.stream.joiner import ExampleGrouper
+    from monolith_jax.stream.messages import encode_example
+
+    prod = BrokerWithLowerLimit(50_000)
+    grouper = ExampleGrouper(prod, "examples", group_size=64, dead=DeadLetters(prod, "dead-letters"))
+    sent = {}
+    for i in range(40):
+        size = 60_000 if i == 7 else 4_000  # example 7 is over the broker's limit by itself
+        sent[f"r{i}"] = encode_example(encode_features(f"r{i}", i, {"user": [0] * (size // 8)}), 0.0, 1.0, i)
+        grouper.add(f"r{i}", sent[f"r{i}"])
+    grouper.flush()
+    out = [e.features.request_id for t, v, _ in prod.delivered if t == "examples"
+           for e in pb.ExampleBatch.FromString(v).examples]
+    dead = [(v, h) for t, v, h in prod.delivered if t == "dead-letters"]
+    assert sorted(out) == sorted(r for r in sent if r != "r7"), "each example once"
+    assert grouper.failed == 1 and grouper.resent > 0 and grouper.limit <= 50_000
+    assert len(dead) == 1 and b"not delivered" in dead[0][1]["reason"]
+    assert pb.Example.FromString(dead[0][0]).features.request_id == "r7"
