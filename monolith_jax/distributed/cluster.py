@@ -25,6 +25,14 @@ cluster.json ("job" and "bootstrap" are required):
                                                     it gave before training to run_dir/trainer-<j>.npz
      "trainer_args": ["--batch", "512"]}            passed to every `monolith train`
 
+Several trainers need a Kafka broker that rebalances a consumer group
+correctly: a real cluster, or `monolith_jax.stream.broker.BrokerProcess`
+(tansu). librdkafka's embedded cluster (`kafka.EmbeddedKafka`, the demo's
+default) refuses offset commits during a rebalance, so two trainers there
+trained 38,672 examples of a 25,887-example stream; the launcher refuses
+more than one trainer on it (recognised by its metadata) and says so. One
+trainer on it is fine.
+
 With no `--role`, everything starts here: the shards first (each prints
 its address), then the trainers. A shard that dies while the trainers run
 is started again on its address from its newest snapshot (the trainers
@@ -68,6 +76,26 @@ def load_config(path: str) -> dict:
     if cfg.get("dense", "sync") not in ("sync", "async"):
         raise ValueError(f"{path}: 'dense' must be 'sync' or 'async', got {cfg['dense']!r}")
     return cfg
+
+
+class EmbeddedClusterRefused(ValueError):
+    """Several trainers asked for on librdkafka's embedded cluster."""
+
+
+def check_broker(cfg: dict) -> None:
+    """Refuses several trainers on the embedded cluster (EmbeddedClusterRefused,
+    saying which broker to use instead)."""
+    trainers = int(cfg.get("trainers", 1))
+    if trainers <= 1:
+        return
+    from monolith_jax.stream import kafka as K
+
+    if K.is_embedded(cfg["bootstrap"]):
+        raise EmbeddedClusterRefused(
+            f"{cfg['bootstrap']} is librdkafka's embedded cluster, whose group coordinator refuses offset commits "
+            f"during a rebalance: {trainers} trainers sharing it would train examples twice. Use a Kafka broker: "
+            "a real cluster, or a broker process (monolith_jax.stream.broker.BrokerProcess, tansu), as "
+            "'bootstrap'; or run one trainer")
 
 
 def ps_argv(cfg: dict, shard: int, shards: int, port: int, host: str = "127.0.0.1") -> list:
@@ -140,9 +168,11 @@ class Shard:
 
 def run_local(cfg: dict, out=print, poll_s: float = 0.2) -> dict:
     """Starts every shard and trainer here, supervises the shards, waits for
-    the trainers; returns {"trainers": [summaries], "restarts": {shard: n}}."""
+    the trainers; returns {"trainers": [summaries], "restarts": {shard: n}}.
+    Several trainers on the embedded cluster are refused before anything starts."""
     import tempfile
 
+    check_broker(cfg)
     run_dir = cfg.get("run_dir") or tempfile.mkdtemp(prefix="monolith-cluster-")
     os.makedirs(run_dir, exist_ok=True)
     ps = cfg.get("ps", 1)
@@ -224,6 +254,7 @@ def run_role(cfg: dict, role: str) -> int:
         return training_ps.main(ps_argv(cfg, i, len(addresses), int(port), host))
     if int(cfg.get("trainers", 1)) > 1 and cfg.get("dense", "sync") == "sync" and not cfg.get("coordinator"):
         raise ValueError("several synchronous trainers on several machines need 'coordinator'")
+    check_broker(cfg)
     from monolith_jax.online import train
 
     return train.main(trainer_argv(cfg, i, addresses, cfg.get("coordinator"), run_dir))
@@ -236,9 +267,12 @@ def main(argv=None) -> int:
     p.add_argument("--role", default=None, help="ps:<i> or trainer:<j>: start only that part, here")
     args = p.parse_args(argv)
     cfg = load_config(args.config)
-    if args.role:
-        return run_role(cfg, args.role)
-    result = run_local(cfg, out=lambda line: print(line, flush=True))
+    try:
+        if args.role:
+            return run_role(cfg, args.role)
+        result = run_local(cfg, out=lambda line: print(line, flush=True))
+    except EmbeddedClusterRefused as err:
+        raise SystemExit(f"monolith cluster: {err}") from None
     print("cluster done " + json.dumps(result, default=float), flush=True)
     return 0 if all(t["exit"] == 0 for t in result["trainers"]) else 1
 

@@ -10,6 +10,14 @@ Topic names have defaults (`TOPICS`); every component takes them as
 arguments. On the embedded cluster a topic is created by asking for it and
 has 4 partitions; on a real cluster `ensure_topics` creates the missing ones
 with the partition count asked for.
+
+The embedded cluster is for one consumer per group: its group coordinator
+refuses offset commits during a rebalance (REBALANCE_IN_PROGRESS) and did
+not always hand a revoked member's partitions back, so several trainers
+sharing a group there trained examples twice. `is_embedded` recognises it
+(by the cluster id in its metadata), and the launcher refuses several
+trainers on it; use a Kafka broker (`monolith_jax.stream.broker`, or a real
+cluster) for that. Dead letters: `monolith_jax.stream.dead_letters`.
 """
 
 from __future__ import annotations
@@ -96,6 +104,20 @@ def consumer_config(bootstrap: str, group: str, **extra) -> dict:
         "enable.partition.eof": True,
         "partition.assignment.strategy": "range",  # co-partitioned topics go to one member
         **extra})
+
+
+def is_embedded(bootstrap: str, timeout_s: float = 10.0) -> bool:
+    """Whether `bootstrap` is librdkafka's built-in cluster (`EmbeddedKafka`):
+    its metadata names it (cluster id `mockCluster...`). False when no
+    broker answers there."""
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import AdminClient
+
+    try:
+        md = AdminClient({"bootstrap.servers": bootstrap, "log_level": 0}).list_topics(timeout=timeout_s)
+    except KafkaException:
+        return False
+    return str(md.cluster_id or "").startswith(EMBEDDED_CLUSTER_ID_PREFIX)
 
 
 class BrokerUnreachable(ConnectionError):
