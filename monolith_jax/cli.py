@@ -7,7 +7,7 @@
     monolith predictor    --model DIR --serving-ps HOST:PORT
     monolith training-ps  --job MODULE:NAME --shard I --shards N
     monolith cluster      --config cluster.json [--role ps:I | trainer:J]
-    monolith demo         [--job MODULE:NAME] [--data LOG...]
+    monolith demo         --job MODULE:NAME [--data LOG...] [--quick]
 
 `monolith SUBCOMMAND --help` lists every option with its default. A job is
 named as `MODULE:NAME` (see `monolith_jax.job`); the serving PS and the
@@ -28,7 +28,8 @@ COMMANDS = {
     "predictor": ("monolith_jax.serving.predictor", "serve predictions of an exported model"),
     "training-ps": ("monolith_jax.distributed.training_ps", "one training parameter-server shard of a job"),
     "cluster": ("monolith_jax.distributed.cluster", "start a job's shards and trainers"),
-    "demo": ("monolith_jax.online.pipeline", "replay -> join -> online training of a job, on embedded Kafka"),
+    "demo": ("monolith_jax.online.demo", "the whole loop of a job for a few minutes: replay, join, train, "
+                                         "sync, serve, kill and resume"),
 }
 
 

@@ -160,12 +160,14 @@ class LogReplay:
 
 def replay(bootstrap: str, stream, topics: dict | None = None, speed: float = 0.0,
            report_every_s: float = 10.0, out=print, stop=None, gate_group: str | None = None,
-           max_lag: int = 40_000) -> dict:
+           max_lag: int = 40_000, rate: float = 0.0, tap=None) -> dict:
     """Produces a stream of (kind, request id, value, event ms) — an object
     with `messages()`, or any iterable of them — and returns counts. With
-    `speed` > 0, paces event time at `speed` seconds per wall second. With
+    `speed` > 0, paces event time at `speed` seconds per wall second; with
+    `rate` > 0, paces at `rate` messages per wall second. With
     `gate_group`, never runs more than `max_lag` messages ahead of that
-    consumer group (the joiner's)."""
+    consumer group (the joiner's). `tap(kind, rid, value, t)` sees each
+    message once it is produced."""
     from confluent_kafka import Producer
 
     topics = {**K.TOPICS, **(topics or {})}
@@ -185,8 +187,15 @@ def replay(bootstrap: str, stream, topics: dict | None = None, speed: float = 0.
             if ahead > 0:
                 producer.poll(0)
                 time.sleep(ahead)
+        if rate > 0:
+            ahead = (counts["features"] + counts["actions"]) / rate - (time.monotonic() - t0)
+            if ahead > 0:
+                producer.poll(0)
+                time.sleep(ahead)
         K.produce(producer, topics[kind], value, rid)
         counts[kind] += 1
+        if tap is not None:
+            tap(kind, rid, value, t)
         if gate is not None:
             gate.step(1, producer, stop)
         if (counts["features"] + counts["actions"]) % 20000 == 0:
