@@ -119,7 +119,7 @@ def expected_keys(values) -> np.ndarray:
 
 
 def shard_keys(snap_root, shard, shards, step=None):
-    snaps = Snapshots(os.path.join(snap_root, f"ps-{shard}-of-{shards}"), every_s=None)
+    snaps = Snapshots(os.path.join(snap_root, f"ps-{shard}-of-{shards}"), every_s=None, read_only=True)
     try:
         found = snaps.load(tables_only=True)
     finally:
