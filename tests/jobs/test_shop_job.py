@@ -134,7 +134,7 @@ def test_files_train_export_and_serve_through_commands(tmp_path):
     epochs = [json.loads(line.split(" ", 1)[1]) for line in out.splitlines() if line.startswith("epoch ")]
     assert [e["epoch"] for e in epochs] == [1, 2]
     assert epochs[0]["examples"] == 8000
-    assert epochs[-1]["auc"] > 0.65, epochs  # the true probabilities score ~0.8; chance 0.5
+    assert epochs[-1]["auc"] > 0.65, epochs  # the true probabilities score 0.91, chance 0.5; 8,000 rows teach part of it
     trainer = trainer_from_snapshot(tmp_path / "snaps")
     assert len(trainer.tables["ids"]) > 600  # users and items kept apart: one row per (feature, id)
     assert_served_equal(tmp_path / "model", ["--snapshot-dir", tmp_path / "snaps"], trainer, test, cols)
