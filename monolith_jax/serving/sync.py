@@ -7,10 +7,12 @@
 
 Every `interval_s` the pusher drains each table's touched rows (the
 engine's touched marks: rows created or updated since the last drain) and
-sends them in messages of at most `max_rows_per_message` rows, as
-`dtype` (float32, float16 or bfloat16). A push that fails keeps its rows:
-they are merged with the next drain (newer values win) and sent again, so
-no update is lost. Before each push the pusher asks the server's version:
+sends them in messages of at most `max_message_bytes` (below gRPC's
+message limit, `rpc.wire.MAX_PAYLOAD_BYTES`, whatever the dim) and at most
+`max_rows_per_message` rows, as `dtype` (float32, float16 or bfloat16).
+A push that fails keeps its rows: they are merged with the next drain
+(newer values win) and sent again, under a new sequence (the server drops
+what it staged of the failed one), so no update is lost. Before each push the pusher asks the server's version:
 a server that has not applied this trainer's last push (it started late or
 restarted) first gets a full copy of every table, then deltas again.
 
@@ -41,13 +43,19 @@ class SyncPusher:
     def __init__(self, tables: dict, address: str, trainer_id: str = "trainer-0", interval_s: float = 2.0,
                  dtype: str = "float32", max_rows_per_message: int = 65_536, timeout_s: float = 10.0,
                  dense_source=None, dense_interval_s: float = 30.0, history: int = 10_000,
-                 shard: tuple | None = None):
+                 shard: tuple | None = None, max_message_bytes: int = 16 << 20, security=None):
         from monolith_jax.rpc import serving_pb2_grpc as pbg
-        from monolith_jax.rpc.wire import channel
+        from monolith_jax.rpc.wire import MAX_PAYLOAD_BYTES, channel
 
         if dtype not in _NP:
             raise ValueError(f"dtype must be one of {sorted(_NP)}, got {dtype!r}")
+        # Bytes of one message: keys and values; the fields around them fit in the margin.
+        self.max_bytes = min(max(int(max_message_bytes), 1), MAX_PAYLOAD_BYTES)
         self.tables = dict(tables)
+        for name, t in self.tables.items():
+            if self._row_bytes(t.config.dim, dtype) > self.max_bytes:
+                raise ValueError(f"table {name!r}: one row of dim {t.config.dim} ({dtype}) is more than "
+                                 f"{self.max_bytes} bytes, the most one message carries")
         self.trainer_id = trainer_id
         # A training PS shard (shard, shards) pushes the rows of its keys: its
         # full copy replaces only those on the server.
@@ -56,7 +64,7 @@ class SyncPusher:
         self.dtype = dtype
         self.max_rows = max(int(max_rows_per_message), 1)
         self.timeout_s = timeout_s
-        self._channel = channel(address)
+        self._channel = channel(address, security)
         self._stub = pbg.ServingPSStub(self._channel)
         self._pending: dict = {name: {} for name in self.tables}  # name -> {key: row}, unsent rows
         self.sequence = 0          # last push this trainer made
@@ -108,6 +116,13 @@ class SyncPusher:
         try:
             self._stub.PushDense(req, timeout=self.timeout_s, wait_for_ready=True)
         except grpc.RpcError as err:
+            if err.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                # Refused (e.g. params that do not match the model served): the
+                # same params would be refused again at the next tick.
+                self._dense_due = time.monotonic() + self.dense_interval_s
+                self.stats["dense_refused"] = self.stats.get("dense_refused", 0) + 1
+                log.warning("the serving PS refused the dense params: %s", err.details())
+                return False
             self._fail(f"dense push: {err.code().name} {err.details()}")
             return False
         self.stats["dense_pushes"] += 1
@@ -145,7 +160,11 @@ class SyncPusher:
             for name, t in self.tables.items():
                 keys, values = t.drain_touched(self.dtype)
                 parts[name] = self._merge(name, keys, values)
-        seq = self.sequence + 1
+        # Each attempt gets its own sequence: a server that staged part of a
+        # failed one drops it when this one arrives.
+        # A restarted trainer (same id, sequence from 0) goes on after what the
+        # server applied: its pushes would otherwise be refused as not newer.
+        seq = self.sequence = max(self.sequence, server_has) + 1
         try:
             n_bytes, n_msgs, rows = self._send(seq, full, parts)
         except grpc.RpcError as err:
@@ -154,7 +173,7 @@ class SyncPusher:
                     self._pending[name] = dict(zip(keys.tolist(), values))
             self._fail(f"push {seq}: {err.code().name} {err.details()}")
             return False
-        self.sequence = self.acknowledged = seq
+        self.acknowledged = seq
         for name in self.tables:
             self._pending[name] = {}
         self.stats["pushes"] += 1
@@ -177,21 +196,29 @@ class SyncPusher:
         v = np.stack(list(pending.values())) if pending else values[:0]
         return k, v
 
+    @staticmethod
+    def _row_bytes(dim: int, dtype: str) -> int:
+        return 8 + dim * np.dtype(_NP[dtype]).itemsize
+
+    def rows_per_message(self, dim: int) -> int:
+        """Rows of a table of `dim` in one message: by bytes, at most max_rows."""
+        return max(1, min(self.max_rows, self.max_bytes // self._row_bytes(dim, self.dtype)))
+
     def _send(self, seq: int, full: bool, parts: dict) -> tuple[int, int, int]:
         from monolith_jax.rpc import serving_pb2 as pb
 
-        chunks = []
-        for name, (keys, values) in parts.items():
-            dim = self.tables[name].config.dim
-            for s in range(0, max(keys.size, 1), self.max_rows):
-                k, v = keys[s:s + self.max_rows], values[s:s + self.max_rows]
-                chunks.append(pb.TableRows(table=name, dim=dim, dtype=self.dtype,
-                                           keys=np.ascontiguousarray(k, np.uint64).tobytes(),
-                                           values=np.ascontiguousarray(v, _NP[self.dtype]).tobytes()))
+        # Message bounds first; each message is built only when it is sent.
+        chunks = [(name, s, self.rows_per_message(self.tables[name].config.dim))
+                  for name, (keys, _) in parts.items()
+                  for s in range(0, max(keys.size, 1), self.rows_per_message(self.tables[name].config.dim))]
         n_bytes = 0
-        for i, chunk in enumerate(chunks):
+        for i, (name, s, step) in enumerate(chunks):
+            keys, values = parts[name]
+            rows = pb.TableRows(table=name, dim=self.tables[name].config.dim, dtype=self.dtype,
+                                keys=np.ascontiguousarray(keys[s:s + step], np.uint64).tobytes(),
+                                values=np.ascontiguousarray(values[s:s + step], _NP[self.dtype]).tobytes())
             req = pb.PushRequest(trainer=self.trainer_id, sequence=seq, full=full, last=i == len(chunks) - 1,
-                                 tables=[chunk], shard=self.shard[0], shards=self.shard[1])
+                                 tables=[rows], shard=self.shard[0], shards=self.shard[1])
             n_bytes += req.ByteSize()
             self._stub.Push(req, timeout=self.timeout_s, wait_for_ready=True)
         return n_bytes, len(chunks), sum(k.size for k, _ in parts.values())
