@@ -28,14 +28,20 @@ table in the stats.
 
 The dense params follow the trainer: a thread asks the serving PS every
 `dense_poll_s` whether newer ones were pushed and swaps them in between
-requests; the negative rate comes with them. Batches are padded to the
+requests; the negative rate comes with them. The predictor starts on the
+export's own params (`params.npz`); a set the serving PS holds that does
+not fit the export (names, shapes, dtypes) is refused once per version,
+counted (`dense_refused`), and the last good params go on serving; the log
+line about it comes at most every `log_every_s`. Batches are padded to the
 next power of two (at most `max_batch`), so the model compiles a handful
 of times, not once per size.
 
 Bad requests (unknown feature, a feature twice or left out, byte lengths
 that do not match, lengths that do not add up, a batch over `max_batch`,
 dense values not finite without a fill) get INVALID_ARGUMENT naming the
-problem. Binds 127.0.0.1 unless told otherwise.
+problem. Binds 127.0.0.1 unless told otherwise (another address needs an
+auth token, `monolith_jax.rpc.wire`); `--metrics-port` serves Prometheus
+metrics.
 """
 
 from __future__ import annotations
@@ -45,10 +51,13 @@ import json
 import logging
 import sys
 import threading
+import time
 
 import numpy as np
 
-from monolith_jax.rpc.wire import run_until_signalled, RequestError, array, channel, start_server, tensors_from_proto
+from monolith_jax.rpc import wire
+from monolith_jax.rpc.wire import (RequestError, array, channel, guard, run_until_signalled, start_server,
+                                   tensors_from_proto)
 
 log = logging.getLogger("monolith_jax.serving.predictor")
 
@@ -59,11 +68,30 @@ def _bucket(n: int, cap: int) -> int:
     return min(1 << max(n - 1, 0).bit_length(), cap)
 
 
+class _Every:
+    """A log line at most every `every_s` seconds; the ones held back are
+    counted in the next."""
+
+    def __init__(self, every_s: float):
+        self.every_s, self._last, self.held = every_s, None, 0
+
+    def warning(self, logger, msg: str, *args) -> None:
+        now = time.monotonic()
+        if self._last is not None and now - self._last < self.every_s:
+            self.held += 1
+            return
+        if self.held:
+            msg, args = msg + " (%d more like it held back)", (*args, self.held)
+        self._last, self.held = now, 0
+        logger.warning(msg, *args)
+
+
 class Predictor:
     """The service's work, usable in-process: `predict_arrays` and the
     dense-param refresh."""
 
-    def __init__(self, export_dir: str, serving_ps: str, dense_poll_s: float = 0.5, timeout_s: float = 5.0):
+    def __init__(self, export_dir: str, serving_ps: str, dense_poll_s: float = 0.5, timeout_s: float = 5.0,
+                 security=None, log_every_s: float = 60.0):
         import jax
 
         from monolith_jax.serving.export import load_exported
@@ -84,22 +112,28 @@ class Predictor:
         self.n_dense = len(spec["dense_features"])
         self.max_batch = int(spec["max_batch"])
         self.negative_rate = float(spec["negative_rate"])
-        self.params = [jax.device_put(p) for p in self.model.params]
-        self.dense_version = 0
+        self.params = [jax.device_put(p) for p in self.model.params]   # the export's: the last good ones
+        self.dense_version = 0     # of the params in use (0: the export's)
+        self._seen_version = 0     # the newest the serving PS showed, taken or refused
+        self.dense_updated_s = time.monotonic()
         self.timeout_s = timeout_s
         self.dense_poll_s = dense_poll_s
-        self._channel = channel(serving_ps)
+        self._channel = channel(serving_ps, security)
         self._ps = pbg.ServingPSStub(self._channel)
         self._lock = threading.Lock()
+        self._log = _Every(log_every_s)
         self.stats = {"requests": 0, "predictions": 0, "ids": 0, "dense_updates": 0, "bad_requests": 0,
+                      "dense_polls": 0, "dense_refused": 0, "dense_errors": 0,
                       "unknown_ids": {name: 0 for name in self.tables},
+                      "looked_up": {name: 0 for name in self.tables},
                       "dense_filled": {f.name: 0 for f in self.dense_features if f.fill is not None}}
         self._stop = threading.Event()
         self._thread = None
 
     # ----------------------------------------------------------- dense
     def start(self) -> None:
-        """Fetches the dense params once, then follows them on a thread."""
+        """Fetches the dense params once (serving the export's own if the
+        serving PS has none that fit), then follows them on a thread."""
         self.refresh_dense(wait=True)
         self._thread = threading.Thread(target=self._follow, name="monolith-dense", daemon=True)
         self._thread.start()
@@ -109,28 +143,44 @@ class Predictor:
             try:
                 self.refresh_dense()
             except Exception as err:  # keep serving with the params held
-                log.warning("dense refresh failed: %s", err)
+                with self._lock:
+                    self.stats["dense_errors"] += 1
+                self._log.warning(log, "dense refresh failed, serving the last good params: %s", err)
 
     def refresh_dense(self, wait: bool = False) -> bool:
-        """Swaps in newer dense params from the serving PS, if any. True if it did."""
+        """Swaps in newer dense params from the serving PS, if any. True if
+        it did. A set that does not fit the export is refused (once per
+        version: it is not fetched again) and the params held go on."""
         import grpc
         import jax
 
         from monolith_jax.rpc import serving_pb2 as pb
 
+        with self._lock:
+            self.stats["dense_polls"] += 1
         try:
-            reply = self._ps.GetDense(pb.DenseRequest(have=self.dense_version), timeout=self.timeout_s,
+            reply = self._ps.GetDense(pb.DenseRequest(have=self._seen_version), timeout=self.timeout_s,
                                       wait_for_ready=wait)
         except grpc.RpcError as err:
-            log.warning("serving PS dense params: %s", err.code().name)
+            self._log.warning(log, "serving PS dense params: %s", err.code().name)
             return False
         if not reply.tensors:
             return False
-        params = self.model.check_params(tensors_from_proto(reply.tensors))
+        try:
+            params = self.model.check_params(tensors_from_proto(reply.tensors))
+        except ValueError as err:  # RequestError too
+            with self._lock:
+                self._seen_version = reply.version
+                self.stats["dense_refused"] += 1
+            self._log.warning(log, "dense params %d from the serving PS do not fit this export (%s); serving "
+                              "the last good params (version %d, 0: the export's)", reply.version, err,
+                              self.dense_version)
+            return False
         params = [jax.device_put(p) for p in params]
         with self._lock:
             self.params = params
-            self.dense_version = reply.version
+            self.dense_version = self._seen_version = reply.version
+            self.dense_updated_s = time.monotonic()
             if reply.negative_rate > 0:
                 self.negative_rate = float(reply.negative_rate)
             self.stats["dense_updates"] += 1
@@ -232,6 +282,8 @@ class Predictor:
             if keys.size:
                 uniq, inverse = np.unique(keys, return_inverse=True)
                 values, found = self._lookup(table, uniq, meta["dim"])
+                with self._lock:
+                    self.stats["looked_up"][table] += int(uniq.size)
                 req = np.concatenate([s[0] for s in slots])
                 col = np.concatenate([s[1] for s in slots])
                 out[req, col] = values[inverse]
@@ -255,12 +307,18 @@ class Predictor:
         return {"probabilities": probs, "logits": logits, "unknown": unknown, "dense_version": self.dense_version}
 
     def _lookup(self, table: str, keys: np.ndarray, dim: int):
+        """Rows of `keys` from the serving PS, in calls whose replies fit a message."""
         from monolith_jax.rpc import serving_pb2 as pb
 
-        reply = self._ps.Lookup(pb.LookupRequest(table=table, keys=keys.tobytes(), dtype="float32"),
-                                timeout=self.timeout_s)
-        values = np.frombuffer(reply.values, np.float32).reshape(keys.size, dim)
-        return values, np.frombuffer(reply.found, np.uint8).astype(bool)
+        step = max(wire.MAX_PAYLOAD_BYTES // (dim * 4 + 1), 1)
+        values, found = np.empty((keys.size, dim), np.float32), np.empty(keys.size, bool)
+        for s in range(0, keys.size, step):
+            part = keys[s:s + step]
+            reply = self._ps.Lookup(pb.LookupRequest(table=table, keys=part.tobytes(), dtype="float32"),
+                                    timeout=self.timeout_s)
+            values[s:s + part.size] = np.frombuffer(reply.values, np.float32).reshape(part.size, dim)
+            found[s:s + part.size] = np.frombuffer(reply.found, np.uint8).astype(bool)
+        return values, found
 
     def warmup(self) -> None:
         """Compiles the model for every batch bucket, so no request waits on it."""
@@ -288,6 +346,7 @@ def request_arrays(request, n_dense: int, max_batch: int) -> tuple[dict, np.ndar
         raise RequestError(f"batch_size must be 1..{max_batch} (this predictor's max_batch), got {b}")
     ids = {}
     for s in request.sparse:
+        wire.name(s.feature, "a sparse feature's name")
         if s.feature in ids:
             raise RequestError(f"feature {s.feature!r} twice")
         ids[s.feature] = (array(s.ids, _U64, f"ids of feature {s.feature!r}"),
@@ -303,18 +362,20 @@ def make_servicer(predictor: Predictor):
     from monolith_jax.rpc import serving_pb2_grpc as pbg
 
     class Servicer(pbg.PredictorServicer):
+        @guard
         def Predict(self, request, context):
             try:
                 out = predictor.predict_arrays(*request_arrays(request, predictor.n_dense, predictor.max_batch))
-            except RequestError as err:
+            except RequestError:
                 with predictor._lock:
                     predictor.stats["bad_requests"] += 1
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+                raise
             except grpc.RpcError as err:  # the serving PS
                 context.abort(grpc.StatusCode.UNAVAILABLE, f"serving PS lookup: {err.code().name}")
             return pb.PredictReply(probabilities=out["probabilities"].tobytes(), logits=out["logits"].tobytes(),
                                    unknown=out["unknown"].tobytes(), dense_version=out["dense_version"])
 
+        @guard
         def Info(self, request, context):
             with predictor._lock:
                 stats = json.dumps({**predictor.stats, "dense_version": predictor.dense_version,
@@ -324,17 +385,52 @@ def make_servicer(predictor: Predictor):
     return Servicer()
 
 
-def serve(export_dir: str, serving_ps: str, port: int = 0, host: str = "127.0.0.1", workers: int = 8,
-          warmup: bool = True, dense_poll_s: float = 0.5):
-    """Starts the service; returns (grpc server, bound port, predictor)."""
-    from monolith_jax.rpc import serving_pb2_grpc as pbg
+def add_metrics(m, predictor: Predictor) -> None:
+    """The predictor's live values (beside the requests by method and status)."""
+    def stat(key):
+        def read():
+            with predictor._lock:
+                return dict(predictor.stats[key]) if isinstance(predictor.stats[key], dict) else predictor.stats[key]
+        return read
 
-    predictor = Predictor(export_dir, serving_ps, dense_poll_s=dense_poll_s)
+    def refusals():
+        with predictor._lock:
+            return {"bad_request": predictor.stats["bad_requests"], "dense_refused": predictor.stats["dense_refused"],
+                    "dense_error": predictor.stats["dense_errors"]}
+
+    m.counter("monolith_predictions", "examples scored", stat("predictions"))
+    m.counter("monolith_table_rows_looked_up", "unique ids looked up in the serving PS, by table",
+              stat("looked_up"), "table")
+    m.counter("monolith_unknown_ids", "ids the serving PS did not hold (read as zeros), by table",
+              stat("unknown_ids"), "table")
+    m.gauge("monolith_sync_lag_seconds", "seconds since the dense params were last replaced (since the start before)",
+            lambda: time.monotonic() - predictor.dense_updated_s)
+    m.gauge("monolith_dense_version", "version of the dense params served (0: the export's)",
+            lambda: predictor.dense_version)
+    m.counter("monolith_refusals", "requests and dense params refused, by reason", refusals, "reason")
+
+
+def serve(export_dir: str, serving_ps: str, port: int = 0, host: str = "127.0.0.1", workers: int = 8,
+          warmup: bool = True, dense_poll_s: float = 0.5, *, security=None, metrics_port: int | None = None):
+    """Starts the service; returns (grpc server, bound port, predictor).
+    `predictor.metrics` holds its metrics (served over HTTP on 127.0.0.1
+    with `metrics_port`)."""
+    from monolith_jax.rpc import serving_pb2_grpc as pbg
+    from monolith_jax.rpc.metrics import start as start_metrics
+
+    wire.check_bind(host, security)   # before the model loads and compiles
+    predictor = Predictor(export_dir, serving_ps, dense_poll_s=dense_poll_s, security=security)
     if warmup:
         predictor.warmup()
     predictor.start()
-    server, bound = start_server(lambda s: pbg.add_PredictorServicer_to_server(make_servicer(predictor), s),
-                                 host, port, workers)
+    predictor.metrics = start_metrics(metrics_port, lambda m: add_metrics(m, predictor))
+    try:
+        server, bound = start_server(lambda s: pbg.add_PredictorServicer_to_server(make_servicer(predictor), s),
+                                     host, port, workers, security=security, metrics=predictor.metrics)
+    except BaseException:
+        predictor.metrics.close()
+        predictor.close()
+        raise
     return server, bound, predictor
 
 
@@ -344,10 +440,12 @@ class PredictorClient:
     hashes string ids); the predictor maps them into each feature's id
     space."""
 
-    def __init__(self, address: str, timeout_s: float = 10.0):
+    def __init__(self, address: str, timeout_s: float = 10.0, security=None):
+        """security: a `monolith_jax.rpc.wire.Security` (token, TLS); None:
+        the process's (MONOLITH_AUTH_TOKEN, MONOLITH_TLS_CA, ...)."""
         from monolith_jax.rpc import serving_pb2_grpc as pbg
 
-        self._channel = channel(address)
+        self._channel = channel(address, security)
         self._stub = pbg.PredictorStub(self._channel)
         self.timeout_s = timeout_s
         self._spec = None
@@ -422,16 +520,26 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", required=True, help="folder written by monolith_jax.serving.export.export_model")
     p.add_argument("--serving-ps", required=True, help="HOST:PORT of the serving PS")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (loopback unless told otherwise)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (loopback unless told otherwise; another address needs a token)")
     p.add_argument("--port", type=int, default=0, help="0: any free port (printed)")
     p.add_argument("--dense-poll", type=float, default=0.5, help="seconds between checks for new dense params")
     p.add_argument("--workers", type=int, default=8, help="threads answering requests")
+    wire.add_server_args(p)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    server, port, predictor = serve(args.model, args.serving_ps, args.port, args.host, args.workers,
-                                    dense_poll_s=args.dense_poll)
+    security = wire.security_from_args(args)   # also what the serving-PS client sends
+    try:
+        server, port, predictor = serve(args.model, args.serving_ps, args.port, args.host, args.workers,
+                                        dense_poll_s=args.dense_poll, security=security,
+                                        metrics_port=args.metrics_port)
+    except (ValueError, OSError) as err:
+        raise SystemExit(f"monolith predictor: {err}") from None
+    if predictor.metrics.port is not None:
+        print(f"predictor metrics on http://127.0.0.1:{predictor.metrics.port}/metrics", flush=True)
     print(f"predictor listening on {args.host}:{port}", flush=True)
     run_until_signalled(server)
+    predictor.metrics.close()
     predictor.close()
     return 0
 
