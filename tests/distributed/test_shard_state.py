@@ -162,3 +162,83 @@ def test_a_shards_full_push_replaces_only_its_own_keys():
     assert found[owner == 0].sum() == 100 and np.all(values[owner == 0][:100] == 3.0)
     with pytest.raises(RequestError, match="shard 2 of 2"):
         serving.push(pb.PushRequest(trainer="x", sequence=1, full=True, last=True, shard=2, shards=2))
+
+
+def test_a_refused_contribution_never_costs_another_trainer_its_update():
+    state = ShardState(0, 1, [config()])
+    ref = mj.EmbeddingTable(config())
+    keys = np.arange(1, 9, dtype=np.uint64)
+    state.tables["ids"].lookup_host(keys)
+    ref.lookup_host(keys)
+    rng = np.random.default_rng(1)
+    ga, gb = rng.standard_normal((4, DIM)).astype(np.float32), rng.standard_normal((4, DIM)).astype(np.float32)
+    assert apply(state, keys[:4], ga, 1, 2) == (0, 0)        # trainer A: OK, waits for B
+    for bad, expect in [(dict(step=2**31), r"step must be in \[0, 2\^31\)"),
+                        (dict(grads=np.full((4, DIM), np.nan, np.float32)), "not all finite"),
+                        (dict(contributors=3), "has 2 contributors, this request says 3"),
+                        (dict(grads=np.ones((3, DIM), np.float32)), "expected 16"),
+                        (dict(keys=np.array([1, 2], np.uint64), grads=np.ones((2, DIM)), table="nope"),
+                         "unknown table")]:
+        args = dict(keys=keys[2:6], grads=gb, contributors=2, step=3, table="ids", **{})
+        args.update(bad)
+        with pytest.raises(RequestError, match=expect):
+            state.apply(pb.ShardApplyRequest(table=args["table"], keys=np.asarray(args["keys"], np.uint64).tobytes(),
+                                             grads=np.asarray(args["grads"], np.float32).tobytes(),
+                                             step=args["step"], round=1, contributors=args["contributors"],
+                                             session=1))
+        assert len(state._rounds) == 1                          # A's contribution still waits
+    assert apply(state, keys[2:6], gb, 1, 2)[0] == 6             # B, corrected: the round completes
+    summed = np.zeros((6, DIM), np.float32)
+    summed[:4] += ga
+    summed[2:6] += gb
+    ref.apply_gradients_host(keys[:6], summed, step=3)
+    np.testing.assert_allclose(state.tables["ids"].find(keys)[0], ref.find(keys)[0], rtol=1e-6)
+    assert not state._rounds
+
+
+def test_open_rounds_are_bounded_and_rounds_that_cannot_complete_are_applied_with_what_arrived():
+    from monolith_jax.distributed.training_ps import RoundLimits
+    from monolith_jax.rpc.wire import LimitError
+
+    keys = np.arange(1, 5, dtype=np.uint64)
+    g = np.ones((4, DIM), np.float32)
+    # One session moving on: each newer round makes the older one unable to complete.
+    state = ShardState(0, 1, [config()])
+    ref = mj.EmbeddingTable(config())
+    for r in range(1, 31):
+        apply(state, keys, g, r, 2)
+        assert len(state._rounds) == 1
+    for _ in range(29):
+        ref.apply_gradients_host(keys, g, step=3)
+    np.testing.assert_allclose(state.tables["ids"].find(keys)[0], ref.find(keys)[0], rtol=1e-6)
+    assert state.refusals == {"superseded_round_applied": 29}
+    # Many sessions: the oldest other sessions' rounds make room.
+    state = ShardState(0, 1, [config()], limits=RoundLimits(max_open_rounds=4, max_round_bytes=1 << 20))
+    for session in range(1, 31):
+        apply(state, keys, g, 1, 2, session=session)
+        assert len(state._rounds) <= 4
+    assert state.refusals == {"round_applied_for_room": 26} and state.open_rounds()[0] == 4
+    # Bytes: one contribution over the limit is refused naming it, and changes nothing.
+    big = np.arange(1, 50_001, dtype=np.uint64)
+    with pytest.raises(LimitError, match="--max-round-bytes"):
+        apply(state, big, np.ones((big.size, DIM), np.float32), 1, 2, session=99)
+    assert state.open_rounds()[0] == 4 and len(state.tables["ids"]) == 4
+    # Age: a round with no contribution for --stale-round-s is applied when the next comes.
+    state = ShardState(0, 1, [config()], limits=RoundLimits(stale_round_s=0))
+    apply(state, keys, g, 1, 2, session=1)
+    apply(state, keys[:1], g[:1], 1, 3, session=2)
+    assert state.refusals == {"stale_round_applied": 1} and list(state._rounds) == [("ids", 2, 1)]
+
+
+def test_dense_master_refuses_a_delta_that_would_overflow_and_keeps_its_copy():
+    master = DenseMaster()
+    init = {"w": np.full(3, 3e38, np.float32)}
+    master.exchange(pb.DenseExchange(trainer="a", tensors=tensors_to_proto(init), init=True))
+    reply = master.exchange(pb.DenseExchange(trainer="b", tensors=tensors_to_proto({"w": np.full(3, 1e38, np.float32)})))
+    assert "not finite" in reply.refused and reply.version == 0
+    np.testing.assert_array_equal(tensors_from_proto(reply.tensors)["w"], init["w"])
+    assert master.refused_counts() == {"dense_delta_not_finite": 1}
+    ok = master.exchange(pb.DenseExchange(trainer="b", tensors=tensors_to_proto({"w": np.full(3, -1e38, np.float32)})))
+    assert not ok.refused and ok.version == 1
+    with pytest.raises(RequestError, match="not finite"):   # a delta that is not finite itself
+        master.exchange(pb.DenseExchange(trainer="b", tensors=tensors_to_proto({"w": np.full(3, np.inf, np.float32)})))
