@@ -29,22 +29,55 @@ holds nobody up, at the price of stale gradients.
 
 Creating a `DataParallel` initializes `jax.distributed` and, on CPU, picks
 gloo for cross-process collectives; nothing happens at import.
+
+The coordinator (process 0 runs it) listens where it was asked, and only
+there: `coordinator_bind_address` is the coordinator's own address (JAX's
+default binds every interface, `[::]`). JAX's coordination service has no
+authentication, so a coordinator that is not loopback (trainers on several
+machines) must be asked for: `allow_remote=True`, or the environment
+variable `MONOLITH_ALLOW_REMOTE_COORDINATOR=1`; put it on a network only
+the trainers reach.
 """
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
+
+REMOTE_ENV = "MONOLITH_ALLOW_REMOTE_COORDINATOR"
+
+
+def coordinator_bind(coordinator: str, allow_remote: bool | None = None) -> str:
+    """The address the coordinator listens on: the one asked for. Refuses
+    (ValueError) one that is not loopback unless allowed."""
+    from monolith_jax.rpc.wire import is_loopback
+
+    host, sep, port = coordinator.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"the coordinator must be HOST:PORT, got {coordinator!r}")
+    if allow_remote is None:
+        allow_remote = os.environ.get(REMOTE_ENV, "") not in ("", "0")
+    if not is_loopback(host) and not allow_remote:
+        raise ValueError(f"coordinator {coordinator!r} is not a loopback address; jax.distributed's coordination "
+                         f"service has no authentication, so any host that reaches it could join the group. "
+                         f"Pass allow_remote=True (or set {REMOTE_ENV}=1) for trainers on several machines, on a "
+                         f"network only they reach")
+    return coordinator
 
 
 class DataParallel:
-    def __init__(self, coordinator: str, num_processes: int, process_id: int, timeout_s: int = 300):
+    def __init__(self, coordinator: str, num_processes: int, process_id: int, timeout_s: int = 300,
+                 allow_remote: bool | None = None):
         import jax
 
         if not 0 <= process_id < num_processes:
             raise ValueError(f"process_id must be in [0, {num_processes}), got {process_id}")
+        bind = coordinator_bind(coordinator, allow_remote)
         # Cross-process collectives on CPU need gloo; GPUs and TPUs ignore it.
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(coordinator, num_processes, process_id, initialization_timeout=timeout_s)
+        jax.distributed.initialize(coordinator, num_processes, process_id, initialization_timeout=timeout_s,
+                                   coordinator_bind_address=bind)
         from jax.sharding import NamedSharding, PartitionSpec as P
 
         self.num_processes, self.process_id = num_processes, process_id

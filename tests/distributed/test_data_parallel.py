@@ -87,3 +87,45 @@ def test_two_processes_train_as_one_on_the_whole_batch(tmp_path):
     for g in got:
         for k, v in zip(g["keys"].tolist(), g["values"]):
             np.testing.assert_allclose(v, ref[k], rtol=1e-5, atol=1e-6)
+
+
+LISTENERS = """
+import sys
+from monolith_jax.distributed.data_parallel import DataParallel
+dp = DataParallel(sys.argv[1], 1, 0, timeout_s=60)
+port = "%04X" % int(sys.argv[1].rsplit(":", 1)[1])
+for path in ("/proc/net/tcp", "/proc/net/tcp6"):
+    for line in open(path).read().splitlines()[1:]:
+        fields = line.split()
+        if fields[1].endswith(":" + port) and fields[3] == "0A":   # 0A: listening
+            print("LISTEN", fields[1].rsplit(":", 1)[0])
+import jax
+jax.distributed.shutdown()
+"""
+
+
+def test_the_coordinator_listens_only_where_it_was_asked():
+    # Asked for 127.0.0.1, JAX's default listened on [::] (every interface).
+    coordinator = f"127.0.0.1:{free_port()}"
+    run = subprocess.run([sys.executable, "-c", LISTENERS, coordinator], env=ENV, capture_output=True, text=True,
+                         timeout=240)
+    assert run.returncode == 0, run.stderr[-3000:]
+    listening = [line.split()[1] for line in run.stdout.splitlines() if line.startswith("LISTEN")]
+    loopback = {"0100007F", "0000000000000000FFFF00000100007F", "00000000000000000000000001000000"}
+    assert listening and set(listening) <= loopback, listening
+
+
+def test_a_coordinator_that_is_not_loopback_must_be_asked_for(monkeypatch):
+    import pytest
+
+    from monolith_jax.distributed.data_parallel import REMOTE_ENV, coordinator_bind
+
+    monkeypatch.delenv(REMOTE_ENV, raising=False)
+    assert coordinator_bind("127.0.0.1:7200") == "127.0.0.1:7200"
+    with pytest.raises(ValueError, match="no authentication"):
+        coordinator_bind("10.0.0.3:7200")
+    assert coordinator_bind("10.0.0.3:7200", allow_remote=True) == "10.0.0.3:7200"
+    monkeypatch.setenv(REMOTE_ENV, "1")
+    assert coordinator_bind("10.0.0.3:7200") == "10.0.0.3:7200"
+    with pytest.raises(ValueError, match="HOST:PORT"):
+        coordinator_bind("7200")
