@@ -21,10 +21,26 @@ import os
 import shutil
 import tempfile
 import time
-import types
 
 import numpy as np
 
+
+
+
+class TableOwner:
+    """What a snapshot needs of a trainer, around one table: dense params
+    (one small array), optimizer state, the tables, the counters, and the
+    Trainer's own state methods (a restore checks and swaps through them)."""
+
+    from monolith_jax.training import Trainer as _T
+
+    state_dict = _T.state_dict
+    load_state_dict = _T.load_state_dict
+    _metrics = None
+
+    def __init__(self, table, step_count: int = 0):
+        self.params, self.opt_state = {"w": np.zeros(4, np.float32)}, ()
+        self.tables, self.step_count, self.examples = {"t": table}, step_count, 0
 
 def _du(path: str) -> int:
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
@@ -46,8 +62,7 @@ def size_time(rows_list=(10**5, 10**6, 10**7), dim: int = 16, out=print, workdir
             for s in range(0, rows, 1 << 20):  # every row created and trained once: no easy compression
                 k = keys[s:s + (1 << 20)]
                 table.apply_gradients_host(k, rng.normal(0, 1, (k.size, dim)).astype(np.float32), step=1)
-            owner = types.SimpleNamespace(params={"w": jnp.zeros(4)}, opt_state=(), tables={"t": table},
-                                          step_count=1, examples=0)
+            owner = TableOwner(table, step_count=1)
             snaps = Snapshots(os.path.join(folder, "snap"), every_s=None, keep=1)
             t0 = time.perf_counter()
             snaps.save(1, owner, {})
@@ -57,8 +72,7 @@ def size_time(rows_list=(10**5, 10**6, 10**7), dim: int = 16, out=print, workdir
             snaps.close()
             size = _du(os.path.join(folder, "snap"))
             fresh = mj.EmbeddingTable(mj.TableConfig("t", dim, mj.Normal(0, 0.01), mj.Adagrad(0.05)))
-            target = types.SimpleNamespace(params={"w": jnp.zeros(4)}, opt_state=(), tables={"t": fresh},
-                                           step_count=0, examples=0)
+            target = TableOwner(fresh)
             t0 = time.perf_counter()
             Snapshots(os.path.join(folder, "snap")).restore(target)
             restore = time.perf_counter() - t0
