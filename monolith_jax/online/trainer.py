@@ -14,13 +14,19 @@ that low traffic with a short `max_wait_s` (freshness) does not pay for
 full batches of padding.
 
 Offsets: after each batch is trained, its messages' offsets (dead letters
-included) are committed asynchronously, so a restart resumes after the
-last trained batch. When a rebalance takes partitions away, the batch
-being filled is dropped untrained (its messages are re-read by whoever
-owns them next), so nothing is lost; an example is trained twice only if
-the commit of the batch just trained had not reached the broker when the
-rebalance began (at most one batch; exactly-once needs the snapshots that
-hold offsets with the model).
+included, once delivered) are committed asynchronously, so a restart
+resumes after the last trained batch. When a rebalance takes partitions
+away, the trainer first commits, synchronously, the offsets of everything
+it trained from them (with snapshots and no data-parallel group: it takes
+a snapshot and commits its offsets), then drops the batch being filled and
+what was fetched but not trained: the next owner starts exactly after the
+last trained example, so each example is trained once across a rebalance.
+(A data-parallel group with snapshots commits only with its group
+snapshots, which a callback cannot take: there, a rebalance may repeat
+what was trained since the last one.) On librdkafka's embedded cluster the
+coordinator refuses commits during a rebalance, so exactly-once across
+trainers needs a Kafka broker there (`monolith cluster` refuses several
+trainers on the embedded cluster).
 
 With `snapshots` (`monolith_jax.snapshot.Snapshots`) offsets are instead
 committed only once a snapshot holding them (and everything trained
@@ -185,7 +191,7 @@ class OnlineTrainer:
         self._t_last = 0.0     # when the last batch was trained
         self._max_examples = None
         self._revoked = False
-        self._committed: dict = {}  # partition -> TopicPartition(next offset) of trained messages
+        self._committed: dict = {}  # (topic, partition) -> TopicPartition(next offset) of trained messages
         self._assigned: set = set()
         # With snapshots, offsets are committed only once a snapshot holding
         # them is complete, and a restart resumes from the newest one.
@@ -232,13 +238,29 @@ class OnlineTrainer:
                              for p in partitions])
 
     def _on_revoke(self, consumer, partitions) -> None:
-        # Inside consume(): drop the batch being filled and what was fetched
-        # but not taken; the next owner of those partitions reads them from
-        # the committed offsets.
+        # Inside consume(), before the partitions go: commit what was trained
+        # from them, synchronously, then drop the batch being filled and what
+        # was fetched but not trained; the next owner reads from the commit.
+        revoked = {(p.topic, p.partition) for p in partitions}
         self._building = None
         self._carry = []
         self._revoked = True
-        self._assigned -= {(p.topic, p.partition) for p in partitions}
+        self._assigned -= revoked
+        if not revoked:
+            return
+        if self.snapshots is None:
+            done = [tp for key, tp in self._committed.items() if key in revoked]
+            if done:
+                self.producer.flush(10)  # the dead letters among them, first
+                self._commit(done, asynchronous=False, attempts=3)
+        elif self.dp is None:  # offsets go with a snapshot that holds them: take one now
+            if self.trainer.step_count != self.snapshots.last_step:
+                self._snapshot()
+            self._commit_snapshots(wait=True)
+        for key in revoked:  # no longer ours: neither committed nor resumed by this trainer
+            self._committed.pop(key, None)
+            self._resume.pop(key, None)
+        log.info("trainer gives up %s", sorted(revoked))
 
     # -------------------------------------------------------------- steps
     def buckets(self) -> list:
@@ -373,7 +395,7 @@ class OnlineTrainer:
             topic = self.topics["examples"]
             done = [TopicPartition(topic, int(p), int(offs[parts == p].max()) + 1) for p in np.unique(parts)]
             for tp in done:
-                self._committed[tp.partition] = tp
+                self._committed[(tp.topic, tp.partition)] = tp
                 self._resume.pop((tp.topic, tp.partition), None)
             if self.snapshots is None:
                 self._commit(done, asynchronous=True)
@@ -386,11 +408,25 @@ class OnlineTrainer:
         return min(max(self.max_event_ms // 1000, 0), 2**31 - 1)
 
     # ---------------------------------------------------------- snapshots
-    def _commit(self, offsets: list, asynchronous: bool) -> None:
-        try:
-            self.consumer.commit(offsets=offsets, asynchronous=asynchronous)
-        except Exception as err:
-            log.warning("commit failed: %s", err)
+    def _commit(self, offsets: list, asynchronous: bool, attempts: int = 1) -> bool:
+        from confluent_kafka import KafkaError, KafkaException
+
+        for attempt in range(attempts):
+            try:
+                self.consumer.commit(offsets=offsets, asynchronous=asynchronous)
+                return True
+            except KafkaException as err:
+                kerr = err.args[0] if err.args else None
+                if isinstance(kerr, KafkaError) and kerr.code() == KafkaError._NO_OFFSET:  # nothing new to commit
+                    return True
+                retriable = isinstance(kerr, KafkaError) and kerr.retriable()
+                if not retriable or attempt == attempts - 1:
+                    log.warning("commit failed: %s", err)
+                    return False
+            except Exception as err:
+                log.warning("commit failed: %s", err)
+                return False
+        return False
 
     def _snapshot(self) -> None:
         """Starts a snapshot of everything trained so far and the offsets

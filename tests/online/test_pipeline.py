@@ -118,13 +118,56 @@ def test_joiner_and_trainer_processes_over_a_broker_process(tansu_broker):
     check_pipeline(tansu_broker, *run_pipeline(tansu_broker, n=800))
 
 
-def test_two_trainers_share_the_stream_across_a_rebalance(tansu_broker):
-    """Trainer B joins while A trains: A gives up partitions mid-stream, and
-    together they train every example, repeating at most the one batch
-    whose commit may still be in flight when the rebalance begins. On the
-    separate broker: the embedded cluster's group coordinator refuses
-    commits for about a second before members learn of a rebalance, and
-    did not always give a revoked member partitions back."""
+class Lines:
+    """A process's output lines, read in a thread; `wait_for(pred)` blocks
+    until a line satisfies it or the process exits."""
+
+    def __init__(self, proc):
+        self.proc, self.lines, self.cond = proc, [], threading.Condition()
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            with self.cond:
+                self.lines.append(line.rstrip("\n"))
+                self.cond.notify_all()
+        with self.cond:
+            self.lines.append(None)  # the end
+            self.cond.notify_all()
+
+    def wait_for(self, pred) -> bool:
+        with self.cond:
+            while True:
+                if any(ln is not None and pred(ln) for ln in self.lines):
+                    return True
+                if self.lines and self.lines[-1] is None:
+                    return False
+                self.cond.wait()
+
+    def done(self, prefix="trainer done "):
+        self.proc.wait(300)
+        self.thread.join(30)
+        out = "\n".join(ln for ln in self.lines if ln is not None)
+        assert self.proc.returncode == 0, out[-3000:]
+        line = next((ln for ln in self.lines if ln and ln.startswith(prefix)), None)
+        assert line is not None, out[-3000:]
+        return json.loads(line[len(prefix):])
+
+
+def _has_trained(line: str) -> bool:
+    return line.startswith("trainer {") and json.loads(line[len("trainer "):])["examples"] > 0
+
+
+def test_two_trainers_share_the_stream_across_a_rebalance(tansu_broker, tmp_path):
+    """Trainer B joins once A has trained: A gives up partitions mid-stream,
+    and together they train every example exactly once (each example's
+    event time is its number: none missing, none twice). Before B's first
+    examples A commits, synchronously, what it trained from the partitions
+    it gives up (the commits of its last batches may still be in flight),
+    and drops what it fetched but did not train. On the separate broker:
+    the embedded cluster's coordinator refuses commits during a rebalance
+    (`monolith cluster` refuses several trainers there)."""
     from confluent_kafka import Producer
 
     from monolith_jax.examples.movielens.replay import movielens_features
@@ -133,37 +176,56 @@ def test_two_trainers_share_the_stream_across_a_rebalance(tansu_broker):
 
     bs = tansu_broker
     K.ensure_topics(bs, {"examples": 4})
-    total = 12_000
-    stop = threading.Event()
+    b_trained, stop = threading.Event(), threading.Event()
+    produced = []
 
-    def produce():  # ~1,000 examples/s for 12 s, in groups of 8
+    def produce():  # ~1,000 examples/s in groups of 8, until 3,000 after B has trained (at most 100,000)
         prod = Producer(K.producer_config(bs))
         grouper = ExampleGrouper(prod, "examples", group_size=8, linger_s=0.005)
         rng = np.random.default_rng(0)
         none = {f.source: [] for f in movielens_features()}  # a record carries every feature the job reads
-        for i in range(total):
-            f = encode_features(f"q{i}", i, {**none, "user": [int(rng.integers(0, 500))], "movie": [i % 97]})
-            grouper.add(f"q{i}", encode_example(f, float(i % 3 == 0), 1.0, i))
-            if i % 100 == 99:
-                grouper.flush()
-                prod.poll(0)
-                time.sleep(0.1)
-            if stop.is_set():
-                break
+        i, last = 0, 100_000
+        while i < last and not stop.is_set():
+            for _ in range(100):
+                f = encode_features(f"q{i}", i, {**none, "user": [int(rng.integers(0, 500))], "movie": [i % 97]})
+                grouper.add(f"q{i}", encode_example(f, float(i % 3 == 0), 1.0, i))
+                i += 1
+            grouper.flush()
+            prod.poll(0)
+            if b_trained.is_set():
+                last = min(last, i + 3000)
+            time.sleep(0.1)
         grouper.flush()
-        prod.flush(10)
+        assert prod.flush(30) == 0
+        produced.append(i)
 
-    args = ["--bootstrap", bs, "--group", "shared", "--idle-timeout", "6", "--max-seconds", "120",
-            "--max-wait", "0.1", "--batch", "256"]
-    a = _start([sys.executable, "-m", "monolith_jax.online.train", "--job", "monolith_jax.examples.movielens.job:job", *args])
+    def trainer(name):
+        return _start([sys.executable, "-m", "monolith_jax.online.train", "--job",
+                       "monolith_jax.examples.movielens.job:job", "--bootstrap", bs, "--group", "shared",
+                       "--idle-timeout", "6", "--max-seconds", "300", "--max-wait", "0.1", "--batch", "256",
+                       "--prequential-out", str(tmp_path / f"{name}.npz")])
+
+    a = Lines(trainer("a"))
     producer = threading.Thread(target=produce)
     producer.start()
-    time.sleep(5)
-    b = _start([sys.executable, "-m", "monolith_jax.online.train", "--job", "monolith_jax.examples.movielens.job:job", *args])
+    b = None
     try:
-        ra, rb = _done_line(a, "trainer done "), _done_line(b, "trainer done ")
+        assert a.wait_for(_has_trained), "A trained nothing"
+        b = Lines(trainer("b"))
+        assert b.wait_for(_has_trained), "B trained nothing"
+        b_trained.set()
+        producer.join(300)
+        ra, rb = a.done(), b.done()
     finally:
         stop.set()
         producer.join(30)
+        for t in (a, b):
+            if t is not None and t.proc.poll() is None:
+                t.proc.kill()
+    total = produced[0]
     assert ra["examples"] > 0 and rb["examples"] > 0, (ra["examples"], rb["examples"])
-    assert total <= ra["examples"] + rb["examples"] <= total + 256
+    trained = np.concatenate([np.load(tmp_path / f"{n}.npz")["event_ms"] for n in ("a", "b")])
+    assert len(trained) == ra["examples"] + rb["examples"]
+    dup = np.unique(trained, return_counts=True)
+    assert not np.any(dup[1] > 1), f"trained twice: {dup[0][dup[1] > 1][:20]} ({int(np.sum(dup[1] > 1))} in all)"
+    np.testing.assert_array_equal(np.sort(trained), np.arange(total))
