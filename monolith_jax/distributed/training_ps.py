@@ -401,7 +401,8 @@ class ShardedTable:
             try:
                 return getattr(self._stubs[shard], method)(req, timeout=self.timeout_s, wait_for_ready=True)
             except grpc.RpcError as err:
-                if err.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                if err.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) and \
+                        not wire.overloaded(err):
                     raise
                 waited += time.monotonic() - t0
                 log.warning("training PS shard %d (%s) of table %r does not answer (%s) for %.0f s; "

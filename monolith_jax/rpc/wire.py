@@ -20,7 +20,9 @@ only. A deployment turns it on with one option:
   a server listen with TLS; `--tls-ca` makes clients verify servers against
   that CA and servers require client certificates signed by it (mutual
   TLS). Environment: `MONOLITH_TLS_CERT`, `MONOLITH_TLS_KEY`,
-  `MONOLITH_TLS_CA`. A client given a CA (or a certificate) talks TLS.
+  `MONOLITH_TLS_CA`. A client given a CA (or a certificate) talks TLS; a
+  server's certificate must name the address clients dial (a DNS or IP
+  subjectAltName).
 
 A server refuses to bind an address that is not loopback unless a token is
 set. Command-line options win over the environment.
@@ -57,6 +59,7 @@ MAX_MESSAGE_BYTES = 64 << 20
 MESSAGE_MARGIN = 1 << 20
 MAX_PAYLOAD_BYTES = MAX_MESSAGE_BYTES - MESSAGE_MARGIN
 MAX_NAME = 256         # characters of a table, trainer or tensor name
+MAX_CONCURRENT_RPCS = 64   # RPCs a server takes at once (queued ones hold their messages)
 MAX_DIMS = 32          # of a tensor's shape
 
 TOKEN_ENV, TOKEN_FILE_ENV = "MONOLITH_AUTH_TOKEN", "MONOLITH_AUTH_TOKEN_FILE"
@@ -359,17 +362,19 @@ def check_bind(host: str, security: Security | None = None) -> Security:
 
 
 def start_server(add_servicer, host: str, port: int, workers: int, security: Security | None = None,
-                 metrics=None):
+                 metrics=None, max_concurrent: int = MAX_CONCURRENT_RPCS):
     """A gRPC server with one servicer, bound and started; returns (server,
     bound port). Refuses (ValueError) an address that is not loopback
-    without a token."""
+    without a token. At most `max_concurrent` RPCs are taken at once (each
+    may hold a message of up to MAX_MESSAGE_BYTES); more are answered
+    RESOURCE_EXHAUSTED before their bodies are read (`overloaded(err)`)."""
     from concurrent import futures
 
     import grpc
 
     sec = check_bind(host, security)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers),
-                         interceptors=[_server_gate(sec.token, metrics)],
+                         interceptors=[_server_gate(sec.token, metrics)], maximum_concurrent_rpcs=max_concurrent,
                          options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
     add_servicer(server)
@@ -387,6 +392,14 @@ def start_server(add_servicer, host: str, port: int, workers: int, security: Sec
         raise OSError(f"cannot bind {address}")
     server.start()
     return server, bound
+
+
+def overloaded(err) -> bool:
+    """Whether an RpcError is a server's refusal of one RPC more than it
+    takes at once (worth trying again), not one of its limits."""
+    import grpc
+
+    return err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "Concurrent RPC limit" in (err.details() or "")
 
 
 def run_until_signalled(server, grace_s: float = 2.0) -> None:

@@ -70,7 +70,7 @@ class SyncPusher:
         self.sequence = 0          # last push this trainer made
         self.acknowledged = 0      # last push the server applied
         self.stats = {"pushes": 0, "full_copies": 0, "failures": 0, "rows": 0, "bytes": 0, "messages": 0,
-                      "dense_pushes": 0, "dense_bytes": 0}
+                      "dense_pushes": 0, "dense_bytes": 0, "dense_refused": 0}
         self.last_push_s = None    # monotonic time of the last applied push
         # One record per applied sparse push: (wall time, full, rows, bytes, rows in the tables then).
         import collections
@@ -120,7 +120,7 @@ class SyncPusher:
                 # Refused (e.g. params that do not match the model served): the
                 # same params would be refused again at the next tick.
                 self._dense_due = time.monotonic() + self.dense_interval_s
-                self.stats["dense_refused"] = self.stats.get("dense_refused", 0) + 1
+                self.stats["dense_refused"] += 1
                 log.warning("the serving PS refused the dense params: %s", err.details())
                 return False
             self._fail(f"dense push: {err.code().name} {err.details()}")

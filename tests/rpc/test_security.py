@@ -118,3 +118,36 @@ def test_tensor_shapes_that_overflow_or_do_not_fit_are_request_errors():
     with pytest.raises(wire.RequestError, match="at most 256"):
         wire.tensors_from_proto([pb.Tensor(name="w" * 300, dtype="float32", shape=[0], data=b"")])
     assert wire.parse_bytes("64M") == 64 << 20 and wire.parse_bytes("1024") == 1024
+
+
+def test_a_server_takes_a_bounded_number_of_rpcs_at_once_and_refuses_more_before_reading_them():
+    import threading
+
+    from monolith_jax.serving import serving_ps
+
+    state = serving_ps.ServingTables({"ids": 4})
+    entered, release = threading.Event(), threading.Event()
+    version = state.version
+
+    def slow_version(expire=False):
+        entered.set()
+        release.wait(60)
+        return version(expire)
+
+    state.version = slow_version
+    server, port = wire.start_server(lambda s: pbg.add_ServingPSServicer_to_server(serving_ps.make_servicer(state), s),
+                                     "127.0.0.1", 0, 4, security=wire.Security(), max_concurrent=1)
+    try:
+        stub = pbg.ServingPSStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+        first = stub.Version.future(pb.VersionRequest(), timeout=60)
+        assert entered.wait(60)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Push(pb.PushRequest(trainer="t", sequence=1, last=True, tables=[pb.TableRows(
+                table="ids", dim=4, keys=np.ones(1000, np.uint64).tobytes(), values=b"\0" * 16000)]), timeout=60)
+        assert wire.overloaded(err.value)
+        release.set()
+        assert dict(first.result().rows) == {"ids": 0}
+        stub.Push(pb.PushRequest(trainer="t", sequence=1, last=True), timeout=60)   # taken once there is room
+    finally:
+        release.set()
+        server.stop(0)
