@@ -248,7 +248,7 @@ def run_role(cfg: dict, role: str) -> int:
     run_dir = cfg.get("run_dir") or "."
     os.makedirs(run_dir, exist_ok=True)
     if kind == "ps":
-        from monolith_jax.distributed.data_parallel import training_ps
+        from monolith_jax.distributed import training_ps
 
         host, port = addresses[i].rsplit(":", 1)
         return training_ps.main(ps_argv(cfg, i, len(addresses), int(port), host))

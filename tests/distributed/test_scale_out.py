@@ -225,3 +225,26 @@ def test_a_stopped_job_resumes_from_its_snapshots_and_trains_every_example_once(
     for shard in range(2):
         _, keys = shard_keys(str(snap_root), shard, 2)
         np.testing.assert_array_equal(keys, want[shard_of(want, 2) == shard])
+
+
+def test_a_shard_role_starts_on_its_own_from_the_job_file(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    path = tmp_path / "cluster.json"
+    path.write_text(json.dumps({"job": ML_JOB, "bootstrap": "127.0.0.1:9", "ps": [f"127.0.0.1:{port}"],
+                                "run_dir": str(tmp_path)}))
+    proc = subprocess.Popen([sys.executable, "-m", "monolith_jax.cli", "cluster", "--config", str(path), "--role",
+                             "ps:0"], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if "listening on" in line:
+                break
+        assert f"listening on 127.0.0.1:{port}" in "".join(lines), "".join(lines[-20:])
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
