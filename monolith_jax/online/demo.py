@@ -356,7 +356,7 @@ def run_demo(job_spec: str, data=None, seconds: float = 150.0, rate: float = 200
         out(f"job {job.name!r}: Kafka at {bootstrap}{' (embedded)' if embedded else ''}; run folder {run_dir}")
         group = f"demo-{os.getpid()}-{int(time.time())}"
         joiner = Proc("joiner", joiner_command(bootstrap, group + "-joiner", job.labels, topics, idle_flush_s=8.0,
-                                               emit_positives="on_action"), run_dir)
+                                               emit_positives="on_action", job_spec=job_spec), run_dir)
         procs.append(joiner)
         ps_port = free_port()
         snaps, model = os.path.join(run_dir, "snapshots"), os.path.join(run_dir, "model")

@@ -29,8 +29,10 @@ from monolith_jax.stream import kafka as K
 def joiner_command(bootstrap: str, group: str, labels, topics: dict | None = None, window_s: float | None = None,
                    negative_rate: float | None = None, idle_flush_s: float = 3.0, gate_group: str | None = None,
                    emit_positives: str = "at_window_end", exit_when_idle: bool = True,
-                   lateness_s: float = 1.0) -> list:
-    """The `monolith join` process for a job's `LabelRule` (flags override it)."""
+                   lateness_s: float = 1.0, job_spec: str | None = None) -> list:
+    """The `monolith join` process for a job's `LabelRule` (flags override
+    it); with `job_spec` (MODULE:NAME) the joiner also reads the job's dense
+    features (a declared fill lets a missing value through)."""
     cmd = [sys.executable, "-m", "monolith_jax.cli", "join", "--bootstrap", bootstrap, "--group", group,
            "--window", str(labels.window_s if window_s is None else window_s), "--lateness", str(lateness_s),
            "--positive", ",".join(labels.positive), f"--min-value={labels.min_value}",
@@ -42,6 +44,8 @@ def joiner_command(bootstrap: str, group: str, labels, topics: dict | None = Non
            "--emit-positives", emit_positives]
     if exit_when_idle:
         cmd.append("--exit-when-idle")
+    if job_spec:
+        cmd += ["--job", job_spec]
     if gate_group:
         cmd += ["--gate-group", gate_group]
     for name, topic in (topics or {}).items():

@@ -10,6 +10,7 @@ the rest of monolith_jax works without it.
   joiner      features + actions -> examples (window, spill, negative sampling)
   join_state  the join in event time, without Kafka (tested against a reference)
   spill       waiting requests on disk (SQLite)
+  dead_letters  unreadable messages with their reason (truncated when too large), counted
   replay      a time-stamped log (CSV/Parquet) -> features and actions topics
   broker      a Kafka-protocol broker in its own process (tests, benchmarks)
 """
