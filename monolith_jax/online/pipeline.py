@@ -1,22 +1,18 @@
-"""Replay -> join -> online training of any job, in one command.
+"""Replay -> join -> online training of any job, in this process.
 
-    monolith demo --job MODULE:NAME [--data LOG ...] [--limit N] [--bootstrap HOST:PORT]
+    run_pipeline(job, messages)      # an object with messages(), or an iterable
 
-With no `--bootstrap`, librdkafka's built-in cluster starts inside this
+With no `bootstrap`, librdkafka's built-in cluster starts inside this
 process; with it, that cluster is used. The joiner runs as its own process
-(`monolith join`) with the job's `LabelRule`; the replayer (the log given
-with `--data`, else the job's own `source`) runs in a thread; the job's
-model trains here, scoring each batch before training on it (prequential),
-and prints examples/s and the running AUC, then the AUC by tenth of the
-stream. `scripts/demo.sh` runs it on the example job in
-`monolith_jax/examples/`.
+(`monolith join`) with the job's `LabelRule`; the replayer runs in a
+thread; the job's model trains here, scoring each batch before training on
+it (prequential). Experiments and tests use it; `monolith demo`
+(`online/demo.py`) runs the whole loop in processes, serving included.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -122,46 +118,3 @@ def run_pipeline(job, messages, bootstrap: str | None = None, batch_size: int | 
             embedded.close()
 
 
-def print_summary(s: dict, out=print) -> None:
-    j = s["joined"]
-    out(f"\njoined: {j['positives']:,} positives, {j['negatives']:,} negatives kept "
-        f"({j['negatives_sampled_out']:,} sampled out), {j['late_actions']:,} late actions, "
-        f"{j['dead_letters']} dead letters")
-    out(f"trained: {s['examples']:,} examples in {s['batches']:,} batches, {s['examples_per_s']:,.0f} ex/s, "
-        f"{s['dead_letters']} dead letters")
-    out("prequential AUC by tenth of the stream: " + " ".join(f"{a:.3f}" for a in s["segment_aucs"]))
-    out(f"stream AUC {s['stream_auc']:.4f}, last {s['online'].log.window:,} examples {s['running_auc']:.4f}")
-
-
-def main(argv=None) -> int:
-    from monolith_jax.job import load_job
-    from monolith_jax.stream.replay import add_log_args, job_messages
-
-    p = argparse.ArgumentParser(prog="monolith demo", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--job", required=True, help="MODULE:NAME of the job to run")
-    p.add_argument("--bootstrap", default=None, help="Kafka bootstrap.servers (default: embedded cluster)")
-    add_log_args(p)
-    p.set_defaults(limit=300_000)
-    p.add_argument("--negative-rate", type=float, default=None, help="share of negatives kept (default: the job's)")
-    p.add_argument("--window", type=float, default=None, help="join window in seconds (default: the job's)")
-    p.add_argument("--batch", type=int, default=None, help="examples per step (default: the job's)")
-    p.add_argument("--speed", type=float, default=0.0, help="event seconds per wall second (0: unpaced)")
-    p.add_argument("--seed", type=int, default=0, help="seeds the model, the tables and the job's source")
-    p.add_argument("--metrics", default=None, help="append metrics as JSON lines to this file")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    job = load_job(args.job)
-    try:
-        messages = job_messages(job, args.data, args, args.limit, args.seed)
-    except (ValueError, KeyError) as err:
-        p.error(str(err))
-    what = f"{len(messages):,} messages" if hasattr(messages, "__len__") else "its messages"
-    s = run_pipeline(job, messages, args.bootstrap, args.batch, args.negative_rate, args.window, args.speed,
-                     args.seed, args.metrics, describe=f"replaying job {job.name!r}: {what}")
-    print_summary(s)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -157,6 +157,11 @@ def main(argv=None) -> int:
     summary["segment_aucs"] = online.log.segment_aucs(10)
     if args.prequential_out:
         online.log.save(args.prequential_out)
+    return finish(summary, args, trainer, snapshots)
+
+
+def finish(summary: dict, args, trainer, snapshots) -> int:
+    """The last line `trainer done {...}` (and --summary), then close."""
     line = json.dumps(summary, default=float)
     if args.summary:
         with open(args.summary, "w", encoding="utf-8") as f:
@@ -211,15 +216,7 @@ def train_files(job, trainer, args, batch_size: int, snapshots) -> int:
         if not ok:
             raise SystemExit(f"could not push the trained model to the serving PS at {args.serving_ps}")
         summary["pushed"] = {k: pusher.stats[k] for k in ("rows", "bytes", "dense_pushes")}
-    line = json.dumps(summary, default=float)
-    if args.summary:
-        with open(args.summary, "w", encoding="utf-8") as f:
-            f.write(line)
-    print("trainer done " + line, flush=True)
-    if snapshots is not None:
-        snapshots.close()
-    trainer.close()
-    return 0
+    return finish(summary, args, trainer, snapshots)
 
 
 if __name__ == "__main__":

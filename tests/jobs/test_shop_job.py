@@ -15,7 +15,6 @@ import threading
 import time
 
 import numpy as np
-import pytest
 
 from tests.jobs import shop
 

@@ -4,7 +4,6 @@ warning when a stream's actions made no positive."""
 
 import math
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pcsv
 import pyarrow.parquet as pq

@@ -27,7 +27,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import hashlib
-import os
 import pathlib
 import shutil
 import subprocess

@@ -1,10 +1,10 @@
 """The main job: replay -> join -> online training, on MovieLens-1M.
 
-    monolith demo                      # the same: the MovieLens job is the demo's default
-    python -m monolith_jax.examples.movielens.loop [--limit N] [--bootstrap HOST:PORT]
+    monolith demo --job monolith_jax.examples.movielens.job:job [--quick] [--bootstrap HOST:PORT]
+    python -m monolith_jax.examples.movielens.loop [--quick]          (the same)
 
-The MovieLens job (`job.py`) through the generic pipeline
-(`monolith_jax.online.pipeline`), as any user's job runs. The helpers
+The MovieLens job (`job.py`) through the generic demo, as any user's job
+runs; `run_loop` is the in-process pipeline (`monolith_jax.online.pipeline`). The helpers
 below keep the shapes experiments and tests use: a trainer of the job, a
 joiner command with its label rule, and `run_loop` over given ratings.
 """
@@ -59,9 +59,9 @@ def run_loop(limit: int | None = None, bootstrap: str | None = None, impressions
 
 
 def main(argv=None) -> int:
-    from monolith_jax.online import pipeline
+    from monolith_jax.online import demo
 
-    return pipeline.main(["--job", "monolith_jax.examples.movielens.job:job", *(argv or sys.argv[1:])])
+    return demo.main(["--job", "monolith_jax.examples.movielens.job:job", *(argv or sys.argv[1:])])
 
 
 if __name__ == "__main__":
