@@ -204,11 +204,10 @@ class Client:
         rec = parse_features(newest[1], self.job.dense)
         first = self.job.sparse[0].source
         fresh = int(self._rng.integers(1, 2**63, dtype=np.int64))
+        ids_of = {s.name: list(s.ids) for s in rec.sparse}
         del rec.sparse[:]
         for f in self.job.sparse:  # the newest request's ids, with a never-seen id for the first feature
-            ids = [fresh] if f.source == first else list(
-                next((s.ids for s in parse_features(newest[1], self.job.dense).sparse if s.name == f.source), []))
-            rec.sparse.add(name=f.source, ids=ids)
+            rec.sparse.add(name=f.source, ids=[fresh] if f.source == first else ids_of.get(f.source, []))
         rid = f"probe-{fresh:x}"
         rec.request_id = rid
         t = self.tap.event_ms
