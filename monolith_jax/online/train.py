@@ -82,8 +82,10 @@ def main(argv=None) -> int:
                    help="write the labels and scores given before training (npz) to this file at exit")
     p.add_argument("--metrics", default=None, help="append metrics as JSON lines to this file")
     p.add_argument("--summary", default=None, help="write the final summary as JSON to this file")
+    p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
+                   help="the trainer's log level (info: assignments, rebalances, snapshots, commits)")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
     if args.async_dense and (not args.ps or args.coordinator):
         p.error("--async-dense needs --ps and no --coordinator")

@@ -69,6 +69,8 @@ from monolith_jax.stream.dead_letters import DeadLetters
 from monolith_jax.stream.messages import ExampleDecoder
 
 log = logging.getLogger("monolith_jax.online.trainer")
+# Seconds a subscribed trainer waits for its first partition before it warns.
+UNASSIGNED_WARN_S = 60.0
 
 
 class PrequentialLog:
@@ -150,6 +152,7 @@ class OnlineTrainer:
         self.prequential = prequential
         self.min_bucket = min_bucket
         self.decoder = ExampleDecoder(trainer.features, trainer.dense_features)
+        self.group = group
         self.consumer = Consumer(K.consumer_config(bootstrap, group, **{"enable.auto.commit": False,
                                                                          **(consumer_extra or {})}))
         producer_conf = K.producer_config(bootstrap)
@@ -193,6 +196,7 @@ class OnlineTrainer:
         self._revoked = False
         self._committed: dict = {}  # (topic, partition) -> TopicPartition(next offset) of trained messages
         self._assigned: set = set()
+        self._ever_assigned = False
         # With snapshots, offsets are committed only once a snapshot holding
         # them is complete, and a restart resumes from the newest one.
         self.snapshots = snapshots
@@ -228,6 +232,7 @@ class OnlineTrainer:
     # ---------------------------------------------------------- rebalance
     def _on_assign(self, consumer, partitions) -> None:
         self._assigned = {(p.topic, p.partition) for p in partitions}
+        self._ever_assigned = True
         log.info("trainer assigned %s", sorted(self._assigned))
         if self._resume:
             # Where the snapshot stopped, whatever was committed (a commit may
@@ -507,6 +512,7 @@ class OnlineTrainer:
             self.pusher.start()
         t0 = last_data = last_report = time.monotonic()
         seen_at_report, start_examples = self.examples, self.examples
+        unassigned_warned = False
         together = False   # a data-parallel group left its loop together (its last steps are collective)
         try:
             while True:
@@ -520,6 +526,15 @@ class OnlineTrainer:
                         done = True
                     else:
                         last_data = now
+                if not self._ever_assigned and not unassigned_warned and now - t0 > UNASSIGNED_WARN_S:
+                    # Nothing to train until the group hands this member a
+                    # partition: a stuck coordinator, or more members than
+                    # partitions. Say so rather than wait in silence.
+                    unassigned_warned = True
+                    log.warning("trainer: group %r has assigned this member no partition of %r in %.0f s "
+                                "(more trainers than partitions, or a group coordinator that does not "
+                                "complete the rebalance; MONOLITH_KAFKA_CONFIG with debug=cgrp shows it)",
+                                self.group, self.topics["examples"], now - t0)
                 if self.dp is None:
                     if done:
                         break

@@ -73,32 +73,68 @@ class EmbeddedKafka:
         self.close()
 
 
-def client_config(bootstrap: str, **extra) -> dict:
-    """Settings shared by every client; `extra` (Kafka property names with
-    dots) wins."""
-    conf = {"bootstrap.servers": bootstrap, "log_level": 3}
-    conf.update(extra)
+# A librdkafka properties file (`key=value` lines, `#` comments) whose
+# settings every client of every process takes: security (SASL, TLS),
+# client ids, `debug=cgrp` for a stuck group. Named by this environment
+# variable so that the processes a launcher starts inherit it.
+CONFIG_ENV = "MONOLITH_KAFKA_CONFIG"
+
+
+def user_config(path: str | None = None) -> dict:
+    """The properties of the file named by `MONOLITH_KAFKA_CONFIG` ({} when
+    unset). A line that is not `key=value` raises ValueError naming it."""
+    import os
+
+    path = path if path is not None else os.environ.get(CONFIG_ENV)
+    if not path:
+        return {}
+    try:
+        text = open(path, encoding="utf-8").read()
+    except OSError as err:
+        raise ValueError(f"{CONFIG_ENV}={path}: {err.strerror}") from None
+    conf = {}
+    for n, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith(("#", "!")):
+            continue
+        key, sep, value = line.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"{path}:{n}: expected key=value, got {line[:80]!r}")
+        conf[key.strip()] = value.strip()
+    return conf
+
+
+def client_config(bootstrap: str, tunables: Mapping | None = None, **extra) -> dict:
+    """Settings of a client, in order of precedence: `tunables` (our
+    defaults), then the user's file (`MONOLITH_KAFKA_CONFIG`), then
+    `bootstrap` and `extra` (Kafka property names with dots: what the calling
+    component needs to be correct, such as its group and offset handling)."""
+    conf = {"log_level": 3, **(tunables or {})}
+    conf.update(user_config())
+    conf.update({"bootstrap.servers": bootstrap, **extra})
     return conf
 
 
 def producer_config(bootstrap: str, **extra) -> dict:
     # Batches of up to 10 ms: throughput without holding messages long.
-    return client_config(bootstrap, **{"linger.ms": 10, "batch.num.messages": 10000,
-                                       "queue.buffering.max.messages": 1_000_000, **extra})
+    return client_config(bootstrap, {"linger.ms": 10, "batch.num.messages": 10000,
+                                     "queue.buffering.max.messages": 1_000_000}, **extra)
 
 
 def consumer_config(bootstrap: str, group: str, **extra) -> dict:
-    return client_config(bootstrap, **{
-        "group.id": group,
-        "auto.offset.reset": "earliest",
-        "enable.auto.commit": True,
-        "enable.auto.offset.store": False,   # offsets are stored once their messages are used
+    tunables = {
         "auto.commit.interval.ms": 1000,
         "session.timeout.ms": 10000,
         "heartbeat.interval.ms": 1000,
         "max.poll.interval.ms": 300000,
         "fetch.wait.max.ms": 10,
         "max.partition.fetch.bytes": 4 << 20,   # fewer, larger fetches: less broker and client CPU per message
+    }
+    return client_config(bootstrap, tunables, **{
+        "group.id": group,
+        "auto.offset.reset": "earliest",
+        "enable.auto.commit": True,
+        "enable.auto.offset.store": False,   # offsets are stored once their messages are used
         # Measured: with partition EOF events on, consume() hands over queued
         # messages ~40x faster (75 k/s -> 3 M/s on the embedded cluster).
         "enable.partition.eof": True,
@@ -114,7 +150,7 @@ def is_embedded(bootstrap: str, timeout_s: float = 10.0) -> bool:
     from confluent_kafka.admin import AdminClient
 
     try:
-        md = AdminClient({"bootstrap.servers": bootstrap, "log_level": 0}).list_topics(timeout=timeout_s)
+        md = AdminClient(client_config(bootstrap, log_level=0)).list_topics(timeout=timeout_s)
     except KafkaException:
         return False
     return str(md.cluster_id or "").startswith(EMBEDDED_CLUSTER_ID_PREFIX)
@@ -131,8 +167,8 @@ def check_reachable(bootstrap: str, timeout_s: float = 15.0) -> None:
     from confluent_kafka import KafkaException, Producer
 
     errors: list = []
-    probe = Producer({"bootstrap.servers": bootstrap, "log_level": 0, "error_cb": errors.append,
-                      "socket.connection.setup.timeout.ms": max(int(timeout_s * 1000), 1000)})
+    probe = Producer(client_config(bootstrap, log_level=0, error_cb=errors.append,
+                                   **{"socket.connection.setup.timeout.ms": max(int(timeout_s * 1000), 1000)}))
     try:
         probe.list_topics(timeout=timeout_s)
     except KafkaException as err:
