@@ -263,6 +263,7 @@ class Snapshots:
         self.directory = os.path.abspath(directory)
         self.every_s, self.every_steps = every_s, every_steps
         self.read_only = read_only
+        self.restored_extra: dict = {}  # the `extra` arrays of the snapshot restore() loaded
         extra, handlers = {}, {}
         import jax
 
@@ -322,8 +323,10 @@ class Snapshots:
         a data-parallel group), for `due` and `last_step`."""
         self._last_step, self._last_t = step, time.monotonic()
 
-    def save(self, step: int, trainer, meta: dict) -> bool:
-        """Starts a snapshot of `trainer` at `step` with `meta` (JSON). The
+    def save(self, step: int, trainer, meta: dict, extra: dict | None = None) -> bool:
+        """Starts a snapshot of `trainer` at `step` with `meta` (JSON) and
+        `extra` (a nested dict of numpy arrays of the caller's, such as the
+        stream's dedup memory: `restored_extra` after a restore). The
         calling thread only takes the host copies (`dump()` of each table,
         the dense arrays): checksums and writing go on in a background
         thread. A save still running from before is waited for first. False
@@ -336,6 +339,8 @@ class Snapshots:
         self._join()
         t0 = time.perf_counter()
         dense, tables, names = trainer_arrays(trainer)
+        if extra:
+            dense["extra"] = extra
         self._last_step, self._last_t = step, time.monotonic()
         self._worker = threading.Thread(target=self._write, args=(step, dense, tables, names, meta),
                                         name="monolith-snapshot", daemon=True)
@@ -529,6 +534,7 @@ class Snapshots:
                 raise ValueError(f"{where} does not fit this trainer: {err}; nothing was restored") from err
             raise
         self._last_step = step
+        self.restored_extra = dense.get("extra", {})
         log.info("resumed from snapshot %d in %s", step, self.directory)
         return meta
 

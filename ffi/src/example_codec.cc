@@ -6,6 +6,8 @@
 #include <limits>
 #include <string_view>
 
+#include "hashing.h"
+
 namespace monolith {
 namespace {
 
@@ -216,6 +218,10 @@ DecodeStatus ReadFeatures(Reader r, const ExampleLayout& layout, const ExampleRo
     if (field == 1 && wire == kVarint) {
       if (!r.Varint(&v)) return kDecodeMalformed;
       if (v > kSchemaVersion) return kDecodeVersion;
+    } else if (field == 2 && wire == kLen) {
+      if (!r.Bytes(&sub)) return kDecodeMalformed;
+      if (row.request_hash != nullptr)
+        *row.request_hash = sub.left() ? RequestHash(sub.pos(), sub.left()) : 0;
     } else if (field == 3 && wire == kVarint) {
       if (!r.Varint(&v)) return kDecodeMalformed;
       *row.event_time_ms = int64_t(v);
@@ -241,6 +247,16 @@ DecodeStatus ReadFeatures(Reader r, const ExampleLayout& layout, const ExampleRo
 
 }  // namespace
 
+uint64_t RequestHash(const uint8_t* data, size_t size) {
+  uint64_t h = 0xCBF29CE484222325ULL;
+  for (size_t i = 0; i < size; ++i) {
+    h ^= data[i];
+    h *= 0x100000001B3ULL;
+  }
+  h = Mix64(h);
+  return h ? h : 1;
+}
+
 void LinkNames(ExampleLayout* layout) {
   layout->dense_fill.resize(layout->dense_names.size(), 0);
   layout->next_sparse = NextSame(layout->sparse_names);
@@ -261,6 +277,7 @@ DecodeStatus DecodeExample(const uint8_t* data, size_t size, const ExampleLayout
   *row.sample_rate = 0.f;
   *row.event_time_ms = 0;
   *row.label_time_ms = 0;
+  if (row.request_hash != nullptr) *row.request_hash = 0;
   bool has_features = false;
   Reader r(data, size);
   while (!r.done()) {
@@ -313,6 +330,7 @@ ExampleRow RowAt(const ExampleLayout& layout, const BatchArrays& out, ExampleRow
   r->sample_rate = out.rates + row;
   r->event_time_ms = out.event_ms + row;
   r->label_time_ms = out.label_ms + row;
+  r->request_hash = out.request_hash ? out.request_hash + row : nullptr;
   return *r;
 }
 

@@ -64,7 +64,13 @@ struct ExampleRow {
   float* sample_rate;
   int64_t* event_time_ms;
   int64_t* label_time_ms;
+  uint64_t* request_hash;  // RequestHash of the features' request_id (0: none); may be null
 };
+
+// A request id's 64-bit hash: FNV-1a over its bytes, then Mix64; never 0
+// (0 stands for "no request id"). monolith_jax.stream.messages.request_hash
+// computes the same.
+uint64_t RequestHash(const uint8_t* data, size_t size);
 
 constexpr uint32_t kSchemaVersion = 1;
 
@@ -77,6 +83,7 @@ struct BatchArrays {
   float* rates;
   int64_t* event_ms;
   int64_t* label_ms;
+  uint64_t* request_hash;  // may be null
   int64_t rows;
 };
 

@@ -47,7 +47,7 @@ class PyExampleDecoder {
                  Out<int32_t, 2> lengths, Out<float, 2> dense, Out<float, 1> labels,
                  Out<float, 1> rates, Out<int64_t, 1> event_ms, Out<int64_t, 1> label_ms,
                  Out<int32_t, 1> status, std::optional<Out<int32_t, 1>> partitions,
-                 std::optional<Out<int64_t, 1>> offsets) {
+                 std::optional<Out<int64_t, 1>> offsets, std::optional<Out<uint64_t, 1>> request_hash) {
     const size_t nf = layout_.sparse_names.size(), nd = layout_.dense_names.size();
     const int64_t rows = int64_t(labels.shape(0));
     if (ids.size() != nf) throw std::invalid_argument("one ids array per sparse feature");
@@ -58,6 +58,8 @@ class PyExampleDecoder {
         dense.shape(1) != nd || int64_t(rates.shape(0)) != rows || int64_t(event_ms.shape(0)) != rows ||
         int64_t(label_ms.shape(0)) != rows)
       throw std::invalid_argument("batch arrays disagree on rows or feature counts");
+    if (request_hash.has_value() && int64_t(request_hash->shape(0)) != rows)
+      throw std::invalid_argument("request_hash needs one entry per row");
     const size_t n = nb::len(values);
     if (status.shape(0) != n) throw std::invalid_argument("status needs one entry per value");
     if (row0 < 0 || row0 > rows) throw std::invalid_argument("row0 outside the batch");
@@ -74,6 +76,7 @@ class PyExampleDecoder {
     out.rates = rates.data();
     out.event_ms = event_ms.data();
     out.label_ms = label_ms.data();
+    out.request_hash = request_hash.has_value() ? request_hash->data() : nullptr;
     out.rows = rows;
     // Items that are not bytes are Kafka messages: error(), value(),
     // partition() and offset() are called here, which saves the
@@ -133,7 +136,7 @@ void BindCodec(nb::module_& m) {
            "sparse_names"_a, "max_lens"_a, "dense_names"_a, "pad_key"_a, "dense_fill"_a = std::vector<int>())
       .def("decode", &PyExampleDecoder::Decode, "values"_a, "row0"_a, "ids"_a, "lengths"_a, "dense"_a,
            "labels"_a, "rates"_a, "event_ms"_a, "label_ms"_a, "status"_a, "partitions"_a = nb::none(),
-           "offsets"_a = nb::none());
+           "offsets"_a = nb::none(), "request_hash"_a = nb::none());
 }
 
 }  // namespace monolith

@@ -64,6 +64,7 @@ import time
 import numpy as np
 
 from monolith_jax.metrics import auc
+from monolith_jax.online.dedup import DEFAULT_WINDOW_S as DEFAULT_DEDUP_WINDOW_S, RequestDedup
 from monolith_jax.stream import kafka as K
 from monolith_jax.stream.dead_letters import DeadLetters
 from monolith_jax.stream.messages import ExampleDecoder
@@ -141,7 +142,8 @@ class OnlineTrainer:
                  auc_window: int = 50_000, consumer_extra: dict | None = None, out=print,
                  serving_ps: str | None = None, sparse_sync_interval_s: float = 2.0, sync_dtype: str = "float32",
                  trainer_id: str | None = None, dense_sync_interval_s: float = 30.0, min_bucket: int = 64,
-                 warmup: bool = False, snapshots=None, dense_exchange=None, connect_timeout_s: float = 15.0):
+                 warmup: bool = False, snapshots=None, dense_exchange=None, connect_timeout_s: float = 15.0,
+                 dedup_window_s: float | None = DEFAULT_DEDUP_WINDOW_S):
         from confluent_kafka import Consumer, Producer
 
         K.check_reachable(bootstrap, connect_timeout_s)  # a clear error, not a silent wait on a dead address
@@ -152,6 +154,10 @@ class OnlineTrainer:
         self.prequential = prequential
         self.min_bucket = min_bucket
         self.decoder = ExampleDecoder(trainer.features, trainer.dense_features)
+        # Exactly-once by request id (online/dedup.py): a second example of a
+        # request trained within the window takes no row and is counted.
+        self.dedup = RequestDedup(dedup_window_s) if dedup_window_s else None
+        self.duplicates = 0
         self.group = group
         self.consumer = Consumer(K.consumer_config(bootstrap, group, **{"enable.auto.commit": False,
                                                                          **(consumer_extra or {})}))
@@ -209,14 +215,19 @@ class OnlineTrainer:
                 self.resumed_from = meta["step"]
                 self.examples = int(meta["examples"])
                 self.batches = int(meta["batches"])
+                self.duplicates = int(meta.get("duplicates", 0))
                 group = meta.get("trainers")
                 if self.dp is not None and group is not None:
                     # The group's snapshot: this member's own counts.
                     mine = group[self.dp.process_id] if len(group) == self.dp.num_processes else {}
                     self.examples, self.batches = int(mine.get("examples", 0)), int(mine.get("batches", 0))
+                    self.duplicates = int(mine.get("duplicates", 0))
                     trainer.examples = int(mine.get("trained_examples", 0))
                 self.max_event_ms = int(meta["max_event_ms"])
                 self.negative_rate = meta.get("negative_rate")
+                saved = snapshots.restored_extra.get("dedup")
+                if self.dedup is not None and saved is not None:
+                    self.dedup.load(saved)
                 self._resume = {(t, int(p)): int(o) for t, parts in meta["offsets"].items() for p, o in parts.items()}
                 log.info("trainer resumes from snapshot %d: %d examples trained, offsets %s", meta["step"],
                          self.examples, meta["offsets"])
@@ -316,7 +327,7 @@ class OnlineTrainer:
         limit = None
         if self._max_examples is not None:  # take no more than run() was asked for
             limit = self._max_examples - self.examples
-        builder = self.decoder.batch(self.batch_size, messages=True, limit=limit)
+        builder = self.decoder.batch(self.batch_size, messages=True, limit=limit, dedup=self.dedup)
         taken: list = []
         self._building = (builder, taken)
         first = None
@@ -334,7 +345,7 @@ class OnlineTrainer:
                 msgs = self.consumer.consume(num_messages=self.batch_size, timeout=min(wait, 0.01))
                 if self._revoked:  # a rebalance dropped the batch: start again with what came after it
                     self._revoked = False
-                    builder = self.decoder.batch(self.batch_size, messages=True, limit=limit)
+                    builder = self.decoder.batch(self.batch_size, messages=True, limit=limit, dedup=self.dedup)
                     taken = []
                     self._building = (builder, taken)
                     first = None
@@ -365,6 +376,7 @@ class OnlineTrainer:
                                              stamp=self._stamp())
             return 0
         batch, info, bad = builder.finish()
+        self.duplicates += info["duplicates"]
         batch = shrink(batch, max(info["rows"], agreed_rows), self.min_bucket)
         status = info["status"]
         for i in np.flatnonzero(status == -3):
@@ -392,6 +404,8 @@ class OnlineTrainer:
                 self.dense_exchange.after_step(self.trainer)
             self.examples += rows
             self.batches += 1
+            if self.dedup is not None:
+                self.dedup.add(info["request_hash"], info["event_time_ms"])
             if self.on_batch is not None:
                 self.on_batch(self, batch, info)
         real = status != -3
@@ -441,7 +455,8 @@ class OnlineTrainer:
         meta = self._snapshot_meta()
         step = self.trainer.step_count
         if self.dp is None:
-            self.snapshots.save(step, self.trainer, meta)
+            extra = {"dedup": self.dedup.state()} if self.dedup is not None else None
+            self.snapshots.save(step, self.trainer, meta, extra=extra)
             return
         group = self.dp.gather_json(meta)
         self._pending_commits[step] = list(self._committed.values())
@@ -473,7 +488,7 @@ class OnlineTrainer:
             snapshot_shards(self.remote.values(), self.trainer.step_count)
         return {"offsets": offsets, "examples": self.examples, "batches": self.batches,
                 "max_event_ms": self.max_event_ms, "negative_rate": self.negative_rate,
-                "trained_examples": self.trainer.examples}
+                "trained_examples": self.trainer.examples, "duplicates": self.duplicates}
 
     def _commit_snapshots(self, wait: bool = False) -> None:
         """Commits the offsets of a snapshot that has completed."""
@@ -589,6 +604,7 @@ class OnlineTrainer:
                 "table_rows": {name: len(t) for name, t in self.trainer.tables.items()},
                 "examples_per_s": (self.examples - start_examples) / active,
                 "dead_letters": self.dead.count, "dead_letter_reasons": dict(self.dead.by_reason),
+                "duplicates": self.duplicates,
                 "dead_letters_failed": self.dead.failed,
                 "running_auc": self.log.running_auc(), "stream_auc": self._stream_auc()}
 
@@ -625,6 +641,7 @@ class OnlineTrainer:
 
     def _report(self, rate: float) -> None:
         record = {"examples": self.examples, "examples_per_s": round(rate, 1),
-                  "running_auc": round(self.log.running_auc(), 4), "dead_letters": self.dead.count}
+                  "running_auc": round(self.log.running_auc(), 4), "dead_letters": self.dead.count,
+                  "duplicates": self.duplicates}
         self.trainer._log({"event": "online", **record})
         self.out("trainer " + json.dumps(record), **({"flush": True} if self.out is print else {}))

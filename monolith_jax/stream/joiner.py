@@ -14,7 +14,9 @@ dropped), so a joiner that dies loses nothing: its successor re-reads from
 the oldest message still pending. Within one joiner's life each request
 emits at most one example; after a crash or a rebalance that moves a
 partition, examples of requests re-read from it may be emitted twice
-(at-least-once, as Kafka applications without transactions are).
+(at-least-once, as Kafka applications without transactions are); the
+online trainer drops the second example of a request by its id
+(`monolith_jax.online.dedup`), so each is trained once.
 
 No message stops it. A message that cannot be used goes to the dead-letter
 topic with the reason, and is counted: unreadable (of any shape or size),

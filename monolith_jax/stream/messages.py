@@ -171,6 +171,27 @@ def encode_action(request_id: str, event_time_ms: int, type: str, value: float =
                         type=type, value=float(value)).SerializeToString()
 
 
+_M64 = (1 << 64) - 1
+
+
+def request_hash(request_id: str | bytes) -> int:
+    """A request id's 64-bit hash, as the C++ decoder computes it for every
+    example (FNV-1a over the UTF-8 bytes, then splitmix64's finalizer);
+    never 0, which stands for "no request id"."""
+    data = request_id.encode() if isinstance(request_id, str) else bytes(request_id)
+    if not data:
+        return 0
+    h = 0xCBF29CE484222325
+    for b in data:
+        h = ((h ^ b) * 0x100000001B3) & _M64
+    h ^= h >> 30
+    h = (h * 0xBF58476D1CE4E5B9) & _M64
+    h ^= h >> 27
+    h = (h * 0x94D049BB133111EB) & _M64
+    h ^= h >> 31
+    return h or 1
+
+
 def _varint(v: int) -> bytes:
     v &= (1 << 64) - 1  # int64 as protobuf writes it: two's complement
     out = bytearray()
@@ -241,9 +262,13 @@ class ExampleDecoder:
                 return list(dict.fromkeys(lack))
         return []
 
-    def batch(self, batch_size: int, messages: bool = False, limit: int | None = None) -> "BatchBuilder":
-        """A batch of `batch_size` rows to fill, taking at most `limit` examples."""
-        return BatchBuilder(self, batch_size, messages, limit)
+    def batch(self, batch_size: int, messages: bool = False, limit: int | None = None,
+              dedup=None) -> "BatchBuilder":
+        """A batch of `batch_size` rows to fill, taking at most `limit`
+        examples. With `dedup` (a `monolith_jax.online.dedup.RequestDedup`),
+        an example whose request id it has seen, or that this batch already
+        holds, takes no row and is counted in `duplicates`."""
+        return BatchBuilder(self, batch_size, messages, limit, dedup)
 
     def decode(self, values: list, batch_size: int, messages: bool = False):
         """One batch from `values` (those that do not fit are not taken:
@@ -254,8 +279,12 @@ class ExampleDecoder:
 
 
 class BatchBuilder:
-    def __init__(self, decoder: ExampleDecoder, batch_size: int, messages: bool, limit: int | None = None):
+    def __init__(self, decoder: ExampleDecoder, batch_size: int, messages: bool, limit: int | None = None,
+                 dedup=None):
         self.d = decoder
+        self.dedup = dedup
+        self.duplicates = 0
+        self._held: set = set()   # request hashes of this batch's rows
         self.size = batch_size
         self.limit = batch_size if limit is None else max(1, min(limit, batch_size))
         self.messages = messages
@@ -266,6 +295,7 @@ class BatchBuilder:
         self.rates = np.ones(batch_size, np.float32)
         self.event_ms = np.zeros(batch_size, np.int64)
         self.label_ms = np.zeros(batch_size, np.int64)
+        self.request_hash = np.zeros(batch_size, np.uint64)
         self.rows = 0
         self.taken = 0
         self.bad: list = []
@@ -279,10 +309,35 @@ class BatchBuilder:
         status = np.zeros(len(values), np.int32)
         meta = (np.zeros(len(values), np.int32), np.zeros(len(values), np.int64)) if self.messages else (None, None)
         n = self.limit  # views of the first `limit` rows: the decoder fills no more
+        r0 = self.rows
         self.rows += self.d._native.decode(values, self.rows, [a[:n] for a in self.ids], self.lengths[:n],
                                            self.dense[:n], self.labels[:n], self.rates[:n], self.event_ms[:n],
-                                           self.label_ms[:n], status, *meta)
+                                           self.label_ms[:n], status, *meta, request_hash=self.request_hash[:n])
+        if self.dedup is not None and self.rows > r0:
+            self._drop_repeats(r0)
         return status, meta
+
+    def _drop_repeats(self, r0: int) -> None:
+        """Removes the rows from r0 on whose request id was trained before
+        (the dedup's memory) or is in this batch already, moving the rest up."""
+        h = self.request_hash[r0:self.rows]
+        drop = self.dedup.seen(h)
+        has_id = h != 0
+        for i in np.flatnonzero(has_id & ~drop):   # repeats within this batch: the first stays
+            key = int(h[i])
+            if key in self._held:
+                drop[i] = True
+            else:
+                self._held.add(key)
+        if not drop.any():
+            return
+        keep = r0 + np.flatnonzero(~drop)
+        end = r0 + keep.size
+        for a in (*self.ids, self.lengths, self.dense, self.labels, self.rates, self.event_ms, self.label_ms,
+                  self.request_hash):
+            a[r0:end] = a[keep]
+        self.duplicates += int(drop.sum())
+        self.rows = end
 
     def add(self, values) -> int:
         """Decodes values in order until one does not fit; returns how many
@@ -357,7 +412,7 @@ class BatchBuilder:
         status = np.concatenate(self._status) if self._status else np.zeros(0, np.int32)
         info = {"rows": rows, "taken": self.taken, "sample_rate": self.rates[:rows],
                 "event_time_ms": self.event_ms[:rows], "label_time_ms": self.label_ms[:rows], "status": status,
-                "filled": filled}
+                "filled": filled, "request_hash": self.request_hash[:rows], "duplicates": self.duplicates}
         if self.messages:
             info["partition"] = np.concatenate(self._parts) if self._parts else np.zeros(0, np.int32)
             info["offset"] = np.concatenate(self._offs) if self._offs else np.zeros(0, np.int64)
