@@ -200,8 +200,10 @@ class Trainer:
     def __init__(self, model: nnx.Module, tables: Sequence[TableConfig], features: Sequence[SparseFeature],
                  dense_features: Sequence[DenseFeature] = (), optimizer: optax.GradientTransformation | None = None,
                  sparse_loss: str = "sum", metrics_path: str | None = None, log_every: int = 100,
-                 out=print, log_every_s: float = 5.0):
-        """log_every: `fit` prints and logs its progress at the first step,
+                 out=print, log_every_s: float = 5.0, tensorboard_dir: str | None = None):
+        """metrics_path: a JSONL file of every logged record; tensorboard_dir:
+        the same records as TensorBoard scalars (monolith_jax.tensorboard).
+        log_every: `fit` prints and logs its progress at the first step,
         then every `log_every` steps or `log_every_s` seconds, whichever
         comes first; 0 (or out=None) prints nothing. out: where lines go
         (print, or any function of one string)."""
@@ -227,6 +229,11 @@ class Trainer:
         self.data_parallel = None  # a distributed.DataParallel: the host-tables step all-reduces
         self.out = out
         self._metrics = open(metrics_path, "a", encoding="utf-8") if metrics_path else None
+        self._events = None
+        if tensorboard_dir:
+            from monolith_jax.tensorboard import EventWriter
+
+            self._events = EventWriter(tensorboard_dir)
         self._train = jax.jit(self._train_step)
         self._dense = jax.jit(self._dense_step)
         self._logits = jax.jit(self._forward)
@@ -531,8 +538,13 @@ class Trainer:
         if self._metrics is not None:
             self._metrics.write(json.dumps({"time": time.time(), **record}) + "\n")
             self._metrics.flush()
+        if self._events is not None:
+            self._events.write(record, record.get("step", self.step_count))
 
     def close(self) -> None:
         if self._metrics is not None:
             self._metrics.close()
             self._metrics = None
+        if self._events is not None:
+            self._events.close()
+            self._events = None

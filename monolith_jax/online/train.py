@@ -56,6 +56,9 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=None, help="examples per step (default: the job's batch_size)")
     p.add_argument("--max-wait", type=float, default=0.5, help="seconds a partial batch waits for more")
     p.add_argument("--idle-timeout", type=float, default=None, help="stop after this long with no examples")
+    p.add_argument("--dedup-window", type=float, default=900.0,
+                   help="seconds of event time a trained request id is remembered: a second example of it "
+                        "is dropped and counted (0: off)")
     p.add_argument("--max-examples", type=int, default=None, help="stop after this many examples (stream)")
     p.add_argument("--max-seconds", type=float, default=None, help="stop after this long (stream)")
     p.add_argument("--seed", type=int, default=0, help="seeds the model's init and the tables' initializers")
@@ -81,6 +84,8 @@ def main(argv=None) -> int:
     p.add_argument("--prequential-out", default=None,
                    help="write the labels and scores given before training (npz) to this file at exit")
     p.add_argument("--metrics", default=None, help="append metrics as JSON lines to this file")
+    p.add_argument("--tensorboard", default=None,
+                   help="also write the metrics as TensorBoard event files into this folder")
     p.add_argument("--summary", default=None, help="write the final summary as JSON to this file")
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
                    help="the trainer's log level (info: assignments, rebalances, snapshots, commits)")
@@ -108,8 +113,8 @@ def main(argv=None) -> int:
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    trainer = job.make_trainer(args.seed, metrics_path=args.metrics, **({"log_every": 100} if args.data else
-                                                                        {"log_every": 0}))
+    trainer = job.make_trainer(args.seed, metrics_path=args.metrics, tensorboard_dir=args.tensorboard,
+                               log_every=100 if args.data else 0)
     addresses = args.ps.split(",") if args.ps else []
     if addresses:
         from monolith_jax.distributed.training_ps import use_shards
@@ -146,7 +151,8 @@ def main(argv=None) -> int:
                                serving_ps=args.serving_ps, sparse_sync_interval_s=args.sync_interval,
                                dense_sync_interval_s=args.dense_sync_interval, warmup=not args.no_warmup,
                                snapshots=snapshots, dense_exchange=dense_exchange,
-                               trainer_id=f"{args.group}-{args.trainer_index}")
+                               trainer_id=f"{args.group}-{args.trainer_index}",
+                               dedup_window_s=args.dedup_window or None)
     except K.BrokerUnreachable as err:
         raise SystemExit(f"monolith train: {err}") from None
     if args.export:
