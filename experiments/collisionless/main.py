@@ -1,17 +1,21 @@
 """Collisionless embeddings vs the hashing trick: DeepFM on MovieLens-1M
 (the paper's Figure 7). Flags only; the work is in run.py.
 
-    python -m experiments.collisionless.main                  # ~5 min on 2 cores
-    python -m experiments.collisionless.main --seeds 1 --epochs 1 --limit 50000   # a minute
+    python -m experiments.collisionless.main                  # ~5 min on 2 cores; replaces results/
+    python -m experiments.collisionless.main --seeds 1 --epochs 1 --limit 50000   # a minute, in a run folder
+
+Any run with flags writes to a fresh run folder (runs/collisionless-TIMESTAMP/,
+printed), not over the committed results/, unless given --out
+(experiments/run_folder.py).
 """
 
 import argparse
 import dataclasses
 import json
-import pathlib
 
 import numpy as np
 
+from experiments import run_folder
 from experiments.collisionless import run
 
 
@@ -22,8 +26,11 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=1024)
     p.add_argument("--limit", type=int, default=0, help="first N ratings only (0: all)")
     p.add_argument("--speed-steps", type=int, default=150)
-    p.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
+    p.add_argument("--out", default=None,
+                   help="results folder (default: results/ beside this file for the default command, "
+                        "else a fresh run folder)")
     args = p.parse_args(argv)
+    out = run_folder.output_dir("collisionless", p, args)
 
     from monolith_jax.examples.movielens.data import load_movielens_1m
     ratings = load_movielens_1m()
@@ -67,8 +74,6 @@ def main(argv=None):
           f"static hashed table (plain JAX, row-wise Adagrad) {sp['static_embed']:,.0f} ex/s: "
           f"collisionless costs {sp['static_embed'] / sp['collisionless']:.2f}x the static step's time")
 
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     (out / "auc.json").write_text(json.dumps({k: v.tolist() for k, v in results.items()}, indent=1))
     _plot(results, out / "figure7.png")
     print(f"wrote {out / 'figure7.png'} and {out / 'auc.json'}")

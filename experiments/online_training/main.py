@@ -1,8 +1,12 @@
 """Online training from Kafka on MovieLens-1M. Flags only; the work is in run.py.
 
-    python -m experiments.online_training.main               # both parts (~5 min)
+    python -m experiments.online_training.main               # both parts (~5 min); replaces results/
     python -m experiments.online_training.main --part throughput
     python -m experiments.online_training.main --part stream --limit 200000
+
+Any run with flags (one part, --limit, fewer rounds, ...) writes to a fresh
+run folder (runs/online_training-TIMESTAMP/, printed), not over the
+committed results/, unless given --out (experiments/run_folder.py).
 """
 
 import argparse
@@ -10,9 +14,8 @@ import json
 import logging
 import os
 
+from experiments import run_folder
 from experiments.online_training import run
-
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def main(argv=None):
@@ -21,18 +24,22 @@ def main(argv=None):
     p.add_argument("--limit", type=int, default=None, help="stream: first N ratings only (default: all)")
     p.add_argument("--examples", type=int, default=60_000, help="throughput: examples per round")
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--passes", type=int, default=3, help="throughput: passes over the examples per round")
+    p.add_argument("--batch", type=int, default=1024, help="throughput: examples per step")
     p.add_argument("--bootstrap", default=None, help="a Kafka cluster to use instead of the embedded one")
-    p.add_argument("--out", default=os.path.join(HERE, "results"))
+    p.add_argument("--out", default=None,
+                   help="results folder (default: results/ beside this file for the default command, "
+                        "else a fresh run folder)")
     args = p.parse_args(argv)
+    out_dir = str(run_folder.output_dir("online_training", p, args, full_size_flags=("bootstrap",)))
     logging.basicConfig(level=logging.WARNING)
     from monolith_jax.examples.movielens.data import load_movielens_1m
     ratings = load_movielens_1m()
-    os.makedirs(args.out, exist_ok=True)
     results = {}
     if args.part in ("throughput", "both"):
-        print(f"Trainer input, DeepFM (dim 8, MLP 128-64), batch 1024, {args.examples:,} joined MovieLens "
-              f"examples x 3 passes per round, from the examples topic vs from a Parquet file:")
-        t = run.throughput(ratings, args.examples, rounds=args.rounds)
+        print(f"Trainer input, DeepFM (dim 8, MLP 128-64), batch {args.batch:,}, {args.examples:,} joined MovieLens "
+              f"examples x {args.passes} passes per round, from the examples topic vs from a Parquet file:")
+        t = run.throughput(ratings, args.examples, batch=args.batch, rounds=args.rounds, passes=args.passes)
         print(f"median: kafka {t['median']['kafka']:,.0f} ex/s, file {t['median']['file']:,.0f} ex/s, "
               f"median kafka/file ratio {t['ratio']:.2f} (target >= 0.8)")
         results["throughput"] = t
@@ -52,10 +59,11 @@ def main(argv=None):
         print(f"after the freeze point: online {s['online_after_freeze']:.4f} vs frozen "
               f"{s['frozen_after_freeze']:.4f}; last tenth: online {s['online_last_tenth']:.4f} vs frozen "
               f"{s['frozen_last_tenth']:.4f}")
-        run.plot(s, os.path.join(args.out, "prequential_auc.png"))
+        run.plot(s, os.path.join(out_dir, "prequential_auc.png"))
         results["stream"] = s
-    with open(os.path.join(args.out, "results.json"), "w") as f:
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=1, default=float)
+    print(f"wrote {out_dir}/results.json" + (", prequential_auc.png" if "stream" in results else ""))
     return results
 
 

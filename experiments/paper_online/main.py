@@ -2,8 +2,12 @@
 training with sync every 1/N of the stream (its Table 2, Figures 9-10).
 Flags only; the work is in run.py.
 
-    python -m experiments.paper_online.main            # 5 seeds, N = 10 50 100 500 (~1 min on 2 cores)
-    python -m experiments.paper_online.main --quick    # 2 seeds on the first 100,000 ratings, writes nothing
+    python -m experiments.paper_online.main            # 5 seeds, N = 10 50 100 500 (~1 min on 2 cores); replaces results/
+    python -m experiments.paper_online.main --quick    # 2 seeds on the first 100,000 ratings, in a run folder
+
+Any run with flags writes to a fresh run folder (runs/paper_online-TIMESTAMP/,
+printed), not over the committed results/, unless given --out
+(experiments/run_folder.py).
 """
 
 import argparse
@@ -15,9 +19,8 @@ import time
 
 import numpy as np
 
+from experiments import run_folder
 from experiments.paper_online import run
-
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def _date(t) -> str:
@@ -39,13 +42,15 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=1024)
     p.add_argument("--limit", type=int, default=0, help="first N ratings only (0: all)")
     p.add_argument("--quick", action="store_true",
-                   help="at most 2 seeds, the first 100,000 ratings, N = 5 25 50 unless given; writes nothing")
-    p.add_argument("--out", default=None, help="results folder (default: results/ beside this file; none with --quick)")
+                   help="at most 2 seeds, the first 100,000 ratings, N = 5 25 50 unless given")
+    p.add_argument("--out", default=None,
+                   help="results folder (default: results/ beside this file for the default command, "
+                        "else a fresh run folder)")
     args = p.parse_args(argv)
+    out_dir = str(run_folder.output_dir("paper_online", p, args))
     if args.quick:
         args.seeds, args.limit, args.shards = min(args.seeds, 2), args.limit or 100_000, args.shards or [5, 25, 50]
     args.shards = args.shards or [10, 50, 100, 500]
-    out_dir = args.out or (None if args.quick else os.path.join(HERE, "results"))
     lines = []
 
     def say(line=""):
@@ -110,16 +115,14 @@ def main(argv=None):
     say(f"run time {wall:.0f} s on {os.cpu_count()} cores; per seed: batch training {t_batch:.1f} s, online arms "
         + ", ".join(f"{a[9:]} {s:.1f} s (syncs {sync_ms[a]:.0f} ms)" for a, s in online_s.items()))
 
-    if out_dir:
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "output.txt"), "w") as f:
-            f.write("\n".join(lines) + "\n")
-        with open(os.path.join(out_dir, "results.json"), "w") as f:
-            json.dump({"args": vars(args), "tenth_start_dates": dates, "results": results}, f, indent=1, default=float)
-        run.plot(results, dates, os.path.join(out_dir, "auc_over_time.png"),
-                 f"DeepFM on MovieLens-1M: batch-only vs online sync every 1/N of the stream "
-                 f"({args.seeds} seeds)")
-        print(f"wrote {out_dir}/output.txt, results.json, auc_over_time.png")
+    with open(os.path.join(out_dir, "output.txt"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump({"args": vars(args), "tenth_start_dates": dates, "results": results}, f, indent=1, default=float)
+    run.plot(results, dates, os.path.join(out_dir, "auc_over_time.png"),
+             f"DeepFM on MovieLens-1M: batch-only vs online sync every 1/N of the stream "
+             f"({args.seeds} seeds)")
+    print(f"wrote {out_dir}/output.txt, results.json, auc_over_time.png")
     return results
 
 

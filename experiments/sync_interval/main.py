@@ -1,8 +1,12 @@
 """Online training against sync interval, through the live loop on MovieLens-1M (the paper's Table 2).
 Flags only; the work is in run.py.
 
-    python -m experiments.sync_interval.main                       # 3 repeats, ~10 min on 2 cores
-    python -m experiments.sync_interval.main --repeats 1 --seconds 60 --out side/
+    python -m experiments.sync_interval.main                       # 3 repeats, ~10 min on 2 cores; replaces results/
+    python -m experiments.sync_interval.main --repeats 1 --seconds 40   # a short look, in a run folder
+
+Any run with flags writes to a fresh run folder (runs/sync_interval-TIMESTAMP/,
+printed), not over the committed results/, unless given --out
+(experiments/run_folder.py).
 
 Each repeat: warm start on the 100,000 ratings before the window, then
 150 s of MovieLens at 600 event seconds per wall second (10 minutes of
@@ -20,9 +24,8 @@ import time
 
 import numpy as np
 
+from experiments import run_folder
 from experiments.sync_interval import run
-
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def _when(ms) -> str:
@@ -45,8 +48,11 @@ def main(argv=None):
     p.add_argument("--speed", type=float, default=600.0, help="event seconds per wall second in the window")
     p.add_argument("--dense-interval", type=float, default=None,
                    help="wall seconds between dense syncs for every arm (default: each arm's own interval)")
-    p.add_argument("--out", default=os.path.join(HERE, "results"))
+    p.add_argument("--out", default=None,
+                   help="results folder (default: results/ beside this file for the default command, "
+                        "else a fresh run folder)")
     args = p.parse_args(argv)
+    out_dir = str(run_folder.output_dir("sync_interval", p, args, full_size_flags=("dense_interval",)))
     lines = []
 
     def say(line="", **_):
@@ -102,17 +108,15 @@ def main(argv=None):
     mean = lambda key: np.mean([x[key] for x in t])  # noqa: E731
     say(f"run time {wall:.0f} s on {os.cpu_count()} cores; per repeat: processes up {mean('start_s'):.0f} s, "
         f"warm start {mean('warmup_s'):.0f} s, paced window {mean('paced_s'):.0f} s, all {mean('total_s'):.0f} s")
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "output.txt"), "w", encoding="utf-8") as f:
-            f.write("\n".join(lines) + "\n")
-        with open(os.path.join(args.out, "results.json"), "w", encoding="utf-8") as f:
-            json.dump({"args": {k: v for k, v in vars(args).items() if k != "out"}, "summary": run.summary_rows(res),
-                       **jsonable(res)}, f, indent=1, default=float)
-        run.plot(res, os.path.join(args.out, "auc_by_interval.png"),
-                 f"DeepFM on MovieLens-1M through the live loop: serving AUC by sync interval "
-                 f"({args.repeats} repeats, {args.speed:g} event s per wall s)")
-        print(f"wrote {os.path.relpath(args.out)}/output.txt, results.json, auc_by_interval.png")
+    with open(os.path.join(out_dir, "output.txt"), "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(os.path.join(out_dir, "results.json"), "w", encoding="utf-8") as f:
+        json.dump({"args": {k: v for k, v in vars(args).items() if k != "out"}, "summary": run.summary_rows(res),
+                   **jsonable(res)}, f, indent=1, default=float)
+    run.plot(res, os.path.join(out_dir, "auc_by_interval.png"),
+             f"DeepFM on MovieLens-1M through the live loop: serving AUC by sync interval "
+             f"({args.repeats} repeats, {args.speed:g} event s per wall s)")
+    print(f"wrote {out_dir}/output.txt, results.json, auc_by_interval.png")
     return res
 
 

@@ -108,11 +108,11 @@ def test_serving_copy_ignores_training_until_the_next_sync():
     assert serving.sync(trainer) == 0                              # nothing trained since: nothing to push
 
 
-def test_main_prints_the_table_for_every_n_and_seed_and_writes_the_plot(tmp_path, monkeypatch, capsys):
+def test_main_prints_the_table_for_every_n_and_seed_and_writes_the_plot(runs, monkeypatch, capsys):
+    """`--quick` (with fewer shards and a smaller batch) into a run folder; the committed results stay as they are."""
     import monolith_jax.examples.movielens.data
     monkeypatch.setattr(monolith_jax.examples.movielens.data, "load_movielens_1m", lambda: arriving_users(4000, seed=1))
-    results = paper_main.main(["--quick", "--seeds", "2", "--shards", "2", "4", "--batch", "256",
-                               "--out", str(tmp_path)])
+    results = paper_main.main(["--quick", "--seeds", "2", "--shards", "2", "4", "--batch", "256"])
     assert [r["seed"] for r in results] == [0, 1]
     printed = capsys.readouterr().out
     table = printed.split("as the paper's Table 2:")[1].split("\n\n")[0]
@@ -121,7 +121,9 @@ def test_main_prints_the_table_for_every_n_and_seed_and_writes_the_plot(tmp_path
     per_seed = printed.split("Stream AUC per seed:")[1].split("\n\n")[0].splitlines()
     assert "seed 0" in per_seed[1] and "seed 1" in per_seed[1] and len(per_seed) == 1 + 1 + 3
     assert "run time" in printed
-    written = (tmp_path / "output.txt").read_text()
+    folder = runs.folder("paper_online", printed)
+    written = (folder / "output.txt").read_text()
     assert "as the paper's Table 2:" in written and "online N=4" in written
-    assert (tmp_path / "auc_over_time.png").stat().st_size > 10_000
+    assert (folder / "auc_over_time.png").stat().st_size > 10_000
+    assert (folder / "results.json").stat().st_size > 0
     assert all(len(r["arms"][a]["tenths"]) == run.SEGMENTS for r in results for a in r["arms"])

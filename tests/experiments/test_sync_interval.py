@@ -3,8 +3,11 @@ every request is scored by the serving model before its action exists, a
 shorter interval syncs more often, the frozen arm's rows never move, and
 the touched-row fan-out hands every pusher exactly its rows."""
 
+import json
+
 import numpy as np
 
+from experiments.sync_interval import main as si_main
 from experiments.sync_interval import run
 from experiments.sync_interval.trainer import TouchedFanout
 from monolith_jax.sparse import SGD, TableConfig, Zeros
@@ -32,13 +35,18 @@ def test_fanout_gives_each_view_the_rows_touched_since_its_own_drain():
     assert fast.drain_touched()[0].tolist() == [4]
 
 
-def test_live_loop_scores_with_each_arms_serving_model_before_the_action(tmp_path):
+def test_live_loop_scores_with_each_arms_serving_model_before_the_action(runs, monkeypatch, capsys):
+    """The short look (`--repeats 1`, a shorter window, two arms) through the command line, into a run
+    folder; the committed results stay as they are."""
+    import monolith_jax.examples.movielens.data as data
+
     ratings = synthetic_ratings(16_000, users=1500, items=250, seed=3, days=30)
+    monkeypatch.setattr(data, "load_movielens_1m", lambda: ratings)
     start = 8_000
     seconds = 8.0
     speed = float(ratings.timestamp[-1] - ratings.timestamp[start]) / seconds
-    res = run.experiment(ratings, [0.5, 3.0], repeats=1, start=start, warmup=start, seconds=seconds, speed=speed,
-                         out=lambda *a, **k: None)
+    res = si_main.main(["--intervals", "0.5", "3", "--repeats", "1", "--start", str(start), "--warmup", str(start),
+                        "--seconds", str(seconds), "--speed", repr(speed)])
     rep = res["repeats"][0]
     arms = rep["arms"]
     assert list(arms) == ["every0.5s", "every3s", "frozen"]
@@ -65,5 +73,8 @@ def test_live_loop_scores_with_each_arms_serving_model_before_the_action(tmp_pat
     assert [ln.split()[0] for ln in lines[2:6]] == ["sync", "sync", "frozen", "trainer"]
     assert len(run.check_lines(res)) == 4 and len(run.ids_lines(res)) == 3
     assert rep["joiner"]["dead_letters"] == 0 and rep["joiner"]["positives"] > 0
-    run.plot(res, str(tmp_path / "auc.png"), "test")
-    assert (tmp_path / "auc.png").stat().st_size > 0
+    folder = runs.folder("sync_interval", capsys.readouterr().out)
+    assert (folder / "auc_by_interval.png").stat().st_size > 0
+    assert "AUC of the serving model's scores" in (folder / "output.txt").read_text()
+    written = json.loads((folder / "results.json").read_text())
+    assert [r["name"] for r in written["summary"]] == ["every0.5s", "every3s", "frozen", "trainer"]
