@@ -1,7 +1,12 @@
 """Serving: freshness, sync cost and predictor speed on MovieLens-1M. Flags only; the work is in run.py.
 
-    python -m experiments.serving.main                      # ~5 min
-    python -m experiments.serving.main --seconds 60 --rate 2000 --broker both
+    python -m experiments.serving.main                      # ~5 min; replaces results/
+    python -m experiments.serving.main --seconds 60 --rate 2000 --broker both   # in a run folder
+
+Any run with flags writes to a fresh run folder (runs/serving-TIMESTAMP/,
+printed), not over the committed results/, unless given --out
+(experiments/run_folder.py). A run that trained no example or served no
+probe stops with a message saying so (and the processes' last lines).
 
 The loop runs on librdkafka's built-in cluster (the embedded default) or,
 with --broker process, on a Kafka-protocol broker in its own process (tansu
@@ -15,9 +20,13 @@ import json
 import logging
 import os
 
+from experiments import run_folder
 from experiments.serving import run
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+
+def _s(stats: dict, key: str) -> str:
+    """A percentile in seconds, or '-' where there was nothing to measure."""
+    return f"{stats[key]:.3f} s" if stats.get("n") else "-"
 
 
 def report(r, sync_interval) -> None:
@@ -26,16 +35,19 @@ def report(r, sync_interval) -> None:
           f"({t['sync']['full_copies']} full), {t['sync']['dense_pushes']} dense pushes, "
           f"{t['sync']['failures']} failures")
     print(f"freshness, action produced -> prediction uses the trained row, {f['n']} probes "
-          f"({r['missed_probes']} missed): p50 {f['p50']:.3f} s, p90 {f['p90']:.3f} s, p99 {f['p99']:.3f} s, "
-          f"max {f['max']:.3f} s (target p99 <= 2 s with a {sync_interval} s sync)")
-    print(f"  action -> example in Kafka (joiner and broker): p50 {st['example']['p50']:.3f} s, "
-          f"p99 {st['example']['p99']:.3f} s; example -> served (trainer, sync, serving PS, predictor): "
-          f"p50 {st['example_to_served']['p50']:.3f} s, p99 {st['example_to_served']['p99']:.3f} s")
-    print(f"sync cost: median {c['rows_per_sync_median']:,.0f} touched rows and {c['bytes_per_sync_median']:,.0f} "
-          f"bytes per sync = {c['over_touched_median']:.3f}x touched rows x {c['row_bytes']} bytes "
-          f"(all syncs {c['over_touched_total']:.3f}x, worst {c['over_touched_max']:.3f}x; target <= 1.2x); "
-          f"a full copy would be {c['full_copy_bytes_median']:,.0f} bytes "
-          f"({c['share_of_full_copy_median']:.1%} of it sent)")
+          f"({r['missed_probes']} missed): p50 {_s(f, 'p50')}, p90 {_s(f, 'p90')}, p99 {_s(f, 'p99')}, "
+          f"max {_s(f, 'max')} (target p99 <= 2 s with a {sync_interval} s sync)")
+    print(f"  action -> example in Kafka (joiner and broker): p50 {_s(st['example'], 'p50')}, "
+          f"p99 {_s(st['example'], 'p99')}; example -> served (trainer, sync, serving PS, predictor): "
+          f"p50 {_s(st['example_to_served'], 'p50')}, p99 {_s(st['example_to_served'], 'p99')}")
+    if not c.get("pushes"):
+        print("sync cost: no delta push carried rows")
+    else:
+        print(f"sync cost: median {c['rows_per_sync_median']:,.0f} touched rows and "
+              f"{c['bytes_per_sync_median']:,.0f} bytes per sync = {c['over_touched_median']:.3f}x touched rows x "
+              f"{c['row_bytes']} bytes (all syncs {c['over_touched_total']:.3f}x, worst {c['over_touched_max']:.3f}x; "
+              f"target <= 1.2x); a full copy would be {c['full_copy_bytes_median']:,.0f} bytes "
+              f"({c['share_of_full_copy_median']:.1%} of it sent)")
     print("cores used during the replay: " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(r["cores_used"].items())))
 
 
@@ -46,16 +58,19 @@ def main(argv=None):
     p.add_argument("--sync-interval", type=float, default=1.0, help="seconds between sparse syncs")
     p.add_argument("--dense-interval", type=float, default=10.0, help="seconds between dense syncs")
     p.add_argument("--probe-every", type=float, default=0.25, help="seconds between probes")
+    p.add_argument("--warmup", type=float, default=15.0, help="seconds of replay before the first probe")
     p.add_argument("--serving-seconds", type=float, default=10.0, help="per serving measurement")
     p.add_argument("--broker", choices=["embedded", "process", "both"], default="embedded")
-    p.add_argument("--out", default=os.path.join(HERE, "results"))
+    p.add_argument("--out", default=None,
+                   help="results folder (default: results/ beside this file for the default command, "
+                        "else a fresh run folder)")
     args = p.parse_args(argv)
+    out_dir = run_folder.output_dir("serving", p, args, full_size_flags=("broker",))
     logging.basicConfig(level=logging.WARNING)
     from monolith_jax.examples.movielens.data import load_movielens_1m
     from monolith_jax.stream.broker import BrokerProcess
 
     ratings = load_movielens_1m()
-    os.makedirs(args.out, exist_ok=True)
 
     def serve_phase(ps_port, pred_port, trained):
         rows = max(int(run.sync_cost(trained["sync_history"]).get("rows_per_sync_median", 1000)), 1)
@@ -69,13 +84,18 @@ def main(argv=None):
         print(f"\nFreshness on {'a broker process (tansu)' if kind == 'process' else 'the embedded cluster'}: "
               "MovieLens-1M replay -> joiner -> trainer -> serving PS -> predictor")
         with (BrokerProcess() if kind == "process" else contextlib.nullcontext()) as bootstrap:
-            r = run.freshness(ratings, args.rate, args.seconds, args.sync_interval, args.dense_interval,
-                              args.probe_every, bootstrap=bootstrap,
-                              keep_serving=serve_phase if kind == kinds[0] else None)
+            try:
+                r = run.freshness(ratings, args.rate, args.seconds, args.sync_interval, args.dense_interval,
+                                  args.probe_every, args.warmup, bootstrap=bootstrap,
+                                  keep_serving=serve_phase if kind == kinds[0] else None)
+            except run.NothingServed as err:
+                raise SystemExit(f"experiments.serving ({kind} broker): {err}") from None
         report(r, args.sync_interval)
         results[kind] = r
-    with open(os.path.join(args.out, "results.json"), "w") as fh:
+    path = os.path.join(out_dir, "results.json")
+    with open(path, "w") as fh:
         json.dump(results, fh, indent=1, default=float)
+    print(f"wrote {path}")
     return results
 
 

@@ -10,6 +10,15 @@ every 10 ms; the probe's freshness is the time from producing the action to
 the first answer that uses the user's trained row (the reply's `unknown`
 count drops to 0: only the trained, pushed row can make it so).
 
+The trainer runs with no idle timeout: the loop stops it (SIGTERM) once the
+replay is over, the joiner has flushed and exited, and the trainer's group
+has committed every example on the topic. (An idle timeout in the trainer
+could end it before the first example: the loop starts the predictor and
+the joiner after the trainer, and the trainer's idle clock started on the
+partition-EOF events it got on subscribing, so on a busy machine it left
+after ~8 s with 0 examples.) A run in which no example was trained or no
+probe was served raises `NothingServed`, naming what is missing.
+
 serving(): the predictor under a closed loop of requests (real MovieLens
 users and movies), batch 1 and 256, first with no syncs arriving, then
 with a sync-load process pushing touched rows every second (as many as the
@@ -91,6 +100,56 @@ def percentiles(xs) -> dict:
         return {"n": 0}
     return {"n": int(xs.size), "p50": float(np.percentile(xs, 50)), "p90": float(np.percentile(xs, 90)),
             "p99": float(np.percentile(xs, 99)), "max": float(xs.max())}
+
+
+class NothingServed(RuntimeError):
+    """The live loop trained no example or served no probe: it measured nothing."""
+
+
+def nothing_served(trained: dict, produced: dict, served: int, missed: int, logs: dict) -> str | None:
+    """Why a run measured no freshness (None when it did): no example trained, or no probe served."""
+    if trained.get("examples", 0) and served:
+        return None
+    what = ("the trainer trained no example" if not trained.get("examples", 0) else
+            f"no probe was served ({missed} of {produced.get('probes', 0)} probes missed)")
+    tails = "".join(f"\n--- {name} (last lines):\n" + "".join(lines[-8:]) for name, lines in logs.items() if lines)
+    return (f"the live loop measured no freshness: {what}; {produced.get('messages', 0):,} messages and "
+            f"{produced.get('probes', 0)} probes were produced in {produced.get('seconds', 0.0):.0f} s, the trainer "
+            f"trained {trained.get('examples', 0):,} examples in {trained.get('seconds', 0.0):.0f} s.{tails}")
+
+
+def wait_trained(bootstrap: str, group: str, topic: str, trainer, joiner, timeout_s: float = 120.0,
+                 logs: dict | None = None) -> bool:
+    """Waits until the joiner has exited (the replay is over and its windows
+    are flushed) and the trainer's group has committed every message of the
+    examples topic: True; False if `timeout_s` passes first. Raises if the
+    trainer exits on its own."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    def check_trainer():
+        if trainer.poll() is not None:
+            raise RuntimeError(f"the trainer exited (status {trainer.returncode}) before the loop stopped it:\n"
+                               + "".join((logs or {}).get("trainer", [])[-20:]))
+
+    deadline = time.monotonic() + timeout_s
+    while joiner.poll() is None and time.monotonic() < deadline:
+        check_trainer()
+        time.sleep(0.2)
+    # Without subscribing, this consumer only reads the group's committed offsets: it joins no group.
+    consumer = Consumer(K.consumer_config(bootstrap, group, **{"enable.auto.commit": False}))
+    try:
+        parts = [TopicPartition(topic, p) for p in consumer.list_topics(topic, timeout=10).topics[topic].partitions]
+        while True:
+            check_trainer()
+            ends = {tp.partition: consumer.get_watermark_offsets(tp, timeout=10)[1] for tp in parts}
+            done = {tp.partition: tp.offset for tp in consumer.committed(parts, timeout=10)}
+            if all(done[p] >= end for p, end in ends.items() if end > 0):
+                return True
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.2)
+    finally:
+        consumer.close()
 
 
 class Prober:
@@ -279,7 +338,7 @@ def freshness(ratings, rate: float = 3000.0, seconds: float = 120.0, sync_interv
             ps_addr = f"127.0.0.1:{ps_port}"
             trainer = subprocess.Popen(
                 [sys.executable, "-m", "monolith_jax.online.train", "--job", "monolith_jax.examples.movielens.job:job", "--bootstrap", bootstrap, "--group",
-                 group + "-trainer", "--batch", "1024", "--max-wait", "0.1", "--idle-timeout", "5",
+                 group + "-trainer", "--batch", "1024", "--max-wait", "0.1",
                  "--serving-ps", ps_addr, "--sync-interval", str(sync_interval_s),
                  "--dense-sync-interval", str(dense_interval_s), "--export", model_dir, "--summary", summary_path],
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
@@ -310,9 +369,17 @@ def freshness(ratings, rate: float = 3000.0, seconds: float = 120.0, sync_interv
             cpu = {f"{name}/{k}": round((v - cpu0[name].get(k, 0.0)) / produced["seconds"], 3)
                    for name in cpu1 for k, v in cpu1[name].items() if v - cpu0[name].get(k, 0.0) > 0.01}
             prober.finish(wait_s=30)
+            # The loop, not an idle timeout, ends training (see the module's docstring).
+            if not wait_trained(bootstrap, group + "-trainer", K.TOPICS["examples"], trainer, joiner, logs=logs):
+                out("warning: the trainer had not trained the whole examples topic 120 s after the replay; "
+                    "stopping it")
+            trainer.terminate()
             trainer.wait(120)
             with open(summary_path, encoding="utf-8") as f:
                 trained = json.load(f)
+            why = nothing_served(trained, produced, len(prober.latency), len(prober.missed), logs)
+            if why:
+                raise NothingServed(why)
             if keep_serving is not None:
                 extra = keep_serving(ps_port, pred_port, trained)
             else:

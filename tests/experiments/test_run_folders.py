@@ -69,7 +69,7 @@ class _Chosen(Exception):
     pass
 
 
-@pytest.mark.parametrize("experiment", ["collisionless", "online_training", "paper_online", "scale_out",
+@pytest.mark.parametrize("experiment", ["collisionless", "online_training", "paper_online", "scale_out", "serving",
                                         "snapshots", "sync_interval"])
 def test_each_default_command_writes_the_committed_folder_and_a_variant_a_run_folder(experiment, runs,
                                                                                      monkeypatch):
