@@ -94,6 +94,9 @@ def throughput(ratings, n_examples: int = 60_000, batch: int = 1024, rounds: int
     limit = n_examples
     while len(examples) < n_examples:
         examples = joined_examples(ratings, limit)
+        if len(examples) < n_examples and limit >= len(ratings):  # all of them in: more would not come
+            raise ValueError(f"{len(ratings):,} ratings join to {len(examples):,} examples, fewer than the "
+                             f"{n_examples:,} asked for (--examples)")
         limit = int(limit * 1.5)
     examples = examples[:n_examples]
     rates = {"kafka": [], "file": [], "ratio": []}
