@@ -353,7 +353,7 @@ class OnlineTrainer:
                 k = builder.add(msgs)
                 taken.extend(msgs[:k])
                 self._carry = msgs[k:]
-                if first is None and builder.taken:
+                if first is None and builder.taken > builder.events:  # a message, not only events (EOF)
                     first = time.monotonic()
                     if self._t_first is None:
                         self._t_first = first
@@ -556,7 +556,8 @@ class OnlineTrainer:
                     filled = self._fill(now + 1.0)
                     if filled is not None:
                         self._train(*filled)
-                        last_data = self._t_last = time.monotonic()
+                        if filled[0].taken > filled[0].events:  # partition EOF events are not data
+                            last_data = self._t_last = time.monotonic()
                 elif not self._lockstep(done):
                     together = True
                     break

@@ -298,6 +298,7 @@ class BatchBuilder:
         self.request_hash = np.zeros(batch_size, np.uint64)
         self.rows = 0
         self.taken = 0
+        self.events = 0   # of the taken, Kafka events (end of partition, errors): no message
         self.bad: list = []
         self._status, self._parts, self._offs = [], [], []
 
@@ -385,6 +386,7 @@ class BatchBuilder:
                     reason = f"{reason}: {', '.join(repr(x) for x in lack)}"
             self.bad.append((self.taken + int(i), reason))
         self._status.append(status[:n].copy())
+        self.events += int(np.count_nonzero(status[:n] == -3))
         if self.messages:
             self._parts.append(parts[:n].copy())
             self._offs.append(offs[:n].copy())

@@ -1,0 +1,35 @@
+"""The idle clock counts from the first message, not from the end-of-
+partition events a subscription delivers first: a trainer started before
+its stream waits for it, and stops once the stream has gone quiet."""
+
+import time
+
+from monolith_jax.online.trainer import OnlineTrainer
+from monolith_jax.stream import kafka as K
+from tests.online.test_dedup import QUIET, example
+
+
+def trainer(bootstrap):
+    from monolith_jax.examples.movielens.loop import movielens_trainer as make
+
+    return OnlineTrainer(make(dim=4, hidden=(8,), **QUIET), bootstrap, group="idle", batch_size=64,
+                         max_wait_s=0.05, prequential=False, **QUIET)
+
+
+def test_end_of_partition_events_do_not_start_the_idle_clock():
+    with K.EmbeddedKafka() as kafka:
+        bs = kafka.bootstrap
+        K.ensure_topics(bs, {"examples": 2, "dead-letters": 1})
+        online = trainer(bs)
+        t0 = time.monotonic()
+        empty = online.run(idle_timeout_s=1.0, max_seconds=6.0, report_every_s=0)
+        assert empty["examples"] == 0 and time.monotonic() - t0 >= 5.5   # waited for data: max_seconds ended it
+        from tests.stream.kafka_util import producer
+
+        prod = producer(bs)
+        for i in range(40):
+            prod.produce("examples", example(f"q{i}", i), f"q{i}")
+        assert prod.flush(30) == 0
+        t0 = time.monotonic()
+        got = trainer(bs).run(idle_timeout_s=1.0, max_seconds=60.0, report_every_s=0)
+        assert got["examples"] == 40 and time.monotonic() - t0 < 30    # the idle clock ended it
