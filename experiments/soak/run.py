@@ -439,15 +439,9 @@ class Traffic:
         elif kind == "large_valid":  # a valid request of 0.6-0.8 MB: one example, still within a message
             rid = f"v{self.cfg.seed}-big{self.n_bad}"
             self._send_valid(rid, t, self._record(rid, t, big=int(rng.integers(80_000, 100_000))), kind)
-        elif kind == "missing_sparse":  # readable, but one sparse feature absent: the trainer refuses it
+        elif kind == "missing_sparse":  # readable, but one sparse feature absent: the joiner refuses it
             drop = self.sparse[int(rng.integers(0, len(self.sparse)))][0]
-            value = self._record(rid, t, drop_sparse=drop)
-
-            def ok():
-                self.injected[kind] += 1
-                self.expect_trainer_dead[rid] = kind
-
-            self._send("features", rid, value, ok, self._lost(kind))
+            dead("features", self._record(rid, t, drop_sparse=drop))
         else:
             raise ValueError(f"unknown fault {kind!r}")
 

@@ -216,12 +216,14 @@ class OnlineTrainer:
                 self.examples = int(meta["examples"])
                 self.batches = int(meta["batches"])
                 self.duplicates = int(meta.get("duplicates", 0))
+                self._restore_dead_counts(meta)
                 group = meta.get("trainers")
                 if self.dp is not None and group is not None:
                     # The group's snapshot: this member's own counts.
                     mine = group[self.dp.process_id] if len(group) == self.dp.num_processes else {}
                     self.examples, self.batches = int(mine.get("examples", 0)), int(mine.get("batches", 0))
                     self.duplicates = int(mine.get("duplicates", 0))
+                    self._restore_dead_counts(mine)
                     trainer.examples = int(mine.get("trained_examples", 0))
                 self.max_event_ms = int(meta["max_event_ms"])
                 self.negative_rate = meta.get("negative_rate")
@@ -239,6 +241,13 @@ class OnlineTrainer:
                 raise ValueError("a trainer is either data-parallel (synchronous) or exchanges dense deltas")
             dense_exchange.start(trainer)
         self.warmup_s = self.warmup() if warmup else None
+
+    def _restore_dead_counts(self, meta: dict) -> None:
+        """The dead letters counted up to a snapshot (its messages are not
+        read again after a resume, so the counts carry over as examples do)."""
+        self.dead.count = int(meta.get("dead_letters", 0))
+        reasons = meta.get("dead_letter_reasons") or {}
+        self.dead.by_reason = {str(k): int(v) for k, v in reasons.items()} if isinstance(reasons, dict) else {}
 
     # ---------------------------------------------------------- rebalance
     def _on_assign(self, consumer, partitions) -> None:
@@ -488,7 +497,8 @@ class OnlineTrainer:
             snapshot_shards(self.remote.values(), self.trainer.step_count)
         return {"offsets": offsets, "examples": self.examples, "batches": self.batches,
                 "max_event_ms": self.max_event_ms, "negative_rate": self.negative_rate,
-                "trained_examples": self.trainer.examples, "duplicates": self.duplicates}
+                "trained_examples": self.trainer.examples, "duplicates": self.duplicates,
+                "dead_letters": self.dead.count, "dead_letter_reasons": dict(self.dead.by_reason)}
 
     def _commit_snapshots(self, wait: bool = False) -> None:
         """Commits the offsets of a snapshot that has completed."""
@@ -565,6 +575,11 @@ class OnlineTrainer:
                     last_data = max(last_data, self._t_last)
                 self.producer.poll(0)
                 if self.snapshots is not None and self.dp is None:
+                    # A stream gone quiet still gets its last batches into a
+                    # snapshot when one is due, so their offsets commit.
+                    if self.trainer.step_count != self.snapshots.last_step and \
+                            self.snapshots.due(self.trainer.step_count):
+                        self._snapshot()
                     self._commit_snapshots()
                 now = time.monotonic()
                 if report_every_s and now - last_report >= report_every_s:

@@ -143,17 +143,23 @@ class JoinState:
             return
         early = self._early.pop(rid, None)
         if early:
+            labelled = emitted = False
             for ta, kind, value, _ in sorted(early, key=lambda a: a[0]):
-                if self._positive(kind, value):
-                    if ta - event_ms <= self.window:
-                        if not self._defer:
-                            self._emit_positive(rid, event_ms, payload, ta)
-                            return
-                        self._marked.setdefault(rid, ta)
-                        continue
-                    self.counts["late_actions"] += 1
-                else:
+                if not self._positive(kind, value):
                     self.counts["other_actions"] += 1
+                elif labelled:  # a second positive of the request: counted as it is in arrival order
+                    self.counts["repeat_actions"] += 1
+                elif ta - event_ms <= self.window:
+                    labelled = True
+                    if not self._defer:
+                        self._emit_positive(rid, event_ms, payload, ta)
+                        emitted = True
+                    else:
+                        self._marked.setdefault(rid, ta)
+                else:
+                    self.counts["late_actions"] += 1
+            if emitted:
+                return
         self._pending[rid] = (event_ms, payload, origin)
         heapq.heappush(self._pending_heap, (event_ms + self.window, rid))
         if len(self._pending) > self.cfg.max_in_memory:

@@ -170,13 +170,14 @@ class Joiner:
     def __init__(self, bootstrap: str, config: JoinConfig, topics: dict | None = None,
                  group: str = "monolith-joiner", spill_dir: str | None = None, commit_every_s: float = 0.5,
                  consumer_extra: dict | None = None, producer_extra: dict | None = None,
-                 gate_group: str | None = None, max_lag: int = 40_000, group_size: int = 64, dense=()):
+                 gate_group: str | None = None, max_lag: int = 40_000, group_size: int = 64, dense=(), sparse=()):
         """`dense`: the job's DenseFeatures; a non-finite value of one that
         declares a fill passes (the trainer fills it), else it is refused."""
         from confluent_kafka import Consumer, Producer
 
         self.topics = {**K.TOPICS, **(topics or {})}
         self.dense = tuple(dense or ())
+        self.sparse = tuple(sparse or ())  # the job's: records lacking one are dead-lettered here
         producer_conf = K.producer_config(bootstrap, **(producer_extra or {}))
         max_bytes = K.max_message_bytes(producer_conf)
         self.producer = Producer(producer_conf)
@@ -250,7 +251,7 @@ class Joiner:
         features = topic == self.topics["features"]
         try:
             if features:
-                rec = parse_features(value, self.dense)
+                rec = parse_features(value, self.dense, self.sparse)
                 payload = features_to_binary(value, rec)
                 if not self.grouper.fits(len(payload) + EXAMPLE_OVERHEAD):
                     raise MessageError(f"features record too large: {len(payload)} bytes; a message of the "
@@ -415,7 +416,7 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     joiner = Joiner(args.bootstrap, config, topics, args.group, args.spill_dir,
                     gate_group=args.gate_group, max_lag=args.max_lag, group_size=args.group_size,
-                    dense=job.dense if job is not None else ())
+                    dense=job.dense if job is not None else (), sparse=job.sparse if job is not None else ())
     try:
         stats = joiner.run(args.idle_flush, args.exit_when_idle, args.max_seconds, stop, args.report_every)
     finally:

@@ -124,11 +124,16 @@ def _parse(cls, value, what: str):
     return msg
 
 
-def parse_features(value: bytes, dense: Sequence[DenseFeature] | None = None):
+def parse_features(value: bytes, dense: Sequence[DenseFeature] | None = None,
+                   sparse: Sequence[SparseFeature] | None = None):
     """A FeatureRecord from binary or JSON; MessageError if unusable. Each
     dense value must be one finite number, except, when the job's `dense`
     features are given, a non-finite one of a feature that declares a
-    `fill` (the trainer's decoder fills it)."""
+    `fill` (the trainer's decoder fills it). Given the job's features, the
+    record must also carry what the trainer's decoder needs: every sparse
+    feature's source (its id list may be empty) and every dense feature
+    without a fill; otherwise its example would be refused at the trainer,
+    with the examples grouped beside it."""
     rec = _parse(_pb().FeatureRecord, value, "features")
     if not rec.request_id:
         raise MessageError("features message has no request_id")
@@ -136,6 +141,18 @@ def parse_features(value: bytes, dense: Sequence[DenseFeature] | None = None):
     for d in rec.dense:
         if len(d.values) != 1 or not (math.isfinite(d.values[0]) or d.name in filled):
             raise MessageError(f"features message: dense feature {d.name!r} must hold one finite value")
+    if sparse:
+        have = {s.name for s in rec.sparse}
+        lack = [f.source for f in sparse if f.source not in have]
+        if lack:
+            raise MessageError(f"features message lacks sparse feature(s) "
+                               f"{', '.join(repr(x) for x in dict.fromkeys(lack))}")
+    if dense:
+        have = {d.name for d in rec.dense}
+        lack = [f.source for f in dense if f.fill is None and f.source not in have]
+        if lack:
+            raise MessageError(f"features message lacks dense feature(s) "
+                               f"{', '.join(repr(x) for x in dict.fromkeys(lack))} (no fill declared)")
     return rec
 
 

@@ -103,9 +103,10 @@ def test_a_request_is_trained_once_across_repeats_and_a_resume(tmp_path):
             prod.produce("examples", example(f"q{i}", i), f"q{i}")
             if i % 5 == 0:
                 prod.produce("examples", example(f"q{i}", i), f"q{i}")
+        prod.produce("examples", b"\xff\xff\xff", "junk")   # one dead letter, counted across the resume too
         assert prod.flush(30) == 0
         first = run(bs, "dedup", Snapshots(str(tmp_path / "snaps"), every_s=None, every_steps=2))
-        assert first["examples"] == 300 and first["duplicates"] == 60, first
+        assert first["examples"] == 300 and first["duplicates"] == 60 and first["dead_letters"] == 1, first
         # A joiner's re-emission after its crash: requests 200..299 again, then new ones.
         for i in range(200, 400):
             prod.produce("examples", example(f"q{i}", i), f"q{i}")
@@ -113,6 +114,7 @@ def test_a_request_is_trained_once_across_repeats_and_a_resume(tmp_path):
         second = run(bs, "dedup", Snapshots(str(tmp_path / "snaps"), every_s=None, every_steps=2))
         assert second["resumed_from"] is not None
         assert second["examples"] == 400 and second["duplicates"] == 160, second
+        assert second["dead_letters"] == 1 and sum(second["dead_letter_reasons"].values()) == 1, second
         # Off: every example trains.
         off = run(bs, "dedup-off", None, dedup_window_s=None)
         assert off["examples"] == 560 and off["duplicates"] == 0, off

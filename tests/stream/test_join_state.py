@@ -202,3 +202,22 @@ def test_the_spill_store_takes_any_deadline():
         assert len(store) == 0
     finally:
         store.close()
+
+
+ACTION_OUTCOMES = ("positives", "repeat_actions", "late_actions", "other_actions", "orphan_actions")
+
+
+@pytest.mark.parametrize("emit_positives", ["on_action", "at_window_end"])
+@pytest.mark.parametrize("order", ["features first", "actions first"])
+def test_every_action_is_counted_once_whatever_the_order(order, emit_positives):
+    """A repeated positive is a repeat whether it came before or after its
+    features (before, it used to be counted in `actions` and nowhere else)."""
+    events = []
+    for i in range(6):
+        t = i * 1000
+        f, clicks = ("f", f"r{i}", t), [("a", f"r{i}", t + 100), ("a", f"r{i}", t + 200)][: 1 + i % 2]
+        events += [f, *clicks] if order == "features first" else [*clicks, f]
+    out, _, counts = run_clicks(events, JoinConfig(window_s=10, lateness_s=5, emit_positives=emit_positives))
+    assert out == {f"r{i}": 1.0 for i in range(6)}
+    assert counts["actions"] == 9 and counts["positives"] == 6 and counts["repeat_actions"] == 3, counts
+    assert sum(counts.get(k, 0) for k in ACTION_OUTCOMES) == counts["actions"], counts

@@ -193,3 +193,19 @@ def test_dense_fill_imputes_in_the_stream_and_counts_else_refuses():
     assert np.all(batch.dense[3:] == 0)  # padding rows hold no refused example's values
     assert info["filled"] == {"price": 2} and fill_counts() == {"price": 2}
     reset_fill_counts()
+
+
+def test_the_joiner_refuses_a_record_the_trainer_would_refuse():
+    """Given the job's features, a record must carry every sparse feature's
+    source and every dense feature without a fill (else the trainer would
+    dead-letter it with the examples grouped beside it)."""
+    sparse = [SparseFeature("user", "t"), SparseFeature("item", "t", column="item_id")]
+    dense = [DenseFeature("age"), DenseFeature("price", fill=0.0)]
+    ok = M.encode_features("r", 1, {"user": [1], "item_id": []}, {"age": 3.0})
+    assert M.parse_features(ok, dense, sparse).request_id == "r"
+    with pytest.raises(M.MessageError, match="lacks sparse feature\\(s\\) 'item_id'"):
+        M.parse_features(M.encode_features("r", 1, {"user": [1]}, {"age": 3.0}), dense, sparse)
+    with pytest.raises(M.MessageError, match="lacks dense feature\\(s\\) 'age' \\(no fill declared\\)"):
+        M.parse_features(M.encode_features("r", 1, {"user": [1], "item_id": [2]}), dense, sparse)
+    # Without the job's features nothing is required beyond a request id.
+    assert M.parse_features(M.encode_features("r", 1, {}))
