@@ -615,33 +615,47 @@ void EmbeddingTable::Load(const TableDump& d) {
                                 std::to_string(bad_slots) + " non-finite optimizer slots; nothing was loaded");
   }
   ExclusiveAll lock(shards_);
-  std::array<int64_t, kShards> per_shard{};
-  for (uint64_t k : d.keys) ++per_shard[ShardOf(Hash(k))];
+  // Rows grouped by shard (a counting sort on the shard of each key's
+  // hash), then every shard filled by one task: shards share nothing, so
+  // the pool fills them in parallel with no locks.
+  std::vector<uint8_t> shard_of(n);
+  std::array<int64_t, kShards + 1> start{};
+  for (int64_t i = 0; i < n; ++i) {
+    shard_of[i] = static_cast<uint8_t>(ShardOf(Hash(d.keys[i])));
+    ++start[shard_of[i] + 1];
+  }
+  for (int s = 0; s < kShards; ++s) start[s + 1] += start[s];
+  std::vector<int64_t> order(n);
+  {
+    std::array<int64_t, kShards> next;
+    std::copy(start.begin(), start.end() - 1, next.begin());
+    for (int64_t i = 0; i < n; ++i) order[next[shard_of[i]]++] = i;
+  }
   const int64_t hint = (std::max<int64_t>(options_.capacity_hint, 0) + kShards - 1) / kShards;
   int64_t filter_total = 0;
   for (auto& s : shards_) filter_total += s->sketch_bytes();
   if (static_cast<int64_t>(d.filter.size()) != filter_total) {
     throw std::invalid_argument("the dump's admission filter does not match this table's filter_counters");
   }
-  for (int s = 0; s < kShards; ++s) {
-    shards_[s]->Reset(std::max(per_shard[s], hint));
-    const int64_t w = shards_[s]->sketch_bytes();
-    if (w) shards_[s]->SetSketch(d.filter.data() + s * w, w);
-  }
   clock_.store(d.clock);
-  for (int64_t i = 0; i < n; ++i) {
-    const uint64_t h = Hash(d.keys[i]);
-    Shard& sh = *shards_[ShardOf(h)];
-    bool inserted;
-    const uint32_t r = sh.FindOrInsert(d.keys[i], h, 0, &inserted);
-    if (!d.touched.empty() && !d.touched[i]) sh.DrainOne(r);
-    float* row = sh.Row(r);
-    std::memcpy(row + 4, &d.values[i * dim], dim * sizeof(float));
-    if (width) std::memcpy(row + 4 + dim, &d.slots[i * width], width * sizeof(float));
-    for (int k = 4 + dim + width; k < layout_.stride; ++k) row[k] = 0.0f;
-    Shard::Meta(row)[0] = d.last_update[i];
-    Shard::Meta(row)[1] = d.update_count[i];
-  }
+  ThreadPool::Global().ParallelFor(kShards, [&](int s) {
+    Shard& sh = *shards_[s];
+    sh.Reset(std::max(start[s + 1] - start[s], hint));
+    const int64_t w = sh.sketch_bytes();
+    if (w) sh.SetSketch(d.filter.data() + s * w, w);
+    for (int64_t j = start[s]; j < start[s + 1]; ++j) {
+      const int64_t i = order[j];
+      bool inserted;
+      const uint32_t r = sh.FindOrInsert(d.keys[i], Hash(d.keys[i]), 0, &inserted);
+      if (!d.touched.empty() && !d.touched[i]) sh.DrainOne(r);
+      float* row = sh.Row(r);
+      std::memcpy(row + 4, &d.values[i * dim], dim * sizeof(float));
+      if (width) std::memcpy(row + 4 + dim, &d.slots[i * width], width * sizeof(float));
+      for (int k = 4 + dim + width; k < layout_.stride; ++k) row[k] = 0.0f;
+      Shard::Meta(row)[0] = d.last_update[i];
+      Shard::Meta(row)[1] = d.update_count[i];
+    }
+  });
   rows_.store(n);
 }
 
