@@ -341,7 +341,7 @@ def run_demo(job_spec: str, data=None, seconds: float = 150.0, rate: float = 200
     job = load_job(job_spec)
     run_dir = run_dir or tempfile.mkdtemp(prefix="monolith-demo-")
     os.makedirs(run_dir, exist_ok=True)
-    messages = job_messages(job, data, args, None, seed)
+    messages = job_messages(job, data, args, getattr(args, "limit", None), seed)
     topics = dict(K.TOPICS)
     t_start = time.monotonic()
     embedded = None

@@ -16,9 +16,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 def test_the_demo_runs_the_whole_loop_and_resumes_a_killed_trainer(tmp_path):
     log = tmp_path / "log.parquet"
-    shop.make_log(str(log), n=12_000, part=0)
+    shop.make_log(str(log), n=13_000, part=0)   # --limit plays the first 12,000
     monolith = os.path.join(os.path.dirname(sys.executable), "monolith")
-    done = subprocess.run([monolith, "demo", "--job", "tests.jobs.shop:job", "--data", str(log), "--rate", "800",
+    done = subprocess.run([monolith, "demo", "--job", "tests.jobs.shop:job", "--data", str(log), "--limit", "12000", "--rate", "800",
                            "--seconds", "60", "--out", str(tmp_path / "run")], cwd=ROOT, capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
