@@ -8,6 +8,7 @@
     monolith training-ps  --job MODULE:NAME --shard I --shards N
     monolith cluster      --config cluster.json [--role ps:I | trainer:J]
     monolith demo         --job MODULE:NAME [--data LOG...] [--quick]
+    monolith kafka        [--broker embedded|tansu]
 
 `monolith SUBCOMMAND --help` lists every option with its default. A job is
 named as `MODULE:NAME` (see `monolith_jax.job`); the serving PS and the
@@ -30,6 +31,7 @@ COMMANDS = {
     "cluster": ("monolith_jax.distributed.cluster", "start a job's shards and trainers"),
     "demo": ("monolith_jax.online.demo", "the whole loop of a job for a few minutes: replay, join, train, "
                                          "sync, serve, kill and resume"),
+    "kafka": ("monolith_jax.stream.kafka_server", "a local Kafka cluster (embedded or a tansu broker) until stopped"),
 }
 
 
