@@ -55,7 +55,8 @@ def main(argv=None) -> int:
     p.add_argument("--topic-dead-letters", default=K.TOPICS["dead_letters"], help="the dead-letters topic")
     p.add_argument("--batch", type=int, default=None, help="examples per step (default: the job's batch_size)")
     p.add_argument("--max-wait", type=float, default=0.5, help="seconds a partial batch waits for more")
-    p.add_argument("--idle-timeout", type=float, default=None, help="stop after this long with no examples")
+    p.add_argument("--idle-timeout", type=float, default=None, help="stop after this long with no examples, counted from the last one; "
+                        "before the first, after max(this, 60) s")
     p.add_argument("--dedup-window", type=float, default=900.0,
                    help="seconds of event time a trained request id is remembered: a second example of it "
                         "is dropped and counted (0: off)")

@@ -72,6 +72,9 @@ from monolith_jax.stream.messages import ExampleDecoder
 log = logging.getLogger("monolith_jax.online.trainer")
 # Seconds a subscribed trainer waits for its first partition before it warns.
 UNASSIGNED_WARN_S = 60.0
+# With an idle timeout, how long a trainer that has had no example yet waits
+# for its first (end-of-partition events are not examples).
+FIRST_EXAMPLE_WAIT_S = 60.0
 
 
 class PrequentialLog:
@@ -529,8 +532,10 @@ class OnlineTrainer:
             report_every_s: float = 5.0, upstream_done=None) -> dict:
         """Trains until `stop` is set, `max_examples` are trained, nothing
         has arrived for `idle_timeout_s` since the last example (counted
-        once one has come, and once `upstream_done()`, if given, is true),
-        or `max_seconds` pass."""
+        once one has come, and once `upstream_done()`, if given, is true;
+        a trainer that has had none stops after max(idle_timeout_s,
+        FIRST_EXAMPLE_WAIT_S) from its start: it may start before its
+        stream), or `max_seconds` pass."""
         self.consumer.subscribe([self.topics["examples"]], on_assign=self._on_assign, on_revoke=self._on_revoke)
         self._max_examples = max_examples
         if self.pusher is not None:
@@ -545,8 +550,13 @@ class OnlineTrainer:
                 done = (stop is not None and stop.is_set()) or \
                     (max_seconds is not None and now - t0 > max_seconds) or \
                     (max_examples is not None and self.examples >= max_examples)
-                if not done and idle_timeout_s is not None and self._t_first is not None \
-                        and now - last_data > idle_timeout_s:
+                # Idle: counted from the last example once one has come; a
+                # trainer that never got one waits for its stream longer
+                # (it may start before the joiner's first example).
+                idle = idle_timeout_s is not None and (
+                    now - last_data > idle_timeout_s if self._t_first is not None
+                    else now - last_data > max(idle_timeout_s, FIRST_EXAMPLE_WAIT_S))
+                if not done and idle:
                     if upstream_done is None or upstream_done():
                         done = True
                     else:

@@ -33,3 +33,15 @@ def test_end_of_partition_events_do_not_start_the_idle_clock():
         t0 = time.monotonic()
         got = trainer(bs).run(idle_timeout_s=1.0, max_seconds=60.0, report_every_s=0)
         assert got["examples"] == 40 and time.monotonic() - t0 < 30    # the idle clock ended it
+
+
+def test_a_trainer_that_never_gets_an_example_stops_after_the_first_example_wait(monkeypatch):
+    from monolith_jax.online import trainer as T
+
+    monkeypatch.setattr(T, "FIRST_EXAMPLE_WAIT_S", 3.0)
+    with K.EmbeddedKafka() as kafka:
+        K.ensure_topics(kafka.bootstrap, {"examples": 2, "dead-letters": 1})
+        t0 = time.monotonic()
+        got = trainer(kafka.bootstrap).run(idle_timeout_s=1.0, max_seconds=60.0, report_every_s=0)
+        took = time.monotonic() - t0
+    assert got["examples"] == 0 and 3.0 <= took < 30, took
