@@ -4,4 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh test
-exec .venv/bin/python -m pytest -q "$@"
+# Two workers (pytest-xdist): most tests wait on processes, brokers and
+# servers, so two run side by side even on a 2-core machine (measured: the
+# suite in 16 min instead of ~26). MONOLITH_TEST_WORKERS=0 runs it serially.
+exec .venv/bin/python -m pytest -q -n "${MONOLITH_TEST_WORKERS:-2}" "$@"
