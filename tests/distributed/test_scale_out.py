@@ -159,7 +159,9 @@ def test_a_killed_shard_restarts_from_its_snapshot_and_the_other_loses_no_row(ta
     text = "".join(lines)
     assert "step" in killed, text[-3000:]
     assert done["restarts"] == {"0": 0, "1": 1}, done["restarts"]
-    assert "does not answer" in text  # the trainer waited for the shard, with a log line
+    # The trainer waited for the shard. (Its "does not answer" line comes only
+    # when the restart takes longer than a call's 30 s deadline, which a fast
+    # machine beats: test_training_ps checks the line with a short deadline.)
     restored = [l for l in lines if l.startswith("cluster: ps 1 pid") and "from snapshot" in l]
     assert restored and int(restored[-1].rsplit("from snapshot ", 1)[1].rstrip(")\n")) >= killed["step"]
     summary = done["trainers"][0]["summary"]
