@@ -17,6 +17,7 @@ from monolith_jax.metrics import auc
 from monolith_jax.models import DIN, DCNv2, MMoE
 from monolith_jax.sparse import Adagrad, Normal, TableConfig
 from monolith_jax.training import Trainer
+from tests.test_models_training import learns_the_synthetic_signal
 
 QUIET = dict(out=lambda *a, **k: None)
 
@@ -299,29 +300,11 @@ def test_mmoe_learns_two_tasks():
     assert aucs["like"] > auc(labels["like"][test], after["click"]) + 0.15
 
 
-def _synthetic(n, seed=0):
-    rng = np.random.default_rng(seed)
-    u, i = rng.integers(0, 2000, n), rng.integers(0, 300, n)
-    tu, ti = rng.standard_normal(2000), rng.standard_normal(300)
-    x = rng.standard_normal(n).astype(np.float32)
-    p = 1 / (1 + np.exp(-(1.5 * tu[u] + 1.5 * ti[i] + x)))
-    return pa.table({"user": u, "item": i, "x": x, "label": (rng.random(n) < p).astype(np.float32)})
-
-
 def test_single_task_mmoe_trains_through_the_trainer():
     feats, dense = [SparseFeature("user", "ids"), SparseFeature("item", "ids")], [DenseFeature("x")]
     model = MMoE(["user", "item"], 8, 1, 3, (32,), (16,), tasks=["ctr"], single_task=True, rngs=nnx.Rngs(0))
     tr = Trainer(model, [TableConfig("ids", 8, Normal(0, 0.01), Adagrad(0.05))], feats, dense,
                  optax.adam(3e-3), **QUIET)
-    data = _synthetic(120_000)
-    batches = [records_to_batch(data.slice(s, 1000), feats, dense, "label", 1000) for s in range(0, 100_000, 1000)]
-    test = [records_to_batch(data.slice(s, 1000), feats, dense, "label", 1000) for s in range(100_000, 120_000, 1000)]
-    before = tr.evaluate(test)
-    fit = tr.fit(batches * 2)
-    after = tr.evaluate(test)
+    before, after = learns_the_synthetic_signal(tr, feats, dense)
     print(f"single-task MMoE auc {after['auc']:.4f} (before {before['auc']:.4f})")
-    assert fit["steps"] == 200 and fit["examples"] == 200_000
-    assert after["logloss"] < before["logloss"] - 0.05
-    assert after["auc"] > 0.75
-    assert 0.8 < after["calibration"] < 1.2
     assert "towers/ctr/out/kernel" in tr.state_dict(tables=False)["params"]
