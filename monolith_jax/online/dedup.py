@@ -9,8 +9,8 @@ and `RequestDedup` remembers the hashes of the examples trained, so that a
 second example of one request takes no row and is counted as a duplicate.
 
 Memory is bounded by event time: hashes live in chunks of up to `chunk`
-entries (a set while a chunk fills, then one sorted uint64 array, 8 bytes
-an id), and a chunk is forgotten once its newest event time is more than
+entries (each one sorted uint64 array, 8 bytes an id; the one filling is
+merged into as batches are trained), and a chunk is forgotten once its newest event time is more than
 `window_s` behind the newest the trainer has seen. Duplicates come from
 re-reads that reach back at most the joiner's window (plus its restart), so
 the window needs to cover that, not the stream's history. The state goes
@@ -36,6 +36,21 @@ import numpy as np
 DEFAULT_WINDOW_S = 900.0
 
 
+def in_sorted(arr: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """A bool per value of `x`: whether the sorted array `arr` holds it."""
+    if not arr.size:
+        return np.zeros(x.shape, bool)
+    at = np.minimum(np.searchsorted(arr, x), arr.size - 1)
+    return arr[at] == x
+
+
+def merge_sorted(arr: np.ndarray, new: np.ndarray) -> np.ndarray:
+    """The sorted array `arr` with `new`'s values not in it (one pass, no re-sort of `arr`)."""
+    new = np.unique(new)
+    new = new[~in_sorted(arr, new)]
+    return np.insert(arr, np.searchsorted(arr, new), new) if new.size else arr
+
+
 class RequestDedup:
     def __init__(self, window_s: float = DEFAULT_WINDOW_S, chunk: int = 1 << 16):
         if not window_s > 0:
@@ -45,22 +60,19 @@ class RequestDedup:
         self.window_ms = int(window_s * 1000)
         self.chunk = int(chunk)
         self._frozen: list = []          # [(newest event ms, sorted uint64 hashes)]
-        self._recent: set = set()
+        self._recent = np.zeros(0, np.uint64)   # the chunk filling, sorted
         self._recent_ms = np.iinfo(np.int64).min
         self.newest_ms = np.iinfo(np.int64).min
 
     def __len__(self) -> int:
-        return len(self._recent) + sum(a.size for _, a in self._frozen)
+        return self._recent.size + sum(a.size for _, a in self._frozen)
 
     def seen(self, hashes: np.ndarray) -> np.ndarray:
         """A bool per hash: whether it was added (0, no request id, never is)."""
         hashes = np.asarray(hashes, np.uint64)
-        found = np.zeros(hashes.shape, bool)
+        found = in_sorted(self._recent, hashes)
         for _, arr in self._frozen:
-            at = np.minimum(np.searchsorted(arr, hashes), arr.size - 1)
-            found |= arr[at] == hashes
-        if self._recent:
-            found |= np.fromiter((int(h) in self._recent for h in hashes), bool, hashes.size)
+            found |= in_sorted(arr, hashes)
         return found & (hashes != 0)
 
     def add(self, hashes: np.ndarray, event_ms: np.ndarray) -> None:
@@ -71,19 +83,14 @@ class RequestDedup:
         keep = hashes != 0
         if keep.any():
             newest = int(event_ms[keep].max())
-            self._recent.update(hashes[keep].tolist())
+            self._recent = merge_sorted(self._recent, hashes[keep])
             self._recent_ms = max(self._recent_ms, newest)
             self.newest_ms = max(self.newest_ms, newest)
-            if len(self._recent) >= self.chunk:
-                self._freeze()
+            if self._recent.size >= self.chunk:
+                self._frozen.append((self._recent_ms, self._recent))
+                self._recent = np.zeros(0, np.uint64)
+                self._recent_ms = np.iinfo(np.int64).min
         self._expire()
-
-    def _freeze(self) -> None:
-        arr = np.fromiter(self._recent, np.uint64, len(self._recent))
-        arr.sort()
-        self._frozen.append((self._recent_ms, arr))
-        self._recent = set()
-        self._recent_ms = np.iinfo(np.int64).min
 
     def _expire(self) -> None:
         horizon = self.newest_ms - self.window_ms
@@ -93,10 +100,8 @@ class RequestDedup:
     def state(self) -> dict:
         """Arrays for a snapshot: every chunk's hashes, sizes and newest time."""
         chunks = list(self._frozen)
-        if self._recent:
-            arr = np.fromiter(self._recent, np.uint64, len(self._recent))
-            arr.sort()
-            chunks.append((self._recent_ms, arr))
+        if self._recent.size:
+            chunks.append((self._recent_ms, self._recent))
         return {"hashes": np.concatenate([a for _, a in chunks]) if chunks else np.zeros(0, np.uint64),
                 "sizes": np.array([a.size for _, a in chunks], np.int64),
                 "newest_ms": np.array([ms for ms, _ in chunks], np.int64)}
@@ -116,5 +121,5 @@ class RequestDedup:
         bounds = np.concatenate([[0], np.cumsum(sizes)])
         chunks = [(int(ms), np.sort(hashes[bounds[i]:bounds[i + 1]])) for i, ms in enumerate(newest)]
         self._frozen = [c for c in chunks if c[1].size]
-        self._recent, self._recent_ms = set(), np.iinfo(np.int64).min
+        self._recent, self._recent_ms = np.zeros(0, np.uint64), np.iinfo(np.int64).min
         self.newest_ms = max((ms for ms, _ in self._frozen), default=np.iinfo(np.int64).min)

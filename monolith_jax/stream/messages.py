@@ -301,7 +301,7 @@ class BatchBuilder:
         self.d = decoder
         self.dedup = dedup
         self.duplicates = 0
-        self._held: set = set()   # request hashes of this batch's rows
+        self._held = np.zeros(0, np.uint64)   # request hashes of this batch's rows, sorted
         self.size = batch_size
         self.limit = batch_size if limit is None else max(1, min(limit, batch_size))
         self.messages = messages
@@ -338,15 +338,17 @@ class BatchBuilder:
     def _drop_repeats(self, r0: int) -> None:
         """Removes the rows from r0 on whose request id was trained before
         (the dedup's memory) or is in this batch already, moving the rest up."""
+        from monolith_jax.online.dedup import in_sorted, merge_sorted
+
         h = self.request_hash[r0:self.rows]
-        drop = self.dedup.seen(h)
-        has_id = h != 0
-        for i in np.flatnonzero(has_id & ~drop):   # repeats within this batch: the first stays
-            key = int(h[i])
-            if key in self._held:
-                drop[i] = True
-            else:
-                self._held.add(key)
+        drop = self.dedup.seen(h) | (in_sorted(self._held, h) & (h != 0))
+        new = np.flatnonzero((h != 0) & ~drop)
+        _, first = np.unique(h[new], return_index=True)   # repeats within these rows: the first stays
+        if first.size < new.size:
+            later = np.ones(new.size, bool)
+            later[first] = False
+            drop[new[later]] = True
+        self._held = merge_sorted(self._held, h[new[first]])
         if not drop.any():
             return
         keep = r0 + np.flatnonzero(~drop)
