@@ -402,9 +402,16 @@ def overloaded(err) -> bool:
     return err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "Concurrent RPC limit" in (err.details() or "")
 
 
-def run_until_signalled(server, grace_s: float = 2.0) -> None:
+def run_until_signalled(server, grace_s: float = 2.0, exit_after_s: float = 5.0) -> None:
     """Serves until SIGTERM or SIGINT, then stops `server` (requests in
-    flight get `grace_s` to finish). For the services' command lines."""
+    flight get `grace_s` to finish). For the services' command lines.
+
+    A process told to stop does stop: a handler still running after the
+    grace (Python cannot cancel its thread, and the interpreter waits for
+    it at exit) would hold the process forever. `exit_after_s` after the
+    grace, the stacks of every thread are written to stderr, naming what
+    held it, and the process exits with status 1."""
+    import faulthandler
     import signal
     import threading
 
@@ -412,6 +419,7 @@ def run_until_signalled(server, grace_s: float = 2.0) -> None:
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     signal.signal(signal.SIGINT, lambda *_: done.set())
     done.wait()
+    faulthandler.dump_traceback_later(grace_s + exit_after_s, exit=True)  # armed until the process ends
     server.stop(grace_s).wait()
 
 

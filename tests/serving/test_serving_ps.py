@@ -18,9 +18,9 @@ from monolith_jax.serving.sync import SyncPusher
 DIM = 8
 
 
-def start_server(port=0, table=f"ids:{DIM}"):
+def start_server(port=0, table=f"ids:{DIM}", stderr=subprocess.DEVNULL):
     proc = subprocess.Popen([sys.executable, "-m", "monolith_jax.serving.serving_ps", "--port", str(port),
-                             "--table", table], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                             "--table", table], stdout=subprocess.PIPE, stderr=stderr, text=True,
                             env={**os.environ, "PYTHONPATH": os.getcwd()})
     line = proc.stdout.readline()
     assert "listening on" in line, line
@@ -28,11 +28,15 @@ def start_server(port=0, table=f"ids:{DIM}"):
 
 
 @pytest.fixture
-def server():
-    proc, port = start_server()
-    yield proc, port
-    proc.terminate()
-    proc.wait(10)
+def server(tmp_path):
+    with open(tmp_path / "serving_ps.err", "w+") as err:
+        proc, port = start_server(stderr=err)
+        yield proc, port
+        proc.terminate()
+        code = proc.wait(30)
+        err.seek(0)
+        # 0: it stopped on SIGTERM; 1 and thread stacks: something held it past the grace.
+        assert code == 0, err.read()[-4000:]
 
 
 def lookup(stub, keys, dtype="float32"):
