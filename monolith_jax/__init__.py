@@ -16,7 +16,8 @@ Public API, in one screen:
                     RMSProp, FTRL
 
 Jobs (what every `monolith` command runs, named as --job MODULE:NAME)
-  Job(sparse, tables, model, dense, optimizer, label, batch_size, labels, log, source)
+  Job(sparse, tables, model, dense, optimizer, label, heads, batch_size, labels, log, source)
+  Head(name, loss, weight, label, threshold, missing)       one objective of a multi-task model
   LabelRule(positive, min_value, window_s, negative_rate)   the joiner's labels
   LogSpec(time_column, actions, request_id_column, ...)     a log to replay
   load_job("module:name")
@@ -25,7 +26,8 @@ Models and training (import the submodules)
   monolith_jax.features    SparseFeature, DenseFeature, SparseBatch, records_to_batch
   monolith_jax.io          iter_batches (CSV, Parquet)
   monolith_jax.embedding   EmbeddingCollection, SparseFeatures (pooling), pool
-  monolith_jax.models      DeepFM, DCNv2, WideAndDeep, TwoTower, MLP
+  monolith_jax.models      DeepFM, DCNv2, WideAndDeep, TwoTower, MLP, DIN, MMoE
+  monolith_jax.heads       Head: losses, weights and metrics of several objectives
   monolith_jax.training    Trainer (jitted step, fit, evaluate, metrics JSONL)
   monolith_jax.metrics     auc, log_loss
   monolith_jax.examples    example jobs, users of this API like yours
@@ -57,12 +59,13 @@ from monolith_jax.sparse import (
     key_words,
 )
 
+from monolith_jax.heads import Head
 from monolith_jax.job import Job, JobError, LabelRule, LogSpec, load_job
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AMSGrad", "Adagrad", "Adam", "Constant", "EmbeddingTable", "FTRL", "FrequencyFilter", "Job", "JobError",
+    "AMSGrad", "Adagrad", "Adam", "Constant", "EmbeddingTable", "FTRL", "FrequencyFilter", "Head", "Job", "JobError",
     "Keys", "LabelRule", "LogSpec", "load_job",
     "Momentum", "Normal", "ProbabilisticFilter", "RMSProp", "RowwiseAdagrad", "SGD", "TableConfig",
     "TruncatedNormal", "Uniform", "Zeros", "hash_strings", "key_words",

@@ -35,8 +35,9 @@ list column) and f2 (one id each):
         ex2: [PAD, PAD, PAD]                  0      (no ids: pools to zeros)
     ids["f2"].words  uint32 (B, 1, 2)     lengths["f2"]  [1, 1, 1]
     dense            float32 (B, n_dense)
-    labels           float32 (B,)
+    labels           float32 (B,)         (B, H) for a job of H heads, one column each
     weights          float32 (B,)         1 for real examples, 0 for padding rows
+    label_mask       float32 (B, H)       0 where a head's label is undefined (or None)
 
 Shapes are static (max_len per feature, a fixed batch size with padded
 examples weighted 0), so a jitted step compiles once. PAD is one reserved
@@ -191,8 +192,9 @@ class SparseBatch:
     ids: dict            # feature name -> Keys (B, max_len)
     lengths: dict        # feature name -> int32 (B,)
     dense: jax.Array     # float32 (B, n_dense)
-    labels: jax.Array    # float32 (B,)
+    labels: jax.Array    # float32 (B,); (B, H) for a job of H heads (monolith_jax.heads)
     weights: jax.Array   # float32 (B,)
+    label_mask: jax.Array | None = None  # float32 (B, H): 0 where a head's label is undefined
 
     @property
     def size(self) -> int:
@@ -274,8 +276,28 @@ def _float_column(values, what: str) -> np.ndarray:
     return np.asarray(arr.cast(pa.float64(), safe=False).to_numpy(zero_copy_only=False), np.float32)
 
 
+def _head_labels(table, heads, n: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """(labels float32 (n, H), label_mask (n, H) or None) of the heads' columns."""
+    labels = np.empty((n, len(heads)), np.float32)
+    mask = None
+    for k, h in enumerate(heads):
+        col = _float_column(table.column(h.label), f"label column {h.label!r} (head {h.name!r})")
+        bad = ~np.isfinite(col)
+        if bad.any():
+            if h.missing != "mask":
+                raise ValueError(f"label column {h.label!r} (head {h.name!r}): {int(bad.sum())} of {n} labels "
+                                 f"missing or not finite ({_rows(bad)} of the batch); Head(..., missing='mask') "
+                                 f"leaves the head undefined there")
+            if mask is None:
+                mask = np.ones((n, len(heads)), np.float32)
+            mask[bad, k] = 0.0
+            col = np.where(bad, 0.0, col).astype(np.float32)
+        labels[:, k] = col if h.threshold is None else (col >= h.threshold).astype(np.float32)
+    return labels, mask
+
+
 def records_to_batch(table, sparse: Sequence[SparseFeature], dense: Sequence[DenseFeature] = (),
-                     label: str | None = "label", batch_size: int | None = None,
+                     label="label", batch_size: int | None = None,
                      label_threshold: float | None = None) -> SparseBatch:
     """A pyarrow Table (or RecordBatch) of records -> a SparseBatch of numpy
     arrays, padded to `batch_size` rows (weight 0) when given.
@@ -285,7 +307,13 @@ def records_to_batch(table, sparse: Sequence[SparseFeature], dense: Sequence[Den
     missing column, a null sparse cell or null id (an empty list is fine),
     a missing or non-finite dense value of a feature without `fill` (with
     one: filled and counted in `fill_counts()`), a missing or non-finite
-    label."""
+    label.
+
+    label: the label column, None (labels 0), or a job's heads
+    (`monolith_jax.heads.Head`, several columns): labels (B, H), each
+    head's column thresholded by its `threshold`; a missing label of a
+    head with `missing="mask"` is masked (`label_mask` 0) instead of
+    refused."""
     import pyarrow as pa
 
     if isinstance(table, pa.RecordBatch):
@@ -294,7 +322,9 @@ def records_to_batch(table, sparse: Sequence[SparseFeature], dense: Sequence[Den
     size = n if batch_size is None else batch_size
     if n > size:
         raise ValueError(f"{n} records do not fit a batch of {size}")
-    missing = [c for c in [f.source for f in sparse] + [f.source for f in dense] + ([label] if label else [])
+    heads = None if label is None or isinstance(label, str) else tuple(label)
+    label_cols = [h.label for h in heads] if heads is not None else ([label] if label else [])
+    missing = [c for c in dict.fromkeys([f.source for f in sparse] + [f.source for f in dense] + label_cols)
                if c not in table.column_names]
     if missing:
         raise KeyError(f"records lack columns {missing}; they have {table.column_names}")
@@ -310,6 +340,15 @@ def records_to_batch(table, sparse: Sequence[SparseFeature], dense: Sequence[Den
                   for f in dense]
     dense_arr = np.stack(dense_cols, axis=1) if dense_cols else np.zeros((n, 0), np.float32)
     fill_dense(dense_arr, dense, f"records ({n})")
+    pad = size - n
+    if heads is not None:
+        labels, mask = _head_labels(table, heads, n)
+        return SparseBatch(
+            ids=ids, lengths=lengths,
+            dense=np.concatenate([dense_arr, np.zeros((pad, dense_arr.shape[1]), np.float32)]),
+            labels=np.concatenate([labels, np.zeros((pad, len(heads)), np.float32)]),
+            weights=np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)]),
+            label_mask=None if mask is None else np.concatenate([mask, np.zeros((pad, len(heads)), np.float32)]))
     if label:
         labels = _float_column(table.column(label), f"label column {label!r}")
         bad = ~np.isfinite(labels)
@@ -320,7 +359,6 @@ def records_to_batch(table, sparse: Sequence[SparseFeature], dense: Sequence[Den
         labels = np.zeros(n, np.float32)
     if label_threshold is not None:
         labels = (labels >= label_threshold).astype(np.float32)
-    pad = size - n
     return SparseBatch(
         ids=ids, lengths=lengths,
         dense=np.concatenate([dense_arr, np.zeros((pad, dense_arr.shape[1]), np.float32)]),

@@ -97,17 +97,19 @@ def shuffle_records(blocks: Iterable, buffer_size: int, seed: int = 0) -> Iterat
 
 
 def iter_batches(paths: str | Sequence[str], sparse: Sequence[SparseFeature],
-                 dense: Sequence[DenseFeature] = (), label: str | None = "label", batch_size: int = 4096,
+                 dense: Sequence[DenseFeature] = (), label="label", batch_size: int = 4096,
                  label_threshold: float | None = None, shuffle: int | None = None,
                  seed: int = 0) -> Iterator[SparseBatch]:
     """SparseBatches of `batch_size` records from the files, one pass: in file
     order, or with `shuffle=N` through a shuffle buffer of N records
-    (`shuffle_records`; deterministic for a given `seed`)."""
+    (`shuffle_records`; deterministic for a given `seed`). label: a column,
+    None, or a job's heads (`records_to_batch`)."""
     import pyarrow as pa
 
     buffer_size = _check_buffer(shuffle)
     paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
-    columns = list(dict.fromkeys([f.source for f in sparse] + [f.source for f in dense] + ([label] if label else [])))
+    label_cols = ([label] if label else []) if label is None or isinstance(label, str) else [h.label for h in label]
+    columns = list(dict.fromkeys([f.source for f in sparse] + [f.source for f in dense] + label_cols))
 
     def blocks():
         for path in paths:

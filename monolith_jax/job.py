@@ -106,6 +106,10 @@ class Job:
     optimizer:       optax transformation of the dense params (default adam 1e-3)
     label:           the label column of training files
     label_threshold: labels >= it are 1, others 0 (None: the label as it is)
+    heads:           `Head`s of a model with several objectives (its model
+                     returns a dict by head name; each head names its own
+                     label column, loss and weight; `monolith_jax.heads`).
+                     Empty: one binary head read from `label`
     batch_size:      examples per step, for files and the stream
     sparse_loss:     "sum" (each example's own gradient to its rows) or "mean"
     seed:            seeds the model's init and the tables' initializers
@@ -125,6 +129,7 @@ class Job:
     optimizer: object = None
     label: str = "label"
     label_threshold: float | None = None
+    heads: Sequence = ()
     batch_size: int = 1024
     sparse_loss: str = "sum"
     seed: int = 0
@@ -134,6 +139,9 @@ class Job:
     name: str = "job"
 
     def __post_init__(self):
+        from monolith_jax.heads import check_heads
+
+        object.__setattr__(self, "heads", check_heads(self.heads) or ())
         for field in ("sparse", "dense", "tables"):
             object.__setattr__(self, field, tuple(getattr(self, field)))
         if not self.sparse:
@@ -190,6 +198,7 @@ class Job:
         from monolith_jax.training import Trainer
 
         kwargs.setdefault("sparse_loss", self.sparse_loss)
+        kwargs.setdefault("heads", self.heads or None)
         return Trainer(self.build_model(seed), self.table_configs(seed), self.sparse, self.dense,
                        self.optimizer if self.optimizer is not None else optax.adam(1e-3), **kwargs)
 
@@ -198,6 +207,8 @@ class Job:
         from monolith_jax.io import iter_batches
 
         kwargs.setdefault("batch_size", self.batch_size)
+        if self.heads:
+            return iter_batches(paths, self.sparse, self.dense, self.heads, **kwargs)
         return iter_batches(paths, self.sparse, self.dense, self.label, label_threshold=self.label_threshold,
                             **kwargs)
 

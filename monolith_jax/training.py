@@ -15,7 +15,9 @@ read-only find on the host, so it creates no rows and counts no admission
 sightings; unknown ids read zeros.
 
 A model returns one logit per example: shape (B,), or (B, 1) (read as
-(B,)). Any other shape is refused while the first step is traced, naming
+(B,)); a model of several objectives returns a dict of them by head name,
+and the trainer is given the heads (`heads=`, `monolith_jax.heads`: their
+losses, weights, metrics). Any other shape is refused while the first step is traced, naming
 the model, so that a (B, 1) against (B,) labels cannot broadcast to a
 (B, B) loss and train to nothing.
 
@@ -40,6 +42,7 @@ import optax
 from flax import nnx
 
 from monolith_jax.embedding import EmbeddingCollection, SparseFeatures
+from monolith_jax import heads as _heads
 from monolith_jax.features import DenseFeature, SparseBatch, SparseFeature
 from monolith_jax.metrics import auc, log_loss
 from monolith_jax.sparse import Keys, TableConfig
@@ -200,8 +203,10 @@ class Trainer:
     def __init__(self, model: nnx.Module, tables: Sequence[TableConfig], features: Sequence[SparseFeature],
                  dense_features: Sequence[DenseFeature] = (), optimizer: optax.GradientTransformation | None = None,
                  sparse_loss: str = "sum", metrics_path: str | None = None, log_every: int = 100,
-                 out=print, log_every_s: float = 5.0, tensorboard_dir: str | None = None):
-        """metrics_path: a JSONL file of every logged record; tensorboard_dir:
+                 out=print, log_every_s: float = 5.0, tensorboard_dir: str | None = None,
+                 heads=None):
+        """heads: the job's `Head`s (None: one binary head; the model
+        returns one logit per example, labels are (B,)). metrics_path: a JSONL file of every logged record; tensorboard_dir:
         the same records as TensorBoard scalars (monolith_jax.tensorboard).
         log_every: `fit` prints and logs its progress at the first step,
         then every `log_every` steps or `log_every_s` seconds, whichever
@@ -226,6 +231,7 @@ class Trainer:
         self.log_every = log_every
         self.log_every_s = float(log_every_s)
         self.model_name = type(model).__name__
+        self.heads = _heads.check_heads(heads)
         self.data_parallel = None  # a distributed.DataParallel: the host-tables step all-reduces
         self.out = out
         self._metrics = open(metrics_path, "a", encoding="utf-8") if metrics_path else None
@@ -248,10 +254,19 @@ class Trainer:
 
     # ------------------------------------------------------------ programs
     def _forward(self, params, table_rows, batch: SparseBatch):
-        """Logits (B,): the model on pooled rows, its output shape checked."""
+        """Logits (B,) (a dict of them by head name, for a job with heads):
+        the model on pooled rows, its output shape checked."""
         fields = self.pooling(self.collection.split(table_rows), batch.lengths)
         logits = nnx.merge(self.graphdef, params, self.rest)(fields, batch.dense)
+        if self.heads is not None:
+            return _heads.outputs_by_head(logits, self.heads, _batch_rows(batch), self.model_name)
         return check_logits(logits, _batch_rows(batch), self.model_name)
+
+    def _loss(self, logits, batch: SparseBatch, n):
+        """The batch's loss: weighted BCE for one head, the heads' weighted sum otherwise."""
+        if self.heads is not None:
+            return _heads.total_loss(logits, batch, self.heads, n)
+        return jnp.sum(batch.weights * optax.sigmoid_binary_cross_entropy(logits, batch.labels)) / n
 
     def _train_step(self, params, opt_state, batch: SparseBatch, step):
         rows = self.collection.lookup(batch)
@@ -259,7 +274,7 @@ class Trainer:
 
         def loss_fn(params, rows):
             logits = self._forward(params, rows, batch)
-            return jnp.sum(batch.weights * optax.sigmoid_binary_cross_entropy(logits, batch.labels)) / n, logits
+            return self._loss(logits, batch, n), logits
 
         (loss, logits), (g_params, g_rows) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(params, rows)
         if self.sparse_loss == "sum":
@@ -276,7 +291,7 @@ class Trainer:
 
         def loss_fn(params, rows):
             logits = self._forward(params, rows, batch)
-            return jnp.sum(batch.weights * optax.sigmoid_binary_cross_entropy(logits, batch.labels)) / n
+            return self._loss(logits, batch, n)
 
         loss, (g_params, g_rows) = jax.value_and_grad(loss_fn, argnums=(0, 1))(params, rows)
         if self.sparse_loss == "sum":
@@ -433,24 +448,35 @@ class Trainer:
         text = (f"epoch {record['epoch']}/{epochs}  {record['steps']} steps  {record['examples']:,} examples  "
                 f"loss {record['loss']:.4f}  {record['seconds']:.1f} s")
         v = record.get("validation")
-        if v is not None:
+        if v is not None and "heads" in v:
+            text += f"  validation: {_heads.describe(v['heads'])}  ({v['examples']:,} examples)"
+        elif v is not None:
             text += (f"  validation: auc {v['auc']:.4f}  logloss {v['logloss']:.4f}  "
                      f"calibration {v['calibration']:.3f}  ({v['examples']:,} examples)")
         return text
 
-    def predict(self, batch: SparseBatch) -> np.ndarray:
-        """Probabilities, from rows read without creating any."""
+    def predict(self, batch: SparseBatch):
+        """Probabilities, from rows read without creating any; for a job with
+        heads, a dict by head name (probabilities of binary heads, values
+        of value heads)."""
         rows = self.collection.find_host(batch)
-        return np.asarray(jax.nn.sigmoid(self._logits(self.params, rows, batch)))
+        out = self._logits(self.params, rows, batch)
+        if self.heads is not None:
+            return {k: np.asarray(v) for k, v in _heads.scores(out, self.heads).items()}
+        return np.asarray(jax.nn.sigmoid(out))
 
     def evaluate(self, batches: Iterable[SparseBatch]) -> dict:
         """AUC, log loss and calibration over the real (weight > 0) rows,
-        read-only (no rows created); logged as an "eval" event."""
+        read-only (no rows created); logged as an "eval" event. With heads:
+        {"heads": {name: metrics}} (RMSE for value heads), and the first
+        binary head's AUC, log loss and calibration at the top."""
         result = self._evaluate(batches)
         self._log(result)
         return result
 
     def _evaluate(self, batches: Iterable[SparseBatch]) -> dict:
+        if self.heads is not None:
+            return self._evaluate_heads(batches)
         labels, probs, weights = [], [], []
         for batch in batches:
             probs.append(self.predict(batch))
@@ -463,6 +489,24 @@ class Trainer:
         return {"event": "eval", "step": self.step_count, "examples": int(real.sum()),
                 "auc": auc(y[real], p[real]), "logloss": log_loss(y[real], p[real]),
                 "calibration": calibration(y[real], p[real])}
+
+    def _evaluate_heads(self, batches: Iterable[SparseBatch]) -> dict:
+        labels, preds, weights, masks = [], [], [], []
+        for batch in batches:
+            preds.append(self.predict(batch))
+            labels.append(np.asarray(batch.labels).reshape(len(batch.weights), -1))
+            weights.append(np.asarray(batch.weights))
+            masks.append(np.ones_like(labels[-1]) if batch.label_mask is None else np.asarray(batch.label_mask))
+        if not preds:
+            raise ValueError("evaluate: no batches to evaluate")
+        y, w, m = np.concatenate(labels), np.concatenate(weights), np.concatenate(masks)
+        p = {h.name: np.concatenate([b[h.name] for b in preds]) for h in self.heads}
+        per_head = _heads.evaluate(self.heads, y, p, w, m)
+        result = {"event": "eval", "step": self.step_count, "examples": int((w > 0).sum()), "heads": per_head}
+        first = next((per_head[h.name] for h in self.heads if h.binary), None)
+        if first is not None:
+            result.update(auc=first["auc"], logloss=first["logloss"], calibration=first["calibration"])
+        return result
 
     # --------------------------------------------------------------- state
     def state_dict(self, tables: bool = True) -> dict:

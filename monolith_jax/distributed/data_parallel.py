@@ -187,7 +187,7 @@ class DataParallel:
         # The program reads lengths, dense features, labels and weights; the
         # ids stay here (their rows are the `rows` argument).
         local = SparseBatch(ids={}, lengths=batch.lengths, dense=batch.dense, labels=batch.labels,
-                            weights=batch.weights)
+                            weights=batch.weights, label_mask=batch.label_mask)
         params, opt_state, loss, g_rows = program(
             self._replicated(trainer.params), self._replicated(trainer.opt_state),
             self._global(rows, self.split), self._global(local, self.split))

@@ -5,9 +5,10 @@ e_i = Expert_i(x)                          n_experts shared ReLU MLPs, each (B, 
 g_t = softmax(W_t x + b_t)                 one gate per task, (B, n_experts)
 logit_t = Tower_t(sum_i g_t,i e_i)         one MLP tower per task, (B,)
 
-`__call__` returns {task name: logits (B,)} in the order of `tasks`.
-single_task=True (one task only) returns that task's (B,) logits as one
-array instead: what today's `Trainer`, which trains one head, accepts. The
+`__call__` returns {task name: logits (B,)} in the order of `tasks`: train
+it with a job's heads of the same names (`monolith_jax.heads`). single_task=True
+(one task only) returns that task's (B,) logits as one array instead, for
+a trainer without heads. The
 parameters are the same either way (paths like "towers/<task>/out/kernel").
 """
 

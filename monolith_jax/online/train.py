@@ -194,7 +194,7 @@ def train_files(job, trainer, args, batch_size: int, snapshots) -> int:
                   "examples_per_s": fit["examples_per_s"]}
         if args.validation:
             ev = trainer.evaluate(job.batches(args.validation, batch_size=batch_size))
-            record.update({"auc": ev["auc"], "logloss": ev["logloss"]})
+            record.update({k: ev[k] for k in ("auc", "logloss", "heads") if k in ev})
         print("epoch " + json.dumps(record, default=float), flush=True)
         epochs.append(record)
     if not epochs or epochs[0]["examples"] == 0:

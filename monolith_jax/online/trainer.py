@@ -136,7 +136,8 @@ def shrink(batch, rows: int, min_bucket: int):
         return batch
     return SparseBatch(ids={n: Keys(k.words[:size]) for n, k in batch.ids.items()},
                        lengths={n: v[:size] for n, v in batch.lengths.items()}, dense=batch.dense[:size],
-                       labels=batch.labels[:size], weights=batch.weights[:size])
+                       labels=batch.labels[:size], weights=batch.weights[:size],
+                       label_mask=None if batch.label_mask is None else batch.label_mask[:size])
 
 
 class OnlineTrainer:
@@ -149,6 +150,11 @@ class OnlineTrainer:
                  dedup_window_s: float | None = DEFAULT_DEDUP_WINDOW_S):
         from confluent_kafka import Consumer, Producer
 
+        heads = getattr(trainer, "heads", None)
+        if heads is not None and (len(heads) > 1 or not heads[0].binary):
+            raise ValueError(f"the stream's examples carry one binary label; a job with heads "
+                             f"{[h.name for h in heads]} trains from files (monolith train --data) until "
+                             f"examples carry a label per head")
         K.check_reachable(bootstrap, connect_timeout_s)  # a clear error, not a silent wait on a dead address
         self.trainer = trainer
         self.topics = {**K.TOPICS, **(topics or {})}

@@ -77,6 +77,10 @@ def export_model(trainer, directory: str, negative_rate: float = 1.0, max_batch:
         raise ValueError(f"negative_rate must be in (0, 1], got {negative_rate}")
     if not isinstance(max_batch, int) or max_batch < 1:
         raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
+    heads = getattr(trainer, "heads", None)
+    if heads is not None and (len(heads) > 1 or not heads[0].binary):
+        raise ValueError(f"the export serves one probability per request; a model with heads "
+                         f"{[h.name for h in heads]} cannot be exported yet")
     coll = trainer.collection
     leaves, treedef = jax.tree_util.tree_flatten(trainer.params)
     arrays = dense_arrays(trainer.params)
@@ -84,7 +88,8 @@ def export_model(trainer, directory: str, negative_rate: float = 1.0, max_batch:
     def logits(params, rows, lengths, dense):
         p = jax.tree_util.tree_unflatten(treedef, params)
         batch = SparseBatch(ids={}, lengths=lengths, dense=dense, labels=None, weights=None)
-        return trainer._forward(p, rows, batch)
+        out = trainer._forward(p, rows, batch)
+        return out[heads[0].name] if heads is not None else out
 
     b, = jax.export.symbolic_shape("b")
     used = {name: feats for name, feats in coll.by_table.items() if feats}
