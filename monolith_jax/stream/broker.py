@@ -114,11 +114,31 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-class BrokerProcess:
-    """Starts tansu on a free loopback port; the context value is its bootstrap address."""
+# Run in a fresh interpreter between fork and the broker's exec (so nothing
+# runs in a forked copy of a threaded parent): asks Linux to SIGTERM the
+# broker when the thread that started it ends, then becomes the broker.
+_DIE_WITH_PARENT = """
+import ctypes, os, signal, sys
+if ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0) != 0:  # PR_SET_PDEATHSIG
+    sys.exit("prctl(PR_SET_PDEATHSIG) failed")
+if os.getppid() != int(sys.argv[1]):  # the parent ended before the request took hold
+    sys.exit(0)
+os.execv(sys.argv[2], sys.argv[2:])
+"""
 
-    def __init__(self, start_timeout_s: float = 30.0):
+
+class BrokerProcess:
+    """Starts tansu on a free loopback port; the context value is its bootstrap address.
+
+    die_with_parent (Linux): the broker is also stopped when the thread that
+    started it ends, even by SIGKILL, which no exit handler sees; for a
+    process whose only job is the broker (`monolith kafka`). Started from a
+    thread that ends before the broker should, it would stop early, so it
+    is off by default."""
+
+    def __init__(self, start_timeout_s: float = 30.0, die_with_parent: bool = False):
         self.start_timeout_s = start_timeout_s
+        self.die_with_parent = bool(die_with_parent) and sys.platform.startswith("linux")
         self.proc = None
         self.bootstrap = None
 
@@ -127,9 +147,11 @@ class BrokerProcess:
 
         port = _free_port()
         url = f"tcp://127.0.0.1:{port}"
-        self.proc = subprocess.Popen([str(tansu_binary()), "broker", "--listener-url", url,
-                                      "--advertised-listener-url", url, "--storage-engine", "memory://tansu/"],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        command = [str(tansu_binary()), "broker", "--listener-url", url, "--advertised-listener-url", url,
+                   "--storage-engine", "memory://tansu/"]
+        if self.die_with_parent:
+            command = [sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()), *command]
+        self.proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         self.bootstrap = f"127.0.0.1:{port}"
         deadline = time.monotonic() + self.start_timeout_s
         while True:

@@ -48,7 +48,7 @@ def main(argv=None) -> int:
         if args.broker == "tansu":
             from monolith_jax.stream.broker import BrokerProcess
 
-            cluster = BrokerProcess()
+            cluster = BrokerProcess(die_with_parent=True)  # gone with this process, even on SIGKILL
             bootstrap = cluster.__enter__()
         else:
             cluster = K.EmbeddedKafka()

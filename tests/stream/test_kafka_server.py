@@ -47,3 +47,32 @@ def test_a_cluster_from_the_shell_serves_the_streams_topics_until_stopped(broker
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def _children(pid: int) -> list:
+    kids = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            kids += [int(k) for k in f.read().split()]
+    return kids
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_sigkilled_shell_cluster_takes_its_tansu_broker_with_it():
+    import time
+
+    proc, bootstrap = start("--broker", "tansu")
+    (broker,) = _children(proc.pid)
+    with open(f"/proc/{broker}/cmdline", "rb") as f:
+        assert b"tansu" in f.read()        # the shim became the broker itself
+    K.check_reachable(bootstrap)
+    proc.kill()                           # no handler runs: only the kernel can stop the broker now
+    proc.wait(10)
+    deadline = time.monotonic() + 20
+    while os.path.exists(f"/proc/{broker}") and time.monotonic() < deadline:
+        with open(f"/proc/{broker}/stat") as f:
+            if f.read().rsplit(")", 1)[1].split()[0] == "Z":   # exited, waiting to be reaped by init
+                break
+        time.sleep(0.1)
+    else:
+        assert not os.path.exists(f"/proc/{broker}"), "the tansu broker outlived its SIGKILLed parent"
