@@ -151,7 +151,10 @@ nb::bytes EncodeExampleBatch(nb::list examples) {
 
 }  // namespace
 
+void BindJoin(nb::module_& m);  // module_join.cc: the join itself
+
 void BindStream(nb::module_& m) {
+  BindJoin(m);
   nb::class_<PyStreamReader>(m, "StreamReader")
       .def(nb::init<std::string, std::vector<std::string>, std::vector<std::string>, std::vector<std::string>>(),
            "features_topic"_a, "filled"_a, "need_sparse"_a, "need_dense"_a)

@@ -49,7 +49,7 @@ from monolith_jax.stream import kafka as K
 from monolith_jax.stream.dead_letters import DeadLetters
 from monolith_jax.stream.join_state import JoinConfig, JoinState
 from monolith_jax.stream.messages import (BATCH_OVERHEAD, EXAMPLE_OVERHEAD, MessageError, batch_entry_size,
-                                         encode_example, encode_example_batch, features_to_binary, parse_action, parse_features)
+                                         encode_example_batch, features_to_binary, parse_action, parse_features)
 
 log = logging.getLogger("monolith_jax.stream.joiner")
 CODECS = ("native", "python")
@@ -177,9 +177,11 @@ class Joiner:
                  codec: str = "native"):
         """`dense`: the job's DenseFeatures; a non-finite value of one that
         declares a fill passes (the trainer fills it), else it is refused.
-        `codec`: "native" reads each consumed batch and writes examples in
-        C++ (`fast_codec`), "python" with the protobuf reference alone;
-        both give the same examples and dead letters."""
+        `codec`: "native" reads and joins each consumed batch in C++
+        (`native_join`; a message it cannot read goes to the protobuf
+        reference), "python" does it all with the reference (`JoinState`,
+        `parse_features`); both give the same examples, counts and dead
+        letters."""
         from confluent_kafka import Consumer, Producer
 
         if codec not in CODECS:
@@ -194,14 +196,16 @@ class Joiner:
             "enable.auto.commit": False, "enable.partition.eof": True, **(consumer_extra or {})}))
         self.dead = DeadLetters(self.producer, self.topics["dead_letters"], max_bytes)
         self.codec = codec
-        self._reader = None           # reads each consumed batch in C++ (None: the reference, per message)
-        encode, encode_batch = encode_example, encode_example_batch
+        encode_batch = encode_example_batch
         if codec == "native":
             from monolith_jax.stream import fast_codec
+            from monolith_jax.stream.native_join import NativeJoinState
 
-            self._reader = fast_codec.StreamReader(self.topics["features"], self.dense, self.sparse)
-            encode, encode_batch = fast_codec.encoders()
-        self.state = JoinState(config, self._emit, spill_dir, reject=self.dead.send, encode=encode)
+            self.state = NativeJoinState(config, self._emit, spill_dir, reject=self.dead.send,
+                                         features_topic=self.topics["features"], dense=self.dense, sparse=self.sparse)
+            encode_batch = fast_codec.encoders()[1]
+        else:
+            self.state = JoinState(config, self._emit, spill_dir, reject=self.dead.send)
         self.grouper = ExampleGrouper(self.producer, self.topics["examples"], group_size, max_bytes=max_bytes,
                                       dead=self.dead, encode_batch=encode_batch)
         self.commit_every_s = commit_every_s
@@ -290,22 +294,19 @@ class Joiner:
     def process(self, msgs: list) -> None:
         """A consumed batch: each message into the join or the dead letters,
         each end of partition reported to the join state."""
-        if self._reader is None:
-            for msg in msgs:
-                if msg.error() is not None:
-                    self._event(msg)
-                else:
-                    self.handle(msg)
+        if self.codec == "native":  # read and joined in C++; what it leaves comes back to _slow in order
+            self.state.process(msgs, self.grouper.limit, self._next, self._slow)
             return
-        add = self.state.add_record
-        for item in self._reader.read(msgs, self.grouper.limit, self._next):
-            kind = item[0]
-            if kind == "slow":  # the reference reads it, or dead-letters it with the reason
-                self.handle(item[1])
-            elif kind == "event":
-                self._event(item[1])
-            else:
-                add(item)
+        for msg in msgs:
+            self._slow(msg)
+
+    def _slow(self, msg) -> None:
+        """One message by the reference: a Kafka event, or a message to parse
+        in Python (into the join, or to the dead letters with why)."""
+        if msg.error() is not None:
+            self._event(msg)
+        else:
+            self.handle(msg)
 
     def _event(self, msg) -> None:
         from confluent_kafka import KafkaError

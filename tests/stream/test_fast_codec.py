@@ -163,9 +163,10 @@ def test_examples_and_batches_are_the_references_bytes():
         fast_codec.encode_example_batch([b"ok", "not bytes"])
 
 
-def random_stream(seed, n=2500):
+def random_stream(seed, n=2500, outliers=0):
     """Features and actions of requests on two partitions, out of order
-    within the lateness, with repeats, orphans, late and odd messages."""
+    within the lateness, with repeats, orphans, late and odd messages, and
+    `outliers` records an hour ahead of their place in the stream."""
     rng = random.Random(seed)
     events = []
     for i in range(n):
@@ -179,6 +180,11 @@ def random_stream(seed, n=2500):
     for j in range(40):
         t = T0 + rng.randrange(n * 40)
         events.append((t, "actions", M.encode_action(f"orphan{j}", t, "click"), j % 2))
+    for j in range(outliers):
+        t = T0 + rng.randrange(n * 40)
+        value = (features(rng, n + j, t=t + 3_600_000) if j % 2 else
+                 M.encode_action(f"ad{rng.randrange(n)}", t + 3_600_000, "click"))
+        events.append((t, "features" if j % 2 else "actions", value, j % 2))
     events.sort(key=lambda e: e[0] + rng.randrange(3000))
     odd = odd_values(rng, "features")[:40] + odd_values(rng, "actions")[:40]
     for k, v in enumerate(odd):
