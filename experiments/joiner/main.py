@@ -1,6 +1,6 @@
 """The joiner's throughput: the protobuf reference path against the C++ path, in one run.
 
-    python -m experiments.joiner.main                  # both parts (~2 min); replaces results/
+    python -m experiments.joiner.main                  # both parts (~3 min); replaces results/
     python -m experiments.joiner.main --part stages    # no Kafka, ~30 s, into a run folder
     python -m experiments.joiner.main --part kafka --requests 40000
 
@@ -197,7 +197,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--part", choices=["stages", "kafka", "both"], default="both")
     p.add_argument("--requests", type=int, default=60_000, help="requests in the stream (~1.1 messages each)")
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--bootstrap", default=None, help="a Kafka cluster to use instead of the embedded one")
     p.add_argument("--out", default=None, help="results folder (default: results/ for the default command)")
     args = p.parse_args(argv)
@@ -225,7 +225,8 @@ def main(argv=None):
         results["kafka"] = k
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=1, default=float)
-    print(f"wrote {out_dir}/results.json")
+    shown = os.path.relpath(out_dir) if not os.path.relpath(out_dir).startswith("..") else out_dir
+    print(f"wrote {shown}/results.json")
     return results
 
 

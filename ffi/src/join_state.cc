@@ -80,7 +80,19 @@ JoinCore::JoinCore(JoinRules rules, nb::object store, nb::object emit, nb::objec
       watermark_(kNoTime) {}
 
 int32_t JoinCore::Tp(nb::handle topic, int64_t partition) {
-  std::string key = nb::cast<std::string>(topic);
+  // Keyed by the topic's text; a topic that is not a plain string (None,
+  // or text UTF-8 cannot hold) by its ascii() form, marked apart.
+  std::string key;
+  Py_ssize_t n = 0;
+  const char* text = PyUnicode_Check(topic.ptr()) ? PyUnicode_AsUTF8AndSize(topic.ptr(), &n) : nullptr;
+  if (text != nullptr) {
+    key.assign(text, size_t(n));
+  } else {
+    PyErr_Clear();
+    nb::object shown = nb::steal(PyObject_ASCII(topic.ptr()));
+    if (!shown.is_valid()) throw nb::python_error();
+    key = "\x01" + nb::cast<std::string>(shown);
+  }
   key.push_back('\0');
   key += std::to_string(partition);
   auto it = tp_index_.find(key);

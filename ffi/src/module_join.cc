@@ -28,10 +28,27 @@ void JoinCore::Process(nb::list msgs, int64_t limit, nb::dict nexts, double now_
   }();
   const auto& a = *attrs;
   const size_t n = nb::len(msgs);
-  nb::object last_topic, last_key;
-  int64_t last_part = -1;
-  int32_t last_tp = -1;
-  bool last_features = false;
+  // The batch's partitions: a few, looked up by the topic's text (no
+  // Python object built per message); their next offsets go to `nexts` at the end.
+  struct Part {
+    std::string topic;
+    int64_t partition;
+    int32_t tp;
+    bool features;
+    int64_t next;
+    nb::object key;
+  };
+  std::vector<Part> parts;
+  struct Flush {  // writes nexts even when a callback raises
+    std::vector<Part>& parts;
+    nb::dict& nexts;
+    ~Flush() {
+      try {
+        for (Part& p : parts) nexts[p.key] = p.next;
+      } catch (...) {  // only while another error unwinds; that one is reported
+      }
+    }
+  } flush{parts, nexts};
   for (size_t i = 0; i < n; ++i) {
     nb::object msg = msgs[i];
     if (!msg.attr(a[0])().is_none()) {
@@ -39,18 +56,32 @@ void JoinCore::Process(nb::list msgs, int64_t limit, nb::dict nexts, double now_
       continue;
     }
     nb::object topic = msg.attr(a[1])();
-    const int64_t part = nb::cast<int64_t>(msg.attr(a[2])());
+    const int64_t partition = nb::cast<int64_t>(msg.attr(a[2])());
     const int64_t offset = nb::cast<int64_t>(msg.attr(a[3])());
-    if (!last_topic.is_valid() || !topic.equal(last_topic) || part != last_part) {
-      last_features = nb::isinstance<nb::str>(topic) && nb::cast<std::string>(topic) == features_topic_;
-      last_topic = topic;
-      last_part = part;
-      last_key = nb::make_tuple(topic, part);
-      last_tp = nb::isinstance<nb::str>(topic) ? Tp(topic, part) : -1;
+    Py_ssize_t tlen = 0;
+    const char* tname = PyUnicode_Check(topic.ptr()) ? PyUnicode_AsUTF8AndSize(topic.ptr(), &tlen) : nullptr;
+    if (tname == nullptr) {  // no topic name: the reference's path
+      PyErr_Clear();
+      slow(msg);
+      continue;
     }
-    nexts[last_key] = offset + 1;
+    std::string_view tview(tname, size_t(tlen));
+    Part* part = nullptr;
+    for (Part& p : parts)
+      if (p.partition == partition && p.topic == tview) {
+        part = &p;
+        break;
+      }
+    if (part == nullptr) {
+      parts.push_back(Part{std::string(tview), partition, Tp(topic, partition), tview == features_topic_, 0,
+                           nb::make_tuple(topic, partition)});
+      part = &parts.back();
+    }
+    part->next = offset + 1;
+    const int32_t last_tp = part->tp;
+    const bool last_features = part->features;
     nb::object value = msg.attr(a[4])();
-    const bool is_bytes = nb::isinstance<nb::bytes>(value) && last_tp >= 0;
+    const bool is_bytes = nb::isinstance<nb::bytes>(value);
     size_t size = 0;
     const uint8_t* data = nullptr;
     if (is_bytes) {

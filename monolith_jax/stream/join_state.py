@@ -41,6 +41,9 @@ Rules (times are event times, in ms):
   end of the stream (`flush`) a held record is decided with the rest but
   does not move the watermark.
 
+This is the reference; `native_join.NativeJoinState` decides the same way
+in C++ (the joiner's default), and the tests run both on the same streams.
+
 `emit(request_id, example_bytes)` receives every example. `origin` values
 (topic, partition, offset) travel with what is pending so that the caller
 can commit only offsets whose messages are fully handled.

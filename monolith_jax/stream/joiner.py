@@ -27,6 +27,14 @@ examples topic. So, per input message: it is joined (one example, or a
 negative sampled out), counted (actions: positives, repeats, late, orphans,
 others), or dead-lettered.
 
+The hot path runs in C++ (`--codec native`, the default): each consumed
+batch is read and joined in one call (`native_join.NativeJoinState`, the
+rules of `join_state`, decided the same way), and only what the C++ reader
+leaves (JSON, unusable or oversized records, Kafka events) is read by the
+protobuf reference here, message by message. `--codec python` runs the
+reference alone (`JoinState`, `parse_features`); both write the same
+examples, counts and dead letters.
+
 Examples leave in groups (ExampleBatch) bound for one partition, of at most
 `--group-size` examples and at most the producer's `message.max.bytes`
 less `kafka.PROTOCOL_HEADROOM` bytes. A group the broker still refuses

@@ -159,6 +159,8 @@ def test_examples_and_batches_are_the_references_bytes():
         examples.append(ours)
     for n in (0, 1, 2, 64, 300):
         assert fast_codec.encode_example_batch(examples[:n]) == M.encode_example_batch(examples[:n])
+    for size in (0, 1, 127, 128, 16_383, 16_384, 2**21):  # the grouper's size accounting, at each varint length
+        assert len(M.encode_example_batch([bytes(size)])) == M.BATCH_OVERHEAD + M.batch_entry_size(size)
     with pytest.raises(TypeError):
         fast_codec.encode_example_batch([b"ok", "not bytes"])
 

@@ -87,3 +87,17 @@ def test_the_batch_path_matches_the_reference_on_random_streams(config, drop_at)
         assert counts["spilled"] > 0 and counts["unspilled"] > 0
     if config.max_future_s < 60:
         assert any("ahead of the stream" in why for _, _, why in ours[1])
+
+
+def test_odd_origins_are_keyed_as_the_reference_keys_them():
+    from monolith_jax.stream.join_state import JoinState
+    from monolith_jax.stream.messages import encode_features
+
+    lows = []
+    for cls in (JoinState, NativeJoinState):
+        st = cls(JoinConfig(window_s=10), lambda rid, ex: None)
+        for k, origin in enumerate([(None, 0, 5), ("t\udc80", 1, 2), ("features", 3, 9), None, ("features", 3, 4)]):
+            st.add_features(f"r{k}", 1000 + k, encode_features(f"r{k}", 1000 + k, {"u": [k]}), origin)
+        lows.append(st.low_offsets())
+        st.close()
+    assert lows[0] == lows[1] == {(None, 0): 5, ("t\udc80", 1): 2, ("features", 3): 4}
