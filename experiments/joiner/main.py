@@ -15,7 +15,8 @@ Part "kafka" runs the whole `Joiner` (consume features and actions,
 join, produce ExampleBatches, commit) on the embedded cluster over the
 same messages with `--codec python` and `--codec native`, alternating,
 and prints input messages per second from its first consumed message to
-its last.
+its last; beside them, a consumer that only reads the same messages (the
+Kafka client's and the cluster's own ceiling).
 
 Any run with flags writes to a fresh run folder (experiments/run_folder.py).
 """
@@ -160,9 +161,13 @@ def kafka(n: int, rounds: int, bootstrap: str | None) -> dict:
         for topic, p, rid, value in msgs:
             K.produce(prod, topic, value, rid, partition=p)
         assert prod.flush(60) == 0
-        per = {"python": [], "native": []}
+        per = {"python": [], "native": [], "consume only": []}
         stats = {}
         for r in range(rounds):
+            rate = consume_only(bs, f"bench-consume-{r}", len(msgs))
+            per["consume only"].append(rate)
+            print(f"  round {r + 1}: consume only {rate:10,.0f} messages/s  (the Kafka client's ceiling: "
+                  f"consume(5000, 10 ms), nothing done with them)", flush=True)
             for codec in ("python", "native"):
                 joiner = Joiner(bs, join_config(), group=f"bench-{codec}-{r}", codec=codec)
                 first = last = None
@@ -183,7 +188,7 @@ def kafka(n: int, rounds: int, bootstrap: str | None) -> dict:
                 rate = (s["features"] + s["actions"]) / (last - first)
                 per[codec].append(rate)
                 stats[codec] = s
-                print(f"  round {r + 1}: {codec:6s} {rate:10,.0f} messages/s  "
+                print(f"  round {r + 1}: {codec:12s} {rate:10,.0f} messages/s  "
                       f"({s['positives']:,} positives, {s['negatives']:,} negatives, "
                       f"{s['dead_letters']} dead letters)", flush=True)
         same = {k: stats["python"][k] == stats["native"][k] for k in stats["python"]}
@@ -191,6 +196,29 @@ def kafka(n: int, rounds: int, bootstrap: str | None) -> dict:
     med = {k: statistics.median(v) for k, v in per.items()}
     return {"messages": len(msgs), "rounds": per, "median": med, "ratio": med["native"] / med["python"],
             "stats": stats}
+
+
+def consume_only(bs: str, group: str, n: int) -> float:
+    """Messages/s of a consumer configured as the joiner's that only counts
+    what it reads: the ceiling the Kafka client and broker set."""
+    from confluent_kafka import Consumer
+
+    from monolith_jax.stream import kafka as K
+
+    con = Consumer(K.consumer_config(bs, group, **{"enable.auto.commit": False}))
+    con.subscribe([K.TOPICS["features"], K.TOPICS["actions"]])
+    got, first, last, t0 = 0, None, None, time.monotonic()
+    try:
+        while got < n and time.monotonic() - t0 < 300:
+            batch = con.consume(num_messages=5000, timeout=0.01)
+            real = sum(m.error() is None for m in batch)
+            if real:
+                first = first or time.perf_counter()
+                got += real
+                last = time.perf_counter()
+    finally:
+        con.close()
+    return got / (last - first)
 
 
 def main(argv=None):
@@ -221,7 +249,9 @@ def main(argv=None):
               f"--codec python vs native:")
         k = kafka(args.requests, args.rounds, args.bootstrap)
         print(f"median of {args.rounds} rounds: python {k['median']['python']:,.0f} messages/s, native "
-              f"{k['median']['native']:,.0f} messages/s, {k['ratio']:.2f}x; same counts in both")
+              f"{k['median']['native']:,.0f} messages/s, {k['ratio']:.2f}x; same counts in both; consume only "
+              f"{k['median']['consume only']:,.0f} messages/s (native at "
+              f"{k['median']['native'] / k['median']['consume only']:.2f}x of it)")
         results["kafka"] = k
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=1, default=float)
