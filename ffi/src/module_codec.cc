@@ -129,7 +129,10 @@ class PyExampleDecoder {
 
 }  // namespace
 
+void BindStream(nb::module_& m);  // module_stream.cc: the joiner's codec
+
 void BindCodec(nb::module_& m) {
+  BindStream(m);
   nb::class_<PyExampleDecoder>(m, "ExampleDecoder")
       .def(nb::init<std::vector<std::string>, std::vector<int>, std::vector<std::string>, uint64_t,
                     std::vector<int>>(),

@@ -41,6 +41,9 @@ Rules (times are event times, in ms):
   end of the stream (`flush`) a held record is decided with the rest but
   does not move the watermark.
 
+This is the reference; `native_join.NativeJoinState` decides the same way
+in C++ (the joiner's default), and the tests run both on the same streams.
+
 `emit(request_id, example_bytes)` receives every example. `origin` values
 (topic, partition, offset) travel with what is pending so that the caller
 can commit only offsets whose messages are fully handled.
@@ -94,9 +97,13 @@ _FLUSH = 2**64  # the watermark while flushing: above every int64 deadline
 
 class JoinState:
     def __init__(self, config: JoinConfig, emit: Callable[[str, bytes], None], spill_dir: str | None = None,
-                 reject: Callable | None = None, clock: Callable[[], float] = time.time):
+                 reject: Callable | None = None, clock: Callable[[], float] = time.time,
+                 encode: Callable[[bytes, float, float, int], bytes] = encode_example):
+        """`encode`: writes an Example around a record (`messages.encode_example`,
+        or the same in C++, `fast_codec.encode_example`)."""
         self.cfg = config
         self.emit = emit
+        self._encode = encode
         self.reject = reject      # reject(ref, reason): a record refused for its event time
         self.clock = clock        # seconds since the epoch
         self.window = int(round(config.window_s * 1000))
@@ -133,6 +140,13 @@ class JoinState:
         record = ("actions", rid, int(event_ms), (kind, value), origin, ref)
         if self._admit(record):
             self._add_action(rid, int(event_ms), kind, value, origin)
+
+    def add_record(self, record) -> None:
+        """A record as `fast_codec.StreamReader` gives it: ("features", rid,
+        event_ms, payload, origin, ref) or ("actions", rid, event_ms,
+        (type, value), origin, ref); the same as `add_features` / `add_action`."""
+        if self._admit(record):
+            self._apply(record)
 
     def _add_features(self, rid: str, event_ms: int, payload: bytes, origin=None, see: bool = True) -> None:
         self.counts["features"] += 1
@@ -388,7 +402,7 @@ class JoinState:
     def _emit_positive(self, rid: str, tf: int, payload: bytes, ta: int) -> None:
         self.counts["positives"] += 1
         self._close(rid, tf + self.window, True)
-        self.emit(rid, encode_example(payload, 1.0, 1.0, ta))
+        self.emit(rid, self._encode(payload, 1.0, 1.0, ta))
 
     def _finalize(self, rid: str, tf: int, payload: bytes) -> None:
         ta = self._marked.pop(rid, None) if self._marked else None
@@ -398,7 +412,7 @@ class JoinState:
         self._close(rid, tf + self.window, False)
         if self._threshold >= 2**32 or zlib.crc32(rid.encode(), zlib.crc32(self._seed)) < self._threshold:
             self.counts["negatives"] += 1
-            self.emit(rid, encode_example(payload, 0.0, self.cfg.negative_rate, tf + self.window))
+            self.emit(rid, self._encode(payload, 0.0, self.cfg.negative_rate, tf + self.window))
         else:
             self.counts["negatives_sampled_out"] += 1
 

@@ -27,6 +27,14 @@ examples topic. So, per input message: it is joined (one example, or a
 negative sampled out), counted (actions: positives, repeats, late, orphans,
 others), or dead-lettered.
 
+The hot path runs in C++ (`--codec native`, the default): each consumed
+batch is read and joined in one call (`native_join.NativeJoinState`, the
+rules of `join_state`, decided the same way), and only what the C++ reader
+leaves (JSON, unusable or oversized records, Kafka events) is read by the
+protobuf reference here, message by message. `--codec python` runs the
+reference alone (`JoinState`, `parse_features`); both write the same
+examples, counts and dead letters.
+
 Examples leave in groups (ExampleBatch) bound for one partition, of at most
 `--group-size` examples and at most the producer's `message.max.bytes`
 less `kafka.PROTOCOL_HEADROOM` bytes. A group the broker still refuses
@@ -52,6 +60,7 @@ from monolith_jax.stream.messages import (BATCH_OVERHEAD, EXAMPLE_OVERHEAD, Mess
                                          encode_example_batch, features_to_binary, parse_action, parse_features)
 
 log = logging.getLogger("monolith_jax.stream.joiner")
+CODECS = ("native", "python")
 
 
 class ExampleGrouper:
@@ -68,8 +77,10 @@ class ExampleGrouper:
     with the reason, and is counted in `failed`."""
 
     def __init__(self, producer, topic: str, group_size: int = 64, linger_s: float = 0.02,
-                 max_bytes: int = K.DEFAULT_MESSAGE_MAX_BYTES, dead: DeadLetters | None = None, retries: int = 3):
+                 max_bytes: int = K.DEFAULT_MESSAGE_MAX_BYTES, dead: DeadLetters | None = None, retries: int = 3,
+                 encode_batch=encode_example_batch):
         md = producer.list_topics(topic, timeout=10).topics[topic]
+        self._encode_batch = encode_batch  # messages.encode_example_batch, or the same in C++
         self.partitions = max(len(md.partitions), 1)
         self.producer, self.topic = producer, topic
         self.group_size, self.linger_s = max(int(group_size), 1), linger_s
@@ -123,7 +134,7 @@ class ExampleGrouper:
         from confluent_kafka import KafkaError, KafkaException
 
         plain = len(examples) == 1 and self.group_size == 1
-        value = examples[0] if plain else encode_example_batch(examples)
+        value = examples[0] if plain else self._encode_batch(examples)
         try:
             K.produce(self.producer, self.topic, value, partition=partition,
                       on_delivery=lambda err, msg: self._delivered(err, partition, examples, attempt))
@@ -170,11 +181,19 @@ class Joiner:
     def __init__(self, bootstrap: str, config: JoinConfig, topics: dict | None = None,
                  group: str = "monolith-joiner", spill_dir: str | None = None, commit_every_s: float = 0.5,
                  consumer_extra: dict | None = None, producer_extra: dict | None = None,
-                 gate_group: str | None = None, max_lag: int = 40_000, group_size: int = 64, dense=(), sparse=()):
+                 gate_group: str | None = None, max_lag: int = 40_000, group_size: int = 64, dense=(), sparse=(),
+                 codec: str = "native"):
         """`dense`: the job's DenseFeatures; a non-finite value of one that
-        declares a fill passes (the trainer fills it), else it is refused."""
+        declares a fill passes (the trainer fills it), else it is refused.
+        `codec`: "native" reads and joins each consumed batch in C++
+        (`native_join`; a message it cannot read goes to the protobuf
+        reference), "python" does it all with the reference (`JoinState`,
+        `parse_features`); both give the same examples, counts and dead
+        letters."""
         from confluent_kafka import Consumer, Producer
 
+        if codec not in CODECS:
+            raise ValueError(f"codec must be one of {', '.join(CODECS)}, got {codec!r}")
         self.topics = {**K.TOPICS, **(topics or {})}
         self.dense = tuple(dense or ())
         self.sparse = tuple(sparse or ())  # the job's: records lacking one are dead-lettered here
@@ -184,9 +203,19 @@ class Joiner:
         self.consumer = Consumer(K.consumer_config(bootstrap, group, **{
             "enable.auto.commit": False, "enable.partition.eof": True, **(consumer_extra or {})}))
         self.dead = DeadLetters(self.producer, self.topics["dead_letters"], max_bytes)
-        self.state = JoinState(config, self._emit, spill_dir, reject=self.dead.send)
+        self.codec = codec
+        encode_batch = encode_example_batch
+        if codec == "native":
+            from monolith_jax.stream import fast_codec
+            from monolith_jax.stream.native_join import NativeJoinState
+
+            self.state = NativeJoinState(config, self._emit, spill_dir, reject=self.dead.send,
+                                         features_topic=self.topics["features"], dense=self.dense, sparse=self.sparse)
+            encode_batch = fast_codec.encoders()[1]
+        else:
+            self.state = JoinState(config, self._emit, spill_dir, reject=self.dead.send)
         self.grouper = ExampleGrouper(self.producer, self.topics["examples"], group_size, max_bytes=max_bytes,
-                                      dead=self.dead)
+                                      dead=self.dead, encode_batch=encode_batch)
         self.commit_every_s = commit_every_s
         self._next: dict = {}          # (topic, partition) -> next offset to read
         self._assigned: set = set()
@@ -270,6 +299,32 @@ class Joiner:
         else:
             self.state.add_action(act.request_id, act.event_time_ms, act.type, act.value, origin, ref=msg)
 
+    def process(self, msgs: list) -> None:
+        """A consumed batch: each message into the join or the dead letters,
+        each end of partition reported to the join state."""
+        if self.codec == "native":  # read and joined in C++; what it leaves comes back to _slow in order
+            self.state.process(msgs, self.grouper.limit, self._next, self._slow)
+            return
+        for msg in msgs:
+            self._slow(msg)
+
+    def _slow(self, msg) -> None:
+        """One message by the reference: a Kafka event, or a message to parse
+        in Python (into the join, or to the dead letters with why)."""
+        if msg.error() is not None:
+            self._event(msg)
+        else:
+            self.handle(msg)
+
+    def _event(self, msg) -> None:
+        from confluent_kafka import KafkaError
+
+        err = msg.error()
+        if err.code() == KafkaError._PARTITION_EOF:
+            self.state.partition_idle((msg.topic(), msg.partition()))
+        else:
+            log.warning("consumer error: %s", err)
+
     def run(self, idle_flush_s: float | None = None, exit_when_idle: bool = False,
             max_seconds: float | None = None, stop: threading.Event | None = None,
             report_every_s: float = 10.0, out=print) -> dict:
@@ -277,8 +332,6 @@ class Joiner:
         `idle_flush_s`, a stream silent that long is taken to have ended:
         every waiting request is decided (and with `exit_when_idle` the
         joiner then returns)."""
-        from confluent_kafka import KafkaError
-
         self.consumer.subscribe([self.topics["features"], self.topics["actions"]],
                                 on_assign=self._on_assign, on_revoke=self._on_revoke)
         t0 = last_msg = last_report = time.monotonic()
@@ -288,15 +341,7 @@ class Joiner:
                 if max_seconds is not None and now - t0 > max_seconds:
                     break
                 msgs = self.consumer.consume(num_messages=5000, timeout=0.01)  # see OnlineTrainer._collect
-                for msg in msgs:
-                    err = msg.error()
-                    if err is not None:
-                        if err.code() == KafkaError._PARTITION_EOF:
-                            self.state.partition_idle((msg.topic(), msg.partition()))
-                        else:
-                            log.warning("consumer error: %s", err)
-                        continue
-                    self.handle(msg)
+                self.process(msgs)
                 now = time.monotonic()
                 if msgs:
                     last_msg = now
@@ -402,6 +447,8 @@ def main(argv=None) -> int:
     p.add_argument("--gate-group", default=None, help="consumer group (the trainers') not to outrun")
     p.add_argument("--max-lag", type=int, default=40_000, help="examples the gate group may fall behind")
     p.add_argument("--group-size", type=int, default=64, help="examples per Kafka value (1: plain Examples)")
+    p.add_argument("--codec", choices=CODECS, default="native",
+                   help="read messages and write examples in C++, or with the protobuf reference alone")
     for name, default in K.TOPICS.items():
         p.add_argument(f"--topic-{name.replace('_', '-')}", default=default, help=f"the {name} topic")
     add_join_args(p)
@@ -416,7 +463,8 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     joiner = Joiner(args.bootstrap, config, topics, args.group, args.spill_dir,
                     gate_group=args.gate_group, max_lag=args.max_lag, group_size=args.group_size,
-                    dense=job.dense if job is not None else (), sparse=job.sparse if job is not None else ())
+                    dense=job.dense if job is not None else (), sparse=job.sparse if job is not None else (),
+                    codec=args.codec)
     try:
         stats = joiner.run(args.idle_flush, args.exit_when_idle, args.max_seconds, stop, args.report_every)
     finally:

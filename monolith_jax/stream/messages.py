@@ -471,5 +471,6 @@ BATCH_OVERHEAD = 2
 
 
 def batch_entry_size(example_size: int) -> int:
-    """Bytes one Example of `example_size` takes inside an ExampleBatch."""
-    return 2 + len(_varint(example_size)) + example_size
+    """Bytes one Example of `example_size` takes inside an ExampleBatch
+    (its tag, the varint of its length, its bytes)."""
+    return 2 + max((example_size.bit_length() + 6) // 7, 1) + example_size

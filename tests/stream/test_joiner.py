@@ -4,6 +4,8 @@ dead-lettered with its reason; grouped examples fit in a Kafka message."""
 
 import json
 
+import pytest
+
 from monolith_jax.stream import kafka as K
 from monolith_jax.stream import messages_pb2 as pb
 from monolith_jax.stream.join_state import JoinConfig
@@ -32,7 +34,8 @@ def run_joiner(bootstrap, config, **kwargs):
         joiner.close()
 
 
-def test_no_message_stops_the_joiner_and_each_is_joined_or_dead_lettered():
+@pytest.mark.parametrize("codec", ["native", "python"])
+def test_no_message_stops_the_joiner_and_each_is_joined_or_dead_lettered(codec):
     n = 60
     deep = b"[" * 50_000 + b"]" * 50_000
     with K.EmbeddedKafka() as kafka:
@@ -60,7 +63,7 @@ def test_no_message_stops_the_joiner_and_each_is_joined_or_dead_lettered():
         for key, (topic, value, _) in bad.items():
             prod.produce(topic, value, key)
         assert prod.flush(30) == 0
-        stats = run_joiner(bs, JoinConfig(window_s=5, lateness_s=1, max_in_memory=5))  # spills to disk
+        stats = run_joiner(bs, JoinConfig(window_s=5, lateness_s=1, max_in_memory=5), codec=codec)  # spills to disk
         rids, sizes = examples_out(bs)
         dead = read_topic(bs, "dead-letters")
 

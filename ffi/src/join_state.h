@@ -1,0 +1,155 @@
+// The join of features and actions on request id, in event time: the C++
+// twin of monolith_jax/stream/join_state.py, whose module docstring states
+// the rules (window, lateness, per-partition watermark, held far-future
+// records, early and orphan actions, repeats, negative sampling, spill).
+// Every decision, count, reason and emitted byte is the Python reference's;
+// tests run both on the same streams.
+//
+// The Python side keeps what is Python's: the spill store (SQLite,
+// monolith_jax/stream/spill.py, called through `store`), the emit and
+// reject callbacks, and the Kafka plumbing. Consumed messages are read and
+// joined in one call (`Process`), with no Python object per message beyond
+// the message itself.
+#pragma once
+
+#include <nanobind/nanobind.h>
+
+#include <cstdint>
+#include <queue>
+#include <string>
+#include <unordered_map>
+#include <unordered_set>
+#include <utility>
+#include <vector>
+
+#include "stream_codec.h"
+
+namespace monolith {
+
+namespace nb = nanobind;
+
+using Time = __int128;  // event time arithmetic, as Python's ints: deadlines may pass int64
+
+struct JoinRules {
+  int64_t window = 0, lateness = 0;      // ms
+  std::vector<std::string> positive_types;
+  double min_value = 0.0;
+  uint64_t threshold = uint64_t(1) << 32; // keep a negative when crc32(seed, rid) < threshold
+  uint32_t seed_crc = 0;                  // crc32 of the seed's bytes
+  float negative_rate = 1.0f;
+  bool defer = false;                     // emit positives at window end
+  int64_t max_in_memory = 1;
+  double max_future = 0.0;                // ms; may be inf
+  double max_future_s = 0.0;              // for reasons
+  double idle_partition_s = 2.0;
+};
+
+struct Origin {
+  int32_t tp = -1;  // index into JoinCore's partitions; -1: none
+  int64_t off = -1;
+};
+
+class JoinCore {
+ public:
+  // store: a SpillStore; emit(rid, example) and reject(ref, reason): callables.
+  JoinCore(JoinRules rules, nb::object store, nb::object emit, nb::object reject, FeatureRules features,
+           std::string features_topic);
+
+  // A record from Python (the reference's parse); origin: None or (topic, partition, offset).
+  void AddFeatures(const std::string& rid, int64_t t, nb::object payload, nb::handle origin, nb::object ref,
+                   double now_ms);
+  void AddAction(const std::string& rid, int64_t t, const std::string& type, double value, nb::handle origin,
+                 nb::object ref, double now_ms);
+  // A consumed batch: each message read and joined here, or handed to
+  // slow(msg) in order (JSON, unusable, too large at `limit`, Kafka events).
+  // nexts[(topic, partition)] = offset + 1 of each message.
+  void Process(nb::list msgs, int64_t limit, nb::dict nexts, double now_ms, nb::object slow);
+
+  int64_t Advance();
+  int64_t Flush();
+  nb::dict LowOffsets();
+  int64_t DropPartitions(nb::iterable tps);
+  void SetPartitions(nb::iterable tps);
+  void PartitionIdle(nb::handle tp);
+
+  std::vector<int64_t> Counts() const { return std::vector<int64_t>(counts_, counts_ + kCounters); }
+  int64_t InMemory() const { return int64_t(pending_.size()); }
+  int64_t Held() const { return int64_t(held_.size()); }
+  nb::object Watermark() const;
+
+  static constexpr int kCounters = 13;  // join_state.COUNTERS, in order
+
+ private:
+  enum Counter { kFeatures, kActions, kPositives, kNegatives, kSampledOut, kLate, kOrphans, kRepeats, kOther,
+                 kDuplicates, kSpilled, kUnspilled, kBadTimes };
+  struct Record {
+    bool features;
+    std::string rid;
+    int64_t t;
+    nb::object payload;  // features
+    std::string type;    // actions
+    double value;
+    Origin origin;
+    nb::object ref;
+  };
+  struct Pending {
+    int64_t t;
+    nb::object payload;
+    Origin origin;
+  };
+  struct Early {
+    int64_t t;
+    std::string type;
+    double value;
+    Origin origin;
+  };
+  using Entry = std::pair<Time, std::string>;
+  using Heap = std::priority_queue<Entry, std::vector<Entry>, std::greater<Entry>>;
+
+  int32_t PartOf(const Origin& o) const { return o.tp; }  // -1: the None partition
+  int32_t Tp(nb::handle topic, int64_t partition);
+  Origin OriginOf(nb::handle origin);
+  bool Admit(Record& r, double now_ms);
+  void Apply(Record& r, bool see);
+  void AddFeaturesRecord(const std::string& rid, int64_t t, nb::object payload, Origin o, bool see);
+  void AddActionRecord(const std::string& rid, int64_t t, const std::string& type, double value, Origin o,
+                       bool see);
+  void Refuse(nb::handle ref, const std::string& reason);
+  void See(int64_t t, const Origin& o);
+  Time LowTime();
+  bool Positive(std::string_view type, double value) const;
+  void EmitPositive(const std::string& rid, int64_t tf, nb::handle payload, int64_t ta);
+  void Finalize(const std::string& rid, int64_t tf, nb::handle payload);
+  void Close(const std::string& rid, Time deadline, bool positive);
+  void Spill();
+  void Emit(const std::string& rid, nb::handle payload, float label, float rate, Time label_time);
+  size_t StoreSize();
+  bool HeldPop(int32_t part, Record* out);
+
+  JoinRules rules_;
+  FeatureRules feature_rules_;
+  std::string features_topic_;
+  nb::object store_, emit_, reject_;
+  int64_t counts_[kCounters] = {};
+  // Partitions: (topic, partition) keys as Python tuples, by index.
+  std::vector<nb::object> tp_keys_;
+  std::unordered_map<std::string, int32_t> tp_index_;  // topic + '\0' + partition -> index
+  bool has_front_ = false;
+  int64_t front_ = 0;
+  std::vector<std::pair<int32_t, Record>> held_;       // in insertion order, as a Python dict
+  std::unordered_map<int32_t, int64_t> part_max_;
+  std::unordered_set<int32_t> inputs_;
+  std::unordered_map<int32_t, double> idle_;           // partition -> monotonic seconds
+  Time watermark_;
+  std::unordered_map<std::string, Pending> pending_;
+  Heap pending_heap_, early_heap_, closed_heap_;
+  std::unordered_map<std::string, std::vector<Early>> early_;
+  std::unordered_map<std::string, std::pair<Time, bool>> closed_;
+  std::unordered_map<std::string, int64_t> marked_;
+  std::string scratch_;
+};
+
+// zlib's crc32(data, crc): what the Python reference's sampling uses.
+uint32_t Crc32(const uint8_t* data, size_t size, uint32_t crc);
+
+}  // namespace monolith

@@ -1,0 +1,109 @@
+"""The join state in C++ (ffi/src/join_state.cc): `JoinState`'s rules,
+counts, reasons and emitted bytes, at the engine's speed.
+
+`NativeJoinState` has `JoinState`'s interface (the joiner uses either), and
+one more call, `process(msgs, limit, nexts, slow)`: a consumed batch of
+Kafka messages read (`fast_codec`'s reader) and joined in C++; a message
+the C++ reader leaves to the protobuf reference (JSON, unusable, too large,
+a Kafka event) goes to `slow(msg)` in its turn, whose handler reads it and
+calls `add_features` / `add_action`, or dead-letters it.
+
+The spill store stays `SpillStore` (SQLite, the same file and crash
+behaviour), called from C++ only while requests are spilled. The clock is
+read once per call (`process` reads it once per batch).
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from typing import Callable, Sequence
+
+from monolith_jax.stream.join_state import COUNTERS, JoinConfig
+from monolith_jax.stream.spill import SpillStore
+
+
+def _ignore(ref, reason) -> None:
+    """No reject callback: a refused record is only counted."""
+
+
+class NativeJoinState:
+    def __init__(self, config: JoinConfig, emit: Callable[[str, bytes], None], spill_dir: str | None = None,
+                 reject: Callable | None = None, clock: Callable[[], float] = time.time,
+                 features_topic: str = "features", dense: Sequence = (), sparse: Sequence = ()):
+        """`features_topic`, `dense`, `sparse`: for `process` (which messages
+        are features, and the job's rules for them, as `parse_features`)."""
+        from monolith_jax.sparse._native import engine
+
+        self.cfg = config
+        self.emit = emit
+        self.reject = reject
+        self.clock = clock
+        self._store = SpillStore(spill_dir)
+        dense, sparse = tuple(dense or ()), tuple(sparse or ())
+        seed = str(config.seed).encode() + b"\0"
+        self._core = engine().JoinCore(
+            int(round(config.window_s * 1000)), int(round(config.lateness_s * 1000)), list(config.positive_types),
+            float(config.min_value), int(config.negative_rate * 2**32), zlib.crc32(seed), float(config.negative_rate),
+            config.emit_positives == "at_window_end", int(config.max_in_memory), config.max_future_s * 1000.0,
+            float(config.max_future_s), float(config.idle_partition_s), self._store, emit,
+            reject if reject is not None else _ignore, features_topic,
+            sorted({f.source for f in dense if f.fill is not None}), list(dict.fromkeys(f.source for f in sparse)),
+            list(dict.fromkeys(f.source for f in dense if f.fill is None)))
+
+    # ------------------------------------------------------------ inputs
+    def add_features(self, rid: str, event_ms: int, payload: bytes, origin=None, ref=None) -> None:
+        self._core.add_features(rid, int(event_ms), payload, origin, ref, self.clock() * 1000.0)
+
+    def add_action(self, rid: str, event_ms: int, kind: str, value: float, origin=None, ref=None) -> None:
+        self._core.add_action(rid, int(event_ms), kind, float(value), origin, ref, self.clock() * 1000.0)
+
+    def add_record(self, record) -> None:
+        kind, rid, t, body, origin, ref = record
+        if kind == "features":
+            self.add_features(rid, t, body, origin, ref)
+        else:
+            self.add_action(rid, t, body[0], body[1], origin, ref)
+
+    def process(self, msgs: list, limit: int, nexts: dict, slow: Callable) -> None:
+        self._core.process(msgs if isinstance(msgs, list) else list(msgs), int(limit), nexts,
+                           self.clock() * 1000.0, slow)
+
+    # ---------------------------------------------------------- deciding
+    def advance(self) -> int:
+        return self._core.advance()
+
+    def flush(self) -> int:
+        return self._core.flush()
+
+    # ------------------------------------------------------------ state
+    def low_offsets(self) -> dict:
+        return self._core.low_offsets()
+
+    def drop_partitions(self, tps) -> int:
+        return self._core.drop_partitions(list(set(tps)))
+
+    def set_partitions(self, tps) -> None:
+        self._core.set_partitions(list(tps))
+
+    def partition_idle(self, tp) -> None:
+        self._core.partition_idle(tuple(tp))
+
+    @property
+    def counts(self) -> dict:
+        return dict(zip(COUNTERS, self._core.counts()))
+
+    @property
+    def watermark(self) -> int:
+        return self._core.watermark
+
+    @property
+    def waiting(self) -> int:
+        return self._core.in_memory + len(self._store) + self._core.held
+
+    @property
+    def in_memory(self) -> int:
+        return self._core.in_memory
+
+    def close(self) -> None:
+        self._store.close()
