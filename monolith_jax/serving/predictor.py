@@ -120,6 +120,18 @@ class Predictor:
         self.dense_features = [DenseFeature(d["name"], d.get("column"), d.get("fill"))
                                for d in spec["dense_features"]]
         self.tables = spec["tables"]
+        from monolith_jax.sparse.keys import space_salt
+
+        # Per table, what a request's ids become: (source, feature, max_len,
+        # first slot, the id space's salt) per feature, and the slots' width.
+        self._layout = {}
+        for table, meta in self.tables.items():
+            feats, start = [], 0
+            for name in meta["features"]:
+                f = self.features[name]
+                feats.append((_source(f), name, int(f["max_len"]), start, np.uint64(space_salt(f["id_space"]))))
+                start += int(f["max_len"])
+            self._layout[table] = (feats, start, int(meta["dim"]))
         self.n_dense = len(spec["dense_features"])
         self.max_batch = int(spec["max_batch"])
         self.negative_rate = float(spec["negative_rate"])
@@ -264,7 +276,7 @@ class Predictor:
         every source the model reads (lengths 0: no ids). Returns
         probabilities, logits (the model's own) and unknown (ids per
         request the serving PS lacks)."""
-        from monolith_jax.sparse.keys import space_keys
+        from monolith_jax.sparse.keys import fmix64
 
         import jax
 
@@ -276,43 +288,54 @@ class Predictor:
         unknown = np.zeros(b, np.int32)
         rows, lengths = {}, {}
         n_ids = 0
-        for table, meta in self.tables.items():
-            feats = [self.features[f] for f in meta["features"]]
-            width = sum(f["max_len"] for f in feats)
-            out = np.zeros((padded, width, meta["dim"]), np.float32)
-            slots, keys, owners = [], [], []
-            start = 0
-            for f in feats:
-                flat, lens = ids[_source(f)]
-                kept = np.minimum(lens, f["max_len"])
-                lengths[f["name"]] = np.concatenate([kept, np.zeros(padded - b, np.int32)])
-                pos = np.arange(f["max_len"])
+        for table, (feats, width, dim) in self._layout.items():
+            out = np.zeros((padded, width, dim), np.float32)
+            raws, salts, reqs, cols = [], [], [], []
+            for source, name, max_len, start, salt in feats:
+                flat, lens = ids[source]
+                if b == 1:   # one request: its first max_len ids, in slots start, start + 1, ...
+                    k = min(int(lens[0]), max_len)
+                    lengths[name] = np.full(1, k, np.int32)   # a batch of 1 is its own bucket
+                    if k:
+                        raws.append(flat[:k])
+                        salts.append(np.full(k, salt, np.uint64))
+                        reqs.append(np.zeros(k, np.intp))
+                        cols.append(np.arange(start, start + k))
+                    continue
+                kept = np.minimum(lens, max_len)
+                lengths[name] = np.concatenate([kept, np.zeros(padded - b, np.int32)])
+                pos = np.arange(max_len)
                 take = pos[None, :] < kept[:, None]               # (b, max_len): the ids kept
                 offsets = np.concatenate([[0], np.cumsum(lens)])[:-1]
                 src = (offsets[:, None] + pos[None, :])[take]
                 req, col = np.nonzero(take)
-                slots.append((req, start + col))
-                keys.append(space_keys(flat[src], f["id_space"]))  # as the trainer keyed them
-                owners.append(req)
-                start += f["max_len"]
-            keys = np.concatenate(keys) if keys else np.zeros(0, np.uint64)
-            if keys.size:
-                uniq, inverse = np.unique(keys, return_inverse=True)
-                values, found = self._lookup(table, uniq, meta["dim"])
+                raws.append(flat[src])
+                salts.append(np.full(src.size, salt, np.uint64))
+                reqs.append(req)
+                cols.append(start + col)
+            if raws:
+                # As the trainer keyed them (`space_keys`): fmix64(id ^ salt of its space), in one pass.
+                keys = fmix64(np.concatenate(raws) ^ np.concatenate(salts))
+                req, col = np.concatenate(reqs), np.concatenate(cols)
+                if self.local is not None:   # in process: duplicates cost nothing to look up
+                    values, found = self._lookup(table, keys, dim)
+                    looked_up = keys.size
+                else:
+                    uniq, inverse = np.unique(keys, return_inverse=True)
+                    values, found = self._lookup(table, uniq, dim)
+                    values, found, looked_up = values[inverse], found[inverse], uniq.size
+                out[req, col] = values
+                n_missing = keys.size - int(np.count_nonzero(found))
+                if n_missing:
+                    unknown += np.bincount(req[~found], minlength=b).astype(np.int32)
                 with self._lock:
-                    self.stats["looked_up"][table] += int(uniq.size)
-                req = np.concatenate([s[0] for s in slots])
-                col = np.concatenate([s[1] for s in slots])
-                out[req, col] = values[inverse]
-                missing = ~found[inverse]
-                np.add.at(unknown, req[missing], 1)
-                with self._lock:
-                    self.stats["unknown_ids"][table] += int(missing.sum())
+                    self.stats["looked_up"][table] += int(looked_up)
+                    self.stats["unknown_ids"][table] += n_missing
                 n_ids += keys.size
             rows[table] = out
         for name in self.features:  # features no table reads still have a length input
             lengths.setdefault(name, np.zeros(padded, np.int32))
-        dense_p = np.concatenate([dense, np.zeros((padded - b, self.n_dense), np.float32)])
+        dense_p = dense if padded == b else np.concatenate([dense, np.zeros((padded - b, self.n_dense), np.float32)])
         with self._lock:
             params, rate = self.params, self.negative_rate
         logits = np.asarray(jax.device_get(self.model(params, rows, lengths, dense_p)))[:b].astype(np.float32)
@@ -420,7 +443,7 @@ def add_metrics(m, predictor: Predictor) -> None:
                     "dense_error": predictor.stats["dense_errors"]}
 
     m.counter("monolith_predictions", "examples scored", stat("predictions"))
-    m.counter("monolith_table_rows_looked_up", "unique ids looked up in the serving PS, by table",
+    m.counter("monolith_table_rows_looked_up", "ids looked up (unique ones, from a serving PS), by table",
               stat("looked_up"), "table")
     m.counter("monolith_unknown_ids", "ids the serving PS did not hold (read as zeros), by table",
               stat("unknown_ids"), "table")
