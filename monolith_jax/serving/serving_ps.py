@@ -97,17 +97,19 @@ def rows_fingerprint(keys: np.ndarray, values: np.ndarray) -> int:
     row whose key or any value bit differs (or one more or less) changes it.
     How a pusher checks that the rows it does not send are the server's."""
     keys = np.ascontiguousarray(keys, np.uint64)
+    if not keys.size:
+        return 0
     bits = np.ascontiguousarray(values, np.float32).reshape(keys.size, -1).view(np.uint32)
     mult = (np.arange(1, bits.shape[1] + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)) | np.uint64(1)
-    total = np.uint64(0)
+    total = 0
     for s in range(0, keys.size, _FP_CHUNK):  # bounded temporaries
         h = (bits[s:s + _FP_CHUNK].astype(np.uint64) * mult).sum(axis=1, dtype=np.uint64)
         h ^= keys[s:s + _FP_CHUNK] * np.uint64(0xBF58476D1CE4E5B9)
         h ^= h >> np.uint64(31)
         h *= np.uint64(0x94D049BB133111EB)
         h ^= h >> np.uint64(29)
-        total += h.sum(dtype=np.uint64)
-    return int(total)
+        total = (total + int(h.sum(dtype=np.uint64))) % (1 << 64)   # sums of arrays wrap silently
+    return total
 
 
 def dense_spec_of(named: dict) -> dict:

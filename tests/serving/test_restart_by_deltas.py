@@ -170,3 +170,21 @@ def test_a_trainer_resumed_from_the_snapshot_the_server_loaded_sends_deltas_from
             stop(ps)
     finally:
         snaps.close()
+
+
+def test_rows_fingerprint_is_order_free_additive_and_sees_one_bit():
+    from monolith_jax.serving.serving_ps import rows_fingerprint
+
+    rng = np.random.default_rng(0)
+    keys = rng.integers(0, 2**64, 300_000, dtype=np.uint64)   # more than one chunk
+    values = rng.normal(size=(keys.size, 5)).astype(np.float32)
+    whole = rows_fingerprint(keys, values)
+    order = rng.permutation(keys.size)
+    assert rows_fingerprint(keys[order], values[order]) == whole
+    assert (rows_fingerprint(keys[:1000], values[:1000]) + rows_fingerprint(keys[1000:], values[1000:])) \
+        % (1 << 64) == whole
+    changed = values.copy()
+    changed[7, 2] = np.nextafter(changed[7, 2], np.float32(np.inf))
+    assert rows_fingerprint(keys, changed) != whole
+    assert rows_fingerprint(keys[1:], values[1:]) != whole
+    assert rows_fingerprint(keys[:0], values[:0]) == 0
