@@ -29,6 +29,23 @@ def _s(stats: dict, key: str) -> str:
     return f"{stats[key]:.3f} s" if stats.get("n") else "-"
 
 
+SETUPS = "two-hop:1.0,one-hop:0.5"
+
+
+def parse_setups(text: str) -> list:
+    """'two-hop:1.0,one-hop:0.5' -> [(one_hop, sync interval s), ...]."""
+    out = []
+    for part in text.split(","):
+        kind, _, interval = part.strip().partition(":")
+        if kind not in ("two-hop", "one-hop"):
+            raise SystemExit(f"--setups: {part!r} is not two-hop:SECONDS or one-hop:SECONDS")
+        try:
+            out.append((kind == "one-hop", float(interval)))
+        except ValueError:
+            raise SystemExit(f"--setups: {part!r} has no sync interval in seconds") from None
+    return out
+
+
 def report(r, sync_interval) -> None:
     f, c, t, st = r["freshness_s"], r["sync_cost"], r["trained"], r["stages_s"]
     print(f"trained {t['examples']:,} examples; {t['sync']['pushes']} sparse pushes "
@@ -55,7 +72,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rate", type=float, default=3000.0, help="replayed messages per second")
     p.add_argument("--seconds", type=float, default=120.0, help="length of the replay")
-    p.add_argument("--sync-interval", type=float, default=1.0, help="seconds between sparse syncs")
+    p.add_argument("--setups", default=SETUPS,
+                   help="live loops to run, one after another: two-hop (trainer -> serving PS -> predictor) or "
+                        "one-hop (trainer -> predictor holding the tables), each with its sparse sync interval")
     p.add_argument("--dense-interval", type=float, default=10.0, help="seconds between dense syncs")
     p.add_argument("--probe-every", type=float, default=0.25, help="seconds between probes")
     p.add_argument("--warmup", type=float, default=15.0, help="seconds of replay before the first probe")
@@ -72,26 +91,32 @@ def main(argv=None):
 
     ratings = load_movielens_1m()
 
-    def serve_phase(ps_port, pred_port, trained):
-        rows = max(int(run.sync_cost(trained["sync_history"]).get("rows_per_sync_median", 1000)), 1)
-        print(f"\nServing (one client, closed loop), without and with a sync load of {rows:,} touched rows "
-              f"per second and dense params every {args.dense_interval:.0f} s:")
-        return run.serving(ratings, ps_port, pred_port, rows, args.serving_seconds)
+    def serve_phase(interval):
+        def phase(ps_port, pred_port, trained):
+            rows = max(int(run.sync_cost(trained["sync_history"]).get("rows_per_sync_median", 1000)), 1)
+            print(f"\nServing (one client, closed loop), without and with a sync load of {rows:,} touched rows "
+                  f"every {interval:g} s and dense params every {args.dense_interval:.0f} s:")
+            return run.serving(ratings, ps_port, pred_port, rows, args.serving_seconds, interval_s=interval)
+        return phase
 
     results = {}
     kinds = ["embedded", "process"] if args.broker == "both" else [args.broker]
     for kind in kinds:
-        print(f"\nFreshness on {'a broker process (tansu)' if kind == 'process' else 'the embedded cluster'}: "
-              "MovieLens-1M replay -> joiner -> trainer -> serving PS -> predictor")
-        with (BrokerProcess() if kind == "process" else contextlib.nullcontext()) as bootstrap:
-            try:
-                r = run.freshness(ratings, args.rate, args.seconds, args.sync_interval, args.dense_interval,
-                                  args.probe_every, args.warmup, bootstrap=bootstrap,
-                                  keep_serving=serve_phase if kind == kinds[0] else None)
-            except run.NothingServed as err:
-                raise SystemExit(f"experiments.serving ({kind} broker): {err}") from None
-        report(r, args.sync_interval)
-        results[kind] = r
+        for one_hop, interval in parse_setups(args.setups):
+            path = "trainer -> predictor holding the tables" if one_hop else "trainer -> serving PS -> predictor"
+            print(f"\nFreshness on {'a broker process (tansu)' if kind == 'process' else 'the embedded cluster'}, "
+                  f"{'one' if one_hop else 'two'} hop{'' if one_hop else 's'}, sync every {interval} s: "
+                  f"MovieLens-1M replay -> joiner -> {path}")
+            with (BrokerProcess() if kind == "process" else contextlib.nullcontext()) as bootstrap:
+                try:
+                    r = run.freshness(ratings, args.rate, args.seconds, interval, args.dense_interval,
+                                      args.probe_every, args.warmup, bootstrap=bootstrap,
+                                      keep_serving=serve_phase(interval) if kind == kinds[0] else None,
+                                      one_hop=one_hop)
+                except run.NothingServed as err:
+                    raise SystemExit(f"experiments.serving ({kind} broker): {err}") from None
+            report(r, interval)
+            results[f"{kind}/{'one' if one_hop else 'two'}-hop-{interval:g}s"] = r
     path = os.path.join(out_dir, "results.json")
     with open(path, "w") as fh:
         json.dump(results, fh, indent=1, default=float)

@@ -314,10 +314,14 @@ def produce_paced(bootstrap: str, stream, rate: float, seconds: float, prober: P
 
 def freshness(ratings, rate: float = 3000.0, seconds: float = 120.0, sync_interval_s: float = 1.0,
               dense_interval_s: float = 10.0, probe_every_s: float = 0.25, warmup_s: float = 15.0,
-              workdir: str | None = None, out=print, keep_serving=None, bootstrap: str | None = None) -> dict:
+              workdir: str | None = None, out=print, keep_serving=None, bootstrap: str | None = None,
+              one_hop: bool = False) -> dict:
     """Runs the live loop with probes. With `keep_serving(ps_port, predictor_port)`,
-    calls it after the loop (trainer done, serving still up) before tearing down."""
+    calls it after the loop (trainer done, serving still up) before tearing down.
+    one_hop: no serving PS; the predictor holds the tables (`--tables local`)
+    and the trainer pushes to it (ps_port is then the predictor's)."""
     from monolith_jax.examples.movielens.loop import joiner_command
+    from monolith_jax.online.demo import free_port
 
     workdir = workdir or tempfile.mkdtemp(prefix="monolith-serving-")
     model_dir = os.path.join(workdir, "model")
@@ -332,9 +336,12 @@ def freshness(ratings, rate: float = 3000.0, seconds: float = 120.0, sync_interv
         bootstrap = bootstrap or kafka.bootstrap
         K.ensure_topics(bootstrap, {t: K.EMBEDDED_PARTITIONS for t in K.TOPICS.values()})
         try:
-            ps, ps_port = start([sys.executable, "-m", "monolith_jax.serving.serving_ps", "--table", f"ids:{ROW_DIM}"],
-                                "listening on", logs["ps"])
-            procs.append(ps)
+            if one_hop:  # the predictor's port, known before it starts: the trainer pushes there
+                ps_port = free_port()
+            else:
+                ps, ps_port = start([sys.executable, "-m", "monolith_jax.serving.serving_ps", "--table",
+                                     f"ids:{ROW_DIM}"], "listening on", logs["ps"])
+                procs.append(ps)
             ps_addr = f"127.0.0.1:{ps_port}"
             trainer = subprocess.Popen(
                 [sys.executable, "-m", "monolith_jax.online.train", "--job", "monolith_jax.examples.movielens.job:job", "--bootstrap", bootstrap, "--group",
@@ -350,7 +357,8 @@ def freshness(ratings, rate: float = 3000.0, seconds: float = 120.0, sync_interv
                     raise RuntimeError("the trainer wrote no export:\n" + "".join(logs["trainer"][-20:]))
                 time.sleep(0.2)
             pred, pred_port = start([sys.executable, "-m", "monolith_jax.serving.predictor", "--model", model_dir,
-                                     "--serving-ps", ps_addr], "listening on", logs["predictor"])
+                                     *(["--tables", "local", "--port", str(ps_port)] if one_hop else
+                                       ["--serving-ps", ps_addr])], "listening on", logs["predictor"])
             procs.append(pred)
             joiner = subprocess.Popen(
                 joiner_command(bootstrap, 60.0, 0.5, group + "-joiner", emit_positives="on_action"),
@@ -361,11 +369,12 @@ def freshness(ratings, rate: float = 3000.0, seconds: float = 120.0, sync_interv
             prober = Prober(f"127.0.0.1:{pred_port}", ps_addr, bootstrap, group + "-watcher")
             out(f"replaying at {rate:,.0f} messages/s for {seconds:.0f} s, a probe every {probe_every_s} s "
                 f"after {warmup_s:.0f} s; sparse sync every {sync_interval_s} s, dense every {dense_interval_s} s")
+            names = ("trainer", "predictor", "joiner") if one_hop else ("ps", "trainer", "predictor", "joiner")
             cpu0 = {"bench": cpu_seconds(by_thread=True), **{name: cpu_seconds(p.pid) for name, p in
-                                                               zip(("ps", "trainer", "predictor", "joiner"), procs)}}
+                                                               zip(names, procs)}}
             produced = produce_paced(bootstrap, stream, rate, seconds, prober, probe_every_s, run_id, warmup_s, out)
             cpu1 = {"bench": cpu_seconds(by_thread=True), **{name: cpu_seconds(p.pid) for name, p in
-                                                               zip(("ps", "trainer", "predictor", "joiner"), procs)}}
+                                                               zip(names, procs)}}
             cpu = {f"{name}/{k}": round((v - cpu0[name].get(k, 0.0)) / produced["seconds"], 3)
                    for name in cpu1 for k, v in cpu1[name].items() if v - cpu0[name].get(k, 0.0) > 0.01}
             prober.finish(wait_s=30)
@@ -392,7 +401,7 @@ def freshness(ratings, rate: float = 3000.0, seconds: float = 120.0, sync_interv
     # What follows Kafka: example in the topic -> prediction using the row.
     stages["example_to_served"] = percentiles([prober.latency[p] - st["example"] for p, st in prober.stages.items()
                                                if "example" in st and p in prober.latency])
-    return {"cores_used": cpu, "stages_s": stages, "probe_stages": prober.stages, "log_tails": {k: v[-5:] for k, v in logs.items()},"rate": rate, "seconds": seconds, "sync_interval_s": sync_interval_s, "dense_interval_s": dense_interval_s,
+    return {"cores_used": cpu, "stages_s": stages, "probe_stages": prober.stages, "log_tails": {k: v[-5:] for k, v in logs.items()},"rate": rate, "seconds": seconds, "one_hop": one_hop, "sync_interval_s": sync_interval_s, "dense_interval_s": dense_interval_s,
             "produced": produced, "freshness_s": percentiles(lat), "missed_probes": len(prober.missed),
             "latencies": lat, "trained": {k: v for k, v in trained.items() if k != "sync_history"},
             "sync_cost": sync_cost(trained["sync_history"]), "serving": extra}
@@ -457,22 +466,30 @@ def closed_loop(address: str, batches: list, seconds: float) -> dict:
                                                                        for k, v in percentiles(lat).items()}}
 
 
-def serving(ratings, ps_port: int, pred_port: int, rows_per_sync: int, seconds: float = 10.0,
-            out=print) -> dict:
-    """Batch 1 and 256 through the predictor, without and with syncs arriving."""
-    address = f"127.0.0.1:{pred_port}"
+def save_keys(ratings, directory: str) -> str:
+    """Writes the table keys of every MovieLens id (each feature's id space) to keys.npy; returns its path."""
     users, items = R.entity_keys(ratings)
-    keys_path = os.path.join(tempfile.mkdtemp(prefix="monolith-sync-load-"), "keys.npy")
-    feats = {f.name: f for f in R.movielens_features()}   # the rows' keys: each feature's id space
+    keys_path = os.path.join(directory, "keys.npy")
+    feats = {f.name: f for f in R.movielens_features()}
     np.save(keys_path, np.unique(np.concatenate([feats[n].keys(v) for n, v in users.items()] +
                                                 [feats[n].keys(items[n]) for n in ("movie", "year")] +
                                                 [feats["genres"].keys(np.concatenate(items["genres"]))])))
+    return keys_path
+
+
+def serving(ratings, ps_port: int, pred_port: int, rows_per_sync: int, seconds: float = 10.0,
+            out=print, interval_s: float = 1.0) -> dict:
+    """Batch 1 and 256 through the predictor, without and with syncs arriving
+    (pushed to `ps_port`: the serving PS, or a one-hop predictor itself)."""
+    address = f"127.0.0.1:{pred_port}"
+    keys_path = save_keys(ratings, tempfile.mkdtemp(prefix="monolith-sync-load-"))
     result = {}
     for label in ("no_syncs", "syncs"):
         load = None
         if label == "syncs":
             load, _ = start([sys.executable, "-m", "experiments.serving.sync_load", "--serving-ps",
-                             f"127.0.0.1:{ps_port}", "--rows", str(rows_per_sync), "--keys", keys_path],
+                             f"127.0.0.1:{ps_port}", "--rows", str(rows_per_sync), "--keys", keys_path,
+                             "--interval", str(interval_s)],
                             "pushing to")
             time.sleep(3)  # its first (full) push is in; deltas from here on
         try:

@@ -1,6 +1,7 @@
 """The predictor: features of a batch of requests -> probabilities.
 
-    monolith predictor --model DIR --serving-ps HOST:PORT [--port P]
+    monolith predictor --model DIR --serving-ps HOST:PORT [--port P]     # two hops: rows from a serving PS
+    monolith predictor --model DIR --tables local [--snapshot-dir D]     # one hop: the rows in this process
 
     client = PredictorClient("127.0.0.1:P")
     client.predict([{"user": "user:42", "movie": "movie:Heat (1995)", "genres": []}, ...])  # -> probabilities
@@ -16,6 +17,14 @@ INVALID_ARGUMENT naming it. A dense value that is not finite (the dict
 client sends NaN for one left out) is INVALID_ARGUMENT naming the feature
 and the count, unless the feature declares a `fill`: then it is filled
 and counted (`dense_filled` in the stats).
+
+With `--tables local` the predictor holds the serving tables itself (a
+`serving_ps.ServingTables`, the serving PS's own state) and also answers
+the serving PS's service (Push, Version, Lookup, PushDense, GetDense) on
+its port: trainers push to it with `SyncPusher` exactly as to a serving
+PS, and a request reads the rows in process, with no second hop. The
+separate serving PS stays for tables larger than one predictor holds (and
+for several predictors sharing one copy).
 
 One request: per table, the ids of the features that read it are looked up
 in one batched call to the serving PS (unique ids only) -> the rows, in the
@@ -90,8 +99,10 @@ class Predictor:
     """The service's work, usable in-process: `predict_arrays` and the
     dense-param refresh."""
 
-    def __init__(self, export_dir: str, serving_ps: str, dense_poll_s: float = 0.5, timeout_s: float = 5.0,
-                 security=None, log_every_s: float = 60.0):
+    def __init__(self, export_dir: str, serving_ps: str | None, dense_poll_s: float = 0.5, timeout_s: float = 5.0,
+                 security=None, log_every_s: float = 60.0, local=None):
+        """serving_ps: HOST:PORT of the serving PS; or local: the serving
+        tables in this process (a `serving_ps.ServingTables`), serving_ps None."""
         import jax
 
         from monolith_jax.serving.export import load_exported
@@ -109,6 +120,18 @@ class Predictor:
         self.dense_features = [DenseFeature(d["name"], d.get("column"), d.get("fill"))
                                for d in spec["dense_features"]]
         self.tables = spec["tables"]
+        from monolith_jax.sparse.keys import space_salt
+
+        # Per table, what a request's ids become: (source, feature, max_len,
+        # first slot, the id space's salt) per feature, and the slots' width.
+        self._layout = {}
+        for table, meta in self.tables.items():
+            feats, start = [], 0
+            for name in meta["features"]:
+                f = self.features[name]
+                feats.append((_source(f), name, int(f["max_len"]), start, np.uint64(space_salt(f["id_space"]))))
+                start += int(f["max_len"])
+            self._layout[table] = (feats, start, int(meta["dim"]))
         self.n_dense = len(spec["dense_features"])
         self.max_batch = int(spec["max_batch"])
         self.negative_rate = float(spec["negative_rate"])
@@ -118,8 +141,12 @@ class Predictor:
         self.dense_updated_s = time.monotonic()
         self.timeout_s = timeout_s
         self.dense_poll_s = dense_poll_s
-        self._channel = channel(serving_ps, security)
-        self._ps = pbg.ServingPSStub(self._channel)
+        if (serving_ps is None) == (local is None):
+            raise ValueError("a predictor reads its rows from a serving PS (serving_ps) or from local tables, "
+                             "one of them")
+        self.local = local
+        self._channel = channel(serving_ps, security) if local is None else None
+        self._ps = pbg.ServingPSStub(self._channel) if local is None else None
         self._lock = threading.Lock()
         self._log = _Every(log_every_s)
         self.stats = {"requests": 0, "predictions": 0, "ids": 0, "dense_updates": 0, "bad_requests": 0,
@@ -159,8 +186,9 @@ class Predictor:
         with self._lock:
             self.stats["dense_polls"] += 1
         try:
-            reply = self._ps.GetDense(pb.DenseRequest(have=self._seen_version), timeout=self.timeout_s,
-                                      wait_for_ready=wait)
+            reply = (self.local.get_dense(self._seen_version) if self.local is not None else
+                     self._ps.GetDense(pb.DenseRequest(have=self._seen_version), timeout=self.timeout_s,
+                                       wait_for_ready=wait))
         except grpc.RpcError as err:
             self._log.warning(log, "serving PS dense params: %s", err.code().name)
             return False
@@ -190,7 +218,8 @@ class Predictor:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(5)
-        self._channel.close()
+        if self._channel is not None:
+            self._channel.close()
 
     # --------------------------------------------------------- predict
     def check(self, ids: dict, dense, batch_size: int) -> tuple[dict, np.ndarray]:
@@ -247,7 +276,7 @@ class Predictor:
         every source the model reads (lengths 0: no ids). Returns
         probabilities, logits (the model's own) and unknown (ids per
         request the serving PS lacks)."""
-        from monolith_jax.sparse.keys import space_keys
+        from monolith_jax.sparse.keys import fmix64
 
         import jax
 
@@ -259,43 +288,54 @@ class Predictor:
         unknown = np.zeros(b, np.int32)
         rows, lengths = {}, {}
         n_ids = 0
-        for table, meta in self.tables.items():
-            feats = [self.features[f] for f in meta["features"]]
-            width = sum(f["max_len"] for f in feats)
-            out = np.zeros((padded, width, meta["dim"]), np.float32)
-            slots, keys, owners = [], [], []
-            start = 0
-            for f in feats:
-                flat, lens = ids[_source(f)]
-                kept = np.minimum(lens, f["max_len"])
-                lengths[f["name"]] = np.concatenate([kept, np.zeros(padded - b, np.int32)])
-                pos = np.arange(f["max_len"])
+        for table, (feats, width, dim) in self._layout.items():
+            out = np.zeros((padded, width, dim), np.float32)
+            raws, salts, reqs, cols = [], [], [], []
+            for source, name, max_len, start, salt in feats:
+                flat, lens = ids[source]
+                if b == 1:   # one request: its first max_len ids, in slots start, start + 1, ...
+                    k = min(int(lens[0]), max_len)
+                    lengths[name] = np.full(1, k, np.int32)   # a batch of 1 is its own bucket
+                    if k:
+                        raws.append(flat[:k])
+                        salts.append(np.full(k, salt, np.uint64))
+                        reqs.append(np.zeros(k, np.intp))
+                        cols.append(np.arange(start, start + k))
+                    continue
+                kept = np.minimum(lens, max_len)
+                lengths[name] = np.concatenate([kept, np.zeros(padded - b, np.int32)])
+                pos = np.arange(max_len)
                 take = pos[None, :] < kept[:, None]               # (b, max_len): the ids kept
                 offsets = np.concatenate([[0], np.cumsum(lens)])[:-1]
                 src = (offsets[:, None] + pos[None, :])[take]
                 req, col = np.nonzero(take)
-                slots.append((req, start + col))
-                keys.append(space_keys(flat[src], f["id_space"]))  # as the trainer keyed them
-                owners.append(req)
-                start += f["max_len"]
-            keys = np.concatenate(keys) if keys else np.zeros(0, np.uint64)
-            if keys.size:
-                uniq, inverse = np.unique(keys, return_inverse=True)
-                values, found = self._lookup(table, uniq, meta["dim"])
+                raws.append(flat[src])
+                salts.append(np.full(src.size, salt, np.uint64))
+                reqs.append(req)
+                cols.append(start + col)
+            if raws:
+                # As the trainer keyed them (`space_keys`): fmix64(id ^ salt of its space), in one pass.
+                keys = fmix64(np.concatenate(raws) ^ np.concatenate(salts))
+                req, col = np.concatenate(reqs), np.concatenate(cols)
+                if self.local is not None:   # in process: duplicates cost nothing to look up
+                    values, found = self._lookup(table, keys, dim)
+                    looked_up = keys.size
+                else:
+                    uniq, inverse = np.unique(keys, return_inverse=True)
+                    values, found = self._lookup(table, uniq, dim)
+                    values, found, looked_up = values[inverse], found[inverse], uniq.size
+                out[req, col] = values
+                n_missing = keys.size - int(np.count_nonzero(found))
+                if n_missing:
+                    unknown += np.bincount(req[~found], minlength=b).astype(np.int32)
                 with self._lock:
-                    self.stats["looked_up"][table] += int(uniq.size)
-                req = np.concatenate([s[0] for s in slots])
-                col = np.concatenate([s[1] for s in slots])
-                out[req, col] = values[inverse]
-                missing = ~found[inverse]
-                np.add.at(unknown, req[missing], 1)
-                with self._lock:
-                    self.stats["unknown_ids"][table] += int(missing.sum())
+                    self.stats["looked_up"][table] += int(looked_up)
+                    self.stats["unknown_ids"][table] += n_missing
                 n_ids += keys.size
             rows[table] = out
         for name in self.features:  # features no table reads still have a length input
             lengths.setdefault(name, np.zeros(padded, np.int32))
-        dense_p = np.concatenate([dense, np.zeros((padded - b, self.n_dense), np.float32)])
+        dense_p = dense if padded == b else np.concatenate([dense, np.zeros((padded - b, self.n_dense), np.float32)])
         with self._lock:
             params, rate = self.params, self.negative_rate
         logits = np.asarray(jax.device_get(self.model(params, rows, lengths, dense_p)))[:b].astype(np.float32)
@@ -307,8 +347,12 @@ class Predictor:
         return {"probabilities": probs, "logits": logits, "unknown": unknown, "dense_version": self.dense_version}
 
     def _lookup(self, table: str, keys: np.ndarray, dim: int):
-        """Rows of `keys` from the serving PS, in calls whose replies fit a message."""
+        """Rows of `keys` from the local tables, or from the serving PS in
+        calls whose replies fit a message."""
         from monolith_jax.rpc import serving_pb2 as pb
+
+        if self.local is not None:
+            return self.local.lookup(table, keys)
 
         step = max(wire.MAX_PAYLOAD_BYTES // (dim * 4 + 1), 1)
         values, found = np.empty((keys.size, dim), np.float32), np.empty(keys.size, bool)
@@ -399,7 +443,7 @@ def add_metrics(m, predictor: Predictor) -> None:
                     "dense_error": predictor.stats["dense_errors"]}
 
     m.counter("monolith_predictions", "examples scored", stat("predictions"))
-    m.counter("monolith_table_rows_looked_up", "unique ids looked up in the serving PS, by table",
+    m.counter("monolith_table_rows_looked_up", "ids looked up (unique ones, from a serving PS), by table",
               stat("looked_up"), "table")
     m.counter("monolith_unknown_ids", "ids the serving PS did not hold (read as zeros), by table",
               stat("unknown_ids"), "table")
@@ -410,23 +454,43 @@ def add_metrics(m, predictor: Predictor) -> None:
     m.counter("monolith_refusals", "requests and dense params refused, by reason", refusals, "reason")
 
 
-def serve(export_dir: str, serving_ps: str, port: int = 0, host: str = "127.0.0.1", workers: int = 8,
-          warmup: bool = True, dense_poll_s: float = 0.5, *, security=None, metrics_port: int | None = None):
+def serve(export_dir: str, serving_ps: str | None, port: int = 0, host: str = "127.0.0.1", workers: int = 8,
+          warmup: bool = True, dense_poll_s: float = 0.5, *, security=None, metrics_port: int | None = None,
+          local_tables: bool = False, snapshot_dir: str | None = None, limits=None):
     """Starts the service; returns (grpc server, bound port, predictor).
     `predictor.metrics` holds its metrics (served over HTTP on 127.0.0.1
-    with `metrics_port`)."""
+    with `metrics_port`). local_tables (serving_ps None): the serving
+    tables live in this process (`predictor.local`, first filled from the
+    newest trainer snapshot in `snapshot_dir`, if given) and the port also
+    answers the serving PS's service, for trainers' pushes."""
     from monolith_jax.rpc import serving_pb2_grpc as pbg
     from monolith_jax.rpc.metrics import start as start_metrics
+    from monolith_jax.serving import serving_ps as sps
 
     wire.check_bind(host, security)   # before the model loads and compiles
-    predictor = Predictor(export_dir, serving_ps, dense_poll_s=dense_poll_s, security=security)
+    state = None
+    if local_tables:
+        if serving_ps is not None:
+            raise ValueError("local tables or a serving PS, not both")
+        state = sps.ServingTables(sps.tables_of_export(export_dir), dense_spec=sps.dense_spec_of_export(export_dir),
+                                  limits=limits)
+        if snapshot_dir:
+            step = state.load_snapshot(snapshot_dir)
+            log.info("local serving tables from snapshot %s in %s", step, snapshot_dir)
+    elif snapshot_dir:
+        raise ValueError("--snapshot-dir fills local tables (--tables local); a serving PS loads its own")
+    predictor = Predictor(export_dir, serving_ps, dense_poll_s=dense_poll_s, security=security, local=state)
     if warmup:
         predictor.warmup()
     predictor.start()
     predictor.metrics = start_metrics(metrics_port, lambda m: add_metrics(m, predictor))
     try:
-        server, bound = start_server(lambda s: pbg.add_PredictorServicer_to_server(make_servicer(predictor), s),
-                                     host, port, workers, security=security, metrics=predictor.metrics)
+        def add(s):
+            pbg.add_PredictorServicer_to_server(make_servicer(predictor), s)
+            if state is not None:   # the pushes of trainers, as a serving PS takes them
+                pbg.add_ServingPSServicer_to_server(sps.make_servicer(state), s)
+
+        server, bound = start_server(add, host, port, workers, security=security, metrics=predictor.metrics)
     except BaseException:
         predictor.metrics.close()
         predictor.close()
@@ -519,7 +583,13 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="monolith predictor", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", required=True, help="folder written by monolith_jax.serving.export.export_model")
-    p.add_argument("--serving-ps", required=True, help="HOST:PORT of the serving PS")
+    rows = p.add_mutually_exclusive_group(required=True)
+    rows.add_argument("--serving-ps", default=None, help="HOST:PORT of the serving PS (two hops)")
+    rows.add_argument("--tables", choices=["local"], default=None,
+                      help="local: hold the serving tables in this process (one hop); trainers push to this "
+                           "predictor's port as to a serving PS")
+    p.add_argument("--snapshot-dir", default=None,
+                   help="with --tables local: start from the newest trainer snapshot here")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (loopback unless told otherwise; another address needs a token)")
     p.add_argument("--port", type=int, default=0, help="0: any free port (printed)")
@@ -532,7 +602,8 @@ def main(argv=None) -> int:
     try:
         server, port, predictor = serve(args.model, args.serving_ps, args.port, args.host, args.workers,
                                         dense_poll_s=args.dense_poll, security=security,
-                                        metrics_port=args.metrics_port)
+                                        metrics_port=args.metrics_port, local_tables=args.tables == "local",
+                                        snapshot_dir=args.snapshot_dir)
     except (ValueError, OSError) as err:
         raise SystemExit(f"monolith predictor: {err}") from None
     if predictor.metrics.port is not None:

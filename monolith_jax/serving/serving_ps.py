@@ -88,6 +88,30 @@ def rows_from_proto(rows, dims: dict) -> tuple[str, np.ndarray, np.ndarray]:
     return rows.table, keys, values
 
 
+_FP_CHUNK = 1 << 18
+
+
+def rows_fingerprint(keys: np.ndarray, values: np.ndarray) -> int:
+    """A 64-bit fingerprint of a set of rows (keys, float32 values),
+    independent of their order: the same rows give the same number, and a
+    row whose key or any value bit differs (or one more or less) changes it.
+    How a pusher checks that the rows it does not send are the server's."""
+    keys = np.ascontiguousarray(keys, np.uint64)
+    if not keys.size:
+        return 0
+    bits = np.ascontiguousarray(values, np.float32).reshape(keys.size, -1).view(np.uint32)
+    mult = (np.arange(1, bits.shape[1] + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)) | np.uint64(1)
+    total = 0
+    for s in range(0, keys.size, _FP_CHUNK):  # bounded temporaries
+        h = (bits[s:s + _FP_CHUNK].astype(np.uint64) * mult).sum(axis=1, dtype=np.uint64)
+        h ^= keys[s:s + _FP_CHUNK] * np.uint64(0xBF58476D1CE4E5B9)
+        h ^= h >> np.uint64(31)
+        h *= np.uint64(0x94D049BB133111EB)
+        h ^= h >> np.uint64(29)
+        total = (total + int(h.sum(dtype=np.uint64))) % (1 << 64)   # sums of arrays wrap silently
+    return total
+
+
 def dense_spec_of(named: dict) -> dict:
     """name -> (shape, dtype name) of a set of dense params."""
     return {n: (tuple(int(d) for d in a.shape), a.dtype.name) for n, a in named.items()}
@@ -105,6 +129,10 @@ def check_dense(named: dict, spec: dict, source: str) -> None:
         if tuple(a.shape) != shape or a.dtype.name != dt:
             raise RequestError(f"dense param {n!r}: {a.dtype.name}{list(a.shape)}, the model served ({source}) "
                                f"has {dt}{list(shape)}")
+
+
+class SnapshotMismatch(RequestError):
+    """A since-snapshot push whose rows not sent are not the snapshot's others."""
 
 
 class ServingTables:
@@ -134,6 +162,9 @@ class ServingTables:
         self._count_lock = threading.Lock()
         self.started_s = time.monotonic()
         self.last_push_s = None    # monotonic time of the last push applied
+        # (step, {table: (clock, rows, fingerprint of them all)}) of the
+        # trainer snapshot loaded at start (None: none, or shards').
+        self.snapshot = None
 
     def _new(self, name: str) -> EmbeddingTable:
         # Values only: SGD keeps no optimizer slots, and a serving table is never applied to.
@@ -217,7 +248,8 @@ class ServingTables:
             now = time.monotonic()
             if entry is None:
                 entry = self._pending[key] = {"full": req.full, "parts": [], "shard": (req.shard, req.shards),
-                                              "bytes": 0, "touched": now}
+                                              "bytes": 0, "touched": now,
+                                              "since": req.since_snapshot if req.HasField("since_snapshot") else None}
             entry["parts"].extend(parts)
             entry["bytes"] += n_bytes
             entry["touched"] = now
@@ -243,8 +275,35 @@ class ServingTables:
         with self._write_lock:
             return self._apply_one(entry)
 
+    def _check_since(self, since, parts) -> None:
+        """Refuses (SnapshotMismatch) a since-snapshot push unless the rows
+        it does not carry are the snapshot's others: the snapshot's count
+        and fingerprint less those of its rows the push replaces are the
+        pusher's unchanged rows'. Under the write lock, before anything is
+        applied."""
+        with self._lock:
+            held = self.snapshot if not self.applied else None
+        if held is None or held[0] != since.step:
+            raise SnapshotMismatch(f"a push of the rows changed since snapshot {since.step}, but this server holds "
+                                   f"{'no snapshot' if held is None else f'snapshot {held[0]}'} unchanged")
+        sent: dict = {}
+        for table, keys, _ in parts:
+            sent.setdefault(table, []).append(keys)
+        for table, (_, rows, fp) in held[1].items():
+            keys = np.unique(np.concatenate(sent.get(table, [np.zeros(0, np.uint64)])))
+            old, found = self.tables[table].find(keys)
+            rest_rows = rows - int(found.sum())
+            rest_fp = (fp - rows_fingerprint(keys[found], old[found])) % (1 << 64)
+            if rest_rows != since.unchanged_rows.get(table, -1) or \
+                    rest_fp != since.unchanged_fingerprint.get(table, rest_fp ^ 1):
+                raise SnapshotMismatch(f"table {table!r}: the rows not sent are not snapshot {since.step}'s "
+                                       f"({since.unchanged_rows.get(table, 0)} sent as unchanged, {rest_rows} "
+                                       f"here, or their values differ): send a full copy")
+
     def _apply_one(self, entry) -> int:
         n = 0
+        if entry.get("since") is not None:
+            self._check_since(entry["since"], entry["parts"])
         if entry["full"]:
             names = {t for t, _, _ in entry["parts"]}
             fresh = {name: self._new(name) for name in names}
@@ -282,6 +341,7 @@ class ServingTables:
                         if re.fullmatch(r"ps-\d+-of-\d+", d))
         if shards:
             steps = [self.load_snapshot(os.path.join(directory, d)) for d in shards]
+            self.snapshot = None   # shards' snapshots of different steps: their pushers send full copies
             return max((s for s in steps if s is not None), default=None)
         snaps = Snapshots(directory, every_s=None, read_only=True)  # a reader: the trainer writes there
         try:
@@ -291,6 +351,7 @@ class ServingTables:
         if found is None:
             return None
         step, _, tables, meta = found
+        clocks = {}
         for i, name in enumerate(meta["names"]["tables"]):
             if name in self.dims:
                 dump = tables[f"t{i}"]
@@ -298,7 +359,18 @@ class ServingTables:
                     raise ValueError(f"snapshot table {name!r} has dim {dump['values'].shape[1]}, "
                                      f"this server {self.dims[name]}")
                 self.tables[name].assign(dump["keys"], dump["values"])
+                clocks[name] = (int(dump["clock"]), int(dump["keys"].size),
+                                rows_fingerprint(dump["keys"], dump["values"]))
+        self.snapshot = (int(step), clocks)
         return step
+
+    def snapshot_held(self):
+        """(step, {table: (clock, rows, fingerprint)}) of the snapshot
+        loaded at start while no push has been applied since (a pusher of
+        that snapshot's trainer then sends only the rows changed after it),
+        else None."""
+        with self._lock:
+            return self.snapshot if not self.applied else None
 
     def lookup(self, table: str, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         t = self.tables.get(table)
@@ -377,13 +449,18 @@ class ServingTables:
 
 
 def make_servicer(state: ServingTables):
+    import grpc
+
     from monolith_jax.rpc import serving_pb2 as pb
     from monolith_jax.rpc import serving_pb2_grpc as pbg
 
     class Servicer(pbg.ServingPSServicer):
         @guard
         def Push(self, request, context):
-            applied, rows = state.push(request)
+            try:
+                applied, rows = state.push(request)
+            except SnapshotMismatch as err:   # the pusher sends a full copy instead
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(err))
             return pb.PushReply(applied_sequence=applied, rows=rows)
 
         @guard
@@ -394,7 +471,13 @@ def make_servicer(state: ServingTables):
         @guard
         def Version(self, request, context):
             applied, rows, dense = state.version(expire=True)
-            return pb.VersionReply(applied=applied, rows=rows, dense_version=dense)
+            reply = pb.VersionReply(applied=applied, rows=rows, dense_version=dense)
+            held = state.snapshot_held()
+            if held is not None:
+                reply.snapshot.step = held[0]
+                for name, (clock, _, _) in held[1].items():
+                    reply.snapshot.clock[name] = clock
+            return reply
 
         @guard
         def PushDense(self, request, context):

@@ -14,7 +14,26 @@ A push that fails keeps its rows: they are merged with the next drain
 (newer values win) and sent again, under a new sequence (the server drops
 what it staged of the failed one), so no update is lost. Before each push the pusher asks the server's version:
 a server that has not applied this trainer's last push (it started late or
-restarted) first gets a full copy of every table, then deltas again.
+restarted) first gets a full copy of every table, then deltas again,
+unless it loaded a snapshot of this trainer (below).
+
+Restart by deltas: a server that reports in its version the trainer
+snapshot it loaded at start (`SnapshotHeld`, while it has applied no push
+since) gets only the rows changed since that snapshot, as a delta push, in
+place of a full copy: the rows whose `last_update` is at or above the
+snapshot's clock of their table. Every stamp in this project only grows
+(training steps, the running maximum of event time) and rows created by a
+lookup are stamped with the clock, so no row changed after the snapshot
+has a lower stamp; rows stamped with the clock itself before the snapshot
+are sent too (a few too many). The rows not sent must be the server's:
+the push carries the count and fingerprint (`serving_ps.rows_fingerprint`)
+of the pusher's rows stamped below the clock, and the server applies it
+only if they are those of the snapshot's rows the push does not replace
+(else FAILED_PRECONDITION, nothing applied). The pusher then sends a full
+copy at once, as it does when the server holds no snapshot or lacks a
+table, from training PS shards, and with `restart_by_deltas=False`: a
+snapshot of another model, of another run, or rows evicted since it, all
+end in a full copy.
 
 Dense params follow every `dense_interval_s` (given a `dense_source`: a
 callable returning (name -> array, negative rate)), and with every full
@@ -43,7 +62,8 @@ class SyncPusher:
     def __init__(self, tables: dict, address: str, trainer_id: str = "trainer-0", interval_s: float = 2.0,
                  dtype: str = "float32", max_rows_per_message: int = 65_536, timeout_s: float = 10.0,
                  dense_source=None, dense_interval_s: float = 30.0, history: int = 10_000,
-                 shard: tuple | None = None, max_message_bytes: int = 16 << 20, security=None):
+                 shard: tuple | None = None, max_message_bytes: int = 16 << 20, security=None,
+                 restart_by_deltas: bool = True):
         from monolith_jax.rpc import serving_pb2_grpc as pbg
         from monolith_jax.rpc.wire import MAX_PAYLOAD_BYTES, channel
 
@@ -60,6 +80,7 @@ class SyncPusher:
         # A training PS shard (shard, shards) pushes the rows of its keys: its
         # full copy replaces only those on the server.
         self.shard = shard or (0, 0)
+        self.restart_by_deltas = restart_by_deltas   # (the module docstring)
         self.interval_s = interval_s
         self.dtype = dtype
         self.max_rows = max(int(max_rows_per_message), 1)
@@ -70,7 +91,9 @@ class SyncPusher:
         self.sequence = 0          # last push this trainer made
         self.acknowledged = 0      # last push the server applied
         self.stats = {"pushes": 0, "full_copies": 0, "failures": 0, "rows": 0, "bytes": 0, "messages": 0,
-                      "dense_pushes": 0, "dense_bytes": 0, "dense_refused": 0}
+                      "dense_pushes": 0, "dense_bytes": 0, "dense_refused": 0,
+                      "since_snapshot": 0, "since_snapshot_rows": 0, "since_snapshot_bytes": 0,
+                      "since_snapshot_refused": 0}
         self.last_push_s = None    # monotonic time of the last applied push
         # One record per applied sparse push: (wall time, full, rows, bytes, rows in the tables then).
         import collections
@@ -148,13 +171,12 @@ class SyncPusher:
             self._fail(f"version: {err.code().name}")
             return False
         full = server_has < self.acknowledged or self.acknowledged == 0
-        if full:
-            # Drain first, then export: the copy holds every update up to the
-            # export, and updates after it are marked touched for the next push.
-            for name, t in self.tables.items():
-                t.drain_touched(self.dtype)
-                self._pending[name] = {}
-            parts = {name: t.export(self.dtype) for name, t in self.tables.items()}
+        since = self._since_snapshot(version) if full else None
+        if since is not None:
+            full = False   # the rows changed since the server's snapshot, as a delta
+            parts, since = since
+        elif full:
+            parts = self._full_parts()
         else:
             parts = {}
             for name, t in self.tables.items():
@@ -166,9 +188,21 @@ class SyncPusher:
         # server applied: its pushes would otherwise be refused as not newer.
         seq = self.sequence = max(self.sequence, server_has) + 1
         try:
-            n_bytes, n_msgs, rows = self._send(seq, full, parts)
+            try:
+                n_bytes, n_msgs, rows = self._send(seq, full, parts, since)
+            except grpc.RpcError as err:
+                if since is None or err.code() != grpc.StatusCode.FAILED_PRECONDITION:
+                    raise
+                # The server's other rows are not this trainer's: a full copy, now.
+                log.info("the serving PS refused the rows since its snapshot (%s); sending a full copy",
+                         err.details())
+                self.stats["since_snapshot_refused"] += 1
+                since, full = None, True
+                parts = self._full_parts()
+                seq = self.sequence = seq + 1
+                n_bytes, n_msgs, rows = self._send(seq, full, parts)
         except grpc.RpcError as err:
-            if not full:  # keep the rows for the next try
+            if not full and since is None:  # keep the rows for the next try (a copy is made whole again)
                 for name, (keys, values) in parts.items():
                     self._pending[name] = dict(zip(keys.tolist(), values))
             self._fail(f"push {seq}: {err.code().name} {err.details()}")
@@ -181,11 +215,56 @@ class SyncPusher:
         self.stats["rows"] += rows
         self.stats["bytes"] += n_bytes
         self.stats["messages"] += n_msgs
+        if since is not None:
+            self.stats["since_snapshot"] += 1
+            self.stats["since_snapshot_rows"] += rows
+            self.stats["since_snapshot_bytes"] += n_bytes
+            log.info("the serving PS holds snapshot %d of this trainer: sent the %d rows changed since it (%d "
+                     "bytes), not a full copy", version.snapshot.step, rows, n_bytes)
         self.last_push_s = time.monotonic()
         self.history.append((time.time(), full, rows, n_bytes, sum(len(t) for t in self.tables.values())))
         if full and self.dense_source is not None:
             self._dense_due = 0.0  # a late or restarted server gets the dense params with the copy
         return True
+
+    def _full_parts(self) -> dict:
+        # Drain first, then export: the copy holds every update up to the
+        # export, and updates after it are marked touched for the next push.
+        for name, t in self.tables.items():
+            t.drain_touched(self.dtype)
+            self._pending[name] = {}
+        return {name: t.export(self.dtype) for name, t in self.tables.items()}
+
+    def _since_snapshot(self, version):
+        """(name -> (keys, values) of the rows changed since the snapshot the
+        server reports holding, the SinceSnapshot the push carries); None
+        when a full copy is needed (see the module docstring)."""
+        from monolith_jax.rpc import serving_pb2 as pb
+        from monolith_jax.serving.serving_ps import rows_fingerprint
+
+        if not self.restart_by_deltas or self.shard[1] or not version.HasField("snapshot"):
+            return None
+        held = version.snapshot
+        if any(name not in held.clock or not hasattr(t, "dump") for name, t in self.tables.items()):
+            return None
+        # Drain first, then read: updates after the read are marked for the next push.
+        for name, t in self.tables.items():
+            t.drain_touched(self.dtype)
+            self._pending[name] = {}   # the rows drained are in what is read now
+        since = pb.SinceSnapshot(step=held.step)
+        parts = {}
+        for name, t in self.tables.items():
+            d = t.dump()
+            clock = held.clock[name]
+            if clock > int(d["clock"]):   # the server's rows are newer than this trainer's
+                log.info("table %r: the serving PS's snapshot %d has clock %d, this table %d; sending a full copy",
+                         name, held.step, clock, int(d["clock"]))
+                return None
+            unchanged = d["last_update"] < clock
+            since.unchanged_rows[name] = int(unchanged.sum())
+            since.unchanged_fingerprint[name] = rows_fingerprint(d["keys"][unchanged], d["values"][unchanged])
+            parts[name] = (d["keys"][~unchanged], d["values"][~unchanged].astype(_NP[self.dtype]))
+        return parts, since
 
     def _merge(self, name: str, keys: np.ndarray, values: np.ndarray):
         pending = self._pending[name]
@@ -204,7 +283,7 @@ class SyncPusher:
         """Rows of a table of `dim` in one message: by bytes, at most max_rows."""
         return max(1, min(self.max_rows, self.max_bytes // self._row_bytes(dim, self.dtype)))
 
-    def _send(self, seq: int, full: bool, parts: dict) -> tuple[int, int, int]:
+    def _send(self, seq: int, full: bool, parts: dict, since=None) -> tuple[int, int, int]:
         from monolith_jax.rpc import serving_pb2 as pb
 
         # Message bounds first; each message is built only when it is sent.
@@ -218,7 +297,8 @@ class SyncPusher:
                                 keys=np.ascontiguousarray(keys[s:s + step], np.uint64).tobytes(),
                                 values=np.ascontiguousarray(values[s:s + step], _NP[self.dtype]).tobytes())
             req = pb.PushRequest(trainer=self.trainer_id, sequence=seq, full=full, last=i == len(chunks) - 1,
-                                 tables=[rows], shard=self.shard[0], shards=self.shard[1])
+                                 tables=[rows], shard=self.shard[0], shards=self.shard[1],
+                                 since_snapshot=since if i == 0 else None)
             n_bytes += req.ByteSize()
             self._stub.Push(req, timeout=self.timeout_s, wait_for_ready=True)
         return n_bytes, len(chunks), sum(k.size for k, _ in parts.values())

@@ -1,7 +1,9 @@
 """The serving benchmark end to end, short, on a synthetic stream, through
 its command line (the short variant, into a run folder): every probe is
 served, the sync carries only touched rows, the predictor answers with and
-without a sync load, and the committed results are untouched."""
+without a sync load, both with a serving PS (two hops, 1 s syncs) and
+holding the tables itself (one hop, 0.5 s syncs), and the committed
+results are untouched."""
 
 import json
 
@@ -19,7 +21,18 @@ def test_short_variant_serves_every_probe_into_a_run_folder(runs, monkeypatch, c
     monkeypatch.setattr(data, "load_movielens_1m", lambda: synthetic_ratings(20_000, users=2000, items=300, seed=3))
     results = serving_main.main(["--rate", "800", "--seconds", "14", "--probe-every", "0.5", "--warmup", "4",
                                  "--serving-seconds", "1"])
-    r = results["embedded"]
+    assert sorted(results) == ["embedded/one-hop-0.5s", "embedded/two-hop-1s"]
+    for key, r in results.items():
+        check_run(r, one_hop=key == "embedded/one-hop-0.5s")
+    printed = capsys.readouterr().out
+    assert "freshness, action produced -> prediction uses the trained row" in printed
+    folder = runs.folder("serving", printed)
+    saved = json.loads((folder / "results.json").read_text())
+    assert saved["embedded/one-hop-0.5s"]["freshness_s"]["n"] == results["embedded/one-hop-0.5s"]["freshness_s"]["n"]
+
+
+def check_run(r, one_hop):
+    assert r["one_hop"] is one_hop and r["sync_interval_s"] == (0.5 if one_hop else 1.0)
     f = r["freshness_s"]
     assert r["trained"]["examples"] > 0
     assert r["produced"]["probes"] >= 15 and r["missed_probes"] == 0 and f["n"] == r["produced"]["probes"]
@@ -27,15 +40,12 @@ def test_short_variant_serves_every_probe_into_a_run_folder(runs, monkeypatch, c
     assert r["stages_s"]["example"]["n"] == f["n"]
     c = r["sync_cost"]
     assert c["pushes"] > 3 and c["over_touched_total"] <= 1.2 and c["share_of_full_copy_median"] <= 1.0
-    assert r["trained"]["sync"]["failures"] == 0 and r["trained"]["sync"]["dense_pushes"] >= 1
+    # One hop: the trainer's first pushes may find the predictor still compiling (its port opens after).
+    assert r["trained"]["sync"]["failures"] <= (5 if one_hop else 0) and r["trained"]["sync"]["dense_pushes"] >= 1
     served = r["serving"]
     for key in ("no_syncs/batch1", "no_syncs/batch256", "syncs/batch1", "syncs/batch256"):
         assert served[key]["requests"] > 0 and np.isfinite(served[key]["p99"])
     assert served["sync_load"] in (0, -15)  # it ran until told to stop
-    printed = capsys.readouterr().out
-    assert "freshness, action produced -> prediction uses the trained row" in printed
-    folder = runs.folder("serving", printed)
-    assert json.loads((folder / "results.json").read_text())["embedded"]["freshness_s"]["n"] == f["n"]
 
 
 def test_a_run_that_served_nothing_says_so():
