@@ -134,7 +134,9 @@ class Split:
         n, u = self.size, self.uniq.size
         if n == 0:
             return np.zeros((0, grads.shape[1]), np.float32)
-        m = scipy.sparse.csr_matrix((np.ones(n, np.float32), self._order, np.append(self._starts, n)), shape=(u, n))
+        index = np.int32 if n < 2**31 else np.int64    # scipy's own index type: no conversion inside
+        m = scipy.sparse.csr_matrix((np.ones(n, np.float32), self._order.astype(index),
+                                     np.append(self._starts, n).astype(index)), shape=(u, n))
         return np.ascontiguousarray(m @ grads, np.float32)
 
     def rows(self, values: np.ndarray) -> np.ndarray:

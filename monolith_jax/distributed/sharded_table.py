@@ -186,8 +186,6 @@ class ShardedTable:
         grads = np.asarray(grads, np.float32).reshape(-1, self.dim)
         if grads.shape[0] != keys.size:
             raise ValueError(f"table {self.name!r}: {grads.shape[0]} gradient rows for {keys.size} ids")
-        if not np.all(np.isfinite(grads)):
-            raise ValueError(f"table {self.name!r}: gradients are not all finite")
         step = int(step)
         if not 0 <= step < 2**31:
             raise ValueError(f"step must be in [0, 2^31), got {step}")
@@ -195,6 +193,8 @@ class ShardedTable:
         if split is None or not split.same_keys(keys):
             split = Split(keys, self.shards)
         summed = split.summed(grads)
+        if not np.all(np.isfinite(summed)):     # a quarter of the values to read; any non-finite one spoils its sum
+            raise ValueError(f"table {self.name!r}: gradients are not all finite (or their sums overflow)")
         parts = [(k, summed if k is split.uniq else np.take(summed, p, axis=0)) for k, p in zip(split.keys, split.parts)]
         self._round += 1
         if self.contributors > 1:
