@@ -41,6 +41,11 @@ log = logging.getLogger("monolith_jax.distributed.training_ps")
 
 
 class ShardedTable:
+    """A table over training PS shards (module docstring). Its owner calls
+    `close()` (or `flush()`) before it exits: the last step's apply is kept
+    until then, or for `flush_after_s`. A request a shard refuses raises,
+    and the apply it carried is not kept."""
+
     def __init__(self, config, addresses: list, timeout_s: float = 30.0, retry_log_s: float = 5.0,
                  security=None, flush_after_s: float = 1.0):
         from monolith_jax.rpc import serving_pb2_grpc as pbg
