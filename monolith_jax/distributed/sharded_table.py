@@ -148,7 +148,7 @@ class ShardedTable:
             self._count(replies)
         looked = [r for rs, k in zip(replies, applies_first) for r in rs[k:]]
         parts = [view(r.values, np.float32, f"rows of table {self.name!r}") for r in looked]
-        values = np.concatenate(parts) if len(parts) != 1 else parts[0]
+        values = parts[0] if len(parts) == 1 else np.concatenate(parts) if parts else np.zeros(0, np.float32)
         if values.size != split.uniq.size * self.dim:
             raise RuntimeError(f"table {self.name!r}: the shards answered {values.size / self.dim:.0f} rows "
                                f"for {split.uniq.size} keys")

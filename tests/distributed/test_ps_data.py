@@ -68,6 +68,8 @@ def test_each_step_is_one_request_per_shard_and_every_lookup_sees_the_previous_a
     table.lookup_host(ids)
     table.apply_gradients_host(ids, grads, step=steps)
     assert table.flush() == (np.unique(ids).size, 0)
+    assert table.lookup_host(np.zeros((0, 3), np.uint64)).shape == (0, 3, DIM)       # no id: no request
+    assert [a.shape for a in table.find(np.zeros(0, np.uint64))] == [(0, DIM), (0,)]
     table.close()
 
 
