@@ -15,11 +15,14 @@ so a restarted shard owns the same keys. Each shard holds an ordinary
 expiry) for the keys it owns, and refuses keys it does not own
 (INVALID_ARGUMENT), so a misrouted client cannot create stray rows.
 
-`ShardedTable` splits a batch's unique ids by shard, calls the shards in
-parallel and reassembles the rows; gradients of repeated ids are summed
-before they travel (one fused step per id, as the local engine does). A
-shard that does not answer is waited for: the call logs a line and
-retries until it is back, so training never goes on with missing rows.
+`ShardedTable` (`sharded_table.py`) splits a batch's unique ids by shard,
+calls the shards in parallel and reassembles the rows; gradients of
+repeated ids are summed before they travel (one fused step per id, as the
+local engine does). A training step is one request per shard
+(TrainingPSData/Step, `ps_data.py`): the previous step's gradients and
+this step's ids, applied then looked up. A shard that does not answer is
+waited for: the call logs a line and retries until it is back, so
+training never goes on with missing rows.
 
 Each shard snapshots its own rows (`--snapshot-dir DIR` -> `DIR/ps-<i>-of-<n>/`,
 the same Orbax format as a trainer's tables) when the chief trainer asks
@@ -60,28 +63,18 @@ import sys
 import threading
 import time
 import types
-from concurrent import futures
 
 import numpy as np
 
+from monolith_jax.distributed.ps_data import shard_of, step_handler  # noqa: F401 (shard_of: re-exported)
+from monolith_jax.distributed.sharded_table import ShardedTable  # noqa: F401 (re-exported)
 from monolith_jax.rpc import wire
-from monolith_jax.rpc.wire import LimitError, RequestError, array, channel, guard, run_until_signalled, start_server
+from monolith_jax.rpc.flat import view
+from monolith_jax.rpc.wire import LimitError, RequestError, guard, run_until_signalled, start_server
 
 log = logging.getLogger("monolith_jax.distributed.training_ps")
 
 _U64, _F32 = np.dtype(np.uint64), np.dtype(np.float32)
-
-
-def shard_of(keys, shards: int) -> np.ndarray:
-    """The shard of each key: splitmix64's finalizer, modulo `shards`."""
-    z = np.asarray(keys, np.uint64).copy()
-    with np.errstate(over="ignore"):
-        z ^= z >> np.uint64(30)
-        z *= np.uint64(0xBF58476D1CE4E5B9)
-        z ^= z >> np.uint64(27)
-        z *= np.uint64(0x94D049BB133111EB)
-        z ^= z >> np.uint64(31)
-    return (z % np.uint64(shards)).astype(np.int64)
 
 
 def sum_by_key(keys: np.ndarray, grads: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -156,36 +149,49 @@ class ShardState:
         with self._count_lock:
             self.refusals[reason] = self.refusals.get(reason, 0) + n
 
-    def _table_keys(self, table: str, data: bytes):
+    def _table_keys(self, table: str, data):
         t = self.tables.get(table)
         if t is None:
             raise RequestError(f"unknown table {table[:wire.MAX_NAME]!r}; this shard holds {sorted(self.tables)}")
-        keys = array(data, _U64, f"keys of table {table!r}")
+        keys = view(data, _U64, f"keys of table {table!r}")
+        if self.shards == 1:
+            return t, keys
         wrong = shard_of(keys, self.shards) != self.shard
         if wrong.any():
             raise RequestError(f"{int(wrong.sum())} keys of table {table!r} belong to other shards "
                                f"(this is shard {self.shard} of {self.shards})")
         return t, keys
 
-    def lookup(self, req):
-        t, keys = self._table_keys(req.table, req.keys)
+    def check_lookup(self, table: str, data):
+        """(table, keys) of a lookup, checked whole: the table, keys of this
+        shard, a reply that fits a message."""
+        t, keys = self._table_keys(table, data)
         per_key = t.dim * 4 + 1
         try:
-            wire.check_reply_bytes(keys.size * per_key, f"a lookup of {keys.size} keys of table {req.table!r} "
+            wire.check_reply_bytes(keys.size * per_key, f"a lookup of {keys.size} keys of table {table!r} "
                                    f"(dim {t.dim})", per_key, "keys")
         except LimitError:
             self.count("lookup_reply_too_large")
             raise
-        if req.read_only:
-            values, found = t.find(keys)
-        else:
-            values, found = t.lookup_host(keys), np.ones(keys.size, bool)
-        return values, found, t.dim
+        return t, keys
+
+    @staticmethod
+    def rows(t, keys, read_only: bool, out: np.ndarray | None = None):
+        """(values, found) of checked keys; `out` (keys x dim float32) takes
+        the values of a lookup that creates rows."""
+        if read_only:
+            return t.find(keys)
+        return t.lookup_host(keys, out=out), None
+
+    def lookup(self, req):
+        t, keys = self.check_lookup(req.table, req.keys)
+        values, found = self.rows(t, keys, req.read_only)
+        return values, np.ones(keys.size, bool) if found is None else found, t.dim
 
     def _check_apply(self, req):
         """The whole contribution checked, nothing touched: (table, keys, grads, step)."""
         t, keys = self._table_keys(req.table, req.keys)
-        grads = array(req.grads, _F32, f"grads of table {req.table!r}", keys.size * t.dim).reshape(keys.size, t.dim)
+        grads = view(req.grads, _F32, f"grads of table {req.table!r}", keys.size * t.dim).reshape(keys.size, t.dim)
         step = int(req.step)
         if not 0 <= step < 2**31:
             raise RequestError(f"step must be in [0, 2^31), got {step}")
@@ -354,8 +360,11 @@ def serve(shard: int, shards: int, configs: list, port: int = 0, host: str = "12
     wire.check_bind(host, security)
     state = ShardState(shard, shards, configs, snapshot_dir, limits=limits)
     state.metrics = Metrics()
-    server, bound = start_server(lambda s: pbg.add_TrainingPSServicer_to_server(make_servicer(state), s),
-                                 host, port, workers, security=security, metrics=state.metrics)
+    def add(s):
+        pbg.add_TrainingPSServicer_to_server(make_servicer(state), s)
+        s.add_generic_rpc_handlers((step_handler(state),))   # the data plane, TrainingPSData/Step
+
+    server, bound = start_server(add, host, port, workers, security=security, metrics=state.metrics)
     pusher = None
     if serving_ps:
         from monolith_jax.serving.sync import SyncPusher
@@ -367,143 +376,6 @@ def serve(shard: int, shards: int, configs: list, port: int = 0, host: str = "12
     if metrics_port is not None:
         state.metrics.serve(metrics_port)
     return server, bound, state, pusher
-
-
-class ShardedTable:
-    """A table spread over training PS shards, with a local table's host API:
-    `lookup_host`, `apply_gradients_host`, `find`, `dim`, `config`, `len()`."""
-
-    def __init__(self, config, addresses: list, timeout_s: float = 30.0, retry_log_s: float = 5.0,
-                 security=None):
-        from monolith_jax.rpc import serving_pb2_grpc as pbg
-
-        self.config = config
-        self.name, self.dim = config.name, config.dim
-        self.addresses = list(addresses)
-        self.shards = len(self.addresses)
-        self._channels = [channel(a, security) for a in self.addresses]
-        # Keys per call, so that every request and reply fits a message.
-        self.keys_per_call = max(wire.MAX_PAYLOAD_BYTES // (8 + self.dim * 4 + 1), 1)
-        self._stubs = [pbg.TrainingPSStub(c) for c in self._channels]
-        self._pool = futures.ThreadPoolExecutor(max_workers=self.shards)
-        self.timeout_s, self.retry_log_s = timeout_s, retry_log_s
-        # Synchronous data-parallel trainers (set by DataParallel.attach):
-        # each apply is one contribution of `contributors` to a round.
-        self.contributors, self.session, self._round = 1, 0, 0
-
-    def _call(self, shard: int, method: str, req):
-        """One RPC to a shard; a shard that is down is waited for, with a log line."""
-        import grpc
-
-        waited = 0.0
-        while True:
-            t0 = time.monotonic()
-            try:
-                return getattr(self._stubs[shard], method)(req, timeout=self.timeout_s, wait_for_ready=True)
-            except grpc.RpcError as err:
-                if err.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) and \
-                        not wire.overloaded(err):
-                    raise
-                waited += time.monotonic() - t0
-                log.warning("training PS shard %d (%s) of table %r does not answer (%s) for %.0f s; "
-                            "training waits for it", shard, self.addresses[shard], self.name, err.code().name, waited)
-                time.sleep(min(self.retry_log_s, 1.0))
-
-    def _split(self, keys: np.ndarray):
-        """One sort of the batch's keys -> (unique keys, each key's index in
-        them, the sort order, where each unique key's run starts in it, the
-        unique keys' indices per shard)."""
-        order = np.argsort(keys, kind="stable")
-        sk = keys[order]
-        first = np.r_[True, sk[1:] != sk[:-1]] if sk.size else np.zeros(0, bool)
-        starts = np.flatnonzero(first)
-        uniq = sk[starts]
-        inverse = np.empty(keys.size, np.int64)
-        inverse[order] = np.cumsum(first) - 1
-        owner = shard_of(uniq, self.shards)
-        return uniq, inverse, order, starts, [np.flatnonzero(owner == s) for s in range(self.shards)]
-
-    def _rows(self, keys: np.ndarray, read_only: bool):
-        from monolith_jax.rpc import serving_pb2 as pb
-
-        uniq, inverse, _, _, parts = self._split(keys)
-        values = np.zeros((uniq.size, self.dim), np.float32)
-        found = np.zeros(uniq.size, bool)
-        step = self.keys_per_call
-        calls = [(chunk, self._pool.submit(self._call, s, "Lookup", pb.ShardLookupRequest(
-            table=self.name, keys=uniq[chunk].tobytes(), read_only=read_only)))
-            for s, idx in enumerate(parts) for chunk in (idx[i:i + step] for i in range(0, idx.size, step))]
-        for chunk, fut in calls:
-            reply = fut.result()
-            values[chunk] = np.frombuffer(reply.values, np.float32).reshape(-1, self.dim)
-            found[chunk] = np.frombuffer(reply.found, np.uint8).astype(bool)
-        return values[inverse], found[inverse]
-
-    def lookup_host(self, ids) -> np.ndarray:
-        """Rows of `ids` (created on first sight, as the local lookup does)."""
-        from monolith_jax.sparse.keys import as_key_array
-
-        keys = np.ascontiguousarray(as_key_array(ids))
-        return self._rows(keys.reshape(-1), read_only=False)[0].reshape(keys.shape + (self.dim,))
-
-    def find(self, ids) -> tuple[np.ndarray, np.ndarray]:
-        from monolith_jax.sparse.keys import as_key_array
-
-        keys = np.ascontiguousarray(as_key_array(ids))
-        values, found = self._rows(keys.reshape(-1), read_only=True)
-        return values.reshape(keys.shape + (self.dim,)), found.reshape(keys.shape)
-
-    def apply_gradients_host(self, ids, grads, *, step=0, learning_rate=None) -> tuple[int, int]:
-        from monolith_jax.rpc import serving_pb2 as pb
-        from monolith_jax.sparse.keys import as_key_array
-
-        if learning_rate is not None:
-            raise ValueError("a sharded table applies its configured learning rate")
-        keys = np.ascontiguousarray(as_key_array(ids)).reshape(-1)
-        grads = np.asarray(grads, np.float32).reshape(-1, self.dim)
-        if grads.shape[0] != keys.size:
-            raise ValueError(f"table {self.name!r}: {grads.shape[0]} gradient rows for {keys.size} ids")
-        if not np.all(np.isfinite(grads)):
-            raise ValueError(f"table {self.name!r}: gradients are not all finite")
-        uniq, _, order, starts, parts = self._split(keys)
-        # Repeated ids step once, with their gradients summed over their runs
-        # in the sort (np.add.at is ~20x slower).
-        summed = np.add.reduceat(grads[order], starts, axis=0) if keys.size else grads[:0]
-        self._round += 1
-        step_ = self.keys_per_call
-        if self.contributors > 1:
-            # A round needs exactly one contribution of every trainer at every shard, empty or not.
-            big = max((idx.size for idx in parts), default=0)
-            if big > step_:
-                raise ValueError(f"table {self.name!r}: {big} unique ids of one shard in one synchronous step; "
-                                 f"at most {step_} fit one message at dim {self.dim} (smaller batches, or more shards)")
-            chunks = [(s, idx) for s, idx in enumerate(parts)]
-        else:
-            chunks = [(s, idx[i:i + step_]) for s, idx in enumerate(parts) for i in range(0, idx.size, step_)]
-        calls = [self._pool.submit(self._call, s, "Apply", pb.ShardApplyRequest(
-            table=self.name, keys=uniq[idx].tobytes(), grads=summed[idx].tobytes(), step=int(step),
-            round=self._round, contributors=self.contributors, session=self.session))
-            for s, idx in chunks]
-        replies = [f.result() for f in calls]
-        return sum(r.updated for r in replies), sum(r.skipped for r in replies)
-
-    def snapshot(self, step: int) -> list:
-        """Has every shard snapshot its rows as `step`; the shards' replies."""
-        from monolith_jax.rpc import serving_pb2 as pb
-
-        calls = [self._pool.submit(self._call, s, "Snapshot", pb.ShardSnapshotRequest(step=int(step)))
-                 for s in range(self.shards)]
-        return [f.result() for f in calls]
-
-    def __len__(self) -> int:
-        from monolith_jax.rpc import serving_pb2 as pb
-
-        return sum(self._call(s, "Info", pb.ShardInfoRequest()).rows.get(self.name, 0) for s in range(self.shards))
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=False)
-        for c in self._channels:
-            c.close()
 
 
 def use_shards(trainer, addresses: list) -> dict:
@@ -518,6 +390,9 @@ def use_shards(trainer, addresses: list) -> dict:
 def snapshot_shards(tables, step: int) -> list:
     """Snapshot `step` on every shard behind `tables` (ShardedTables; a
     shard process holding several of them is asked once)."""
+    tables = list(tables)
+    for t in tables:              # every kept apply first, then the snapshots
+        t.flush()
     seen, replies = set(), []
     for t in tables:
         if tuple(t.addresses) not in seen:

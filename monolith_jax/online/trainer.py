@@ -550,6 +550,7 @@ class OnlineTrainer:
         seen_at_report, start_examples = self.examples, self.examples
         unassigned_warned = False
         together = False   # a data-parallel group left its loop together (its last steps are collective)
+        failed = False
         try:
             while True:
                 now = time.monotonic()
@@ -602,6 +603,9 @@ class OnlineTrainer:
                     rate = (self.examples - seen_at_report) / (now - last_report)
                     self._report(rate)
                     last_report, seen_at_report = now, self.examples
+        except BaseException:
+            failed = True
+            raise
         finally:
             self._carry = []  # fetched, not taken: the next run re-reads them
             if self._t_first is not None:
@@ -609,6 +613,10 @@ class OnlineTrainer:
 
                 jax.block_until_ready(self.trainer.params)  # the rate counts finished steps only
                 self._t_last = time.monotonic()
+            if not failed:    # a clean stop: the last step's apply, which a ShardedTable keeps for a next lookup
+                for t in self.remote.values():
+                    if hasattr(t, "flush"):
+                        t.flush()
             if self.snapshots is not None and (self.dp is None or together):
                 # A snapshot on a clean stop (SIGTERM, end of stream), then its
                 # offsets. (A group member that failed cannot: the others would
