@@ -48,6 +48,14 @@ nb::ndarray<nb::numpy, T> ToNumpy(std::vector<T>&& v, std::initializer_list<size
   return nb::ndarray<nb::numpy, T>(heap->data(), shape, owner);
 }
 
+// A numpy array that owns a buffer of the engine's (no copy).
+template <typename T>
+nb::ndarray<nb::numpy, T> Owned(std::unique_ptr<T[]>&& buf, std::initializer_list<size_t> shape) {
+  T* data = buf.release();
+  nb::capsule owner(data, [](void* p) noexcept { delete[] static_cast<T*>(p); });
+  return nb::ndarray<nb::numpy, T>(data, shape, owner);
+}
+
 // The Python-owned handle: registered while open.
 class PyTable {
  public:
@@ -247,26 +255,49 @@ NB_MODULE(_engine, m) {
              return d;
            })
       .def("dump",
-           [](PyTable& s) {
+           [](PyTable& s, int mode) -> nb::object {
              EmbeddingTable& t = s.t();
-             TableDump d;
+             if (mode < 0 || mode > 2) throw std::invalid_argument("dump mode must be 0, 1 or 2");
+             const size_t dim = static_cast<size_t>(t.dim()), width = static_cast<size_t>(t.slot_width());
+             // Written by the engine's threads straight into the buffers
+             // that numpy then owns (uninitialized: each byte is written).
+             std::unique_ptr<uint64_t[]> keys, removed;
+             std::unique_ptr<float[]> values, slots;
+             std::unique_ptr<uint32_t[]> last_update, update_count;
+             std::unique_ptr<uint8_t[]> touched, filter;
+             DumpSizes z;
+             bool taken;
              {
                nb::gil_scoped_release release;
-               d = t.Dump();
+               taken = t.Dump(static_cast<DumpMode>(mode), [&](const DumpSizes& n) {
+                 const size_t r = static_cast<size_t>(n.rows);
+                 keys.reset(new uint64_t[r]);
+                 values.reset(new float[r * dim]);
+                 slots.reset(new float[r * width]);
+                 last_update.reset(new uint32_t[r]);
+                 update_count.reset(new uint32_t[r]);
+                 touched.reset(new uint8_t[r]);
+                 filter.reset(new uint8_t[static_cast<size_t>(n.filter)]);
+                 removed.reset(new uint64_t[static_cast<size_t>(n.removed)]);
+                 return DumpArrays{keys.get(), values.get(), slots.get(), last_update.get(),
+                                   update_count.get(), touched.get(), filter.get(), removed.get()};
+               }, &z);
              }
-             const size_t n = d.keys.size();
+             if (!taken) return nb::none();
+             const size_t n = static_cast<size_t>(z.rows);
              nb::dict out;
-             out["keys"] = ToNumpy(std::move(d.keys), {n});
-             out["values"] = ToNumpy(std::move(d.values), {n, static_cast<size_t>(t.dim())});
-             out["slots"] = ToNumpy(std::move(d.slots), {n, static_cast<size_t>(t.slot_width())});
-             out["last_update"] = ToNumpy(std::move(d.last_update), {n});
-             out["update_count"] = ToNumpy(std::move(d.update_count), {n});
-             out["touched"] = ToNumpy(std::move(d.touched), {n});
-             const size_t f = d.filter.size();
-             out["filter"] = ToNumpy(std::move(d.filter), {f});
-             out["clock"] = d.clock;
+             out["keys"] = Owned(std::move(keys), {n});
+             out["values"] = Owned(std::move(values), {n, dim});
+             out["slots"] = Owned(std::move(slots), {n, width});
+             out["last_update"] = Owned(std::move(last_update), {n});
+             out["update_count"] = Owned(std::move(update_count), {n});
+             out["touched"] = Owned(std::move(touched), {n});
+             out["filter"] = Owned(std::move(filter), {static_cast<size_t>(z.filter)});
+             if (mode == 2) out["removed"] = Owned(std::move(removed), {static_cast<size_t>(z.removed)});
+             out["clock"] = z.clock;
              return out;
-           })
+           }, "mode"_a = 0)
+      .def("changes_tracked", [](PyTable& s) { return s.t().ChangesTracked(); })
       .def("expire",
            [](PyTable& s, uint32_t now) {
              EmbeddingTable& t = s.t();
@@ -283,17 +314,16 @@ NB_MODULE(_engine, m) {
         if (values.shape(0) != n || values.shape(1) != static_cast<size_t>(t.dim()) ||
             slots.size() != n * w || last_update.shape(0) != n || update_count.shape(0) != n)
           throw std::invalid_argument("dump arrays do not match the table's dim and slots");
-        TableDump d;
-        d.keys.assign(keys.data(), keys.data() + n);
-        d.values.assign(values.data(), values.data() + n * t.dim());
-        d.slots.assign(slots.data(), slots.data() + n * w);
-        d.last_update.assign(last_update.data(), last_update.data() + n);
-        d.update_count.assign(update_count.data(), update_count.data() + n);
         if (touched.shape(0) != n) throw std::invalid_argument("dump touched must have one flag per row");
-        d.touched.assign(touched.data(), touched.data() + n);
-        d.filter.assign(filter.data(), filter.data() + filter.shape(0));
-        d.clock = clock;
+        // Read in place: the arrays stay alive (held by the call) while the
+        // engine reads them without the GIL.
+        const LoadArrays d{keys.data(), values.data(), slots.data(), last_update.data(), update_count.data(),
+                           touched.data(), filter.data(), nullptr};
+        DumpSizes z;
+        z.rows = static_cast<int64_t>(n);
+        z.filter = static_cast<int64_t>(filter.shape(0));
+        z.clock = clock;
         nb::gil_scoped_release release;
-        t.Load(d);
+        t.Load(d, z);
       });
 }
