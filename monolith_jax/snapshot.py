@@ -269,7 +269,9 @@ def trainer_arrays(trainer, kind: str = "all") -> tuple[dict, dict, dict]:
     tables = {}
     for i, name in enumerate(names):
         table = trainer.tables[name]
-        dump = table.dump() if kind == "all" else table.dump_base() if kind == "base" else table.dump_changes()
+        # Full dumps copy into the last one's memory (freed by its write by now).
+        dump = table.dump(reuse_buffers=True) if kind == "all" else table.dump_base(reuse_buffers=True) \
+            if kind == "base" else table.dump_changes()
         if dump is None:
             raise RuntimeError(f"table {name!r} has no record of its changes since the last snapshot")
         dump["clock"] = np.asarray(dump["clock"], np.int64)

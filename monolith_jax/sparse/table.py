@@ -231,18 +231,27 @@ class EmbeddingTable:
         s["overhead_bytes_per_row"] = s["bytes_overhead"] / rows
         return s
 
-    def dump(self) -> dict[str, np.ndarray]:
+    def dump(self, reuse_buffers: bool = False) -> dict[str, np.ndarray]:
         """The whole table as contiguous arrays (a consistent snapshot):
         keys uint64 (n), values float32 (n, dim), slots float32 (n, slot_width),
         last_update uint32 (n), update_count uint32 (n), touched uint8 (n),
         filter uint8 (admission sketch), clock (int: latest apply step).
-        The engine's threads fill the arrays shard by shard, in place."""
-        return dict(self._native.dump(0))
+        The engine's threads fill the arrays shard by shard, in place.
 
-    def dump_base(self) -> dict[str, np.ndarray]:
+        reuse_buffers: the arrays' memory goes back to the table once they
+        are freed, for the next such dump (a snapshot every few seconds then
+        copies into memory already faulted in, not a GB of fresh pages); the
+        table holds that memory until `release_dump_buffers()`."""
+        return dict(self._native.dump(0, reuse_buffers))
+
+    def dump_base(self, reuse_buffers: bool = False) -> dict[str, np.ndarray]:
         """`dump()`, and from this moment on a record of what changes, for
         `dump_changes` (a full snapshot that delta snapshots follow)."""
-        return dict(self._native.dump(1))
+        return dict(self._native.dump(1, reuse_buffers))
+
+    def release_dump_buffers(self) -> None:
+        """Frees the memory kept by dumps with `reuse_buffers`."""
+        self._native.release_dump_buffers()
 
     def dump_changes(self) -> dict[str, np.ndarray] | None:
         """The rows created or changed since the last `dump_base` or
