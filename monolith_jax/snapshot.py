@@ -377,6 +377,7 @@ class Snapshots:
         self._last_t = time.monotonic()
         self._last_step = None
         self.saved = 0
+        self.saved_deltas = 0           # of them, delta snapshots
         self.save_seconds = 0.0         # time the caller's thread spent in save()
         # The chain the next delta continues: (its parent's step, the full
         # one's step, deltas since it); None: the next snapshot is full.
@@ -439,6 +440,7 @@ class Snapshots:
         else:
             link = {"kind": "delta", "parent": chain[0], "base": chain[1]}
             self._chain = (step, chain[1], chain[2] + 1)
+            self.saved_deltas += 1
         self._last_step, self._last_t = step, time.monotonic()
         self._worker = threading.Thread(target=self._write, args=(step, dense, tables, names, meta, link),
                                         name="monolith-snapshot", daemon=True)

@@ -24,8 +24,8 @@ import pytest
 from monolith_jax.examples.movielens import job as J
 from monolith_jax.examples.movielens.loop import movielens_trainer
 from monolith_jax.serving.serving_ps import ServingTables
-from monolith_jax.snapshot import (FORMAT_VERSION, META_CRC_ITEM, KeySchemeMismatch, SnapshotUnreadable, Snapshots, canonical_json,
-                                   meta_crc)
+from monolith_jax.snapshot import (FORMAT_VERSION, META_CRC_ITEM, KeySchemeMismatch, SnapshotUnreadable, Snapshots,
+                                   canonical_json, meta_crc)
 from monolith_jax.sparse import KEY_SCHEME, SGD, Normal, TableConfig
 from tests.serving.test_predictor import make_batch
 
