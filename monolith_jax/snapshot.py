@@ -580,22 +580,28 @@ class Snapshots:
             if not isinstance(parent, int) or parent not in present or parent >= s:
                 raise ChainHole(f"its chain lacks snapshot {parent} (delta {s}'s parent)")
             s = parent
+        from monolith_jax.sparse.table import EmbeddingTable
+
         links.reverse()
-        found = None
+        full = got = None
+        net: dict = {}  # table -> the deltas' changes so far, merged
         for s in links:
-            last = s == step
-            got = self._guarded(s, lambda: self._read_with_retries(s, tables_only or not last))
-            if found is None:
-                found = got
+            got = self._guarded(s, lambda: self._read_with_retries(s, tables_only or s != step))
+            if full is None:
+                full = got
                 continue
-            _, _, changes, _ = got
-            merged = {}
-            for name, dump in found[2].items():
-                if name not in changes:
-                    raise ChainCorrupt(s, CorruptSnapshot(f"delta {s} lacks table arrays {name!r}"))
-                merged[name] = _apply_changes(dump, changes[name])
-            found = (got[0], got[1], merged, got[3])
-        return found
+            for name in full[2]:
+                changes = got[2].get(name)
+                if changes is None or "removed" not in changes:
+                    raise ChainCorrupt(s, CorruptSnapshot(f"delta {s} lacks the changes of table arrays {name!r}"))
+                net[name] = changes if name not in net else EmbeddingTable.combine_changes(net[name], changes)
+        if got is full:
+            return full
+        tables = {}
+        for name, dump in full[2].items():
+            tables[name] = EmbeddingTable.apply_changes(dump, net[name])
+            tables[name]["clock"] = np.asarray(tables[name]["clock"], np.int64)
+        return got[0], got[1], tables, got[3]
 
     @staticmethod
     def _guarded(step: int, read):
@@ -744,13 +750,3 @@ class ChainCorrupt(Exception):
     def __init__(self, step: int, err: Exception):
         super().__init__(f"snapshot {step}: {err}")
         self.step, self.err = step, err
-
-
-def _apply_changes(dump: dict, changes: dict) -> dict:
-    from monolith_jax.sparse.table import EmbeddingTable
-
-    if "removed" not in changes:
-        raise CorruptSnapshot("a delta's table arrays lack 'removed'")
-    out = EmbeddingTable.apply_changes(dump, changes)
-    out["clock"] = np.asarray(out["clock"], np.int64)
-    return out

@@ -285,6 +285,21 @@ class EmbeddingTable:
         out["clock"] = int(changes["clock"])
         return out
 
+    @staticmethod
+    def combine_changes(first: dict, then: dict) -> dict:
+        """The changes that `first` and then `then` (two `dump_changes()` in
+        order) make together, so a chain of deltas is merged among its small
+        arrays before one pass over a full dump."""
+        drop = np.concatenate([np.asarray(then["removed"], np.uint64), np.asarray(then["keys"], np.uint64)])
+        keep = ~np.isin(np.asarray(first["keys"]), drop) if drop.size else slice(None)
+        out = {f: np.concatenate([np.asarray(first[f])[keep], np.asarray(then[f])])
+               for f in ("keys", "values", "slots", "last_update", "update_count", "touched")}
+        out["removed"] = np.concatenate([np.asarray(first["removed"], np.uint64),
+                                         np.asarray(then["removed"], np.uint64)])
+        out["filter"] = np.asarray(then["filter"])
+        out["clock"] = int(then["clock"])
+        return out
+
     def load(self, dump: dict) -> None:
         """Replaces the table's content with a `dump()` of a same-shaped table.
         Everything is checked first: a refused dump leaves the table as it

@@ -173,3 +173,23 @@ def test_full_every_must_be_a_positive_int(tmp_path, bad):
     with pytest.raises(ValueError, match="full_every must be an int >= 1"):
         Snapshots(str(tmp_path), full_every=bad)
     assert not os.listdir(tmp_path)
+
+
+def test_combined_changes_apply_as_the_deltas_in_order():
+    t = table(expire_after=4)
+    rng = np.random.default_rng(3)
+    base = t.dump_base()
+    deltas = []
+    for step in range(1, 16):
+        ids = rng.integers(0, 200, 40).astype(np.uint64)
+        t.apply_gradients_host(ids, rng.normal(size=(40, 4)).astype(np.float32), step=step)
+        t.erase(rng.integers(0, 200, 5).astype(np.uint64))
+        if step % 3 == 0:
+            t.expire()
+        deltas.append(t.dump_changes())
+    net, one_by_one = deltas[0], base
+    for d in deltas[1:]:
+        net = EmbeddingTable.combine_changes(net, d)
+    for d in deltas:
+        one_by_one = EmbeddingTable.apply_changes(one_by_one, d)
+    assert rows(EmbeddingTable.apply_changes(base, net)) == rows(one_by_one) == rows(t.dump())
