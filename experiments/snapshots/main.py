@@ -1,8 +1,10 @@
-"""Snapshots: their time and size by table rows, and the AUC a parameter-server
+"""Snapshots: their time and size by table rows, what snapshots every 10 s
+(full, or incremental) cost online training, and the AUC a parameter-server
 failure costs for a few snapshot intervals. Flags only; the work is in run.py.
 
-    python -m experiments.snapshots.main                 # ~10 min; replaces results/
+    python -m experiments.snapshots.main                 # ~25 min; replaces results/
     python -m experiments.snapshots.main --part size --rows 100000 1000000
+    python -m experiments.snapshots.main --part throughput --limit 300000
     python -m experiments.snapshots.main --part reliability --limit 300000
 
 Any run with flags writes to a fresh run folder (runs/snapshots-TIMESTAMP/,
@@ -24,12 +26,18 @@ from experiments.snapshots import run
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--part", choices=["size", "reliability", "both"], default="both")
+    p.add_argument("--part", choices=["size", "throughput", "reliability", "all"], default="all")
     p.add_argument("--rows", type=int, nargs="+", default=[10**5, 10**6, 10**7])
+    p.add_argument("--rounds", type=int, default=3, help="size and throughput: rounds, medians reported")
+    p.add_argument("--every-s", type=float, default=10.0, help="throughput: seconds between snapshots")
+    p.add_argument("--passes", type=int, default=4, help="throughput: passes over the replay a run")
+    p.add_argument("--full-every", type=int, default=30,
+                   help="throughput: incremental snapshots take a full one every Nth, deltas between")
     p.add_argument("--intervals", type=float, nargs="+", default=[5, 60, 360, 1440],
                    help="snapshot intervals, minutes of stream time")
-    p.add_argument("--limit", type=int, default=None, help="reliability: first N ratings (default: all)")
-    p.add_argument("--batch", type=int, default=1024, help="reliability: examples per step")
+    p.add_argument("--limit", type=int, default=None,
+                   help="throughput, reliability: first N ratings (default: all)")
+    p.add_argument("--batch", type=int, default=1024, help="throughput, reliability: examples per step")
     p.add_argument("--out", default=None,
                    help="results folder (default: results/ beside this file for the default command, "
                         "else a fresh run folder)")
@@ -40,12 +48,21 @@ def main(argv=None):
     if os.path.exists(path):  # a part run alone replaces only its own figures
         with open(path) as f:
             results = json.load(f)
-    if args.part in ("size", "both"):
+    if args.part in ("size", "all"):
         print("Snapshot (Orbax, CRC-32 per array) and restore of one table, dim 16, Adagrad, beside np.save/np.load:")
-        results["size"] = run.size_time(args.rows)
-    if args.part in ("size", "both") and args.part == "both":
-        print()
-    if args.part in ("reliability", "both"):
+        results["size"] = run.size_time(args.rows, rounds=args.rounds)
+    if args.part in ("throughput", "all"):
+        from monolith_jax.examples.movielens.data import load_movielens_1m
+
+        if args.part == "all":
+            print()
+        print("Online training of the MovieLens-1M replay with snapshots every few seconds, against none:")
+        results["throughput"] = run.throughput(load_movielens_1m(), every_s=args.every_s, full_every=args.full_every,
+                                               rounds=args.rounds, passes=args.passes, limit=args.limit,
+                                               batch=args.batch)
+    if args.part in ("reliability", "all"):
+        if args.part == "all":
+            print()
         from monolith_jax.examples.movielens.data import load_movielens_1m
 
         print("Parameter-server failures on the MovieLens-1M stream, restarted from the newest snapshot:")

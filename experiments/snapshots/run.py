@@ -4,7 +4,11 @@ size_time(): snapshot and restore time and size of one table (dim 16,
 Adagrad: values and one slot per dim) for 10^5..10^7 rows, through
 `monolith_jax.snapshot.Snapshots` (Orbax, CRC-32 per array), beside the
 floor of this disk: the same arrays written and read back with plain
-`np.save` / `np.load`, no checks.
+`np.save` / `np.load`, no checks. Medians of rounds.
+
+throughput(): what snapshots every 10 s cost the online training of the
+MovieLens replay, full ones against incremental ones (deltas of the rows
+changed), against no snapshots; rounds interleaved, medians.
 
 reliability(): the paper's question. The MovieLens-1M stream, joined as
 the joiner joins it, trains a DeepFM online (each batch scored before it is
@@ -46,17 +50,27 @@ def _du(path: str) -> int:
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
 
 
-def size_time(rows_list=(10**5, 10**6, 10**7), dim: int = 16, out=print, workdir: str | None = None) -> list:
-    import jax.numpy as jnp
+def _median(xs):
+    return float(np.median(xs))
 
+
+def size_time(rows_list=(10**5, 10**6, 10**7), dim: int = 16, rounds: int = 3, out=print,
+              workdir: str | None = None) -> list:
+    """Per row count, `rounds` snapshots of the same table into one folder
+    (the first copies into fresh memory, later ones into the last dump's),
+    `rounds` restores into fresh tables, and as many np.save / np.load +
+    load rounds: medians, and the first snapshot's own figures."""
     import monolith_jax as mj
     from monolith_jax.snapshot import Snapshots
+
+    def config():
+        return mj.TableConfig("t", dim, mj.Normal(0, 0.01), mj.Adagrad(0.05))
 
     results = []
     for rows in rows_list:
         folder = tempfile.mkdtemp(prefix="monolith-snap-", dir=workdir)
         try:
-            table = mj.EmbeddingTable(mj.TableConfig("t", dim, mj.Normal(0, 0.01), mj.Adagrad(0.05)))
+            table = mj.EmbeddingTable(config())
             keys = np.arange(1, rows + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
             rng = np.random.default_rng(0)
             for s in range(0, rows, 1 << 20):  # every row created and trained once: no easy compression
@@ -64,54 +78,63 @@ def size_time(rows_list=(10**5, 10**6, 10**7), dim: int = 16, out=print, workdir
                 table.apply_gradients_host(k, rng.normal(0, 1, (k.size, dim)).astype(np.float32), step=1)
             owner = TableOwner(table, step_count=1)
             snaps = Snapshots(os.path.join(folder, "snap"), every_s=None, keep=1)
-            t0 = time.perf_counter()
-            snaps.save(1, owner, {})
-            blocking = time.perf_counter() - t0
-            snaps.wait()
-            total = time.perf_counter() - t0
+            blocking, total = [], []
+            for r in range(rounds):
+                owner.step_count = r + 1
+                t0 = time.perf_counter()
+                snaps.save(r + 1, owner, {})
+                blocking.append(time.perf_counter() - t0)
+                snaps.wait()
+                total.append(time.perf_counter() - t0)
             snaps.close()
             size = _du(os.path.join(folder, "snap"))
-            fresh = mj.EmbeddingTable(mj.TableConfig("t", dim, mj.Normal(0, 0.01), mj.Adagrad(0.05)))
-            target = TableOwner(fresh)
-            t0 = time.perf_counter()
-            Snapshots(os.path.join(folder, "snap")).restore(target)
-            restore = time.perf_counter() - t0
-            assert len(fresh) == rows
+            restore = []
+            for r in range(rounds):
+                fresh = mj.EmbeddingTable(config())
+                t0 = time.perf_counter()
+                Snapshots(os.path.join(folder, "snap")).restore(TableOwner(fresh))
+                restore.append(time.perf_counter() - t0)
+                assert len(fresh) == rows
+                del fresh
             # The floor: the same arrays with np.save / np.load, no checks, no table handler.
-            t0 = time.perf_counter()
-            dump = table.dump()
-            for name, a in dump.items():
-                np.save(os.path.join(folder, f"{name}.npy"), np.asarray(a))
-            np_save = time.perf_counter() - t0
-            np_size = sum(os.path.getsize(os.path.join(folder, f"{n}.npy")) for n in dump)
-            del dump
-            t0 = time.perf_counter()
-            loaded = {n: np.load(os.path.join(folder, f"{n}.npy"), allow_pickle=False) for n in
-                      ("keys", "values", "slots", "last_update", "update_count", "touched", "filter", "clock")}
-            loaded["clock"] = int(loaded["clock"])
-            other = mj.EmbeddingTable(mj.TableConfig("t", dim, mj.Normal(0, 0.01), mj.Adagrad(0.05)))
-            other.load(loaded)
-            np_load = time.perf_counter() - t0
-            r = {"rows": rows, "dim": dim, "save_blocking_s": blocking, "save_s": total, "restore_s": restore,
-                 "bytes": size, "np_save_s": np_save, "np_load_s": np_load, "np_bytes": np_size}
+            np_save, np_load = [], []
+            for r in range(rounds):
+                t0 = time.perf_counter()
+                dump = table.dump()
+                for name, a in dump.items():
+                    np.save(os.path.join(folder, f"{name}.npy"), np.asarray(a))
+                np_save.append(time.perf_counter() - t0)
+                np_size = sum(os.path.getsize(os.path.join(folder, f"{n}.npy")) for n in dump)
+                del dump
+                t0 = time.perf_counter()
+                loaded = {n: np.load(os.path.join(folder, f"{n}.npy"), allow_pickle=False) for n in
+                          ("keys", "values", "slots", "last_update", "update_count", "touched", "filter", "clock")}
+                loaded["clock"] = int(loaded["clock"])
+                other = mj.EmbeddingTable(config())
+                other.load(loaded)
+                np_load.append(time.perf_counter() - t0)
+                del loaded, other
+            r = {"rows": rows, "dim": dim, "rounds": rounds, "save_blocking_s": _median(blocking),
+                 "save_s": _median(total), "restore_s": _median(restore), "first_save_blocking_s": blocking[0],
+                 "first_save_s": total[0], "bytes": size, "np_save_s": _median(np_save),
+                 "np_load_s": _median(np_load), "np_bytes": np_size}
             results.append(r)
-            out(f"  {rows:>10,} rows: snapshot {total:6.2f} s (training thread blocked {blocking:5.2f} s), "
-                f"restore {restore:6.2f} s, {size / 2**20:8.1f} MiB  |  np.save {np_save:6.2f} s, "
-                f"np.load+load {np_load:6.2f} s, {np_size / 2**20:8.1f} MiB")
-            del table, fresh, other, loaded
+            out(f"  {rows:>10,} rows: snapshot {r['save_s']:6.2f} s (training thread blocked "
+                f"{r['save_blocking_s']:5.2f} s; first {total[0]:5.2f} s, {blocking[0]:4.2f} s), restore "
+                f"{r['restore_s']:6.2f} s, {size / 2**20:8.1f} MiB  |  np.save {r['np_save_s']:6.2f} s, "
+                f"np.load+load {r['np_load_s']:6.2f} s, {np_size / 2**20:8.1f} MiB  (medians of {rounds})")
+            del table
         finally:
             shutil.rmtree(folder, ignore_errors=True)
     return results
 
 
-def reliability(ratings, intervals_min=(5, 60, 360, 1440), failures_at=(0.25, 0.5, 0.75), limit=None,
-                batch: int = 1024, seed: int = 0, out=print, workdir: str | None = None) -> dict:
+def _replay_batches(ratings, limit, batch: int, seed: int = 0):
+    """The MovieLens stream joined as the joiner joins it, decoded into
+    (batch, rows, event time ms)."""
     from experiments.online_training.run import joined_examples
-    from monolith_jax.metrics import auc
     from monolith_jax.examples.movielens import replay as R
-    from monolith_jax.examples.movielens.loop import movielens_trainer
     from monolith_jax.stream.messages import ExampleDecoder
-    from monolith_jax.snapshot import Snapshots
 
     examples = joined_examples(ratings, limit or len(ratings), seed=seed)
     decoder = ExampleDecoder(R.movielens_features())
@@ -119,7 +142,83 @@ def reliability(ratings, intervals_min=(5, 60, 360, 1440), failures_at=(0.25, 0.
     for s in range(0, len(examples), batch):
         b, info, bad = decoder.decode(examples[s:s + batch], batch)
         batches.append((b, info["rows"], int(info["event_time_ms"][:info["rows"]].max())))
-    del examples
+    return batches
+
+
+def throughput(ratings, every_s: float = 10.0, full_every: int = 30, rounds: int = 3, passes: int = 4, limit=None,
+               batch: int = 1024, seed: int = 0, out=print, workdir: str | None = None) -> dict:
+    """Training throughput on the MovieLens replay with no snapshots, with a
+    full snapshot every `every_s` seconds, and with incremental ones (every
+    `every_s` seconds, a full one every `full_every`): rounds interleaved,
+    medians. A run trains `passes` passes over the replay (long enough for
+    several snapshots). Each snapshotting run takes its first (full) snapshot before
+    the clock starts, so the timed ones are those of a running chain (with
+    full_every=30 at 10 s, 29 of every 30 are deltas; the full one costs
+    what the "full" line's do)."""
+    from monolith_jax.examples.movielens.loop import movielens_trainer
+    from monolith_jax.snapshot import Snapshots
+
+    batches = _replay_batches(ratings, limit, batch, seed)
+    n = passes * sum(r for _, r, _ in batches[1:])
+    out(f"{n:,} examples a run ({passes} passes over {len(batches) - 1:,} batches of {batch} of the joined "
+        f"replay); snapshots every {every_s:g} s")
+
+    def run(kind):
+        trainer = movielens_trainer(seed, out=lambda *a, **k: None)
+        b0, _, t0_ms = batches[0]
+        trainer.train_step(b0, stamp=t0_ms // 1000)  # compiled before the clock starts
+        folder = tempfile.mkdtemp(prefix="monolith-snap-tp-", dir=workdir)
+        snaps = None
+        if kind != "none":
+            snaps = Snapshots(folder, every_s=every_s, keep=2, full_every=1 if kind == "full" else full_every)
+            snaps.save(trainer.step_count, trainer, {"batch": 0})
+            snaps.wait()
+        try:
+            t0 = time.perf_counter()
+            before = (snaps.saved, snaps.saved_deltas, snaps.save_seconds) if snaps is not None else (0, 0, 0.0)
+            for _ in range(passes):
+                for k, (b, rows, t_ms) in enumerate(batches[1:], 1):
+                    trainer.train_step(b, stamp=t_ms // 1000)
+                    if snaps is not None and snaps.due(trainer.step_count):
+                        snaps.save(trainer.step_count, trainer, {"batch": k})
+                        snaps.completed()
+            if snaps is not None:
+                snaps.wait()
+            seconds = time.perf_counter() - t0
+            after = (snaps.saved, snaps.saved_deltas, snaps.save_seconds) if snaps is not None else (0, 0, 0.0)
+        finally:
+            if snaps is not None:
+                snaps.close()
+            shutil.rmtree(folder, ignore_errors=True)
+        return {"examples_per_s": n / seconds, "seconds": seconds, "snapshots": after[0] - before[0],
+                "deltas": after[1] - before[1], "blocked_s": after[2] - before[2]}
+
+    runs = {"none": [], "full": [], "incremental": []}
+    for r in range(rounds):
+        for kind in runs:
+            runs[kind].append(run(kind))
+    res = {"rounds": rounds, "every_s": every_s, "full_every": full_every, "examples": n}
+    base = _median([x["examples_per_s"] for x in runs["none"]])
+    for kind, xs in runs.items():
+        eps = _median([x["examples_per_s"] for x in xs])
+        res[kind] = {"examples_per_s": eps, "cost": 1 - eps / base, "snapshots": _median([x["snapshots"] for x in xs]),
+                     "deltas": _median([x["deltas"] for x in xs]),
+                     "blocked_s": _median([x["blocked_s"] for x in xs]), "runs": xs}
+        what = {"none": "no snapshots:         ", "full": f"full every {every_s:g} s:     ",
+                "incremental": f"incremental, {every_s:g} s: "}[kind]
+        out(f"  {what} {eps:8,.0f} examples/s, cost {100 * res[kind]['cost']:+5.1f}% of throughput; "
+            f"{res[kind]['snapshots']:.0f} snapshots ({res[kind]['deltas']:.0f} deltas) a run, training blocked "
+            f"{res[kind]['blocked_s']:.2f} s a run  (medians of {rounds})")
+    return res
+
+
+def reliability(ratings, intervals_min=(5, 60, 360, 1440), failures_at=(0.25, 0.5, 0.75), limit=None,
+                batch: int = 1024, seed: int = 0, out=print, workdir: str | None = None) -> dict:
+    from monolith_jax.metrics import auc
+    from monolith_jax.examples.movielens.loop import movielens_trainer
+    from monolith_jax.snapshot import Snapshots
+
+    batches = _replay_batches(ratings, limit, batch, seed)
     n_batches = len(batches)
     fail_at = sorted({int(f * n_batches) for f in failures_at})
     out(f"{sum(r for _, r, _ in batches):,} joined examples in {n_batches:,} batches; the parameter server "

@@ -7,7 +7,12 @@
 #include <nanobind/stl/pair.h>
 #include <nanobind/stl/string.h>
 
+#include <algorithm>
+#include <cstdlib>
 #include <memory>
+#include <mutex>
+#include <utility>
+#include <array>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -48,6 +53,71 @@ nb::ndarray<nb::numpy, T> ToNumpy(std::vector<T>&& v, std::initializer_list<size
   return nb::ndarray<nb::numpy, T>(heap->data(), shape, owner);
 }
 
+// Dump buffers, uninitialized (a dump writes every byte). A table that
+// snapshots every few seconds takes its last dump's buffers again once
+// numpy has freed them: faulting in a GB of fresh pages cost more than the
+// copy itself. (2 MiB pages were tried: under defrag=madvise a first dump
+// stalled for seconds in compaction.)
+class BufferPool {
+ public:
+  struct Block {
+    void* p = nullptr;
+    size_t bytes = 0;
+  };
+  static constexpr int kFields = 8;
+
+  static Block New(size_t bytes) {
+    Block b;
+    b.bytes = std::max<size_t>(bytes, 1);
+    if (posix_memalign(&b.p, 64, b.bytes) != 0) throw std::bad_alloc();
+    return b;
+  }
+  // A kept block of at least `bytes`, or a new one with 1/16 to spare.
+  Block Take(int field, size_t bytes) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      Block& kept = free_[field];
+      if (kept.p != nullptr && kept.bytes >= bytes) return std::exchange(kept, Block{});
+    }
+    return New(bytes + bytes / 16);
+  }
+  // Keeps the larger of `b` and the block kept for `field`; frees the other.
+  void Give(int field, Block b) {
+    std::lock_guard<std::mutex> lock(mu_);
+    Block& kept = free_[field];
+    if (kept.bytes < b.bytes) std::swap(kept, b);
+    std::free(b.p);
+  }
+  void Clear() {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (Block& b : free_) std::free(std::exchange(b, Block{}).p);
+  }
+  ~BufferPool() { Clear(); }
+
+ private:
+  std::mutex mu_;
+  std::array<Block, kFields> free_{};
+};
+
+// What a dumped numpy array holds on to: its block, back to the pool (or
+// freed, when not pooled) once numpy lets go.
+struct Lease {
+  std::shared_ptr<BufferPool> pool;
+  int field;
+  BufferPool::Block block;
+  ~Lease() {
+    if (pool) pool->Give(field, block);
+    else std::free(block.p);
+  }
+};
+
+template <typename T>
+nb::ndarray<nb::numpy, T> Owned(std::unique_ptr<Lease>& lease, std::initializer_list<size_t> shape) {
+  T* data = static_cast<T*>(lease->block.p);
+  nb::capsule owner(lease.release(), [](void* p) noexcept { delete static_cast<Lease*>(p); });
+  return nb::ndarray<nb::numpy, T>(data, shape, owner);
+}
+
 // The Python-owned handle: registered while open.
 class PyTable {
  public:
@@ -56,6 +126,7 @@ class PyTable {
   ~PyTable() { Close(); }
 
   int64_t id() const { return id_; }
+  const std::shared_ptr<BufferPool>& pool() { return pool_; }
   void Close() {
     if (open_) UnregisterTable(id_);
     open_ = false;
@@ -67,6 +138,7 @@ class PyTable {
 
  private:
   std::shared_ptr<EmbeddingTable> table_;
+  std::shared_ptr<BufferPool> pool_ = std::make_shared<BufferPool>();
   int64_t id_;
   bool open_ = true;
 };
@@ -247,26 +319,51 @@ NB_MODULE(_engine, m) {
              return d;
            })
       .def("dump",
-           [](PyTable& s) {
+           [](PyTable& s, int mode, bool reuse) -> nb::object {
              EmbeddingTable& t = s.t();
-             TableDump d;
+             if (mode < 0 || mode > 2) throw std::invalid_argument("dump mode must be 0, 1 or 2");
+             const size_t dim = static_cast<size_t>(t.dim()), width = static_cast<size_t>(t.slot_width());
+             // Written by the engine's threads straight into the buffers
+             // that numpy then owns (uninitialized: each byte is written).
+             // keys, values, slots, last_update, update_count, touched, filter, removed
+             std::array<std::unique_ptr<Lease>, BufferPool::kFields> lease;
+             std::shared_ptr<BufferPool> pool = reuse ? s.pool() : nullptr;
+             DumpSizes z;
+             bool taken;
              {
                nb::gil_scoped_release release;
-               d = t.Dump();
+               taken = t.Dump(static_cast<DumpMode>(mode), [&](const DumpSizes& n) {
+                 const size_t r = static_cast<size_t>(n.rows);
+                 const size_t bytes[BufferPool::kFields] = {
+                     r * 8, r * dim * 4, r * width * 4, r * 4, r * 4, r, static_cast<size_t>(n.filter),
+                     static_cast<size_t>(n.removed) * 8};
+                 for (int f = 0; f < BufferPool::kFields; ++f) {
+                   lease[f].reset(new Lease{pool, f, {}});
+                   lease[f]->block = pool ? pool->Take(f, bytes[f]) : BufferPool::New(bytes[f]);
+                 }
+                 auto at = [&](int f) { return lease[f]->block.p; };
+                 return DumpArrays{static_cast<uint64_t*>(at(0)), static_cast<float*>(at(1)),
+                                   static_cast<float*>(at(2)), static_cast<uint32_t*>(at(3)),
+                                   static_cast<uint32_t*>(at(4)), static_cast<uint8_t*>(at(5)),
+                                   static_cast<uint8_t*>(at(6)), static_cast<uint64_t*>(at(7))};
+               }, &z);
              }
-             const size_t n = d.keys.size();
+             if (!taken) return nb::none();
+             const size_t n = static_cast<size_t>(z.rows);
              nb::dict out;
-             out["keys"] = ToNumpy(std::move(d.keys), {n});
-             out["values"] = ToNumpy(std::move(d.values), {n, static_cast<size_t>(t.dim())});
-             out["slots"] = ToNumpy(std::move(d.slots), {n, static_cast<size_t>(t.slot_width())});
-             out["last_update"] = ToNumpy(std::move(d.last_update), {n});
-             out["update_count"] = ToNumpy(std::move(d.update_count), {n});
-             out["touched"] = ToNumpy(std::move(d.touched), {n});
-             const size_t f = d.filter.size();
-             out["filter"] = ToNumpy(std::move(d.filter), {f});
-             out["clock"] = d.clock;
+             out["keys"] = Owned<uint64_t>(lease[0], {n});
+             out["values"] = Owned<float>(lease[1], {n, dim});
+             out["slots"] = Owned<float>(lease[2], {n, width});
+             out["last_update"] = Owned<uint32_t>(lease[3], {n});
+             out["update_count"] = Owned<uint32_t>(lease[4], {n});
+             out["touched"] = Owned<uint8_t>(lease[5], {n});
+             out["filter"] = Owned<uint8_t>(lease[6], {static_cast<size_t>(z.filter)});
+             if (mode == 2) out["removed"] = Owned<uint64_t>(lease[7], {static_cast<size_t>(z.removed)});
+             out["clock"] = z.clock;
              return out;
-           })
+           }, "mode"_a = 0, "reuse"_a = false)
+      .def("release_dump_buffers", [](PyTable& s) { s.pool()->Clear(); })
+      .def("changes_tracked", [](PyTable& s) { return s.t().ChangesTracked(); })
       .def("expire",
            [](PyTable& s, uint32_t now) {
              EmbeddingTable& t = s.t();
@@ -283,17 +380,16 @@ NB_MODULE(_engine, m) {
         if (values.shape(0) != n || values.shape(1) != static_cast<size_t>(t.dim()) ||
             slots.size() != n * w || last_update.shape(0) != n || update_count.shape(0) != n)
           throw std::invalid_argument("dump arrays do not match the table's dim and slots");
-        TableDump d;
-        d.keys.assign(keys.data(), keys.data() + n);
-        d.values.assign(values.data(), values.data() + n * t.dim());
-        d.slots.assign(slots.data(), slots.data() + n * w);
-        d.last_update.assign(last_update.data(), last_update.data() + n);
-        d.update_count.assign(update_count.data(), update_count.data() + n);
         if (touched.shape(0) != n) throw std::invalid_argument("dump touched must have one flag per row");
-        d.touched.assign(touched.data(), touched.data() + n);
-        d.filter.assign(filter.data(), filter.data() + filter.shape(0));
-        d.clock = clock;
+        // Read in place: the arrays stay alive (held by the call) while the
+        // engine reads them without the GIL.
+        const LoadArrays d{keys.data(), values.data(), slots.data(), last_update.data(), update_count.data(),
+                           touched.data(), filter.data(), nullptr};
+        DumpSizes z;
+        z.rows = static_cast<int64_t>(n);
+        z.filter = static_cast<int64_t>(filter.shape(0));
+        z.clock = clock;
         nb::gil_scoped_release release;
-        t.Load(d);
+        t.Load(d, z);
       });
 }

@@ -70,6 +70,31 @@ int64_t Shard::touched() const {
   return n;
 }
 
+int64_t Shard::dirty() const {
+  int64_t n = 0;
+  for (size_t w = 0; w < dirty_.size(); ++w) n += __builtin_popcountll(dirty_[w] & live_[w]);
+  return n;
+}
+
+void Shard::SwapContent(Shard& o) {
+  arena_.Swap(o.arena_);
+  index_.swap(o.index_);
+  chunks_.swap(o.chunks_);
+  live_.swap(o.live_);
+  touched_.swap(o.touched_);
+  dirty_.swap(o.dirty_);
+  removed_.swap(o.removed_);
+  std::swap(track_removed_, o.track_removed_);
+  sketch_.swap(o.sketch_);
+  free_rows_.swap(o.free_rows_);
+  std::swap(next_row_, o.next_row_);
+  std::swap(size_, o.size_);
+  // The counters stay this shard's own (statistics over its life); the
+  // rows `other` inserted count as inserts here.
+  inserts_ += o.inserts_;
+  o.inserts_ = 0;
+}
+
 uint64_t Shard::EraseRow(uint32_t r) {
   const uint64_t key = RowKey(Row(r));
   Erase(key, KeyHash(key, layout_.hash_seed));
@@ -96,6 +121,11 @@ float* RowArena::Take(size_t bytes) {
   return reinterpret_cast<float*>(out);
 }
 
+void RowArena::Swap(RowArena& other) {
+  std::scoped_lock lock(mu_, other.mu_);
+  regions_.swap(other.regions_);
+}
+
 void RowArena::Release() {
   std::lock_guard<std::mutex> lock(mu_);
   for (const Region& r : regions_) munmap(r.base, r.size);
@@ -111,6 +141,7 @@ int64_t Shard::BytesHeld() const {
   return static_cast<int64_t>(chunks_.size()) * static_cast<int64_t>(ChunkBytes()) +
          static_cast<int64_t>(index_.capacity() * sizeof(Bucket)) +
          static_cast<int64_t>(live_.capacity() * 8) + static_cast<int64_t>(touched_.capacity() * 8) +
+         static_cast<int64_t>(dirty_.capacity() * 8) + static_cast<int64_t>(removed_.capacity() * 8) +
          static_cast<int64_t>(sketch_.capacity()) +
          static_cast<int64_t>(free_rows_.capacity() * 4) +
          static_cast<int64_t>(chunks_.capacity() * sizeof(float*)) + static_cast<int64_t>(sizeof(Shard));
@@ -188,6 +219,7 @@ uint32_t Shard::AllocateRow(uint64_t key, uint32_t now) {
       chunks_.push_back(arena_.Take(ChunkBytes()));
       live_.resize(((chunks_.size() << chunk_shift_) + 63) / 64, 0);
       touched_.resize(live_.size(), 0);
+      dirty_.resize(live_.size(), 0);
     }
   }
   float* row = Row(r);
@@ -196,6 +228,7 @@ uint32_t Shard::AllocateRow(uint64_t key, uint32_t now) {
   Meta(row)[1] = 0;
   live_[r >> 6] |= 1ULL << (r & 63);
   touched_[r >> 6] |= 1ULL << (r & 63);
+  dirty_[r >> 6] |= 1ULL << (r & 63);
   ++size_;
   return r;
 }
@@ -243,6 +276,8 @@ bool Shard::Erase(uint64_t key, uint64_t h) {
         b.tag[s] = 0;
         live_[r >> 6] &= ~(1ULL << (r & 63));
         touched_[r >> 6] &= ~(1ULL << (r & 63));
+        dirty_[r >> 6] &= ~(1ULL << (r & 63));
+        if (track_removed_) removed_.push_back(key);
         free_rows_.push_back(r);
         --size_;
         return true;
@@ -257,6 +292,9 @@ void Shard::Reset(int64_t capacity) {
   FreeChunks();
   live_.clear();
   touched_.clear();
+  dirty_.clear();
+  removed_.clear();
+  track_removed_ = false;
   std::fill(sketch_.begin(), sketch_.end(), 0);
   free_rows_.clear();
   next_row_ = 0;

@@ -21,6 +21,9 @@
 //             };
 //   live:    one bit per row number: the row holds a key of the shard.
 //   touched: one bit per row number: created or updated since the last drain.
+//   dirty:   one bit per row number: changed since the last snapshot base
+//            (a delta snapshot's rows; independent of the drain's marks).
+//   removed: keys erased since the last snapshot base, while tracked.
 //   sketch:  the admission filter's counting sketch (uint8 counters), present
 //            only when the table filters admission.
 //
@@ -92,6 +95,7 @@ class RowArena {
   float* Take(size_t bytes);
   // Returns every region; the caller guarantees no chunk is in use.
   void Release();
+  void Swap(RowArena& other);
 
  private:
   struct Region {
@@ -212,14 +216,43 @@ class Shard {
   // Records one sighting of an unadmitted key in the counting sketch
   // (conservative update) and returns its estimated count, >= the true one.
   uint32_t Sighting(uint64_t h);
-  void Touch(uint32_t r) { touched_[r >> 6] |= 1ULL << (r & 63); }
+  void Touch(uint32_t r) {
+    touched_[r >> 6] |= 1ULL << (r & 63);
+    dirty_[r >> 6] |= 1ULL << (r & 63);
+  }
   void DrainOne(uint32_t r) { touched_[r >> 6] &= ~(1ULL << (r & 63)); }
-  // f(row number) for every touched live row, clearing the marks.
+  bool IsDirty(uint32_t r) const { return (dirty_[r >> 6] >> (r & 63)) & 1; }
+  // Live rows changed since the last snapshot base.
+  int64_t dirty() const;
+  // Starts a new change record: no row dirty, no key removed; erases from
+  // now on record their keys (track) or not.
+  void ResetChanges(bool track) {
+    std::fill(dirty_.begin(), dirty_.end(), 0);
+    removed_.clear();
+    track_removed_ = track;
+  }
+  const std::vector<uint64_t>& removed() const { return removed_; }
+  // Exchanges everything this shard holds with `other` (same table).
+  void SwapContent(Shard& other);
+  // f(row number) for every touched live row, clearing the marks (which
+  // makes those rows dirty: their mark is part of a snapshot).
   template <typename F>
   void DrainTouched(F f) {
     for (size_t w = 0; w < touched_.size(); ++w) {
       uint64_t bits = touched_[w] & live_[w];
       touched_[w] = 0;
+      dirty_[w] |= bits;  // their touched mark changed: the next delta holds it
+      while (bits) {
+        f(static_cast<uint32_t>(w * 64 + __builtin_ctzll(bits)));
+        bits &= bits - 1;
+      }
+    }
+  }
+  // f(row number) for every dirty live row, in row order.
+  template <typename F>
+  void ForEachDirty(F f) const {
+    for (size_t w = 0; w < dirty_.size(); ++w) {
+      uint64_t bits = dirty_[w] & live_[w];
       while (bits) {
         f(static_cast<uint32_t>(w * 64 + __builtin_ctzll(bits)));
         bits &= bits - 1;
@@ -262,6 +295,9 @@ class Shard {
   std::vector<float*> chunks_;
   std::vector<uint64_t> live_;
   std::vector<uint64_t> touched_;
+  std::vector<uint64_t> dirty_;
+  std::vector<uint64_t> removed_;
+  bool track_removed_ = false;
   std::vector<uint8_t> sketch_;
   std::vector<uint32_t> free_rows_;
   uint32_t next_row_ = 0;  // rows ever handed out (live + free)

@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstring>
 #include <mutex>
+#include <optional>
 #include <stdexcept>
 #include <string>
 
@@ -569,62 +570,93 @@ TableStats EmbeddingTable::Stats() const {
   return st;
 }
 
-TableDump EmbeddingTable::Dump() const {
-  SharedAll lock(shards_);
-  int64_t n = 0;
-  for (auto& s : shards_) n += s->size();
+bool EmbeddingTable::Dump(DumpMode mode, const DumpAlloc& alloc, DumpSizes* sizes) {
+  std::optional<SharedAll> shared;
+  std::optional<ExclusiveAll> exclusive;
+  if (mode == DumpMode::kAll) shared.emplace(shards_);
+  else exclusive.emplace(shards_);
+  const bool changes = mode == DumpMode::kChanges;
+  if (changes && !changes_tracked_.load()) return false;
+  std::array<int64_t, kShards + 1> start{}, gone{};
+  DumpSizes z;
+  for (int s = 0; s < kShards; ++s) {
+    const Shard& sh = *shards_[s];
+    start[s + 1] = start[s] + (changes ? sh.dirty() : sh.size());
+    gone[s + 1] = gone[s] + (changes ? static_cast<int64_t>(sh.removed().size()) : 0);
+    z.filter += sh.sketch_bytes();
+  }
+  z.rows = start[kShards];
+  z.removed = gone[kShards];
+  z.clock = clock_.load();
+  const DumpArrays d = alloc(z);
   const int dim = layout_.dim, width = layout_.slot_width;
-  TableDump d;
-  d.keys.resize(n);
-  d.values.resize(static_cast<size_t>(n) * dim);
-  d.slots.resize(static_cast<size_t>(n) * width);
-  d.last_update.resize(n);
-  d.update_count.resize(n);
-  d.touched.resize(n);
-  for (auto& s : shards_) d.filter.insert(d.filter.end(), s->sketch().begin(), s->sketch().end());
-  d.clock = clock_.load();
-  size_t i = 0;
-  for (auto& s : shards_) {
-    s->ForEachLiveRow([&](uint32_t r) {
-      const float* row = s->Row(r);
-      d.touched[i] = s->IsTouched(r);
+  ThreadPool::Global().ParallelFor(kShards, [&](int s) {
+    const Shard& sh = *shards_[s];
+    int64_t i = start[s];
+    auto put = [&](uint32_t r) {
+      const float* row = sh.Row(r);
       d.keys[i] = Shard::RowKey(row);
       d.last_update[i] = Shard::Meta(row)[0];
       d.update_count[i] = Shard::Meta(row)[1];
-      std::memcpy(&d.values[i * dim], row + 4, dim * sizeof(float));
-      if (width) std::memcpy(&d.slots[i * width], row + 4 + dim, width * sizeof(float));
+      d.touched[i] = sh.IsTouched(r);
+      CopyRow(d.values + i * dim, row + 4, dim);
+      if (width) std::memcpy(d.slots + i * width, row + 4 + dim, width * sizeof(float));
       ++i;
-    });
+    };
+    if (changes) sh.ForEachDirty(put);
+    else sh.ForEachLiveRow(put);
+    const int64_t w = sh.sketch_bytes();
+    if (w) std::memcpy(d.filter + s * w, sh.sketch().data(), static_cast<size_t>(w));
+    if (gone[s + 1] > gone[s]) {
+      std::memcpy(d.removed + gone[s], sh.removed().data(), (gone[s + 1] - gone[s]) * sizeof(uint64_t));
+    }
+  });
+  if (mode != DumpMode::kAll) {
+    for (auto& sh : shards_) sh->ResetChanges(true);
+    changes_tracked_.store(true);
   }
-  return d;
+  *sizes = z;
+  return true;
 }
 
-void EmbeddingTable::Load(const TableDump& d) {
-  const int64_t n = static_cast<int64_t>(d.keys.size());
+void EmbeddingTable::Load(const LoadArrays& d, const DumpSizes& z) {
+  const int64_t n = z.rows;
   const int dim = layout_.dim, width = layout_.slot_width;
-  if (d.values.size() != static_cast<size_t>(n) * dim || d.slots.size() != static_cast<size_t>(n) * width ||
-      d.last_update.size() != static_cast<size_t>(n) || d.update_count.size() != static_cast<size_t>(n) ||
-      (!d.touched.empty() && d.touched.size() != static_cast<size_t>(n))) {
-    throw std::invalid_argument("dump arrays do not match the table's dim and slots");
+  const int64_t sketch = Filtering() ? options_.filter_counters / kShards : 0;
+  if (n < 0 || z.filter != sketch * kShards) {
+    throw std::invalid_argument("the dump's admission filter does not match this table's filter_counters");
   }
+  ThreadPool& pool = ThreadPool::Global();
   // Checked before anything changes: a refused dump leaves the table whole.
-  const int64_t bad_values = CountNonFinite(d.values.data(), d.values.size());
-  const int64_t bad_slots = CountNonFinite(d.slots.data(), d.slots.size());
-  if (bad_values || bad_slots) {
-    throw std::invalid_argument("the dump holds " + std::to_string(bad_values) + " non-finite values and " +
-                                std::to_string(bad_slots) + " non-finite optimizer slots; nothing was loaded");
+  const int parts = Parts(n);
+  std::atomic<int64_t> bad_values{0}, bad_slots{0};
+  pool.ParallelFor(parts, [&](int p) {
+    const int64_t lo = n * p / parts, hi = n * (p + 1) / parts;
+    bad_values.fetch_add(CountNonFinite(d.values + lo * dim, static_cast<size_t>((hi - lo) * dim)));
+    bad_slots.fetch_add(CountNonFinite(d.slots + lo * width, static_cast<size_t>((hi - lo) * width)));
+  });
+  if (bad_values.load() || bad_slots.load()) {
+    throw std::invalid_argument("the dump holds " + std::to_string(bad_values.load()) + " non-finite values and " +
+                                std::to_string(bad_slots.load()) +
+                                " non-finite optimizer slots; nothing was loaded");
   }
-  ExclusiveAll lock(shards_);
   // Rows grouped by shard (a counting sort on the shard of each key's
-  // hash), then every shard filled by one task: shards share nothing, so
-  // the pool fills them in parallel with no locks.
+  // hash), then each shard built aside by one task: shards share nothing,
+  // so the pool fills them in parallel with no locks.
   std::vector<uint8_t> shard_of(n);
+  std::vector<std::array<int64_t, kShards>> counts(parts);
+  pool.ParallelFor(parts, [&](int p) {
+    counts[p].fill(0);
+    for (int64_t i = n * p / parts, hi = n * (p + 1) / parts; i < hi; ++i) {
+      shard_of[i] = static_cast<uint8_t>(ShardOf(Hash(d.keys[i])));
+      ++counts[p][shard_of[i]];
+    }
+  });
   std::array<int64_t, kShards + 1> start{};
-  for (int64_t i = 0; i < n; ++i) {
-    shard_of[i] = static_cast<uint8_t>(ShardOf(Hash(d.keys[i])));
-    ++start[shard_of[i] + 1];
+  for (int s = 0; s < kShards; ++s) {
+    start[s + 1] = start[s];
+    for (int p = 0; p < parts; ++p) start[s + 1] += counts[p][s];
   }
-  for (int s = 0; s < kShards; ++s) start[s + 1] += start[s];
   std::vector<int64_t> order(n);
   {
     std::array<int64_t, kShards> next;
@@ -632,31 +664,38 @@ void EmbeddingTable::Load(const TableDump& d) {
     for (int64_t i = 0; i < n; ++i) order[next[shard_of[i]]++] = i;
   }
   const int64_t hint = (std::max<int64_t>(options_.capacity_hint, 0) + kShards - 1) / kShards;
-  int64_t filter_total = 0;
-  for (auto& s : shards_) filter_total += s->sketch_bytes();
-  if (static_cast<int64_t>(d.filter.size()) != filter_total) {
-    throw std::invalid_argument("the dump's admission filter does not match this table's filter_counters");
-  }
-  clock_.store(d.clock);
-  ThreadPool::Global().ParallelFor(kShards, [&](int s) {
-    Shard& sh = *shards_[s];
-    sh.Reset(std::max(start[s + 1] - start[s], hint));
-    const int64_t w = sh.sketch_bytes();
-    if (w) sh.SetSketch(d.filter.data() + s * w, w);
+  std::array<std::unique_ptr<Shard>, kShards> fresh;
+  std::atomic<int64_t> duplicates{0};
+  pool.ParallelFor(kShards, [&](int s) {
+    fresh[s] = std::make_unique<Shard>(layout_, std::max(start[s + 1] - start[s], hint), sketch);
+    Shard& sh = *fresh[s];
+    if (sketch) sh.SetSketch(d.filter + s * sketch, sketch);
     for (int64_t j = start[s]; j < start[s + 1]; ++j) {
       const int64_t i = order[j];
       bool inserted;
       const uint32_t r = sh.FindOrInsert(d.keys[i], Hash(d.keys[i]), 0, &inserted);
-      if (!d.touched.empty() && !d.touched[i]) sh.DrainOne(r);
+      if (!inserted) {
+        duplicates.fetch_add(1);
+        return;
+      }
+      if (d.touched != nullptr && !d.touched[i]) sh.DrainOne(r);
       float* row = sh.Row(r);
-      std::memcpy(row + 4, &d.values[i * dim], dim * sizeof(float));
-      if (width) std::memcpy(row + 4 + dim, &d.slots[i * width], width * sizeof(float));
+      CopyRow(row + 4, d.values + i * dim, dim);
+      if (width) std::memcpy(row + 4 + dim, d.slots + i * width, width * sizeof(float));
       for (int k = 4 + dim + width; k < layout_.stride; ++k) row[k] = 0.0f;
       Shard::Meta(row)[0] = d.last_update[i];
       Shard::Meta(row)[1] = d.update_count[i];
     }
   });
-  rows_.store(n);
+  if (duplicates.load()) throw std::invalid_argument("the dump's keys are not unique; nothing was loaded");
+  {
+    ExclusiveAll lock(shards_);
+    for (int s = 0; s < kShards; ++s) shards_[s]->SwapContent(*fresh[s]);
+    clock_.store(z.clock);
+    rows_.store(n);
+    changes_tracked_.store(false);
+  }
+  // `fresh` now holds the old rows, freed here outside the locks.
 }
 
 void EmbeddingTable::Clear() {
@@ -664,6 +703,7 @@ void EmbeddingTable::Clear() {
   const int64_t hint = (std::max<int64_t>(options_.capacity_hint, 0) + kShards - 1) / kShards;
   for (auto& s : shards_) s->Reset(hint);
   rows_.store(0);
+  changes_tracked_.store(false);
 }
 
 }  // namespace monolith

@@ -40,7 +40,9 @@
 #include <array>
 #include <atomic>
 #include <cstdint>
+#include <functional>
 #include <memory>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -90,17 +92,37 @@ struct TableStats {
   int64_t touched = 0;            // rows created or updated since the last drain
 };
 
-// A whole table as contiguous arrays (n rows).
-struct TableDump {
-  std::vector<uint64_t> keys;          // (n)
-  std::vector<float> values;           // (n, dim)
-  std::vector<float> slots;            // (n, slot_width)
-  std::vector<uint32_t> last_update;   // (n)
-  std::vector<uint32_t> update_count;  // (n)
-  std::vector<uint8_t> touched;        // (n)
-  std::vector<uint8_t> filter;         // (filter_counters) admission sketch
-  uint32_t clock = 0;                  // the latest apply time seen
+// A table's rows as arrays that the caller owns: what Dump writes and Load
+// reads, so neither copies through a buffer of its own.
+template <bool Const>
+struct RowArraysT {
+  template <typename T>
+  using P = std::conditional_t<Const, const T*, T*>;
+  P<uint64_t> keys = nullptr;          // (rows)
+  P<float> values = nullptr;           // (rows, dim)
+  P<float> slots = nullptr;            // (rows, slot_width)
+  P<uint32_t> last_update = nullptr;   // (rows)
+  P<uint32_t> update_count = nullptr;  // (rows)
+  P<uint8_t> touched = nullptr;        // (rows); Load: null = every row touched
+  P<uint8_t> filter = nullptr;         // (filter) admission sketch
+  P<uint64_t> removed = nullptr;       // (removed) Dump of changes: keys erased since the base
 };
+using DumpArrays = RowArraysT<false>;
+using LoadArrays = RowArraysT<true>;
+
+struct DumpSizes {
+  int64_t rows = 0, filter = 0, removed = 0;
+  uint32_t clock = 0;  // the latest apply time seen
+};
+
+// What a Dump takes: every row (kAll, the table unchanged); every row and
+// start a new change record (kBase: a full snapshot that deltas follow);
+// the rows changed and the keys removed since the last kBase or kChanges
+// dump, starting a new record (kChanges: a delta snapshot).
+enum class DumpMode : int { kAll = 0, kBase = 1, kChanges = 2 };
+// Called once, under the table's locks, with the sizes: returns the arrays
+// to fill (it must not call into the table).
+using DumpAlloc = std::function<DumpArrays(const DumpSizes&)>;
 
 // Rows as keys and values only (a serving copy).
 struct TableRows {
@@ -156,11 +178,19 @@ class EmbeddingTable {
 
   int64_t Size() const;
   TableStats Stats() const;
-  TableDump Dump() const;
-  // Replaces the whole content with `d` (keys must be unique). A dump whose
-  // arrays do not fit, or that holds a NaN or Inf value or slot, throws
-  // std::invalid_argument before anything changes.
-  void Load(const TableDump& d);
+  // Fills the arrays `alloc` returns, every shard by its own task of the
+  // pool. kAll holds the shards shared; kBase and kChanges exclusively (they
+  // clear the change record). kChanges returns false, taking nothing, when
+  // the record does not cover everything since the last snapshot (no kBase
+  // dump yet, or a Load or Clear since): take a kBase dump instead.
+  bool Dump(DumpMode mode, const DumpAlloc& alloc, DumpSizes* sizes);
+  // Whether a kChanges dump would cover everything since the last one.
+  bool ChangesTracked() const { return changes_tracked_.load(); }
+  // Replaces the whole content with `d` (sizes.rows rows; sizes.removed is
+  // ignored). The new shards are built aside, in parallel, and swapped in
+  // only when whole: arrays that do not fit, a NaN or Inf value or slot, or
+  // a key given twice throw std::invalid_argument with the table unchanged.
+  void Load(const LoadArrays& d, const DumpSizes& sizes);
   void Clear();
 
  private:
@@ -198,6 +228,7 @@ class EmbeddingTable {
   std::atomic<int64_t> filtered_{0}, dropped_{0}, expired_{0}, evicted_{0};
   std::atomic<int64_t> rows_{0};     // live rows, all shards
   std::atomic<uint32_t> clock_{0};  // the latest apply time seen
+  std::atomic<bool> changes_tracked_{false};  // see ChangesTracked()
 };
 
 }  // namespace monolith

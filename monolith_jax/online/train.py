@@ -14,7 +14,9 @@ line `trainer done {...}` and, with `--summary`, writes it to a file. With
 `--export DIR` it writes the exported model (`monolith_jax.serving.export`) for a
 predictor. With `--snapshot-dir` it snapshots everything (Orbax) by time
 or steps and on SIGTERM, commits offsets only with a complete snapshot,
-and resumes from the newest good one after a crash.
+and resumes from the newest good one after a crash; with
+`--snapshot-full-every K` every Kth snapshot is full and the ones between
+are deltas (the rows changed since the one before), restored in order.
 
 Scale-out (`monolith_jax.distributed.cluster` starts these for you):
 - `--ps HOST:PORT,HOST:PORT`: the tables live on training PS shards
@@ -72,7 +74,11 @@ def main(argv=None) -> int:
                    help="Orbax snapshots here; resume from the newest; offsets committed only with a snapshot")
     p.add_argument("--snapshot-every-s", type=float, default=60.0, help="seconds between snapshots")
     p.add_argument("--snapshot-every-steps", type=int, default=None, help="steps between snapshots")
-    p.add_argument("--keep-snapshots", type=int, default=3, help="snapshots kept on disk")
+    p.add_argument("--keep-snapshots", type=int, default=3,
+                   help="snapshots kept on disk (with --snapshot-full-every > 1: full ones, each with its deltas)")
+    p.add_argument("--snapshot-full-every", type=int, default=1,
+                   help="every Kth snapshot is full, the ones between are deltas holding only the table rows "
+                        "changed since the snapshot before (incremental snapshots); 1: every snapshot full")
     p.add_argument("--no-warmup", action="store_true",
                    help="skip compiling every batch bucket before the first example")
     p.add_argument("--ps", default=None, help="comma-separated training PS shard addresses, in shard order")
@@ -140,7 +146,7 @@ def main(argv=None) -> int:
             os.path.join(args.snapshot_dir, "trainers") if dp is not None else \
             os.path.join(args.snapshot_dir, f"trainer-{args.trainer_index}")
         snapshots = Snapshots(folder, every_s=args.snapshot_every_s, every_steps=args.snapshot_every_steps,
-                              keep=args.keep_snapshots)
+                              keep=args.keep_snapshots, full_every=args.snapshot_full_every)
     if args.data:
         return train_files(job, trainer, args, batch_size, snapshots)
     from monolith_jax.online.trainer import OnlineTrainer

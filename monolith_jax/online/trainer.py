@@ -33,7 +33,9 @@ committed only once a snapshot holding them (and everything trained
 before them) is complete on disk; a trainer started on the same folder
 restores the newest good snapshot and seeks each partition to its offset,
 so a crash (even SIGKILL) loses nothing and trains nothing twice. A clean
-stop takes a last snapshot.
+stop takes a last snapshot. Incremental snapshots (`Snapshots(...,
+full_every=K)`: deltas of the changed rows between full ones) resume
+alike: the restore applies the chain in order.
 
 No message stops training: one that cannot be used (unreadable of any
 shape or size, an example the decoder refuses) goes to the dead-letter

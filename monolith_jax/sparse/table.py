@@ -231,32 +231,102 @@ class EmbeddingTable:
         s["overhead_bytes_per_row"] = s["bytes_overhead"] / rows
         return s
 
-    def dump(self) -> dict[str, np.ndarray]:
+    def dump(self, reuse_buffers: bool = False) -> dict[str, np.ndarray]:
         """The whole table as contiguous arrays (a consistent snapshot):
         keys uint64 (n), values float32 (n, dim), slots float32 (n, slot_width),
         last_update uint32 (n), update_count uint32 (n), touched uint8 (n),
-        filter uint8 (admission sketch), clock (int: latest apply step)."""
-        return dict(self._native.dump())
+        filter uint8 (admission sketch), clock (int: latest apply step).
+        The engine's threads fill the arrays shard by shard, in place.
+
+        reuse_buffers: the arrays' memory goes back to the table once they
+        are freed, for the next such dump (a snapshot every few seconds then
+        copies into memory already faulted in, not a GB of fresh pages); the
+        table holds that memory until `release_dump_buffers()`."""
+        return dict(self._native.dump(0, reuse_buffers))
+
+    def dump_base(self, reuse_buffers: bool = False) -> dict[str, np.ndarray]:
+        """`dump()`, and from this moment on a record of what changes, for
+        `dump_changes` (a full snapshot that delta snapshots follow)."""
+        return dict(self._native.dump(1, reuse_buffers))
+
+    def release_dump_buffers(self) -> None:
+        """Frees the memory kept by dumps with `reuse_buffers`."""
+        self._native.release_dump_buffers()
+
+    def dump_changes(self) -> dict[str, np.ndarray] | None:
+        """The rows created or changed since the last `dump_base` or
+        `dump_changes` (in full, as `dump()` gives them: values, slots,
+        metadata, touched marks), plus `removed` (uint64: keys erased,
+        expired or evicted since then; a key removed and created again is in
+        both), the whole admission filter and the clock; starts a new record.
+        None, taking nothing, when the record does not cover everything since
+        then (no `dump_base` yet, or a `load` or `clear` since): take a
+        `dump_base` instead. Apply one with `apply_changes`. The record is its
+        own, apart from `drain_touched`'s marks (a drain changes a row's
+        touched mark, so the drained rows are in the next changes)."""
+        d = self._native.dump(2)
+        return None if d is None else dict(d)
+
+    @property
+    def changes_tracked(self) -> bool:
+        """Whether `dump_changes` would return changes (not None)."""
+        return bool(self._native.changes_tracked())
+
+    @staticmethod
+    def apply_changes(dump: dict, changes: dict) -> dict:
+        """The dump that `changes` (from `dump_changes`) turns `dump` into:
+        its removed keys and changed rows taken out, the changed rows added,
+        filter and clock replaced. Numpy only; the table is not touched."""
+        gone = np.concatenate([np.asarray(changes["removed"], np.uint64), np.asarray(changes["keys"], np.uint64)])
+        keep = ~np.isin(np.asarray(dump["keys"]), gone) if gone.size else slice(None)
+        out = {f: np.concatenate([np.asarray(dump[f])[keep], np.asarray(changes[f])])
+               for f in ("keys", "values", "slots", "last_update", "update_count", "touched")}
+        out["filter"] = np.asarray(changes["filter"])
+        out["clock"] = int(changes["clock"])
+        return out
+
+    @staticmethod
+    def combine_changes(first: dict, then: dict) -> dict:
+        """The changes that `first` and then `then` (two `dump_changes()` in
+        order) make together, so a chain of deltas is merged among its small
+        arrays before one pass over a full dump."""
+        drop = np.concatenate([np.asarray(then["removed"], np.uint64), np.asarray(then["keys"], np.uint64)])
+        keep = ~np.isin(np.asarray(first["keys"]), drop) if drop.size else slice(None)
+        out = {f: np.concatenate([np.asarray(first[f])[keep], np.asarray(then[f])])
+               for f in ("keys", "values", "slots", "last_update", "update_count", "touched")}
+        out["removed"] = np.concatenate([np.asarray(first["removed"], np.uint64),
+                                         np.asarray(then["removed"], np.uint64)])
+        out["filter"] = np.asarray(then["filter"])
+        out["clock"] = int(then["clock"])
+        return out
 
     def load(self, dump: dict) -> None:
         """Replaces the table's content with a `dump()` of a same-shaped table.
-        Everything is checked first (`check_dump`): a refused dump leaves the
-        table as it was."""
-        arrays, clock = self._checked_dump(dump)
-        self._native.load(
-            arrays["keys"], arrays["values"], arrays["slots"].reshape(-1),
-            arrays["last_update"], arrays["update_count"], arrays["touched"], arrays["filter"], clock,
-        )
+        Everything is checked first: a refused dump leaves the table as it
+        was. Fields, dtypes and shapes here; duplicate keys and NaN or Inf
+        values or slots by the engine, which builds the new shards aside (in
+        parallel) and swaps them in only when whole."""
+        arrays, clock = self._checked_dump(dump, deep=False)
+        try:
+            self._native.load(
+                arrays["keys"], arrays["values"], arrays["slots"].reshape(-1),
+                arrays["last_update"], arrays["update_count"], arrays["touched"], arrays["filter"], clock,
+            )
+        except ValueError as err:
+            self._deep_check(arrays, arrays["keys"].shape[0])  # names rows and counts (only once refused)
+            raise ValueError(f"table {self.name!r}: {err}") from None
 
-    def check_dump(self, dump: dict) -> None:
+    def check_dump(self, dump: dict, deep: bool = True) -> None:
         """Raises (TypeError / ValueError naming the table and the field) if
         `load(dump)` would refuse it: missing fields, dtypes or shapes that
         do not fit this table (dim, optimizer slots, admission filter),
-        duplicate keys, a clock out of range, NaN or Inf values or slots.
-        Changes nothing, so several tables can be checked before any loads."""
-        self._checked_dump(dump)
+        a clock out of range, and (deep) duplicate keys, NaN or Inf values
+        or slots. Changes nothing, so several tables can be checked before
+        any loads. deep=False leaves the last two to `load` itself (which
+        refuses them with the table unchanged), sparing a sort and a pass."""
+        self._checked_dump(dump, deep=deep)
 
-    def _checked_dump(self, dump: dict) -> tuple[dict, int]:
+    def _checked_dump(self, dump: dict, deep: bool = True) -> tuple[dict, int]:
         if not isinstance(dump, dict):
             raise TypeError(f"table {self.name!r}: a dump is a dict from dump(), got {type(dump).__name__}")
         missing = [f for f in _DUMP_FIELDS if f not in dump]
@@ -283,8 +353,19 @@ class EmbeddingTable:
                     f"got {a.dtype}{a.shape}"
                 )
             arrays[field] = np.ascontiguousarray(a)
+        if deep:
+            self._deep_check(arrays, n)
+        try:
+            clock = int(dump["clock"])
+        except (TypeError, ValueError):
+            raise TypeError(f"table {self.name!r}: dump clock must be an int, got {dump['clock']!r}") from None
+        if not 0 <= clock < 2**32:
+            raise ValueError(f"table {self.name!r}: dump clock must be in [0, 2^32), got {clock}")
+        return arrays, clock
+
+    def _deep_check(self, arrays: dict, n: int) -> None:
         # By sorting: NumPy 2's np.unique hashes, ~15x slower on 10^6 keys.
-        ordered = np.sort(keys)
+        ordered = np.sort(arrays["keys"])
         if n > 1 and bool((ordered[1:] == ordered[:-1]).any()):
             raise ValueError(f"table {self.name!r}: dump keys are not unique")
         bad_values = arrays["values"].size - int(np.count_nonzero(np.isfinite(arrays["values"])))
@@ -294,13 +375,6 @@ class EmbeddingTable:
                                         | ~np.isfinite(arrays["slots"]).all(axis=1)))
             raise ValueError(f"table {self.name!r}: dump holds {bad_values} non-finite values and {bad_slots} "
                              f"non-finite optimizer slots in {rows} of its {n} rows; nothing was loaded")
-        try:
-            clock = int(dump["clock"])
-        except (TypeError, ValueError):
-            raise TypeError(f"table {self.name!r}: dump clock must be an int, got {dump['clock']!r}") from None
-        if not 0 <= clock < 2**32:
-            raise ValueError(f"table {self.name!r}: dump clock must be in [0, 2^32), got {clock}")
-        return arrays, clock
 
     # --------------------------------------------------------------- checks
     def _check_grads(self, id_shape, grads):

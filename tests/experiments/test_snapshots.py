@@ -31,3 +31,18 @@ def test_reliability_counts_what_each_interval_loses(runs, monkeypatch, capsys):
     assert np.isfinite(r["baseline"]["auc_after_first_failure"]) and np.isfinite(long_["auc_lost"])
     folder = runs.folder("snapshots", capsys.readouterr().out)
     assert set(json.loads((folder / "results.json").read_text())) == {"reliability"}
+
+
+def test_throughput_runs_full_and_incremental_snapshots_beside_none(runs, monkeypatch, capsys):
+    import monolith_jax.examples.movielens.data as data
+
+    monkeypatch.setattr(data, "load_movielens_1m",
+                        lambda: synthetic_ratings(6_000, users=400, items=150, seed=6, days=30))
+    r = snap_main.main(["--part", "throughput", "--rounds", "1", "--passes", "3", "--every-s", "0.05",
+                        "--full-every", "3", "--batch", "512"])["throughput"]
+    assert r["none"]["snapshots"] == 0 and r["none"]["cost"] == 0
+    assert r["full"]["snapshots"] > 0 and r["full"]["deltas"] == 0
+    assert r["incremental"]["deltas"] > 0
+    assert all(r[k]["examples_per_s"] > 0 for k in ("none", "full", "incremental"))
+    folder = runs.folder("snapshots", capsys.readouterr().out)
+    assert set(json.loads((folder / "results.json").read_text())) == {"throughput"}

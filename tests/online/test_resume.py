@@ -13,6 +13,7 @@ import time
 import grpc
 import jax
 import numpy as np
+import pytest
 
 from monolith_jax.stream import kafka as K
 from monolith_jax.examples.movielens import replay as R
@@ -50,11 +51,11 @@ def produce_examples(bootstrap, topic, n):
     return sent
 
 
-def trainer_cmd(bootstrap, topic, group, snap_dir, summary):
+def trainer_cmd(bootstrap, topic, group, snap_dir, summary, full_every=1):
     return [sys.executable, "-m", "monolith_jax.online.train", "--job", "monolith_jax.examples.movielens.job:job", "--bootstrap", bootstrap, "--group", group,
             "--topic-examples", topic, "--batch", str(BATCH), "--max-wait", "30", "--idle-timeout", "4",
             "--snapshot-dir", str(snap_dir), "--snapshot-every-steps", "10", "--snapshot-every-s", "0",
-            "--summary", str(summary), "--no-warmup"]
+            "--summary", str(summary), "--no-warmup", "--snapshot-full-every", str(full_every)]
 
 
 def snapshot_steps(folder) -> list:
@@ -68,18 +69,31 @@ def final_state(snap_dir):
     return trainer, meta
 
 
-def test_sigkilled_trainer_resumes_and_ends_where_an_uninterrupted_run_ends(tmp_path):
+def snapshot_kinds(folder) -> set:
+    """"full" / "delta" of the snapshots in a folder, from their metas."""
+    kinds = set()
+    for step in snapshot_steps(folder):
+        with open(os.path.join(folder, str(step), "meta", "metadata")) as f:
+            kinds.add(json.load(f).get("kind", "full"))
+    return kinds
+
+
+# full_every=4: incremental snapshots (a full one, then 3 deltas of the rows
+# changed), killed and resumed from a chain.
+@pytest.mark.parametrize("full_every", [1, 4])
+def test_sigkilled_trainer_resumes_and_ends_where_an_uninterrupted_run_ends(tmp_path, full_every):
     from monolith_jax.stream.broker import BrokerProcess
 
-    topic = "examples-resume"
+    topic = f"examples-resume-{full_every}"
     with BrokerProcess() as bootstrap:
         assert produce_examples(bootstrap, topic, N_EXAMPLES) == N_EXAMPLES
         # Uninterrupted.
-        done = subprocess.run(trainer_cmd(bootstrap, topic, "whole", tmp_path / "whole", tmp_path / "whole.json"),
+        done = subprocess.run(trainer_cmd(bootstrap, topic, "whole", tmp_path / "whole", tmp_path / "whole.json",
+                                          full_every),
                               capture_output=True, text=True, timeout=300, env=ENV)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         # Killed with SIGKILL once a few snapshots are complete, then restarted.
-        cmd = trainer_cmd(bootstrap, topic, "killed", tmp_path / "killed", tmp_path / "killed.json")
+        cmd = trainer_cmd(bootstrap, topic, "killed", tmp_path / "killed", tmp_path / "killed.json", full_every)
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
         deadline = time.monotonic() + 120
         while max(snapshot_steps(tmp_path / "killed"), default=0) < 30:
@@ -87,6 +101,8 @@ def test_sigkilled_trainer_resumes_and_ends_where_an_uninterrupted_run_ends(tmp_
             time.sleep(0.02)
         proc.send_signal(signal.SIGKILL)
         assert proc.wait(30) == -signal.SIGKILL
+        if full_every > 1:
+            assert "delta" in snapshot_kinds(tmp_path / "killed")
         again = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV)
         assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     resumed = json.loads((tmp_path / "killed.json").read_text())

@@ -24,8 +24,8 @@ import pytest
 from monolith_jax.examples.movielens import job as J
 from monolith_jax.examples.movielens.loop import movielens_trainer
 from monolith_jax.serving.serving_ps import ServingTables
-from monolith_jax.snapshot import (META_CRC_ITEM, KeySchemeMismatch, SnapshotUnreadable, Snapshots, canonical_json,
-                                   meta_crc)
+from monolith_jax.snapshot import (FORMAT_VERSION, META_CRC_ITEM, KeySchemeMismatch, SnapshotUnreadable, Snapshots,
+                                   canonical_json, meta_crc)
 from monolith_jax.sparse import KEY_SCHEME, SGD, Normal, TableConfig
 from tests.serving.test_predictor import make_batch
 
@@ -212,13 +212,14 @@ def test_a_meta_whose_offsets_changed_fails_its_checksum(tmp_path, caplog):
 
 def test_a_newer_format_is_skipped_and_left_in_place(tmp_path, caplog):
     saved_steps(tmp_path, (1, 2))
-    _edit_meta(tmp_path, 2, lambda m: m.update(format_version=2), checksum="recompute")
+    newer = FORMAT_VERSION + 1
+    _edit_meta(tmp_path, 2, lambda m: m.update(format_version=newer), checksum="recompute")
     before = folder_listing(tmp_path)
     fresh = small_trainer()
     with caplog.at_level(logging.WARNING, logger="monolith_jax.snapshot"):
         meta = Snapshots(str(tmp_path)).restore(fresh)
     assert meta["mark"] == 1 and fresh.step_count == 1
-    assert any("snapshot 2" in r.getMessage() and "left in place" in r.getMessage() and "format 2" in r.getMessage()
+    assert any("snapshot 2" in r.getMessage() and "left in place" in r.getMessage() and f"format {newer}" in r.getMessage()
                for r in caplog.records)
     assert folder_listing(tmp_path) == before and not glob.glob(str(tmp_path / "*.corrupt-*"))
 
