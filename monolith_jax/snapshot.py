@@ -254,11 +254,13 @@ def local_tables(trainer) -> list:
     return sorted(name for name, t in trainer.tables.items() if hasattr(t, "dump"))
 
 
-def trainer_arrays(trainer, kind: str = "all") -> tuple[dict, dict, dict]:
+def trainer_arrays(trainer, kind: str = "all", reuse_buffers: bool = True) -> tuple[dict, dict, dict]:
     """(dense arrays, table arrays, names) of a Trainer, as host copies.
     kind: "all" (every row, `dump()`), "base" (every row, each table's
     change record started anew: `dump_base()`) or "changes" (the rows
-    changed since: `dump_changes()`; every table must be tracking)."""
+    changed since: `dump_changes()`; every table must be tracking).
+    reuse_buffers: full dumps copy into the memory of the table's last one
+    (see `Snapshots(keep_dump_memory=)`)."""
     import jax
 
     params = jax.tree_util.tree_flatten_with_path(trainer.params)[0]
@@ -270,8 +272,8 @@ def trainer_arrays(trainer, kind: str = "all") -> tuple[dict, dict, dict]:
     for i, name in enumerate(names):
         table = trainer.tables[name]
         # Full dumps copy into the last one's memory (freed by its write by now).
-        dump = table.dump(reuse_buffers=True) if kind == "all" else table.dump_base(reuse_buffers=True) \
-            if kind == "base" else table.dump_changes()
+        dump = table.dump(reuse_buffers=reuse_buffers) if kind == "all" else \
+            table.dump_base(reuse_buffers=reuse_buffers) if kind == "base" else table.dump_changes()
         if dump is None:
             raise RuntimeError(f"table {name!r} has no record of its changes since the last snapshot")
         dump["clock"] = np.asarray(dump["clock"], np.int64)
@@ -315,7 +317,8 @@ class Snapshots:
     the newest `keep` full ones and their deltas)."""
 
     def __init__(self, directory: str, every_s: float | None = 60.0, every_steps: int | None = None,
-                 keep: int = 3, async_save: bool = True, read_only: bool = False, full_every: int = 1):
+                 keep: int = 3, async_save: bool = True, read_only: bool = False, full_every: int = 1,
+                 keep_dump_memory: bool = True):
         """read_only: a reader of another process's snapshots (a serving PS):
         never writes, moves or deletes anything in `directory`, so the
         writer's save in progress goes on untouched. Otherwise this is the
@@ -324,7 +327,12 @@ class Snapshots:
         full_every: 1 (default) makes every snapshot full; K > 1 makes every
         K-th one full and the ones between deltas (only the rows changed
         since the snapshot before; see the module docstring). Any reader
-        reads both."""
+        reads both.
+        keep_dump_memory: each table keeps the memory of its last full dump
+        for the next one (a copy of its rows, as large as the table): the
+        next dump copies into pages already faulted in, which at 10^7 rows
+        blocks training for a fraction of the time fresh pages cost. False
+        returns it after every write, for tables too large to hold twice."""
         import orbax.checkpoint as ocp
 
         if isinstance(full_every, bool) or not isinstance(full_every, int) or full_every < 1:
@@ -332,6 +340,7 @@ class Snapshots:
         if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
             raise ValueError(f"keep must be an int >= 1, got {keep!r}")
         self.full_every, self.keep = full_every, keep
+        self.keep_dump_memory = bool(keep_dump_memory)
 
         self.directory = os.path.abspath(directory)
         self.every_s, self.every_steps = every_s, every_steps
@@ -436,7 +445,7 @@ class Snapshots:
                     trainer.tables[n].changes_tracked for n in local_tables(trainer)):
                 kind = "changes"
                 chain = self._chain
-        dense, tables, names = trainer_arrays(trainer, kind)
+        dense, tables, names = trainer_arrays(trainer, kind, reuse_buffers=self.keep_dump_memory)
         if extra:
             dense["extra"] = extra
         if chain is None:

@@ -83,10 +83,11 @@ def test_apply_changes_is_the_dump_after_them():
     assert rows(merged) == rows(t.dump()) and merged["clock"] == 2
 
 
-def test_a_chain_restores_the_state_of_every_snapshot_expiry_included(tmp_path):
+@pytest.mark.parametrize("keep_dump_memory", [True, False])
+def test_a_chain_restores_the_state_of_every_snapshot_expiry_included(tmp_path, keep_dump_memory):
     trainer = trainer_with_expiry()
     batches = _small_batches(n=3000, size=100)
-    snaps = Snapshots(str(tmp_path), every_s=None, full_every=4, keep=5)
+    snaps = Snapshots(str(tmp_path), every_s=None, full_every=4, keep=5, keep_dump_memory=keep_dump_memory)
     kinds, expired_between = [], 0
     for k, batch in enumerate(batches[:14]):
         trainer.train_step(batch, stamp=k + 1)
