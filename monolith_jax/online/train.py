@@ -79,6 +79,10 @@ def main(argv=None) -> int:
     p.add_argument("--snapshot-full-every", type=int, default=1,
                    help="every Kth snapshot is full, the ones between are deltas holding only the table rows "
                         "changed since the snapshot before (incremental snapshots); 1: every snapshot full")
+    p.add_argument("--snapshot-release-memory", action="store_true",
+                   help="return each table's dump memory after every snapshot write instead of keeping it for the "
+                        "next dump (which then copies into pages already faulted in, blocking training less); "
+                        "for tables too large to hold twice")
     p.add_argument("--no-warmup", action="store_true",
                    help="skip compiling every batch bucket before the first example")
     p.add_argument("--ps", default=None, help="comma-separated training PS shard addresses, in shard order")
@@ -146,7 +150,8 @@ def main(argv=None) -> int:
             os.path.join(args.snapshot_dir, "trainers") if dp is not None else \
             os.path.join(args.snapshot_dir, f"trainer-{args.trainer_index}")
         snapshots = Snapshots(folder, every_s=args.snapshot_every_s, every_steps=args.snapshot_every_steps,
-                              keep=args.keep_snapshots, full_every=args.snapshot_full_every)
+                              keep=args.keep_snapshots, full_every=args.snapshot_full_every,
+                              keep_dump_memory=not args.snapshot_release_memory)
     if args.data:
         return train_files(job, trainer, args, batch_size, snapshots)
     from monolith_jax.online.trainer import OnlineTrainer
