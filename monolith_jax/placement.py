@@ -9,7 +9,8 @@ runs its one program on any device. `choose` picks:
                         the host-tables step on any other platform (GPU, TPU),
                         and whenever a table cannot be called from a program
                         (tables on training PS shards) or the trainer is data
-                        parallel (`DataParallel` all-reduces the dense step)
+                        parallel (`DataParallel` across processes, `MeshDense`
+                        over this process's devices)
     placement "in_jit"  the in-jit step (refused where it cannot run)
     placement "host"    the host-tables step
 
@@ -150,6 +151,8 @@ def steps(trainer, source, overlap: bool = True, staleness: int = 0, stats: dict
     stats = {} if stats is None else stats
     clock = _Clock(stats)
     tables = trainer.collection.tables
+    mesh = trainer.mesh_dense
+    dense = trainer._dense if mesh is None else mesh
     it = iter(source)
     pending = None  # (keys, grads, stamp, mask): a step's gradients still to apply
     try:
@@ -162,8 +165,9 @@ def steps(trainer, source, overlap: bool = True, staleness: int = 0, stats: dict
         clock.lap("lookup")
         while batch is not None:
             stamp = trainer.step_count
-            on_device = jax.device_put(rows)  # one transfer of the step's rows
-            trainer.params, trainer.opt_state, loss, g_rows = trainer._dense(
+            # one transfer of the step's rows (split over the devices of a mesh)
+            on_device = jax.device_put(rows) if mesh is None else mesh.rows(rows)
+            trainer.params, trainer.opt_state, loss, g_rows = dense(
                 trainer.params, trainer.opt_state, on_device, batch)
             trainer.step_count += 1
             trainer.examples += int(np.sum(batch.weights))
@@ -225,3 +229,58 @@ def steps(trainer, source, overlap: bool = True, staleness: int = 0, stats: dict
     finally:
         if pending is not None:
             _apply(tables, *pending[:2], pending[2], stats, pending[3])
+
+
+class MeshDense:
+    """The dense step data parallel over a `jax.sharding.Mesh` of this
+    process's devices (one axis): params and optimizer state replicated on
+    every device and updated there (they never come back to the host), the
+    batch and its rows split along the axis, the dense gradient the mean
+    over the whole batch (XLA all-reduces it). The same step as one device
+    on the whole batch, up to the order of the sums; the row gradients come
+    back split, one slice per device. Several processes stay on
+    `distributed.DataParallel` (jax.distributed)."""
+
+    def __init__(self, trainer, mesh):
+        import jax
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+        if not isinstance(mesh, Mesh) or len(mesh.axis_names) != 1:
+            raise ValueError(f"mesh must be a jax.sharding.Mesh with one axis (the batch's), got {mesh!r}")
+        local = set(jax.local_devices())
+        if not set(mesh.devices.flat) <= local:
+            raise ValueError("mesh must hold this process's devices only (several processes: DataParallel)")
+        axis = mesh.axis_names[0]
+        self.mesh, self.size = mesh, mesh.devices.size
+        self.replicated, self.split = NamedSharding(mesh, P()), NamedSharding(mesh, P(axis))
+        self.program = jax.jit(trainer._dense_step,
+                               out_shardings=(self.replicated, self.replicated, self.replicated, self.split))
+
+    def place(self, tree):
+        """A pytree replicated on the mesh's devices."""
+        import jax
+
+        return jax.device_put(tree, self.replicated)
+
+    def rows(self, rows: dict):
+        """A step's rows, split along the batch (one transfer per device)."""
+        import jax
+
+        return jax.device_put(rows, self.split)
+
+    def __call__(self, params, opt_state, rows, batch):
+        import jax
+
+        from monolith_jax.features import SparseBatch
+
+        b = int(np.shape(batch.weights)[0])
+        if b % self.size:
+            raise ValueError(f"a batch of {b} rows does not split over the mesh's {self.size} devices; use a "
+                             f"batch size that is a multiple of {self.size}")
+        # The program reads lengths, dense features, labels and weights; the
+        # ids stay on the host (their rows are `rows`).
+        local = jax.device_put(SparseBatch(ids={}, lengths=batch.lengths, dense=batch.dense, labels=batch.labels,
+                                           weights=batch.weights, label_mask=batch.label_mask), self.split)
+        if not isinstance(next(iter(rows.values()), None), jax.Array):
+            rows = self.rows(rows)
+        return self.program(params, opt_state, rows, local)

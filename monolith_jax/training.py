@@ -205,7 +205,7 @@ class Trainer:
                  dense_features: Sequence[DenseFeature] = (), optimizer: optax.GradientTransformation | None = None,
                  sparse_loss: str = "sum", metrics_path: str | None = None, log_every: int = 100,
                  out=print, log_every_s: float = 5.0, tensorboard_dir: str | None = None,
-                 heads=None, placement: str = "auto", overlap: bool = True, staleness: int = 0):
+                 heads=None, placement: str = "auto", overlap: bool = True, staleness: int = 0, mesh=None):
         """placement: where the step runs (`monolith_jax.placement`): "auto"
         takes the in-jit step when the dense step runs on the CPU and the
         host-tables step otherwise (GPU, TPU, tables on training PS shards,
@@ -213,7 +213,10 @@ class Trainer:
         host-tables step overlaps the host's decode, lookup and apply with
         the device (the same result as without). staleness=1: it also lets
         a row shared by consecutive batches be read one step stale (faster,
-        not exact; see `monolith_jax.placement`).
+        not exact; see `monolith_jax.placement`). mesh: a one-axis
+        `jax.sharding.Mesh` of this process's devices: the dense step runs
+        data parallel on them (params replicated there, batches split;
+        `placement.MeshDense`), with the tables on the host.
         heads: the job's `Head`s (None: one binary head; the model
         returns one logit per example, labels are (B,)). metrics_path: a JSONL file of every logged record; tensorboard_dir:
         the same records as TensorBoard scalars (monolith_jax.tensorboard).
@@ -254,6 +257,9 @@ class Trainer:
             from monolith_jax.tensorboard import EventWriter
 
             self._events = EventWriter(tensorboard_dir)
+        self.mesh_dense = None if mesh is None else _placement.MeshDense(self, mesh)
+        if self.mesh_dense is not None:
+            self.params, self.opt_state = self.mesh_dense.place(self.params), self.mesh_dense.place(self.opt_state)
         self._train = jax.jit(self._train_step)
         self._dense = jax.jit(self._dense_step)
         self._logits = jax.jit(self._forward)
@@ -328,6 +334,8 @@ class Trainer:
         rows = {name: coll.tables[name].lookup_host(k) for name, k in keys.items()}
         if self.data_parallel is not None:
             self.params, self.opt_state, loss, g_rows = self.data_parallel.step(self, rows, batch)
+        elif self.mesh_dense is not None:
+            self.params, self.opt_state, loss, g_rows = self.mesh_dense(self.params, self.opt_state, rows, batch)
         else:
             self.params, self.opt_state, loss, g_rows = self._dense(self.params, self.opt_state, rows, batch)
         for name, g in g_rows.items():
@@ -343,7 +351,8 @@ class Trainer:
         from monolith_jax.sparse import EmbeddingTable
 
         local = all(isinstance(t, EmbeddingTable) for t in self.tables.values())
-        return _placement.choose(self.placement, _placement.dense_platform(), local, self.data_parallel is not None)
+        return _placement.choose(self.placement, _placement.dense_platform(), local,
+                                 self.data_parallel is not None or self.mesh_dense is not None)
 
     def train_step(self, batch: SparseBatch, stamp: int | None = None) -> float:
         """One step; returns the batch's mean loss (before the update).
@@ -475,6 +484,8 @@ class Trainer:
     def _compiled_count(self):
         """How many programs the training step has compiled (None if JAX does not say)."""
         try:
+            if self.mesh_dense is not None:
+                return self.mesh_dense.program._cache_size()
             return (self._dense if self.step_placement() == "host" else self._train)._cache_size()
         except AttributeError:
             return None
