@@ -14,7 +14,10 @@ runs its one program on any device. `choose` picks:
     placement "in_jit"  the in-jit step (refused where it cannot run)
     placement "host"    the host-tables step
 
-Overlap (`steps`, the host-tables step as `Trainer.fit` drives it). With
+Overlap (`steps`, the host-tables step as `Trainer.fit` drives it; by
+default only when the dense step runs off the CPU: on the CPU the host's
+lookups and applies take the cores the step runs on, measured slower than
+no overlap in experiments/placement). With
 JAX's asynchronous dispatch one host thread keeps the device busy:
 
     dispatch the dense step k              (rows of batch k sent in one transfer)

@@ -205,13 +205,15 @@ class Trainer:
                  dense_features: Sequence[DenseFeature] = (), optimizer: optax.GradientTransformation | None = None,
                  sparse_loss: str = "sum", metrics_path: str | None = None, log_every: int = 100,
                  out=print, log_every_s: float = 5.0, tensorboard_dir: str | None = None,
-                 heads=None, placement: str = "auto", overlap: bool = True, staleness: int = 0, mesh=None):
+                 heads=None, placement: str = "auto", overlap: bool | None = None, staleness: int = 0, mesh=None):
         """placement: where the step runs (`monolith_jax.placement`): "auto"
         takes the in-jit step when the dense step runs on the CPU and the
         host-tables step otherwise (GPU, TPU, tables on training PS shards,
         data parallel); "in_jit" or "host" choose. overlap: `fit`'s
         host-tables step overlaps the host's decode, lookup and apply with
-        the device (the same result as without). staleness=1: it also lets
+        the device (the same result as without); None: when the dense step
+        runs off the CPU (on the CPU the host's work and the step share the
+        cores: measured slower, experiments/placement). staleness=1: it also lets
         a row shared by consecutive batches be read one step stale (faster,
         not exact; see `monolith_jax.placement`). mesh: a one-axis
         `jax.sharding.Mesh` of this process's devices: the dense step runs
@@ -248,7 +250,7 @@ class Trainer:
         self.placement = _placement.check_placement(placement)
         if staleness not in (0, 1):
             raise ValueError(f"staleness must be 0 or 1 (steps a looked-up row may lag), got {staleness!r}")
-        self.overlap, self.staleness = bool(overlap), staleness
+        self.overlap, self.staleness = overlap, staleness
         self.host_stats: dict = {}  # fit's host-tables step: seconds per phase (monolith_jax.placement.steps)
         self.out = out
         self._metrics = open(metrics_path, "a", encoding="utf-8") if metrics_path else None
@@ -432,7 +434,8 @@ class Trainer:
         the host-tables step overlapped with the device where asked (a
         data-parallel step is synchronous: `train_step_host` per batch)."""
         if self.step_placement() == "host" and self.data_parallel is None:
-            return _placement.steps(self, source, overlap=self.overlap, staleness=self.staleness,
+            overlap = self.overlap if self.overlap is not None else _placement.dense_platform() != "cpu"
+            return _placement.steps(self, source, overlap=overlap, staleness=self.staleness,
                                     stats=self.host_stats)
         return ((batch, self.train_step(batch)) for batch in source)
 

@@ -86,7 +86,7 @@ def test_overlapped_host_step_equals_the_plain_steps_exactly():
     assert shared > 0  # the batches do share ids with the one before
     in_jit = _trainer(placement="in_jit")
     plain = _trainer(placement="host", overlap=False)
-    overlapped = _trainer(placement="host")
+    overlapped = _trainer(placement="host", overlap=True)
     for t in (in_jit, plain, overlapped):
         t.fit(batches)
     assert overlapped.host_stats["steps"] == 8 and overlapped.host_stats["stale_ids"] == 0
@@ -96,7 +96,7 @@ def test_overlapped_host_step_equals_the_plain_steps_exactly():
     # Evaluation and prediction read the same rows and params either way.
     np.testing.assert_array_equal(overlapped.predict(batches[0]), plain.predict(batches[0]))
     # Stopping early (max_steps) still applies every trained step's gradients.
-    a, b = _trainer(placement="host"), _trainer(placement="host", overlap=False)
+    a, b = _trainer(placement="host", overlap=True), _trainer(placement="host", overlap=False)
     a.fit(batches, max_steps=3)
     for batch in batches[:3]:
         b.train_step(batch)
@@ -105,7 +105,7 @@ def test_overlapped_host_step_equals_the_plain_steps_exactly():
 
 def test_staleness_one_reads_shared_rows_from_before_the_previous_update():
     batches = _batches(_trainer(), 6)
-    plain, stale = _trainer(placement="host", overlap=False), _trainer(placement="host", staleness=1)
+    plain, stale = _trainer(placement="host", overlap=False), _trainer(placement="host", overlap=True, staleness=1)
     plain.fit(batches)
     stale.fit(batches)
     keys = [placement.table_keys(plain.collection, b) for b in batches]
@@ -121,7 +121,7 @@ def test_staleness_one_reads_shared_rows_from_before_the_previous_update():
 
     # Batches sharing no ids: staleness changes nothing.
     disjoint = _batches(_trainer(), 6, disjoint=True)
-    plain, stale = _trainer(placement="host", overlap=False), _trainer(placement="host", staleness=1)
+    plain, stale = _trainer(placement="host", overlap=False), _trainer(placement="host", overlap=True, staleness=1)
     plain.fit(disjoint)
     stale.fit(disjoint)
     assert stale.host_stats["stale_ids"] == 0

@@ -21,7 +21,7 @@ SCRIPT = textwrap.dedent("""
     batches = _batches(_trainer(), 6)
     one = _trainer(placement="host", overlap=False)
     stepped = _trainer(mesh=mesh)
-    fitted = _trainer(mesh=mesh)
+    fitted = _trainer(mesh=mesh, overlap=True)
     assert stepped.step_placement() == "host"
     shardings = []
     for b in batches:
