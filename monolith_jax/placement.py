@@ -129,12 +129,12 @@ def _apply(tables, keys: dict, grads: dict, stamp: int, stats: dict, mask: dict 
 
 def _lookup(tables, keys: dict, rows: dict | None = None, mask: dict | None = None) -> dict:
     """Rows of `keys` (where `mask`, into `rows`; all of them into new arrays otherwise)."""
+    if mask is None:  # any table with `lookup_host` (local, or on training PS shards)
+        return {name: np.asarray(tables[name].lookup_host(k), np.float32) for name, k in keys.items()}
     if rows is None:
         rows = {name: np.zeros(k.shape + (tables[name].dim,), np.float32) for name, k in keys.items()}
     for name, k in keys.items():
-        if mask is None:
-            tables[name].lookup_host(k, out=rows[name])
-        elif mask[name].any():
+        if mask[name].any():
             rows[name][mask[name]] = tables[name].lookup_host(k[mask[name]])
     return rows
 

@@ -126,3 +126,31 @@ def test_staleness_one_reads_shared_rows_from_before_the_previous_update():
     stale.fit(disjoint)
     assert stale.host_stats["stale_ids"] == 0
     _assert_same(stale, plain, exact=True)
+
+
+from tests.distributed.test_training_ps import two_shards  # noqa: E402,F401  (a fixture: two shard processes)
+
+
+def test_tables_on_training_ps_shards_take_the_overlapped_host_step(two_shards):
+    from monolith_jax.distributed.training_ps import ShardedTable
+    from monolith_jax.examples.movielens.loop import movielens_trainer
+
+    _, procs = two_shards
+    local = movielens_trainer(dim=4, hidden=(8,), out=None)
+    remote = movielens_trainer(dim=4, hidden=(8,), out=None)
+    remote.overlap = True
+    sharded = ShardedTable(remote.tables["ids"].config, [f"127.0.0.1:{p}" for _, p in procs])
+    remote.collection.tables["ids"] = sharded
+    assert local.step_placement() == "in_jit" and remote.step_placement() == "host"  # auto, both
+    rng = np.random.default_rng(0)
+    batches = [make_batch(local, rng) for _ in range(5)]
+    local.fit(batches)
+    remote.fit(batches)
+    assert remote.host_stats["steps"] == 5
+    for x, y in zip(jax.tree.leaves(local.params), jax.tree.leaves(remote.params)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
+    keys, values = local.tables["ids"].export()
+    got, found = sharded.find(keys)
+    assert found.all() and len(sharded) == keys.size
+    np.testing.assert_allclose(got, values, rtol=1e-5, atol=1e-6)
+    sharded.close()
