@@ -43,6 +43,7 @@ from flax import nnx
 
 from monolith_jax.embedding import EmbeddingCollection, SparseFeatures
 from monolith_jax import heads as _heads
+from monolith_jax import placement as _placement
 from monolith_jax.features import DenseFeature, SparseBatch, SparseFeature
 from monolith_jax.metrics import auc, log_loss
 from monolith_jax.sparse import Keys, TableConfig
@@ -204,8 +205,21 @@ class Trainer:
                  dense_features: Sequence[DenseFeature] = (), optimizer: optax.GradientTransformation | None = None,
                  sparse_loss: str = "sum", metrics_path: str | None = None, log_every: int = 100,
                  out=print, log_every_s: float = 5.0, tensorboard_dir: str | None = None,
-                 heads=None):
-        """heads: the job's `Head`s (None: one binary head; the model
+                 heads=None, placement: str = "auto", overlap: bool | None = None, staleness: int = 0, mesh=None):
+        """placement: where the step runs (`monolith_jax.placement`): "auto"
+        takes the in-jit step when the dense step runs on the CPU and the
+        host-tables step otherwise (GPU, TPU, tables on training PS shards,
+        data parallel); "in_jit" or "host" choose. overlap: `fit`'s
+        host-tables step overlaps the host's decode, lookup and apply with
+        the device (the same result as without); None: when the dense step
+        runs off the CPU (on the CPU the host's work and the step share the
+        cores: measured slower, experiments/placement). staleness=1: it also lets
+        a row shared by consecutive batches be read one step stale (faster,
+        not exact; see `monolith_jax.placement`). mesh: a one-axis
+        `jax.sharding.Mesh` of this process's devices: the dense step runs
+        data parallel on them (params replicated there, batches split;
+        `placement.MeshDense`), with the tables on the host.
+        heads: the job's `Head`s (None: one binary head; the model
         returns one logit per example, labels are (B,)). metrics_path: a JSONL file of every logged record; tensorboard_dir:
         the same records as TensorBoard scalars (monolith_jax.tensorboard).
         log_every: `fit` prints and logs its progress at the first step,
@@ -233,6 +247,11 @@ class Trainer:
         self.model_name = type(model).__name__
         self.heads = _heads.check_heads(heads)
         self.data_parallel = None  # a distributed.DataParallel: the host-tables step all-reduces
+        self.placement = _placement.check_placement(placement)
+        if staleness not in (0, 1):
+            raise ValueError(f"staleness must be 0 or 1 (steps a looked-up row may lag), got {staleness!r}")
+        self.overlap, self.staleness = overlap, staleness
+        self.host_stats: dict = {}  # fit's host-tables step: seconds per phase (monolith_jax.placement.steps)
         self.out = out
         self._metrics = open(metrics_path, "a", encoding="utf-8") if metrics_path else None
         self._events = None
@@ -240,6 +259,9 @@ class Trainer:
             from monolith_jax.tensorboard import EventWriter
 
             self._events = EventWriter(tensorboard_dir)
+        self.mesh_dense = None if mesh is None else _placement.MeshDense(self, mesh)
+        if self.mesh_dense is not None:
+            self.params, self.opt_state = self.mesh_dense.place(self.params), self.mesh_dense.place(self.opt_state)
         self._train = jax.jit(self._train_step)
         self._dense = jax.jit(self._dense_step)
         self._logits = jax.jit(self._forward)
@@ -314,6 +336,8 @@ class Trainer:
         rows = {name: coll.tables[name].lookup_host(k) for name, k in keys.items()}
         if self.data_parallel is not None:
             self.params, self.opt_state, loss, g_rows = self.data_parallel.step(self, rows, batch)
+        elif self.mesh_dense is not None:
+            self.params, self.opt_state, loss, g_rows = self.mesh_dense(self.params, self.opt_state, rows, batch)
         else:
             self.params, self.opt_state, loss, g_rows = self._dense(self.params, self.opt_state, rows, batch)
         for name, g in g_rows.items():
@@ -322,10 +346,23 @@ class Trainer:
         self.examples += int(np.sum(batch.weights))
         return loss
 
+    def step_placement(self) -> str:
+        """"in_jit" or "host": the step `train_step` and `fit` take, from
+        `placement` and where the dense step runs (decided now: tables may
+        be swapped for training PS shards after construction)."""
+        from monolith_jax.sparse import EmbeddingTable
+
+        local = all(isinstance(t, EmbeddingTable) for t in self.tables.values())
+        return _placement.choose(self.placement, _placement.dense_platform(), local,
+                                 self.data_parallel is not None or self.mesh_dense is not None)
+
     def train_step(self, batch: SparseBatch, stamp: int | None = None) -> float:
         """One step; returns the batch's mean loss (before the update).
         stamp: the rows' `last_update` (event time in seconds for online
-        training, so that expiry works in event time); default the step."""
+        training, so that expiry works in event time); default the step.
+        The in-jit step or the host-tables one, as `step_placement()` says."""
+        if self.step_placement() == "host":
+            return self.train_step_host(batch, stamp)
         stamp = self.step_count if stamp is None else stamp
         self.params, self.opt_state, loss, _, _ = self._train(self.params, self.opt_state, batch, stamp)
         self.step_count += 1
@@ -392,16 +429,27 @@ class Trainer:
         self._log(summary)
         return {**summary, "epochs": history}
 
+    def _stepping(self, source):
+        """(batch, loss) per batch of `source`, trained by the placed step;
+        the host-tables step overlapped with the device where asked (a
+        data-parallel step is synchronous: `train_step_host` per batch)."""
+        if self.step_placement() == "host" and self.data_parallel is None:
+            overlap = self.overlap if self.overlap is not None else _placement.dense_platform() != "cpu"
+            return _placement.steps(self, source, overlap=overlap, staleness=self.staleness,
+                                    stats=self.host_stats)
+        return ((batch, self.train_step(batch)) for batch in source)
+
     def _epoch(self, source, progress: _Progress, steps_before: int, prefix: str) -> dict:
         """One pass over `source`: {steps, examples, seconds, loss, loss_sum}."""
         t0 = time.perf_counter()
         steps, seen, loss_sum = 0, 0, 0.0
         window, window_seen, last_t = [], 0, t0
-        for batch in source:
+        stepping = self._stepping(source)
+        cache = self._compiled_count() if steps_before == 0 else None
+        first_t = time.perf_counter()
+        for batch, loss in stepping:
             if steps == 0 and steps_before == 0:
-                cache = self._compiled_count()
-                first_t = time.perf_counter()
-                loss = jax.block_until_ready(self.train_step(batch))
+                loss = jax.block_until_ready(loss)
                 took = time.perf_counter() - first_t
                 compiled = cache is not None and self._compiled_count() != cache
                 n = int(np.sum(batch.weights))
@@ -413,7 +461,7 @@ class Trainer:
                 progress.line(f"{prefix}step {self.step_count:>7}  first step {what}  loss {float(loss):.4f}")
                 last_t = time.perf_counter()
                 continue
-            window.append(self.train_step(batch))
+            window.append(loss)
             n = int(np.sum(batch.weights))
             steps += 1
             seen += n
@@ -439,7 +487,9 @@ class Trainer:
     def _compiled_count(self):
         """How many programs the training step has compiled (None if JAX does not say)."""
         try:
-            return self._train._cache_size()
+            if self.mesh_dense is not None:
+                return self.mesh_dense.program._cache_size()
+            return (self._dense if self.step_placement() == "host" else self._train)._cache_size()
         except AttributeError:
             return None
 

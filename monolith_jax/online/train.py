@@ -94,6 +94,9 @@ def main(argv=None) -> int:
     p.add_argument("--dense-exchange-every", type=int, default=1, help="steps between async dense exchanges")
     p.add_argument("--prequential-out", default=None,
                    help="write the labels and scores given before training (npz) to this file at exit")
+    p.add_argument("--placement", default="auto", choices=["auto", "in_jit", "host"],
+                   help="the training step: auto (in-jit FFI tables when the dense step runs on the CPU, "
+                        "tables on the host around a device step otherwise), in_jit, or host")
     p.add_argument("--metrics", default=None, help="append metrics as JSON lines to this file")
     p.add_argument("--tensorboard", default=None,
                    help="also write the metrics as TensorBoard event files into this folder")
@@ -125,7 +128,7 @@ def main(argv=None) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     trainer = job.make_trainer(args.seed, metrics_path=args.metrics, tensorboard_dir=args.tensorboard,
-                               log_every=100 if args.data else 0)
+                               log_every=100 if args.data else 0, placement=args.placement)
     addresses = args.ps.split(",") if args.ps else []
     if addresses:
         from monolith_jax.distributed.training_ps import use_shards

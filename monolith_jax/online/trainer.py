@@ -184,13 +184,14 @@ class OnlineTrainer:
         self.negative_rate = None  # the sample rate the last negatives carried (serving corrects for it)
         # Touched rows go to the serving PS every sparse_sync_interval_s, the
         # dense params every dense_sync_interval_s, off this thread.
-        # Tables in other processes (training PS shards) or data-parallel
-        # trainers take the host-tables step; the chief (process 0 of a
+        # Tables in other processes (training PS shards), data-parallel
+        # trainers and a dense step off the CPU (the trainer's placement)
+        # take the host-tables step; the chief (process 0 of a
         # data-parallel group, or a lone trainer) pushes the dense params and
         # has the shards snapshot their rows.
         self.dp = trainer.data_parallel
         self.remote = {name: t for name, t in trainer.tables.items() if not hasattr(t, "dump")}
-        self.host_step = self.dp is not None or bool(self.remote)
+        self.host_step = self.dp is not None or bool(self.remote) or trainer.step_placement() == "host"
         self.chief = self.dp is None or self.dp.chief
         self._empty = None
         self.pusher = None

@@ -69,8 +69,8 @@ class _Chosen(Exception):
     pass
 
 
-@pytest.mark.parametrize("experiment", ["collisionless", "multi_task", "online_training", "paper_online", "scale_out", "serving",
-                                        "snapshots", "sync_interval"])
+@pytest.mark.parametrize("experiment", ["collisionless", "multi_task", "online_training", "paper_online", "placement", "scale_out",
+                                        "serving", "snapshots", "sync_interval"])
 def test_each_default_command_writes_the_committed_folder_and_a_variant_a_run_folder(experiment, runs,
                                                                                      monkeypatch):
     """Each main chooses its folder before any work: stopped there, with no flags
@@ -87,7 +87,7 @@ def test_each_default_command_writes_the_committed_folder_and_a_variant_a_run_fo
         raise _Chosen
 
     monkeypatch.setattr(run_folder, "output_dir", stop_after_choosing)
-    parser_flag = {"collisionless": "--seeds=1", "multi_task": "--seeds=1", "online_training": "--rounds=1", "paper_online": "--quick",
+    parser_flag = {"collisionless": "--seeds=1", "multi_task": "--seeds=1", "online_training": "--rounds=1", "paper_online": "--quick", "placement": "--steps=3",
                    "scale_out": "--steps=5", "serving": "--seconds=10", "snapshots": "--limit=1000",
                    "sync_interval": "--repeats=1"}[experiment]
     for argv in ([], [parser_flag]):
