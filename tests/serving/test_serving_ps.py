@@ -18,25 +18,47 @@ from monolith_jax.serving.sync import SyncPusher
 DIM = 8
 
 
-def start_server(port=0, table=f"ids:{DIM}", stderr=subprocess.DEVNULL):
+def start_server(port=0, table=f"ids:{DIM}"):
+    """A serving PS process; its stderr goes to a temporary file that `stop` shows."""
+    import tempfile
+
+    err = tempfile.TemporaryFile("w+")
     proc = subprocess.Popen([sys.executable, "-m", "monolith_jax.serving.serving_ps", "--port", str(port),
-                             "--table", table], stdout=subprocess.PIPE, stderr=stderr, text=True,
+                             "--table", table], stdout=subprocess.PIPE, stderr=err, text=True,
                             env={**os.environ, "PYTHONPATH": os.getcwd()})
+    proc.err = err
     line = proc.stdout.readline()
     assert "listening on" in line, line
     return proc, int(line.rsplit(":", 1)[1])
 
 
+def stop(proc, timeout_s: float = 30.0) -> None:
+    """SIGTERM, and a clean exit (0) expected: 1 with thread stacks means
+    something held it past the grace; no exit at all, its stacks (SIGUSR1)
+    are shown before it is killed."""
+    import signal
+    import time
+
+    proc.terminate()
+    try:
+        code = proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGUSR1)
+        time.sleep(2)
+        proc.kill()
+        proc.wait()
+        code = None
+    proc.err.seek(0)
+    err = proc.err.read()
+    proc.err.close()
+    assert code == 0, f"serving PS exit {code} after SIGTERM; its stderr:\n{err[-6000:]}"
+
+
 @pytest.fixture
-def server(tmp_path):
-    with open(tmp_path / "serving_ps.err", "w+") as err:
-        proc, port = start_server(stderr=err)
-        yield proc, port
-        proc.terminate()
-        code = proc.wait(30)
-        err.seek(0)
-        # 0: it stopped on SIGTERM; 1 and thread stacks: something held it past the grace.
-        assert code == 0, err.read()[-4000:]
+def server():
+    proc, port = start_server()
+    yield proc, port
+    stop(proc)
 
 
 def lookup(stub, keys, dtype="float32"):
@@ -80,8 +102,7 @@ def test_restarted_server_gets_a_full_copy_then_deltas():
     table.lookup_host(keys)
     pusher = SyncPusher({"ids": table}, f"127.0.0.1:{port}", "t0", timeout_s=2)
     assert pusher.push_once()
-    proc.terminate()
-    proc.wait(10)
+    stop(proc)
     table.apply_gradients_host(keys[:5], np.ones((5, DIM), np.float32), step=1)
     assert not pusher.push_once() and pusher.stats["failures"] == 1   # down: nothing lost
     proc, port = start_server(port)
@@ -91,8 +112,7 @@ def test_restarted_server_gets_a_full_copy_then_deltas():
         values, found = lookup(stub, keys)
         assert found.all() and np.array_equal(values, table.find(keys)[0])
     finally:
-        proc.terminate()
-        proc.wait(10)
+        stop(proc)
 
 
 def test_failed_delta_push_keeps_its_rows_for_the_next():
