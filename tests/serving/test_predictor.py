@@ -89,6 +89,31 @@ def test_export_loads_without_training_code_and_matches(trained, tmp_path):
         model.check_params({**dense_arrays(trained.params), model.param_names[0]: np.zeros(3, np.float32)})
 
 
+def test_export_runs_on_every_platform_it_was_lowered_for_that_this_machine_has(trained, tmp_path):
+    import jax
+
+    from monolith_jax.serving.export import PLATFORMS
+
+    spec = export_model(trained, str(tmp_path), max_batch=64)
+    assert spec["platforms"] == list(PLATFORMS)     # recorded as lowered (cpu and cuda by default)
+    model = load_exported(str(tmp_path))
+    batch = make_batch(trained, np.random.default_rng(6), b=5)
+    rows = trained.collection.find_host(batch)
+    want = trainer_logits(trained, batch)
+    ran = []
+    for platform in spec["platforms"]:
+        try:
+            device = jax.devices("gpu" if platform == "cuda" else platform)[0]
+        except RuntimeError:
+            continue                                 # this machine has no such device
+        args = jax.device_put((model.params, rows, batch.lengths, batch.dense), device)
+        got = model(*args)
+        assert {d.platform for d in got.devices()} == {device.platform}
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+        ran.append(platform)
+    assert "cpu" in ran
+
+
 def test_predictor_answers_as_the_trainer_and_follows_dense_syncs(trained, tmp_path):
     ps, ps_port = start_server(table=f"ids:{DIM + 1}")
     pred = None
