@@ -421,7 +421,12 @@ def run_until_signalled(server, grace_s: float = 2.0, exit_after_s: float = 5.0)
         faulthandler.register(signal.SIGUSR1, all_threads=True, chain=False)
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     signal.signal(signal.SIGINT, lambda *_: done.set())
-    done.wait()
+    # Python runs a signal's handler on the main thread, between bytecodes.
+    # The kernel may deliver SIGTERM to any thread (gRPC's, say): that
+    # interrupts only that thread's wait, and a main thread blocked in an
+    # untimed wait would never run the handler. It wakes to look instead.
+    while not done.wait(0.25):
+        pass
     faulthandler.dump_traceback_later(grace_s + exit_after_s, exit=True)  # armed until the process ends
     server.stop(grace_s).wait()
 
