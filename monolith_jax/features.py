@@ -340,16 +340,10 @@ def records_to_batch(table, sparse: Sequence[SparseFeature], dense: Sequence[Den
                   for f in dense]
     dense_arr = np.stack(dense_cols, axis=1) if dense_cols else np.zeros((n, 0), np.float32)
     fill_dense(dense_arr, dense, f"records ({n})")
-    pad = size - n
+    mask = None
     if heads is not None:
         labels, mask = _head_labels(table, heads, n)
-        return SparseBatch(
-            ids=ids, lengths=lengths,
-            dense=np.concatenate([dense_arr, np.zeros((pad, dense_arr.shape[1]), np.float32)]),
-            labels=np.concatenate([labels, np.zeros((pad, len(heads)), np.float32)]),
-            weights=np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)]),
-            label_mask=None if mask is None else np.concatenate([mask, np.zeros((pad, len(heads)), np.float32)]))
-    if label:
+    elif label:
         labels = _float_column(table.column(label), f"label column {label!r}")
         bad = ~np.isfinite(labels)
         if bad.any():
@@ -357,11 +351,11 @@ def records_to_batch(table, sparse: Sequence[SparseFeature], dense: Sequence[Den
                              f"({_rows(bad)} of the batch)")
     else:
         labels = np.zeros(n, np.float32)
-    if label_threshold is not None:
+    if heads is None and label_threshold is not None:
         labels = (labels >= label_threshold).astype(np.float32)
-    return SparseBatch(
-        ids=ids, lengths=lengths,
-        dense=np.concatenate([dense_arr, np.zeros((pad, dense_arr.shape[1]), np.float32)]),
-        labels=np.concatenate([labels, np.zeros(pad, np.float32)]),
-        weights=np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)]),
-    )
+
+    def padded(a):  # padding rows: zeros (weight 0, labels and mask 0)
+        return np.concatenate([a, np.zeros((size - n, *a.shape[1:]), np.float32)])
+
+    return SparseBatch(ids=ids, lengths=lengths, dense=padded(dense_arr), labels=padded(labels),
+                       weights=padded(np.ones(n, np.float32)), label_mask=None if mask is None else padded(mask))
