@@ -1,4 +1,4 @@
-"""Stream message formats, version 1: the one place they are documented.
+"""Stream message formats, version 2 (reading version 1): the one place they are documented.
 
 Three topics carry three protobuf messages (`proto/messages.proto`, package
 `monolith_jax.v1`); every message is one Kafka value, keyed by its request
@@ -24,6 +24,16 @@ number of both topics.
                                        (1 for positives; 0 = unset reads as 1):
                                        serving adds log(sample_rate) to the logit
                label_time_ms  int64    the action's time, or the window's end
+               labels[]       Label    version 2, a job with several heads: one per
+                                       head, by name (label and sample_rate are
+                                       then unset); written with version 2
+                 name         string   the head's name
+                 value        float    binary label in [0, 1], or a value label
+                 sample_rate  float    probability its negative sampling kept it
+                                       (0 = unset reads as 1); serving corrects
+                                       that head's logit by log(sample_rate)
+                 undefined    bool     no such label here (e.g. a conversion
+                                       without a click): the head is masked
              ExampleBatch   several Examples bound for one partition, in one value
                version        uint32
                examples[]     Example  (field 16, which an Example never uses)
@@ -32,7 +42,19 @@ Hand-made messages may be JSON (protobuf's JSON mapping, field names as
 above: `{"request_id": "r1", "event_time_ms": 5, "sparse": [{"name": "user",
 "ids": ["42"]}]}`); a value whose first non-blank byte is `{` is read as
 JSON, anything else as binary. A newer `version` than this build knows is
-refused, so old readers never misread new data.
+refused, so old readers never misread new data. Features and actions are
+written as version 1 (their fields did not change); an Example is version 2
+only when it carries `labels`, so a version-1 reader keeps reading the
+examples of single-label jobs.
+
+Which label a trainer reads: a job without heads (one implicit binary head)
+reads `label` and `sample_rate`, and refuses an example that carries
+`labels` (it was joined for a job with several heads). A job with heads
+reads, for each head, the Label of its name: absent, the example is refused
+unless the head declares `missing="mask"` (then the head is masked there);
+`undefined` masks the head; a binary head's value must lie in [0, 1]. Labels
+that name no head of the job are ignored (a stream may carry more objectives
+than one model learns).
 
 The trainer decodes examples with a C++ reader (`ExampleDecoder`) that
 writes straight into a batch's arrays; these protobuf classes are the
@@ -67,7 +89,8 @@ import numpy as np
 from monolith_jax.features import PAD_KEY, DenseFeature, SparseBatch, SparseFeature, fill_dense
 from monolith_jax.sparse.keys import Keys
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2   # what this build reads
+RECORD_VERSION = 1   # what it writes for features, actions and single-label examples
 
 # Status codes of the C++ decoder (ffi/src/example_codec.h) and what they mean.
 DECODE_REASONS = {
@@ -81,6 +104,8 @@ DECODE_REASONS = {
     8: "empty message",
     10: "example batch holds more examples than a training batch",
     11: "a sparse feature is missing (an empty id list is not missing)",
+    12: "example carries named labels (version 2); the job has one unnamed head",
+    13: "example lacks the label of a head that does not declare missing='mask'",
 }
 SPARSE_MISSING = 11
 
@@ -175,7 +200,7 @@ def parse_example(value: bytes):
 def encode_features(request_id: str, event_time_ms: int, sparse: Mapping[str, Sequence[int]],
                     dense: Mapping[str, float] | None = None) -> bytes:
     pb = _pb()
-    rec = pb.FeatureRecord(version=SCHEMA_VERSION, request_id=request_id, event_time_ms=int(event_time_ms))
+    rec = pb.FeatureRecord(version=RECORD_VERSION, request_id=request_id, event_time_ms=int(event_time_ms))
     for name, ids in sparse.items():
         rec.sparse.add(name=name, ids=np.asarray(ids, np.uint64).reshape(-1).tolist())
     for name, value in (dense or {}).items():
@@ -184,7 +209,7 @@ def encode_features(request_id: str, event_time_ms: int, sparse: Mapping[str, Se
 
 
 def encode_action(request_id: str, event_time_ms: int, type: str, value: float = 1.0) -> bytes:
-    return _pb().Action(version=SCHEMA_VERSION, request_id=request_id, event_time_ms=int(event_time_ms),
+    return _pb().Action(version=RECORD_VERSION, request_id=request_id, event_time_ms=int(event_time_ms),
                         type=type, value=float(value)).SerializeToString()
 
 
@@ -222,12 +247,31 @@ def _varint(v: int) -> bytes:
             return bytes(out)
 
 
-def encode_example(features: bytes, label: float, sample_rate: float, label_time_ms: int) -> bytes:
+def encode_label(name: str, value: float, sample_rate: float = 1.0, undefined: bool = False) -> bytes:
+    """One Label (field 6 of an Example, version 2), its tag and length included."""
+    raw = name.encode()
+    body = b"".join((b"\x0a", _varint(len(raw)), raw, b"\x15", struct.pack("<f", value),
+                     b"\x1d", struct.pack("<f", sample_rate), b"\x20\x01" if undefined else b""))
+    return b"\x32" + _varint(len(body)) + body
+
+
+def encode_example(features: bytes, label: float, sample_rate: float, label_time_ms: int,
+                   labels: Sequence | None = None) -> bytes:
     """An Example around a FeatureRecord's binary bytes, without re-encoding
-    them (the joiner's hot path). Equal to protobuf's own serialization."""
+    them (the joiner's hot path). Equal to protobuf's own serialization.
+    `labels`: (name, value, sample_rate, undefined) per head, for a job with
+    several heads: the Example is then version 2 and label/sample_rate unset."""
+    if labels:
+        return b"".join((b"\x08\x02", b"\x12", _varint(len(features)), features,
+                         b"\x28", _varint(int(label_time_ms)), *(encode_label(*lab) for lab in labels)))
     return b"".join((b"\x08\x01", b"\x12", _varint(len(features)), features,
                      b"\x1d", struct.pack("<f", label), b"\x25", struct.pack("<f", sample_rate),
                      b"\x28", _varint(int(label_time_ms))))
+
+
+def labels_overhead(labels: Sequence) -> int:
+    """Bytes `encode_example` adds for `labels`, beyond EXAMPLE_OVERHEAD."""
+    return sum(len(encode_label(*lab)) for lab in labels)
 
 
 def features_to_binary(value: bytes, record=None) -> bytes:
