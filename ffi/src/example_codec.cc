@@ -196,6 +196,52 @@ void LinkNames(ExampleLayout* layout) {
   layout->next_dense = NextSame(layout->dense_names);
 }
 
+namespace {
+
+// One Label message: its head's column (-1: no head of the layout), value,
+// rate and whether it is undefined.
+bool ReadLabel(Reader r, const ExampleLayout& layout, int* head, float* value, float* rate, bool* undefined) {
+  *head = -1;
+  *value = 0.f;
+  *rate = 0.f;
+  *undefined = false;
+  while (!r.done()) {
+    uint32_t field, wire;
+    if (!r.Tag(&field, &wire)) return false;
+    uint64_t v;
+    uint32_t bits;
+    Reader sub(nullptr, 0);
+    if (field == 1 && wire == kLen) {
+      if (!r.Bytes(&sub)) return false;
+      const std::string_view name(reinterpret_cast<const char*>(sub.pos()), sub.left());
+      for (size_t h = 0; h < layout.head_names.size(); ++h)
+        if (layout.head_names[h] == name) *head = int(h);
+    } else if (field == 2 && wire == kFixed32) {
+      if (!r.Fixed32(&bits)) return false;
+      *value = AsFloat(bits);
+    } else if (field == 3 && wire == kFixed32) {
+      if (!r.Fixed32(&bits)) return false;
+      *rate = AsFloat(bits);
+    } else if (field == 4 && wire == kVarint) {
+      if (!r.Varint(&v)) return false;
+      *undefined = v != 0;
+    } else if (!r.Skip(wire)) {
+      return false;
+    }
+  }
+  return true;
+}
+
+// A label and its sample rate, checked; the rate's 0 (unset) reads as 1.
+DecodeStatus CheckLabel(float label, float* rate, bool binary) {
+  if (!std::isfinite(label) || !std::isfinite(*rate)) return kDecodeNonFinite;
+  if (*rate == 0.f) *rate = 1.f;  // unset: kept with certainty
+  if ((binary && (label < 0.f || label > 1.f)) || *rate < 0.f || *rate > 1.f) return kDecodeLabel;
+  return kDecodeOk;
+}
+
+}  // namespace
+
 DecodeStatus DecodeExample(const uint8_t* data, size_t size, const ExampleLayout& layout,
                            const ExampleRow& row) {
   if (data == nullptr || size == 0) return kDecodeEmpty;
@@ -204,14 +250,18 @@ DecodeStatus DecodeExample(const uint8_t* data, size_t size, const ExampleLayout
   while (i < size && (data[i] == ' ' || data[i] == '\t' || data[i] == '\n' || data[i] == '\r')) ++i;
   if (i < size && data[i] == '{') return kDecodeJson;
 
-  const size_t nf = layout.sparse_names.size();
+  const size_t nf = layout.sparse_names.size(), nh = layout.head_names.size();
   for (size_t f = 0; f < nf; ++f) row.lengths[f] = 0;
-  *row.label = 0.f;
-  *row.sample_rate = 0.f;
+  float label = 0.f, rate = 0.f;  // version 1's fields
+  for (size_t h = 0; h < nh; ++h) {
+    row.label[h] = 0.f;
+    row.sample_rate[h] = 0.f;
+    row.mask[h] = -1.f;  // not seen yet
+  }
   *row.event_time_ms = 0;
   *row.label_time_ms = 0;
   if (row.request_hash != nullptr) *row.request_hash = 0;
-  bool has_features = false;
+  bool has_features = false, named = false;
   Reader r(data, size);
   while (!r.done()) {
     uint32_t field, wire;
@@ -230,22 +280,53 @@ DecodeStatus DecodeExample(const uint8_t* data, size_t size, const ExampleLayout
       has_features = true;
     } else if (field == 3 && wire == kFixed32) {
       if (!r.Fixed32(&bits)) return kDecodeMalformed;
-      *row.label = AsFloat(bits);
+      label = AsFloat(bits);
     } else if (field == 4 && wire == kFixed32) {
       if (!r.Fixed32(&bits)) return kDecodeMalformed;
-      *row.sample_rate = AsFloat(bits);
+      rate = AsFloat(bits);
     } else if (field == 5 && wire == kVarint) {
       if (!r.Varint(&v)) return kDecodeMalformed;
       *row.label_time_ms = int64_t(v);
+    } else if (field == 6 && wire == kLen) {
+      if (!r.Bytes(&sub)) return kDecodeMalformed;
+      named = true;
+      int h;
+      float value, head_rate;
+      bool undefined;
+      if (!ReadLabel(sub, layout, &h, &value, &head_rate, &undefined)) return kDecodeMalformed;
+      if (h < 0) continue;  // a label no head of this job learns
+      row.label[h] = value;
+      row.sample_rate[h] = head_rate;
+      row.mask[h] = undefined ? 0.f : 1.f;
     } else if (!r.Skip(wire)) {
       return kDecodeMalformed;
     }
   }
   if (!has_features) return kDecodeNoFeatures;
-  float label = *row.label, rate = *row.sample_rate;
-  if (!std::isfinite(label) || !std::isfinite(rate)) return kDecodeNonFinite;
-  if (rate == 0.f) *row.sample_rate = rate = 1.f;  // unset: kept with certainty
-  if (label < 0.f || label > 1.f || rate < 0.f || rate > 1.f) return kDecodeLabel;
+  if (nh == 0) {
+    if (named) return kDecodeNamedLabels;
+    DecodeStatus s = CheckLabel(label, &rate, true);
+    if (s != kDecodeOk) return s;
+    *row.label = label;
+    *row.sample_rate = rate;
+  } else {
+    if (!named && nh == 1) {  // a version-1 example: the label of the only head
+      row.label[0] = label;
+      row.sample_rate[0] = rate;
+      row.mask[0] = 1.f;
+    }
+    for (size_t h = 0; h < nh; ++h) {
+      if (row.mask[h] < 0.f && !layout.head_mask_ok[h]) return kDecodeHeadMissing;
+      if (row.mask[h] <= 0.f) {  // absent (allowed) or undefined: masked
+        row.label[h] = 0.f;
+        row.sample_rate[h] = 1.f;
+        row.mask[h] = 0.f;
+        continue;
+      }
+      DecodeStatus s = CheckLabel(row.label[h], &row.sample_rate[h], layout.head_binary[h] != 0);
+      if (s != kDecodeOk) return s;
+    }
+  }
   for (size_t f = 0; f < nf; ++f)
     for (int k = row.lengths[f]; k < layout.max_lens[f]; ++k) row.ids[f][k] = layout.pad_key;
   return kDecodeOk;
@@ -259,8 +340,10 @@ ExampleRow RowAt(const ExampleLayout& layout, const BatchArrays& out, ExampleRow
   for (size_t f = 0; f < nf; ++f) r->ids[f] = out.ids[f] + row * layout.max_lens[f];
   r->lengths = out.lengths + row * nf;
   r->dense = out.dense + row * nd;
-  r->label = out.labels + row;
-  r->sample_rate = out.rates + row;
+  const int64_t nh = int64_t(std::max<size_t>(layout.head_names.size(), 1));
+  r->label = out.labels + row * nh;
+  r->sample_rate = out.rates + row * nh;
+  r->mask = out.masks ? out.masks + row * nh : nullptr;
   r->event_time_ms = out.event_ms + row;
   r->label_time_ms = out.label_ms + row;
   r->request_hash = out.request_hash ? out.request_hash + row : nullptr;

@@ -39,6 +39,8 @@ enum DecodeStatus : int32_t {
   kDecodeNoRoom = 9,         // (not an error) the value's examples do not fit the rows left
   kDecodeTooBig = 10,        // an ExampleBatch with more examples than a whole batch holds
   kDecodeSparseMissing = 11, // a sparse feature of the layout has no IdList in the record
+  kDecodeNamedLabels = 12,   // named labels (version 2) for a layout of one unnamed head
+  kDecodeHeadMissing = 13,   // no label for a head whose layout does not allow a mask
 };
 
 struct ExampleLayout {
@@ -47,6 +49,14 @@ struct ExampleLayout {
   std::vector<std::string> dense_names;   // one float each
   std::vector<uint8_t> dense_fill;        // per dense feature: 1 = missing/non-finite read as NaN
   uint64_t pad_key = 0;
+  // Heads (version 2): empty for a job of one unnamed head, which reads the
+  // Example's label and sample_rate. Otherwise each head reads the Label of
+  // its name into its column: absent, the example is kDecodeHeadMissing
+  // unless head_mask_ok (then masked); `undefined` masks it; a binary head's
+  // value must lie in [0, 1]. A layout of one head also reads a version-1
+  // example's label as that head's.
+  std::vector<std::string> head_names;
+  std::vector<uint8_t> head_binary, head_mask_ok;
   // Filled by LinkNames: the next feature of the same name, or -1.
   std::vector<int> next_sparse, next_dense;
 };
@@ -60,8 +70,9 @@ struct ExampleRow {
   std::vector<uint64_t*> ids;
   int32_t* lengths;      // one per sparse feature
   float* dense;          // one per dense feature
-  float* label;
-  float* sample_rate;
+  float* label;          // one per head (one for a layout without heads)
+  float* sample_rate;    // likewise
+  float* mask;           // one per head; null for a layout without heads
   int64_t* event_time_ms;
   int64_t* label_time_ms;
   uint64_t* request_hash;  // RequestHash of the features' request_id (0: none); may be null
@@ -72,15 +83,16 @@ struct ExampleRow {
 // computes the same.
 uint64_t RequestHash(const uint8_t* data, size_t size);
 
-constexpr uint32_t kSchemaVersion = 1;
+constexpr uint32_t kSchemaVersion = 2;
 
 // A batch's arrays: row r of feature f starts at ids[f] + r * max_lens[f].
 struct BatchArrays {
   std::vector<uint64_t*> ids;
   int32_t* lengths;
   float* dense;
-  float* labels;
-  float* rates;
+  float* labels;  // rows x heads (rows for a layout without heads)
+  float* rates;   // likewise
+  float* masks;   // rows x heads; null for a layout without heads
   int64_t* event_ms;
   int64_t* label_ms;
   uint64_t* request_hash;  // may be null

@@ -21,11 +21,15 @@ namespace {
 
 template <typename T, int D>
 using Out = nb::ndarray<T, nb::ndim<D>, nb::c_contig, nb::device::cpu>;
+template <typename T>
+using OutAny = nb::ndarray<T, nb::c_contig, nb::device::cpu>;  // (rows,) or (rows, heads)
 
 class PyExampleDecoder {
  public:
   PyExampleDecoder(std::vector<std::string> sparse_names, std::vector<int> max_lens,
-                   std::vector<std::string> dense_names, uint64_t pad_key, std::vector<int> dense_fill) {
+                   std::vector<std::string> dense_names, uint64_t pad_key, std::vector<int> dense_fill,
+                   std::vector<std::string> head_names, std::vector<int> head_binary,
+                   std::vector<int> head_mask_ok) {
     if (sparse_names.size() != max_lens.size())
       throw std::invalid_argument("one max_len per sparse feature");
     for (int m : max_lens)
@@ -37,6 +41,14 @@ class PyExampleDecoder {
     layout_.dense_names = std::move(dense_names);
     layout_.pad_key = pad_key;
     for (int flag : dense_fill) layout_.dense_fill.push_back(flag ? 1 : 0);
+    if (head_binary.size() != head_names.size() || head_mask_ok.size() != head_names.size())
+      throw std::invalid_argument("head_binary and head_mask_ok need one flag per head");
+    for (size_t h = 0; h < head_names.size(); ++h)
+      for (size_t g = 0; g < h; ++g)
+        if (head_names[g] == head_names[h]) throw std::invalid_argument("head " + head_names[h] + " named twice");
+    layout_.head_names = std::move(head_names);
+    for (int flag : head_binary) layout_.head_binary.push_back(flag ? 1 : 0);
+    for (int flag : head_mask_ok) layout_.head_mask_ok.push_back(flag ? 1 : 0);
     LinkNames(&layout_);
   }
 
@@ -44,12 +56,23 @@ class PyExampleDecoder {
   // good examples take a row); status[i] gets each value's DecodeStatus.
   // Returns the number of rows written.
   int64_t Decode(nb::list values, int64_t row0, std::vector<Out<uint64_t, 2>> ids,
-                 Out<int32_t, 2> lengths, Out<float, 2> dense, Out<float, 1> labels,
-                 Out<float, 1> rates, Out<int64_t, 1> event_ms, Out<int64_t, 1> label_ms,
+                 Out<int32_t, 2> lengths, Out<float, 2> dense, OutAny<float> labels,
+                 OutAny<float> rates, Out<int64_t, 1> event_ms, Out<int64_t, 1> label_ms,
                  Out<int32_t, 1> status, std::optional<Out<int32_t, 1>> partitions,
-                 std::optional<Out<int64_t, 1>> offsets, std::optional<Out<uint64_t, 1>> request_hash) {
-    const size_t nf = layout_.sparse_names.size(), nd = layout_.dense_names.size();
+                 std::optional<Out<int64_t, 1>> offsets, std::optional<Out<uint64_t, 1>> request_hash,
+                 std::optional<Out<float, 2>> masks) {
+    const size_t nf = layout_.sparse_names.size(), nd = layout_.dense_names.size(),
+                 nh = layout_.head_names.size();
+    if (labels.ndim() < 1) throw std::invalid_argument("labels must be (rows,) or (rows, heads)");
     const int64_t rows = int64_t(labels.shape(0));
+    for (const OutAny<float>* a : {&labels, &rates}) {
+      const bool ok = nh == 0 ? a->ndim() == 1 : a->ndim() == 2 && a->shape(1) == nh;
+      if (!ok || int64_t(a->shape(0)) != rows)
+        throw std::invalid_argument(nh == 0 ? "labels and rates must be (rows,) for a decoder without heads"
+                                            : "labels and rates must be (rows, heads)");
+    }
+    if (nh > 0 && (!masks.has_value() || int64_t(masks->shape(0)) != rows || masks->shape(1) != nh))
+      throw std::invalid_argument("a decoder with heads needs masks of (rows, heads)");
     if (ids.size() != nf) throw std::invalid_argument("one ids array per sparse feature");
     for (size_t f = 0; f < nf; ++f)
       if (int64_t(ids[f].shape(0)) != rows || ids[f].shape(1) != size_t(layout_.max_lens[f]))
@@ -74,6 +97,7 @@ class PyExampleDecoder {
     out.dense = dense.data();
     out.labels = labels.data();
     out.rates = rates.data();
+    out.masks = nh > 0 ? masks->data() : nullptr;
     out.event_ms = event_ms.data();
     out.label_ms = label_ms.data();
     out.request_hash = request_hash.has_value() ? request_hash->data() : nullptr;
@@ -135,11 +159,13 @@ void BindCodec(nb::module_& m) {
   BindStream(m);
   nb::class_<PyExampleDecoder>(m, "ExampleDecoder")
       .def(nb::init<std::vector<std::string>, std::vector<int>, std::vector<std::string>, uint64_t,
-                    std::vector<int>>(),
-           "sparse_names"_a, "max_lens"_a, "dense_names"_a, "pad_key"_a, "dense_fill"_a = std::vector<int>())
+                    std::vector<int>, std::vector<std::string>, std::vector<int>, std::vector<int>>(),
+           "sparse_names"_a, "max_lens"_a, "dense_names"_a, "pad_key"_a, "dense_fill"_a = std::vector<int>(),
+           "head_names"_a = std::vector<std::string>(), "head_binary"_a = std::vector<int>(),
+           "head_mask_ok"_a = std::vector<int>())
       .def("decode", &PyExampleDecoder::Decode, "values"_a, "row0"_a, "ids"_a, "lengths"_a, "dense"_a,
            "labels"_a, "rates"_a, "event_ms"_a, "label_ms"_a, "status"_a, "partitions"_a = nb::none(),
-           "offsets"_a = nb::none(), "request_hash"_a = nb::none());
+           "offsets"_a = nb::none(), "request_hash"_a = nb::none(), "masks"_a = nb::none());
 }
 
 }  // namespace monolith

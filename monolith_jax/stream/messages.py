@@ -108,6 +108,7 @@ DECODE_REASONS = {
     13: "example lacks the label of a head that does not declare missing='mask'",
 }
 SPARSE_MISSING = 11
+HEAD_MISSING = 13
 
 
 class MessageError(ValueError):
@@ -295,16 +296,23 @@ class ExampleDecoder:
     label times and sample rates, `filled` (dense feature -> values
     replaced by its fill in this batch) and, for Kafka messages, each
     value's partition and offset (status -3 marks events such as end of
-    partition). The batch's ids are keys (each feature's id space)."""
+    partition). The batch's ids are keys (each feature's id space).
 
-    def __init__(self, sparse: Sequence[SparseFeature], dense: Sequence[DenseFeature] = ()):
+    `heads` (a job's `Head`s): the batch's labels are (B, H), one column
+    per head read from the Labels of version 2 (see the module docstring),
+    with `label_mask` (B, H), and info's sample rates are (rows, H)."""
+
+    def __init__(self, sparse: Sequence[SparseFeature], dense: Sequence[DenseFeature] = (), heads=None):
         from monolith_jax.sparse._native import engine
 
         self.sparse = tuple(sparse)
         self.dense = tuple(dense)
+        self.heads = tuple(heads) if heads else ()
         self._native = engine().ExampleDecoder([f.source for f in self.sparse], [f.max_len for f in self.sparse],
                                                [f.source for f in self.dense], PAD_KEY,
-                                               [int(f.fill is not None) for f in self.dense])
+                                               [int(f.fill is not None) for f in self.dense],
+                                               [h.name for h in self.heads], [int(h.binary) for h in self.heads],
+                                               [int(h.missing == "mask") for h in self.heads])
 
     def missing_sparse(self, value) -> list:
         """The sources of the sparse features a value's (first incomplete)
@@ -321,6 +329,23 @@ class ExampleDecoder:
             lack = [f.source for f in self.sparse if f.source not in have]
             if lack:
                 return list(dict.fromkeys(lack))
+        return []
+
+    def missing_heads(self, value) -> list:
+        """The heads (that may not be masked) whose label a value's (first
+        incomplete) example lacks; [] if it cannot tell."""
+        try:
+            raw = value if isinstance(value, (bytes, type(None))) else value.value()
+            pb = _pb()
+            batch = pb.ExampleBatch.FromString(raw)
+            examples = list(batch.examples) or [pb.Example.FromString(raw)]
+        except Exception:  # the reason stays the generic one
+            return []
+        for ex in examples:
+            have = {lab.name for lab in ex.labels}
+            lack = [h.name for h in self.heads if h.missing != "mask" and h.name not in have]
+            if lack and not (not have and len(self.heads) == 1):
+                return lack
         return []
 
     def batch(self, batch_size: int, messages: bool = False, limit: int | None = None,
@@ -352,8 +377,10 @@ class BatchBuilder:
         self.ids = [np.empty((batch_size, f.max_len), np.uint64) for f in decoder.sparse]
         self.lengths = np.zeros((batch_size, len(decoder.sparse)), np.int32)
         self.dense = np.zeros((batch_size, len(decoder.dense)), np.float32)
-        self.labels = np.zeros(batch_size, np.float32)
-        self.rates = np.ones(batch_size, np.float32)
+        shape = (batch_size, len(decoder.heads)) if decoder.heads else (batch_size,)
+        self.labels = np.zeros(shape, np.float32)
+        self.rates = np.ones(shape, np.float32)
+        self.masks = np.zeros(shape, np.float32) if decoder.heads else None
         self.event_ms = np.zeros(batch_size, np.int64)
         self.label_ms = np.zeros(batch_size, np.int64)
         self.request_hash = np.zeros(batch_size, np.uint64)
@@ -374,7 +401,8 @@ class BatchBuilder:
         r0 = self.rows
         self.rows += self.d._native.decode(values, self.rows, [a[:n] for a in self.ids], self.lengths[:n],
                                            self.dense[:n], self.labels[:n], self.rates[:n], self.event_ms[:n],
-                                           self.label_ms[:n], status, *meta, request_hash=self.request_hash[:n])
+                                           self.label_ms[:n], status, *meta, request_hash=self.request_hash[:n],
+                                           masks=None if self.masks is None else self.masks[:n])
         if self.dedup is not None and self.rows > r0:
             self._drop_repeats(r0)
         return status, meta
@@ -398,7 +426,7 @@ class BatchBuilder:
         keep = r0 + np.flatnonzero(~drop)
         end = r0 + keep.size
         for a in (*self.ids, self.lengths, self.dense, self.labels, self.rates, self.event_ms, self.label_ms,
-                  self.request_hash):
+                  self.request_hash, *(() if self.masks is None else (self.masks,))):
             a[r0:end] = a[keep]
         self.duplicates += int(drop.sum())
         self.rows = end
@@ -447,6 +475,10 @@ class BatchBuilder:
                 lack = self.d.missing_sparse(values[i])
                 if lack:
                     reason = f"{reason}: {', '.join(repr(x) for x in lack)}"
+            if code == HEAD_MISSING and values is not None:
+                lack = self.d.missing_heads(values[i])
+                if lack:
+                    reason = f"example lacks the label of head(s) {', '.join(repr(x) for x in lack)}"
             self.bad.append((self.taken + int(i), reason))
         self._status.append(status[:n].copy())
         self.events += int(np.count_nonzero(status[:n] == -3))
@@ -462,6 +494,8 @@ class BatchBuilder:
         self.lengths[rows:] = 0
         self.dense[rows:] = 0.0
         self.labels[rows:] = 0.0
+        if self.masks is not None:
+            self.masks[rows:] = 0.0
         for k, f in enumerate(self.d.sparse):
             ids = self.ids[k]
             ids[rows:] = PAD_KEY
@@ -473,7 +507,7 @@ class BatchBuilder:
         batch = SparseBatch(
             ids={f.name: Keys.from_ids(self.ids[k]) for k, f in enumerate(self.d.sparse)},
             lengths={f.name: np.ascontiguousarray(self.lengths[:, k]) for k, f in enumerate(self.d.sparse)},
-            dense=self.dense, labels=self.labels, weights=weights)
+            dense=self.dense, labels=self.labels, weights=weights, label_mask=self.masks)
         status = np.concatenate(self._status) if self._status else np.zeros(0, np.int32)
         info = {"rows": rows, "taken": self.taken, "sample_rate": self.rates[:rows],
                 "event_time_ms": self.event_ms[:rows], "label_time_ms": self.label_ms[:rows], "status": status,

@@ -56,7 +56,7 @@ def odd_values(rng, topic):
     """Values of every shape: garbled, truncated, nested, huge, JSON, legal but unusual."""
     good = features(rng, 1) if topic == "features" else M.encode_action("ad1", T0, "click", 2.5)
     out = [b"", b"{}", b'{"request_id": "x"}', b"  \n{", b"[" * 10_000, good[:-1], good + b"\x00",
-           b"\x08\x02" + good, good + b"\x08\x02",  # a newer schema version, before or after
+           b"\x08\x03" + good, good + b"\x08\x03",  # a newer schema version, before or after
            good + b"\x0b\x0c",  # an unknown group field: legal, beyond the C++ reader
            good + b"\xa0\x06\x05",  # an unknown varint field: taken
            good + b"\x12\x02\xc3\x28",  # a request id of invalid UTF-8

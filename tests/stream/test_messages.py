@@ -73,7 +73,7 @@ def test_bad_values_are_named_and_never_crash():
     cases = {
         "truncated": (good[:-3], "not protobuf"),
         "empty": (b"", "empty"),
-        "newer version": (b"\x08\x02" + good[2:], "version"),
+        "newer version": (b"\x08\x03" + good[2:], "version"),
         "no features": (pb.Example(version=1, label=1.0).SerializeToString(), "no features"),
         "missing dense": (M.encode_example(feats_no_dense, 1.0, 1.0, 0), "dense"),
         "label 2": (M.encode_example(M.encode_features("r", 1, {"user": [1], "genres": []}, {"price": 0.0}), 2.0,
