@@ -93,7 +93,7 @@ def main(argv=None) -> int:
                    help="exchange dense deltas with the first shard instead of all-reducing (needs --ps)")
     p.add_argument("--dense-exchange-every", type=int, default=1, help="steps between async dense exchanges")
     p.add_argument("--prequential-out", default=None,
-                   help="write the labels and scores given before training (npz) to this file at exit")
+                   help="write the labels and scores given before training (npz; per head, as HEAD.labels, ...) to this file at exit")
     p.add_argument("--placement", default="auto", choices=["auto", "in_jit", "host"],
                    help="the training step: auto (in-jit FFI tables when the dense step runs on the CPU, "
                         "tables on the host around a device step otherwise), in_jit, or host")
@@ -179,7 +179,7 @@ def main(argv=None) -> int:
         export_model(trainer, args.export, negative_rate=online.negative_rate or 1.0)
     summary["segment_aucs"] = online.log.segment_aucs(10)
     if args.prequential_out:
-        online.log.save(args.prequential_out)
+        (online.head_logs or online.log).save(args.prequential_out)
     return finish(summary, args, trainer, snapshots)
 
 

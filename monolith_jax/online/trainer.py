@@ -125,6 +125,58 @@ class PrequentialLog:
         return [auc(a, b) for a, b in zip(np.array_split(y, segments), np.array_split(s, segments))]
 
 
+class HeadLogs:
+    """Prequential logs of a job's heads: each head's labels and scores over
+    the rows where it is defined (mask > 0). Binary heads report AUC, value
+    heads RMSE; `main` is the first binary head's log (or the first's)."""
+
+    def __init__(self, heads, window: int = 50_000):
+        self.heads = tuple(heads)
+        self.logs = {h.name: PrequentialLog(window) for h in self.heads}
+        first = next((h for h in self.heads if h.binary), self.heads[0])
+        self.main = self.logs[first.name]
+
+    def add(self, batch, scores: dict, rows: int, event_ms) -> None:
+        labels = np.asarray(batch.labels)[:rows]
+        mask = np.asarray(batch.label_mask)[:rows] if batch.label_mask is not None else np.ones_like(labels)
+        event_ms = np.asarray(event_ms)
+        for k, h in enumerate(self.heads):
+            on = mask[:, k] > 0
+            self.logs[h.name].add(labels[on, k], np.asarray(scores[h.name])[:rows][on], event_ms[on])
+
+    def _metric(self, h, y, s) -> dict:
+        if h.binary:
+            return {"auc": round(auc(y, s), 4) if y.size else float("nan"), "examples": int(y.size)}
+        rmse = float(np.sqrt(np.mean(np.square(s - y)))) if y.size else float("nan")
+        return {"rmse": round(rmse, 4), "examples": int(y.size)}
+
+    def running(self) -> dict:
+        """Each head's metric over its last `window` defined examples."""
+        out = {}
+        for h in self.heads:
+            recent = list(self.logs[h.name]._recent)
+            y = np.concatenate([r[0] for r in recent]) if recent else np.zeros(0, np.float32)
+            s = np.concatenate([r[1] for r in recent]) if recent else np.zeros(0, np.float32)
+            out[h.name] = self._metric(h, y, s)
+        return out
+
+    def save(self, path: str) -> None:
+        """Each head's labels, scores and event_ms as `HEAD.labels`, ... in one .npz (arrays only)."""
+        arrays = {}
+        for name, hlog in self.logs.items():
+            for key, a in zip(("labels", "scores", "event_ms"), hlog.arrays()):
+                arrays[f"{name}.{key}"] = a
+        np.savez(path, **arrays)
+
+    def summary(self) -> dict:
+        """Each head's metric over the whole stream (prequential)."""
+        out = {}
+        for h in self.heads:
+            y, s, _ = self.logs[h.name].arrays()
+            out[h.name] = self._metric(h, y, s)
+        return out
+
+
 def shrink(batch, rows: int, min_bucket: int):
     """A batch of `rows` real examples padded to batch.size -> padded only to
     the next power of two (at least `min_bucket`): a partial batch (low
@@ -152,11 +204,7 @@ class OnlineTrainer:
                  dedup_window_s: float | None = DEFAULT_DEDUP_WINDOW_S):
         from confluent_kafka import Consumer, Producer
 
-        heads = getattr(trainer, "heads", None)
-        if heads is not None and (len(heads) > 1 or not heads[0].binary):
-            raise ValueError(f"the stream's examples carry one binary label; a job with heads "
-                             f"{[h.name for h in heads]} trains from files (monolith train --data) until "
-                             f"examples carry a label per head")
+        self.heads = getattr(trainer, "heads", None)
         K.check_reachable(bootstrap, connect_timeout_s)  # a clear error, not a silent wait on a dead address
         self.trainer = trainer
         self.topics = {**K.TOPICS, **(topics or {})}
@@ -164,7 +212,8 @@ class OnlineTrainer:
         self.max_wait_s = max_wait_s
         self.prequential = prequential
         self.min_bucket = min_bucket
-        self.decoder = ExampleDecoder(trainer.features, trainer.dense_features)
+        # A job with heads reads one label per head (messages version 2).
+        self.decoder = ExampleDecoder(trainer.features, trainer.dense_features, heads=self.heads)
         # Exactly-once by request id (online/dedup.py): a second example of a
         # request trained within the window takes no row and is counted.
         self.dedup = RequestDedup(dedup_window_s) if dedup_window_s else None
@@ -175,13 +224,18 @@ class OnlineTrainer:
         producer_conf = K.producer_config(bootstrap)
         self.producer = Producer(producer_conf)
         self.dead = DeadLetters(self.producer, self.topics["dead_letters"], K.max_message_bytes(producer_conf))
-        self.log = PrequentialLog(auc_window)
+        # Per head (a job with heads): prequential scores where the head is
+        # defined; `log` is then the first binary head's (the summary's AUC).
+        self.head_logs = HeadLogs(self.heads, auc_window) if self.heads is not None else None
+        self.log = self.head_logs.main if self.head_logs is not None else PrequentialLog(auc_window)
         self.out = out
         self.examples = 0
         self.batches = 0
         self.max_event_ms = 0
         self.on_batch = None  # optional callback(online_trainer, batch, info) after each trained batch
-        self.negative_rate = None  # the sample rate the last negatives carried (serving corrects for it)
+        # The sample rate the last negatives carried (serving corrects for it):
+        # a job with heads keeps one per binary head, {head name: rate}.
+        self.negative_rate = None
         # Touched rows go to the serving PS every sparse_sync_interval_s, the
         # dense params every dense_sync_interval_s, off this thread.
         # Tables in other processes (training PS shards), data-parallel
@@ -413,12 +467,13 @@ class OnlineTrainer:
             self.trainer.train_step_host(batch, stamp=self._stamp())
         if rows:
             if self.prequential:
-                scores = self.trainer.predict(batch)[:rows]
-                self.log.add(np.asarray(batch.labels)[:rows], scores, info["event_time_ms"])
+                scores = self.trainer.predict(batch)
+                if self.head_logs is not None:
+                    self.head_logs.add(batch, scores, rows, info["event_time_ms"])
+                else:
+                    self.log.add(np.asarray(batch.labels)[:rows], scores[:rows], info["event_time_ms"])
             self.max_event_ms = max(self.max_event_ms, int(info["event_time_ms"].max()))
-            negatives = np.asarray(batch.labels)[:rows] == 0
-            if negatives.any():
-                self.negative_rate = float(info["sample_rate"][negatives][-1])
+            self._note_negative_rates(batch, info, rows)
             step = self.trainer.train_step_host if self.host_step else self.trainer.train_step
             step(batch, stamp=self._stamp())
             if self.dense_exchange is not None:
@@ -442,6 +497,21 @@ class OnlineTrainer:
         if self.dp is None and self.snapshots is not None and self.snapshots.due(self.trainer.step_count):
             self._snapshot()
         return rows
+
+    def _note_negative_rates(self, batch, info: dict, rows: int) -> None:
+        labels = np.asarray(batch.labels)[:rows]
+        if self.heads is None:
+            negatives = labels == 0
+            if negatives.any():
+                self.negative_rate = float(info["sample_rate"][negatives][-1])
+            return
+        mask = np.asarray(batch.label_mask)[:rows]
+        rates = dict(self.negative_rate) if isinstance(self.negative_rate, dict) else {}
+        for k, h in enumerate(self.heads):
+            negatives = (labels[:, k] == 0) & (mask[:, k] > 0)
+            if h.binary and negatives.any():
+                rates[h.name] = float(info["sample_rate"][:rows, k][negatives][-1])
+        self.negative_rate = rates or self.negative_rate
 
     def _stamp(self) -> int:
         """The rows' last_update: event time in seconds."""
@@ -649,7 +719,8 @@ class OnlineTrainer:
                 "dead_letters": self.dead.count, "dead_letter_reasons": dict(self.dead.by_reason),
                 "duplicates": self.duplicates,
                 "dead_letters_failed": self.dead.failed,
-                "running_auc": self.log.running_auc(), "stream_auc": self._stream_auc()}
+                "running_auc": self.log.running_auc(), "stream_auc": self._stream_auc(),
+                **({"heads": self.head_logs.summary()} if self.head_logs is not None else {})}
 
     def _lockstep(self, done: bool) -> bool:
         """One step of a data-parallel group: every member fills a batch
@@ -686,5 +757,7 @@ class OnlineTrainer:
         record = {"examples": self.examples, "examples_per_s": round(rate, 1),
                   "running_auc": round(self.log.running_auc(), 4), "dead_letters": self.dead.count,
                   "duplicates": self.duplicates}
+        if self.head_logs is not None:
+            record["heads"] = self.head_logs.running()
         self.trainer._log({"event": "online", **record})
         self.out("trainer " + json.dumps(record), **({"flush": True} if self.out is print else {}))
