@@ -502,7 +502,7 @@ def print_summary(s: dict, out=print) -> None:
            if s["killed"] else ""))
     if "auc_online" in s:
         out(f"  AUC        online {s['auc_online']:.4f} vs frozen copy {s['auc_frozen']:.4f} "
-            f"(+{100 * (s['auc_online'] - s['auc_frozen']):.2f} points, {s['auc_requests']:,} requests "
+            f"({100 * (s['auc_online'] - s['auc_frozen']):+.2f} points, {s['auc_requests']:,} requests "
             "scored after the copy)")
     f = s["freshness_s"]
     if f.get("n"):
