@@ -92,6 +92,13 @@ class BufferPool {
     std::lock_guard<std::mutex> lock(mu_);
     for (Block& b : free_) std::free(std::exchange(b, Block{}).p);
   }
+  // Bytes kept for the next dump (not those lent to arrays still alive).
+  size_t KeptBytes() {
+    std::lock_guard<std::mutex> lock(mu_);
+    size_t n = 0;
+    for (const Block& b : free_) n += b.p != nullptr ? b.bytes : 0;
+    return n;
+  }
   ~BufferPool() { Clear(); }
 
  private:
@@ -316,6 +323,7 @@ NB_MODULE(_engine, m) {
              d["expired"] = st.expired;
              d["evicted"] = st.evicted;
              d["touched"] = st.touched;
+             d["bytes_dump_kept"] = s.pool()->KeptBytes();
              return d;
            })
       .def("dump",

@@ -222,7 +222,10 @@ class EmbeddingTable:
 
     # ------------------------------------------------------ state and stats
     def stats(self) -> dict:
-        """Rows, bytes (values, optimizer slots, overhead) and operation counts."""
+        """Rows, bytes (values, optimizer slots, overhead) and operation counts.
+        `bytes_dump_kept`: memory kept from the last dump with
+        `reuse_buffers` for the next one (not in `bytes_total`; freed by
+        `release_dump_buffers()`)."""
         s = dict(self._native.stats())
         rows = max(s["rows"], 1)
         s["bytes_total"] = s["bytes_values"] + s["bytes_slots"] + s["bytes_filter"] + s["bytes_overhead"]

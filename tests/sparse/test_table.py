@@ -364,3 +364,22 @@ def test_lookup_host_into_a_reused_buffer():
         t.lookup_host(ids, out=np.zeros((2, 2, 4), np.float64))
     with pytest.raises(ValueError, match="out must be"):
         t.lookup_host(ids, out=np.zeros((4, 4), np.float32))
+
+
+def test_memory_kept_between_dumps_is_counted_and_released():
+    import gc
+
+    table = EmbeddingTable(TableConfig("kept", 8, Zeros(), SGD(0.1)))
+    table.lookup_host(np.arange(1, 5001, dtype=np.uint64))
+    assert table.stats()["bytes_dump_kept"] == 0
+    dump = table.dump(reuse_buffers=True)
+    values = dump["values"].nbytes
+    assert table.stats()["bytes_dump_kept"] < values   # lent to the arrays while they live
+    del dump
+    gc.collect()
+    kept = table.stats()["bytes_dump_kept"]
+    assert kept >= values                               # back in the table for the next dump
+    table.dump(reuse_buffers=False)
+    assert table.stats()["bytes_dump_kept"] == kept     # a dump without reuse leaves it be
+    table.release_dump_buffers()
+    assert table.stats()["bytes_dump_kept"] == 0
