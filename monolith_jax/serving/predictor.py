@@ -610,6 +610,13 @@ class PredictorClient:
         left out (or None) is sent as NaN: filled if its feature has a
         `fill`, else refused by the predictor. Returns probabilities; for
         a model with heads, a dict by head name of their scores."""
+        out = self.predict_arrays(*self.encode(requests), len(requests))
+        return out["scores"] if "heads" in self.spec else out["probabilities"]
+
+    def encode(self, requests: list) -> tuple[dict, np.ndarray]:
+        """The dict requests of `predict` as `predict_arrays` takes them:
+        (ids by source, dense); for the whole reply (raw outputs, unknown
+        ids, the rates used): `predict_arrays(*client.encode(requests))`."""
         from monolith_jax.sparse.keys import hash_strings
 
         spec = self.spec
@@ -635,8 +642,7 @@ class PredictorClient:
         dense_sources = [d.get("column") or d["name"] for d in spec["dense_features"]]
         dense = np.asarray([[np.nan if r.get(n) is None else float(r[n]) for n in dense_sources] for r in requests],
                            np.float32).reshape(len(requests), len(dense_sources))
-        out = self.predict_arrays(ids, dense, len(requests))
-        return out["scores"] if "heads" in spec else out["probabilities"]
+        return ids, dense
 
     def close(self) -> None:
         self._channel.close()
