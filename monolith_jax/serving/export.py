@@ -33,7 +33,8 @@ The program's inputs are `(params, rows, lengths, dense)`:
     dense    float32 (B, number of dense features)
 
 The program returns logits (B,) for a job without heads (one binary
-label), and for a job with heads (`monolith_jax.heads`, even one) a dict
+label) or whose heads are one binary head (served as before: one
+probability), and for a job with other heads (`monolith_jax.heads`) a dict
 by head name of each head's raw output (B,): a logit for a binary head,
 the value for a value head, as the trainer's `_forward`. A predictor
 serves a binary head as sigmoid(logit + log(its negative rate)) (the
@@ -160,12 +161,15 @@ def export_model(trainer, directory: str, negative_rate: float | dict = 1.0, max
     if not isinstance(max_batch, int) or max_batch < 1:
         raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
     heads = getattr(trainer, "heads", None)
-    if heads is None:
+    one = heads is not None and len(heads) == 1 and heads[0].binary
+    if heads is None or one:
         if isinstance(negative_rate, dict):
-            raise ValueError(f"negative_rate {negative_rate!r} is by head, but this model has no heads (one "
-                             f"binary label): give one rate")
+            if heads is None:
+                raise ValueError(f"negative_rate {negative_rate!r} is by head, but this model has no heads (one "
+                                 f"binary label): give one rate")
+            negative_rate = head_rates(heads, negative_rate)[heads[0].name]
         negative_rate = check_rate(negative_rate, "negative_rate")
-        rates = None
+        head, heads, rates = (heads[0].name if one else None), None, None
     else:
         rates = head_rates(heads, negative_rate)
     coll = trainer.collection
@@ -176,7 +180,9 @@ def export_model(trainer, directory: str, negative_rate: float | dict = 1.0, max
         p = jax.tree_util.tree_unflatten(treedef, params)
         batch = SparseBatch(ids={}, lengths=lengths, dense=dense, labels=None, weights=None)
         out = trainer._forward(p, rows, batch)
-        return {h.name: out[h.name] for h in heads} if heads is not None else out
+        if heads is not None:
+            return {h.name: out[h.name] for h in heads}
+        return out[head] if head is not None else out
 
     b, = jax.export.symbolic_shape("b")
     used = {name: feats for name, feats in coll.by_table.items() if feats}

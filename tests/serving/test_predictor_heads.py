@@ -290,3 +290,41 @@ def test_files_train_export_and_serve_two_heads_through_commands(tmp_path):
     assert stats["unknown_ids"]["ids"] < 0.05 * stats["ids"], stats
     for name in ("click", "buy"):
         np.testing.assert_allclose(got[name], own[name], rtol=1e-4, atol=1e-6)
+
+
+def test_a_value_head_is_served_as_it_is_and_never_corrected(tmp_path):
+    """In process (local tables): click, buy (binary) and dwell (a value)."""
+    from monolith_jax.serving import serving_ps as sps
+    from monolith_jax.serving.predictor import Predictor
+    from monolith_jax.sparse import space_ids
+    from tests import test_heads as th
+
+    trainer = th.trainer()
+    bs = th.batches(th.shop(512, 3))
+    for b in bs:
+        trainer.train_step(b)
+    export_model(trainer, str(tmp_path), negative_rate={"buy": 0.5, "dwell": 1.0}, max_batch=256)
+    state = sps.ServingTables(sps.tables_of_export(str(tmp_path)), dense_spec=sps.dense_spec_of_export(str(tmp_path)),
+                              heads=sps.heads_of_export(str(tmp_path)))
+    for name, t in trainer.tables.items():
+        state.tables[name].assign(*t.export("float32"))
+    with pytest.raises(ValueError, match=r"head_negative_rates\['dwell'\] is 0.5, but head 'dwell' is a value head"):
+        state._check_head_rates({"dwell": 0.5})
+    pred = Predictor(str(tmp_path), None, local=state)
+    try:
+        b = bs[0]
+        ids = {}
+        for f in trainer.features:
+            k, lens = b.ids[f.name].to_numpy(), np.asarray(b.lengths[f.name])
+            ids[f.source] = (space_ids(k[np.arange(k.shape[1])[None, :] < lens[:, None]], f.space), lens)
+        out = pred.predict_arrays(ids, None, 256)
+    finally:
+        pred.close()
+    own = trainer.predict(b)
+    assert out["negative_rates"] == {"click": 1.0, "buy": 0.5}   # no rate for a value head
+    np.testing.assert_allclose(out["scores"]["dwell"], own["dwell"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(out["scores"]["dwell"], out["outputs"]["dwell"])
+    np.testing.assert_allclose(out["scores"]["click"], own["click"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out["scores"]["buy"], jax.nn.sigmoid(out["outputs"]["buy"] + np.log(0.5)),
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(jax.nn.sigmoid(out["outputs"]["buy"]), own["buy"], rtol=1e-5, atol=1e-6)
