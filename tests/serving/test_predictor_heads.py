@@ -318,8 +318,16 @@ def test_a_value_head_is_served_as_it_is_and_never_corrected(tmp_path):
             k, lens = b.ids[f.name].to_numpy(), np.asarray(b.lengths[f.name])
             ids[f.source] = (space_ids(k[np.arange(k.shape[1])[None, :] < lens[:, None]], f.space), lens)
         out = pred.predict_arrays(ids, None, 256)
+        from monolith_jax.rpc.metrics import Metrics
+        from monolith_jax.serving.predictor import add_metrics
+
+        m = Metrics()
+        add_metrics(m, pred)
+        text = m.text()
     finally:
         pred.close()
+    assert 'monolith_head_negative_rate{head="buy"} 0.5' in text, text
+    assert 'monolith_head_score_sum_total{head="dwell"}' in text, text
     own = trainer.predict(b)
     assert out["negative_rates"] == {"click": 1.0, "buy": 0.5}   # no rate for a value head
     np.testing.assert_allclose(out["scores"]["dwell"], own["dwell"], rtol=1e-5, atol=1e-5)
