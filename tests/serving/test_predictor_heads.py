@@ -112,7 +112,8 @@ def test_export_records_the_heads_and_returns_each_output(tasks):
 
 def test_export_refuses_rates_that_do_not_fit_the_heads(tasks, tmp_path):
     trainer = tasks["trainer"]
-    for rates, expect in [({"nope": 0.5}, r"names \['nope'\], not heads of this model; its heads are \['click', 'buy'\]"),
+    for rates, expect in [({"nope": 0.5},
+                           r"names \['nope'\], not heads of this model; its heads are \['click', 'buy'\]"),
                           ({"buy": 0.0}, r"negative_rate\['buy'\] must be a number in \(0, 1\], got 0.0"),
                           ({"click": 1.5}, r"negative_rate\['click'\] must be a number in \(0, 1\]"),
                           (0.0, r"negative_rate must be a number in \(0, 1\]")]:
