@@ -34,7 +34,8 @@ The program's inputs are `(params, rows, lengths, dense)`:
 
 The program returns logits (B,) for a job without heads (one binary
 label) or whose heads are one binary head (served as before: one
-probability), and for a job with other heads (`monolith_jax.heads`) a dict
+probability; `spec["head"]` names it, so that a dense sync's rate given
+by head name reaches it), and for a job with other heads (`monolith_jax.heads`) a dict
 by head name of each head's raw output (B,): a logit for a binary head,
 the value for a value head, as the trainer's `_forward`. A predictor
 serves a binary head as sigmoid(logit + log(its negative rate)) (the
@@ -171,7 +172,7 @@ def export_model(trainer, directory: str, negative_rate: float | dict = 1.0, max
         negative_rate = check_rate(negative_rate, "negative_rate")
         head, heads, rates = (heads[0].name if one else None), None, None
     else:
-        rates = head_rates(heads, negative_rate)
+        head, rates = None, head_rates(heads, negative_rate)
     coll = trainer.collection
     leaves, treedef = jax.tree_util.tree_flatten(trainer.params)
     arrays = dense_arrays(trainer.params)
@@ -208,6 +209,8 @@ def export_model(trainer, directory: str, negative_rate: float | dict = 1.0, max
         "negative_rate": float(negative_rate) if heads is None else None,
         "max_batch": max_batch,
     }
+    if head is not None:   # a job of one binary head: served as one without heads, its name kept
+        spec["head"] = head
     if heads is not None:
         spec["heads"] = [{"name": h.name, "kind": h.kind, **({"negative_rate": rates[h.name]} if h.binary else {})}
                          for h in heads]

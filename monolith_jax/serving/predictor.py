@@ -227,20 +227,28 @@ class Predictor:
             self.dense_updated_s = time.monotonic()
             if self.heads is not None:
                 self.head_rates = rates
-            elif reply.negative_rate > 0:
-                self.negative_rate = float(reply.negative_rate)
+            elif rates is not None:
+                self.negative_rate = rates
             self.stats["dense_updates"] += 1
         return True
 
-    def _synced_rates(self, reply) -> dict | None:
-        """The per-head rates a dense set brings (None: a model without
-        heads); ValueError where they do not fit the heads."""
-        if self.heads is None:
-            if reply.head_negative_rates:
-                raise ValueError(f"head_negative_rates {sorted(reply.head_negative_rates)} are by head, but this "
-                                 f"model has no heads")
-            return None
-        return _hs.synced_rates(self.heads, reply.negative_rate, reply.head_negative_rates)
+    def _synced_rates(self, reply):
+        """The rates a dense set brings: per head for a model with heads;
+        else its one rate (None: not known; the rate of the one binary head
+        a job of one head names, `spec["head"]`, counts as it).
+        ValueError where they do not fit the heads."""
+        if self.heads is not None:
+            return _hs.synced_rates(self.heads, reply.negative_rate, reply.head_negative_rates)
+        rate = float(reply.negative_rate) if reply.negative_rate > 0 else None
+        if reply.head_negative_rates:
+            one = self.spec.get("head")
+            if one is None or set(reply.head_negative_rates) != {one}:
+                raise ValueError(f"head_negative_rates name {sorted(reply.head_negative_rates)}, but this model has "
+                                 f"no heads" + (f" but {one!r}" if one is not None else ""))
+            from monolith_jax.serving.export import check_rate
+
+            rate = check_rate(float(reply.head_negative_rates[one]), f"head_negative_rates[{one!r}]")
+        return rate
 
     def close(self) -> None:
         self._stop.set()

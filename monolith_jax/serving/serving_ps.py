@@ -598,8 +598,11 @@ def dense_spec_of_export(directory: str) -> dict:
 
 
 def heads_of_export(directory: str) -> list:
-    """An exported model's heads (its spec.json; [] for one without heads)."""
-    heads = _export_spec(directory).get("heads") or []
+    """An exported model's heads (its spec.json; [] for one without heads;
+    the one binary head of a job of one head, `spec["head"]`, as a head)."""
+    spec = _export_spec(directory)
+    heads = spec.get("heads") or ([{"name": spec["head"], "kind": "binary",
+                                    "negative_rate": spec.get("negative_rate") or 1.0}] if spec.get("head") else [])
     try:
         return [{"name": str(h["name"]), "kind": str(h["kind"]),
                  **({"negative_rate": float(h["negative_rate"])} if h["kind"] == "binary" else {})} for h in heads]

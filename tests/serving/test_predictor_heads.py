@@ -337,3 +337,43 @@ def test_a_value_head_is_served_as_it_is_and_never_corrected(tmp_path):
     np.testing.assert_allclose(out["scores"]["buy"], jax.nn.sigmoid(out["outputs"]["buy"] + np.log(0.5)),
                                rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(jax.nn.sigmoid(out["outputs"]["buy"]), own["buy"], rtol=1e-5, atol=1e-6)
+
+
+def test_a_job_of_one_binary_head_is_served_as_one_probability_its_rate_named_or_not(tmp_path):
+    """One declared binary head: the export is one logit, as before, and
+    names the head, so that a sync's rate given by head name reaches it."""
+    from monolith_jax.heads import Head
+    from monolith_jax.serving import serving_ps as sps
+    from monolith_jax.serving.predictor import Predictor
+    from monolith_jax.sparse import space_ids
+    from tests import test_heads as th
+
+    heads = (Head("click"),)
+    trainer = th.trainer(heads=heads)
+    bs = th.batches(th.shop(256, 4), heads=heads)
+    trainer.train_step(bs[0])
+    spec = export_model(trainer, str(tmp_path), negative_rate={"click": 0.5}, max_batch=256)
+    assert "heads" not in spec and spec["head"] == "click" and spec["negative_rate"] == 0.5
+    assert spec["format_version"] == 2
+    state = sps.ServingTables(sps.tables_of_export(str(tmp_path)), dense_spec=sps.dense_spec_of_export(str(tmp_path)),
+                              heads=sps.heads_of_export(str(tmp_path)))
+    for name, t in trainer.tables.items():
+        state.tables[name].assign(*t.export("float32"))
+    tensors = tensors_to_proto(dense_arrays(trainer.params))
+    with pytest.raises(ValueError, match=r"names \['buy'\], not heads of this model"):
+        state.push_dense(pb.DenseParams(trainer="t", tensors=tensors, head_negative_rates={"buy": 0.5}))
+    state.push_dense(pb.DenseParams(trainer="t", tensors=tensors, head_negative_rates={"click": 0.25}))
+    pred = Predictor(str(tmp_path), None, local=state)
+    try:
+        assert pred.refresh_dense() and pred.negative_rate == 0.25
+        b = bs[0]
+        ids = {}
+        for f in trainer.features:
+            k, lens = b.ids[f.name].to_numpy(), np.asarray(b.lengths[f.name])
+            ids[f.source] = (space_ids(k[np.arange(k.shape[1])[None, :] < lens[:, None]], f.space), lens)
+        out = pred.predict_arrays(ids, None, 256)
+    finally:
+        pred.close()
+    assert "scores" not in out and out["probabilities"].shape == (256,)
+    np.testing.assert_allclose(jax.nn.sigmoid(out["logits"]), trainer.predict(b)["click"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out["probabilities"], jax.nn.sigmoid(out["logits"] + np.log(0.25)), rtol=1e-5, atol=1e-6)
