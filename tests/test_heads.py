@@ -179,7 +179,7 @@ def test_monolith_train_runs_a_job_with_heads_from_files(tmp_path):
     assert epochs[-1]["heads"]["click"]["auc"] > 0.6
 
 
-def test_a_single_binary_head_exports_its_logit_and_several_heads_are_refused(tmp_path):
+def test_a_single_binary_head_exports_its_logit_and_several_heads_each_output(tmp_path):
     from monolith_jax.serving.export import export_model, load_exported
 
     one = trainer(heads=(Head("click"),))
@@ -190,5 +190,8 @@ def test_a_single_binary_head_exports_its_logit_and_several_heads_are_refused(tm
     rows = one.collection.find_host(b)
     logits = model([np.asarray(x) for x in jax.tree.leaves(one.params)], rows, b.lengths, b.dense)
     np.testing.assert_allclose(jax.nn.sigmoid(np.asarray(logits)), one.predict(b)["click"], rtol=1e-5, atol=1e-6)
-    with pytest.raises(ValueError, match=r"heads \['click', 'buy', 'dwell'\] cannot be exported yet"):
-        export_model(trainer(), str(tmp_path / "three"))
+    spec = export_model(trainer(), str(tmp_path / "three"), negative_rate={"buy": 0.5})
+    assert [(h["name"], h["kind"], h.get("negative_rate")) for h in spec["heads"]] == \
+        [("click", "binary", 1.0), ("buy", "binary", 0.5), ("dwell", "value", None)]
+    with pytest.raises(ValueError, match=r"negative_rate\['dwell'\] is 0.5, but head 'dwell' is a value head"):
+        export_model(trainer(), str(tmp_path / "four"), negative_rate={"dwell": 0.5})

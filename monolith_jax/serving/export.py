@@ -4,6 +4,10 @@
     model = load_exported("model/")       # no Flax module, no tables needed
     logits = model(model.params, rows, lengths, dense)
 
+    # a job with heads: every head's output, and a rate per sampled head
+    export_model(trainer, "model/", negative_rate={"click": 1.0, "buy": 0.25})
+    outputs = load_exported("model/")(params, rows, lengths, dense)   # {"click": (B,), "buy": (B,)}
+
 A folder holds:
 
     model.stablehlo   the forward pass (pooling + the Flax model -> logits),
@@ -13,7 +17,9 @@ A folder holds:
                       and dense ones (name, column, fill), the key scheme,
                       tables (dim, the features whose ids fill each table's
                       rows, in order), the dense params' names, shapes and
-                      dtypes, the negative rate
+                      dtypes, the negative rate; for a job with heads,
+                      the heads (name, kind, and the negative rate of each
+                      binary head)
     params.npz        the dense params at export (numpy, read with
                       allow_pickle=False)
 
@@ -25,6 +31,24 @@ The program's inputs are `(params, rows, lengths, dense)`:
              rows of each feature's ids side by side, zeros past `lengths`
     lengths  feature -> int32 (B,)
     dense    float32 (B, number of dense features)
+
+The program returns logits (B,) for a job without heads (one binary
+label) or whose heads are one binary head (served as before: one
+probability; `spec["head"]` names it, so that a dense sync's rate given
+by head name reaches it), and for a job with other heads (`monolith_jax.heads`) a dict
+by head name of each head's raw output (B,): a logit for a binary head,
+the value for a value head, as the trainer's `_forward`. A predictor
+serves a binary head as sigmoid(logit + log(its negative rate)) (the
+rate < 1 only where that head's negatives were sampled) and a value head
+as it is: a value is never corrected. `spec["heads"]`:
+
+    [{"name": "click", "kind": "binary", "negative_rate": 1.0},
+     {"name": "buy",   "kind": "binary", "negative_rate": 0.25},
+     {"name": "watch_s", "kind": "value"}]
+
+and `spec["negative_rate"]` is then None. Such an export is format 3
+(a reader of format 2 refuses it by its version, not by a wrong answer);
+an export of a job without heads stays format 2, as before.
 
 Nothing here is pickled; the spec is JSON and arrays are plain .npy data.
 
@@ -45,7 +69,8 @@ import jax.numpy as jnp
 import numpy as np
 
 FORMAT = "monolith_jax.serving.export"
-FORMAT_VERSION = 2   # 2: per-feature key spaces (id_space, key_scheme), dense fills
+FORMAT_VERSION = 3   # 2: per-feature key spaces (id_space, key_scheme), dense fills; 3: heads
+SINGLE_HEAD_VERSION = 2   # what an export of a job without heads is written as (unchanged)
 PLATFORMS = ("cpu", "cuda")
 
 
@@ -65,22 +90,89 @@ def _dense_spec(f) -> dict:
     return {"name": f.name, "column": f.column, "fill": f.fill}
 
 
-def export_model(trainer, directory: str, negative_rate: float = 1.0, max_batch: int = 1024,
+def check_rate(rate, what: str) -> float:
+    """A negative rate: a number in (0, 1]; a ValueError naming `what` otherwise."""
+    if isinstance(rate, bool) or not isinstance(rate, (int, float, np.floating, np.integer)) \
+            or not 0.0 < float(rate) <= 1.0:
+        raise ValueError(f"{what} must be a number in (0, 1], got {rate!r}")
+    return float(rate)
+
+
+def resolve_rates(heads: list, rates: dict, base: dict, what: str) -> dict:
+    """`base` ({binary head: rate}) with the per-head `rates` put in, each
+    checked: heads is [(name, kind)]; a name that is not a head, a rate
+    outside (0, 1], or a rate < 1 for a value head (a value is never
+    corrected) is a ValueError naming it."""
+    names = [n for n, _ in heads]
+    kinds = dict(heads)
+    unknown = sorted(str(k) for k in rates if k not in kinds)
+    if unknown:
+        raise ValueError(f"{what} names {unknown}, not heads of this model; its heads are {names}")
+    out = dict(base)
+    for name, rate in rates.items():
+        rate = check_rate(rate, f"{what}[{name!r}]")
+        if kinds[name] != "binary":
+            if rate != 1.0:
+                raise ValueError(f"{what}[{name!r}] is {rate}, but head {name!r} is a value head: its output is "
+                                 f"served as it is, never corrected for negative sampling")
+            continue
+        out[name] = rate
+    return out
+
+
+def head_rates(heads, negative_rate, what: str = "negative_rate") -> dict:
+    """{binary head name: rate} from one rate (every binary head) or a dict
+    by head name (heads left out: 1, not sampled); see `resolve_rates`."""
+    pairs = [(h.name, h.kind) for h in heads]
+    if not isinstance(negative_rate, dict):
+        rate = check_rate(negative_rate, what)
+        return {n: rate for n, k in pairs if k == "binary"}
+    return resolve_rates(pairs, negative_rate, {n: 1.0 for n, k in pairs if k == "binary"}, what)
+
+
+def spec_head_rates(spec_heads: list, rates: dict, what: str) -> dict:
+    """An export's binary heads' rates (`spec["heads"]`) with a dense
+    sync's per-head `rates` put in (heads not named keep the export's)."""
+    return resolve_rates([(h["name"], h["kind"]) for h in spec_heads], rates,
+                         {h["name"]: float(h["negative_rate"]) for h in spec_heads if h["kind"] == "binary"}, what)
+
+
+def job_negative_rates(job):
+    """The negative rate(s) an export of `job` is corrected by: {head: rate}
+    where the job's labels are per-head rules (a mapping head -> LabelRule
+    with `negative_rate`), else its one rule's rate, else 1."""
+    labels = getattr(job, "labels", None)
+    get = getattr(labels, "get", None)
+    if get is not None and callable(getattr(labels, "items", None)):
+        return {str(name): float(getattr(rule, "negative_rate", 1.0) or 1.0) for name, rule in labels.items()}
+    return float(getattr(labels, "negative_rate", 1.0) or 1.0)
+
+
+def export_model(trainer, directory: str, negative_rate: float | dict = 1.0, max_batch: int = 1024,
                  platforms=PLATFORMS) -> dict:
     """Writes the trainer's model (current dense params) to `directory`;
     returns the spec. `negative_rate`: the share of negatives the joiner
-    kept (the examples' sample_rate); serving adds log(rate) to the logit."""
+    kept (the examples' sample_rate); serving adds log(rate) to the logit.
+    For a job with heads: one rate for every binary head, or a dict
+    {head name: rate} (heads left out: 1, their negatives not sampled);
+    the export then returns every head's output (the module docstring)."""
     from monolith_jax.features import SparseBatch
     from monolith_jax.sparse.keys import KEY_SCHEME
 
-    if not 0.0 < negative_rate <= 1.0:
-        raise ValueError(f"negative_rate must be in (0, 1], got {negative_rate}")
     if not isinstance(max_batch, int) or max_batch < 1:
         raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
     heads = getattr(trainer, "heads", None)
-    if heads is not None and (len(heads) > 1 or not heads[0].binary):
-        raise ValueError(f"the export serves one probability per request; a model with heads "
-                         f"{[h.name for h in heads]} cannot be exported yet")
+    one = heads is not None and len(heads) == 1 and heads[0].binary
+    if heads is None or one:
+        if isinstance(negative_rate, dict):
+            if heads is None:
+                raise ValueError(f"negative_rate {negative_rate!r} is by head, but this model has no heads (one "
+                                 f"binary label): give one rate")
+            negative_rate = head_rates(heads, negative_rate)[heads[0].name]
+        negative_rate = check_rate(negative_rate, "negative_rate")
+        head, heads, rates = (heads[0].name if one else None), None, None
+    else:
+        head, rates = None, head_rates(heads, negative_rate)
     coll = trainer.collection
     leaves, treedef = jax.tree_util.tree_flatten(trainer.params)
     arrays = dense_arrays(trainer.params)
@@ -89,7 +181,9 @@ def export_model(trainer, directory: str, negative_rate: float = 1.0, max_batch:
         p = jax.tree_util.tree_unflatten(treedef, params)
         batch = SparseBatch(ids={}, lengths=lengths, dense=dense, labels=None, weights=None)
         out = trainer._forward(p, rows, batch)
-        return out[heads[0].name] if heads is not None else out
+        if heads is not None:
+            return {h.name: out[h.name] for h in heads}
+        return out[head] if head is not None else out
 
     b, = jax.export.symbolic_shape("b")
     used = {name: feats for name, feats in coll.by_table.items() if feats}
@@ -102,7 +196,8 @@ def export_model(trainer, directory: str, negative_rate: float = 1.0, max_batch:
     )
     exported = jax.export.export(jax.jit(logits), platforms=tuple(platforms))(*specs)
     spec = {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "jax_version": jax.__version__,
+        "format": FORMAT, "format_version": SINGLE_HEAD_VERSION if heads is None else FORMAT_VERSION,
+        "jax_version": jax.__version__,
         "platforms": list(exported.platforms),
         "features": [_feature_spec(f) for f in trainer.features],
         "dense_features": [_dense_spec(f) for f in trainer.dense_features],
@@ -111,9 +206,14 @@ def export_model(trainer, directory: str, negative_rate: float = 1.0, max_batch:
                           "unadmitted": "zeros"}
                    for name, feats in used.items()},
         "params": [{"name": n, "shape": list(a.shape), "dtype": a.dtype.name} for n, a in arrays.items()],
-        "negative_rate": float(negative_rate),
+        "negative_rate": float(negative_rate) if heads is None else None,
         "max_batch": max_batch,
     }
+    if head is not None:   # a job of one binary head: served as one without heads, its name kept
+        spec["head"] = head
+    if heads is not None:
+        spec["heads"] = [{"name": h.name, "kind": h.kind, **({"negative_rate": rates[h.name]} if h.binary else {})}
+                         for h in heads]
     os.makedirs(directory, exist_ok=True)
     # Written to temporary names, then renamed: a reader never sees half a model.
     parts = {"model.stablehlo": bytes(exported.serialize()),
@@ -130,7 +230,8 @@ def export_model(trainer, directory: str, negative_rate: float = 1.0, max_batch:
 
 @dataclasses.dataclass
 class ExportedModel:
-    """A loaded export: `model(params, rows, lengths, dense)` -> logits (B,)."""
+    """A loaded export: `model(params, rows, lengths, dense)` -> logits (B,),
+    or for an export with heads a dict by head name of their outputs (B,)."""
 
     spec: dict
     params: list
@@ -141,6 +242,11 @@ class ExportedModel:
 
     def __call__(self, params, rows: dict, lengths: dict, dense):
         return self._call(params, rows, lengths, dense)
+
+    @property
+    def heads(self) -> list | None:
+        """The spec's heads (name, kind, negative_rate of binary ones); None without heads."""
+        return self.spec.get("heads")
 
     @property
     def param_names(self) -> list:

@@ -1,10 +1,19 @@
-"""The predictor: features of a batch of requests -> probabilities.
+"""The predictor: features of a batch of requests -> probabilities (a score per head).
 
     monolith predictor --model DIR --serving-ps HOST:PORT [--port P]     # two hops: rows from a serving PS
     monolith predictor --model DIR --tables local [--snapshot-dir D]     # one hop: the rows in this process
 
     client = PredictorClient("127.0.0.1:P")
     client.predict([{"user": "user:42", "movie": "movie:Heat (1995)", "genres": []}, ...])  # -> probabilities
+    client.predict(requests)   # a model with heads: {"click": probabilities, "buy": probabilities, ...}
+
+A model with heads (`monolith_jax.heads`; its export records them) is
+served a score per head (`monolith_jax.serving.head_scores`): a binary
+head's probability, corrected for that head's own negative rate (only
+heads whose negatives were sampled, rate < 1, change), and a value head's
+value as it is. The reply carries them as `heads` (scores and the raw
+outputs, by head, in the export's order) and leaves `probabilities` and
+`logits` empty; a model without heads is answered as before.
 
 A request names each feature by its `source` (the feature's `column`,
 else its `name`), as files and stream messages do, and carries its raw
@@ -31,13 +40,14 @@ in one batched call to the serving PS (unique ids only) -> the rows, in the
 exported model's layout -> the exported dense model (`monolith_jax.serving.export`,
 no training code) -> logit -> plus log(negative rate): the examples kept
 only that share of negatives, so the model's odds are too high by 1/rate ->
-probability. Ids the serving PS does not hold read zeros (as in the
+probability (per binary head, with that head's rate, for a model with
+heads). Ids the serving PS does not hold read zeros (as in the
 trainer's own evaluation) and are counted, per request in the reply and per
 table in the stats.
 
 The dense params follow the trainer: a thread asks the serving PS every
 `dense_poll_s` whether newer ones were pushed and swaps them in between
-requests; the negative rate comes with them. The predictor starts on the
+requests; the negative rate (the per-head rates) comes with them. The predictor starts on the
 export's own params (`params.npz`); a set the serving PS holds that does
 not fit the export (names, shapes, dtypes) is refused once per version,
 counted (`dense_refused`), and the last good params go on serving; the log
@@ -65,6 +75,7 @@ import time
 import numpy as np
 
 from monolith_jax.rpc import wire
+from monolith_jax.serving import head_scores as _hs
 from monolith_jax.rpc.wire import (RequestError, array, channel, guard, run_until_signalled, start_server,
                                    tensors_from_proto)
 
@@ -134,7 +145,9 @@ class Predictor:
             self._layout[table] = (feats, start, int(meta["dim"]))
         self.n_dense = len(spec["dense_features"])
         self.max_batch = int(spec["max_batch"])
-        self.negative_rate = float(spec["negative_rate"])
+        self.heads = spec.get("heads")   # None: a model without heads (one probability)
+        self.negative_rate = float(spec["negative_rate"]) if self.heads is None else None
+        self.head_rates = _hs.export_rates(self.heads) if self.heads is not None else None
         self.params = [jax.device_put(p) for p in self.model.params]   # the export's: the last good ones
         self.dense_version = 0     # of the params in use (0: the export's)
         self._seen_version = 0     # the newest the serving PS showed, taken or refused
@@ -154,6 +167,8 @@ class Predictor:
                       "unknown_ids": {name: 0 for name in self.tables},
                       "looked_up": {name: 0 for name in self.tables},
                       "dense_filled": {f.name: 0 for f in self.dense_features if f.fill is not None}}
+        if self.heads is not None:   # per head: the sum of the scores served (/ predictions: their mean)
+            self.stats["head_score_sum"] = {h["name"]: 0.0 for h in self.heads}
         self._stop = threading.Event()
         self._thread = None
 
@@ -196,6 +211,7 @@ class Predictor:
             return False
         try:
             params = self.model.check_params(tensors_from_proto(reply.tensors))
+            rates = self._synced_rates(reply)
         except ValueError as err:  # RequestError too
             with self._lock:
                 self._seen_version = reply.version
@@ -209,10 +225,30 @@ class Predictor:
             self.params = params
             self.dense_version = self._seen_version = reply.version
             self.dense_updated_s = time.monotonic()
-            if reply.negative_rate > 0:
-                self.negative_rate = float(reply.negative_rate)
+            if self.heads is not None:
+                self.head_rates = rates
+            elif rates is not None:
+                self.negative_rate = rates
             self.stats["dense_updates"] += 1
         return True
+
+    def _synced_rates(self, reply):
+        """The rates a dense set brings: per head for a model with heads;
+        else its one rate (None: not known; the rate of the one binary head
+        a job of one head names, `spec["head"]`, counts as it).
+        ValueError where they do not fit the heads."""
+        if self.heads is not None:
+            return _hs.synced_rates(self.heads, reply.negative_rate, reply.head_negative_rates)
+        rate = float(reply.negative_rate) if reply.negative_rate > 0 else None
+        if reply.head_negative_rates:
+            one = self.spec.get("head")
+            if one is None or set(reply.head_negative_rates) != {one}:
+                raise ValueError(f"head_negative_rates name {sorted(reply.head_negative_rates)}, but this model has "
+                                 f"no heads" + (f" but {one!r}" if one is not None else ""))
+            from monolith_jax.serving.export import check_rate
+
+            rate = check_rate(float(reply.head_negative_rates[one]), f"head_negative_rates[{one!r}]")
+        return rate
 
     def close(self) -> None:
         self._stop.set()
@@ -275,7 +311,9 @@ class Predictor:
         """ids: source -> (flat uint64 raw ids, int32 lengths per request),
         every source the model reads (lengths 0: no ids). Returns
         probabilities, logits (the model's own) and unknown (ids per
-        request the serving PS lacks)."""
+        request the serving PS lacks); for a model with heads, also
+        scores, outputs and negative_rates (dicts by head name; the
+        module docstring), probabilities and logits then empty."""
         from monolith_jax.sparse.keys import fmix64
 
         import jax
@@ -337,14 +375,28 @@ class Predictor:
             lengths.setdefault(name, np.zeros(padded, np.int32))
         dense_p = dense if padded == b else np.concatenate([dense, np.zeros((padded - b, self.n_dense), np.float32)])
         with self._lock:
-            params, rate = self.params, self.negative_rate
+            params, rate, rates, version = self.params, self.negative_rate, self.head_rates, self.dense_version
+        if self.heads is not None:
+            scored = _hs.score(jax.device_get(self.model(params, rows, lengths, dense_p)), self.heads, rates, b)
+            with self._lock:
+                self._count(b, n_ids)
+                for name, (s, _) in scored.items():
+                    self.stats["head_score_sum"][name] += float(np.sum(s, dtype=np.float64))
+            empty = np.zeros(0, np.float32)
+            return {"probabilities": empty, "logits": empty, "unknown": unknown, "dense_version": version,
+                    "scores": {n: s for n, (s, _) in scored.items()},
+                    "outputs": {n: raw for n, (_, raw) in scored.items()}, "negative_rates": dict(rates)}
         logits = np.asarray(jax.device_get(self.model(params, rows, lengths, dense_p)))[:b].astype(np.float32)
         probs = (1.0 / (1.0 + np.exp(-(logits + np.log(rate))))).astype(np.float32)
         with self._lock:
-            self.stats["requests"] += 1
-            self.stats["predictions"] += b
-            self.stats["ids"] += n_ids
-        return {"probabilities": probs, "logits": logits, "unknown": unknown, "dense_version": self.dense_version}
+            self._count(b, n_ids)
+        return {"probabilities": probs, "logits": logits, "unknown": unknown, "dense_version": version}
+
+    def _count(self, b: int, n_ids: int) -> None:
+        """Under self._lock: one request of `b` served."""
+        self.stats["requests"] += 1
+        self.stats["predictions"] += b
+        self.stats["ids"] += n_ids
 
     def _lookup(self, table: str, keys: np.ndarray, dim: int):
         """Rows of `keys` from the local tables, or from the serving PS in
@@ -375,6 +427,8 @@ class Predictor:
             b = min(b * 2, self.max_batch)
         with self._lock:
             self.stats["requests"] = self.stats["predictions"] = 0
+            for name in self.stats.get("head_score_sum", {}):
+                self.stats["head_score_sum"][name] = 0.0
 
 
 def _source(feature_spec: dict) -> str:
@@ -416,14 +470,21 @@ def make_servicer(predictor: Predictor):
                 raise
             except grpc.RpcError as err:  # the serving PS
                 context.abort(grpc.StatusCode.UNAVAILABLE, f"serving PS lookup: {err.code().name}")
-            return pb.PredictReply(probabilities=out["probabilities"].tobytes(), logits=out["logits"].tobytes(),
-                                   unknown=out["unknown"].tobytes(), dense_version=out["dense_version"])
+            reply = pb.PredictReply(probabilities=out["probabilities"].tobytes(), logits=out["logits"].tobytes(),
+                                    unknown=out["unknown"].tobytes(), dense_version=out["dense_version"])
+            if predictor.heads is not None:
+                _hs.to_reply(reply, predictor.heads, {n: (out["scores"][n], out["outputs"][n]) for n in out["scores"]},
+                             out["negative_rates"])
+            return reply
 
         @guard
         def Info(self, request, context):
             with predictor._lock:
                 stats = json.dumps({**predictor.stats, "dense_version": predictor.dense_version,
-                                    "negative_rate": predictor.negative_rate})
+                                    "negative_rate": predictor.negative_rate,
+                                    **({"heads": [{**h, **({"negative_rate": predictor.head_rates[h["name"]]}
+                                                           if h["kind"] == "binary" else {})}
+                                                  for h in predictor.heads]} if predictor.heads is not None else {})})
             return pb.InfoReply(spec_json=json.dumps(predictor.spec), stats_json=stats)
 
     return Servicer()
@@ -452,6 +513,11 @@ def add_metrics(m, predictor: Predictor) -> None:
     m.gauge("monolith_dense_version", "version of the dense params served (0: the export's)",
             lambda: predictor.dense_version)
     m.counter("monolith_refusals", "requests and dense params refused, by reason", refusals, "reason")
+    if predictor.heads is not None:
+        m.counter("monolith_head_score_sum", "sum of the scores served, by head (/ monolith_predictions: their mean)",
+                  stat("head_score_sum"), "head")
+        m.gauge("monolith_head_negative_rate", "negative rate each binary head is corrected by (1: not sampled)",
+                lambda: dict(predictor.head_rates), "head")
 
 
 def serve(export_dir: str, serving_ps: str | None, port: int = 0, host: str = "127.0.0.1", workers: int = 8,
@@ -473,7 +539,7 @@ def serve(export_dir: str, serving_ps: str | None, port: int = 0, host: str = "1
         if serving_ps is not None:
             raise ValueError("local tables or a serving PS, not both")
         state = sps.ServingTables(sps.tables_of_export(export_dir), dense_spec=sps.dense_spec_of_export(export_dir),
-                                  limits=limits)
+                                  limits=limits, heads=sps.heads_of_export(export_dir))
         if snapshot_dir:
             step = state.load_snapshot(snapshot_dir)
             log.info("local serving tables from snapshot %s in %s", step, snapshot_dir)
@@ -538,16 +604,27 @@ class PredictorClient:
             req.sparse.add(feature=name, ids=np.ascontiguousarray(flat, np.uint64).tobytes(),
                            lengths=np.ascontiguousarray(lengths, np.int32).tobytes())
         reply = self._stub.Predict(req, timeout=self.timeout_s, wait_for_ready=True)
-        return {"probabilities": np.frombuffer(reply.probabilities, np.float32),
-                "logits": np.frombuffer(reply.logits, np.float32),
-                "unknown": np.frombuffer(reply.unknown, np.int32), "dense_version": reply.dense_version}
+        out = {"probabilities": np.frombuffer(reply.probabilities, np.float32),
+               "logits": np.frombuffer(reply.logits, np.float32),
+               "unknown": np.frombuffer(reply.unknown, np.int32), "dense_version": reply.dense_version}
+        if reply.heads:   # a model with heads: scores, outputs, negative_rates and kinds, by head
+            out.update(_hs.from_reply(reply, batch_size))
+        return out
 
-    def predict(self, requests: list) -> np.ndarray:
+    def predict(self, requests: list) -> np.ndarray | dict:
         """requests: dicts of source -> id or list of ids (`[]`: none), and
         dense source -> float. Every sparse feature must be there (a
         ValueError names the request and feature otherwise); a dense one
         left out (or None) is sent as NaN: filled if its feature has a
-        `fill`, else refused by the predictor. Returns probabilities."""
+        `fill`, else refused by the predictor. Returns probabilities; for
+        a model with heads, a dict by head name of their scores."""
+        out = self.predict_arrays(*self.encode(requests), len(requests))
+        return out["scores"] if "heads" in self.spec else out["probabilities"]
+
+    def encode(self, requests: list) -> tuple[dict, np.ndarray]:
+        """The dict requests of `predict` as `predict_arrays` takes them:
+        (ids by source, dense); for the whole reply (raw outputs, unknown
+        ids, the rates used): `predict_arrays(*client.encode(requests))`."""
         from monolith_jax.sparse.keys import hash_strings
 
         spec = self.spec
@@ -573,7 +650,7 @@ class PredictorClient:
         dense_sources = [d.get("column") or d["name"] for d in spec["dense_features"]]
         dense = np.asarray([[np.nan if r.get(n) is None else float(r[n]) for n in dense_sources] for r in requests],
                            np.float32).reshape(len(requests), len(dense_sources))
-        return self.predict_arrays(ids, dense, len(requests))["probabilities"]
+        return ids, dense
 
     def close(self) -> None:
         self._channel.close()
@@ -606,6 +683,8 @@ def main(argv=None) -> int:
                                         snapshot_dir=args.snapshot_dir)
     except (ValueError, OSError) as err:
         raise SystemExit(f"monolith predictor: {err}") from None
+    if predictor.heads is not None:
+        log.info("serving heads %s", _hs.describe(predictor.heads, predictor.head_rates))
     if predictor.metrics.port is not None:
         print(f"predictor metrics on http://127.0.0.1:{predictor.metrics.port}/metrics", flush=True)
     print(f"predictor listening on {args.host}:{port}", flush=True)

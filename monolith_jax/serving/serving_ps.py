@@ -29,7 +29,9 @@ naming it, and counted):
 - a lookup whose reply would pass the gRPC message limit is refused before
   anything is allocated (the error says how many keys fit);
 - dense params must match the model served: its export's names, shapes and
-  dtypes with `--model DIR`, else those of the first set accepted.
+  dtypes with `--model DIR`, else those of the first set accepted; their
+  per-head negative rates (a model with heads) must each be in (0, 1] and
+  name heads of the export (with `--model`), binary ones for rates < 1.
 
 Binds 127.0.0.1 unless told otherwise; another address needs an auth token
 (`monolith_jax.rpc.wire`).
@@ -140,9 +142,12 @@ class ServingTables:
 
     dense_spec: name -> (shape, dtype) the dense params must have (an
     export's spec, `dense_spec_of_export`); None: the first set accepted
-    fixes them."""
+    fixes them. heads: the export's `spec["heads"]` ([] for an export
+    without heads); None (no export known): per-head rates are checked
+    for their range only."""
 
-    def __init__(self, dims: dict, dense_spec: dict | None = None, limits: Limits | None = None):
+    def __init__(self, dims: dict, dense_spec: dict | None = None, limits: Limits | None = None,
+                 heads: list | None = None):
         self.dims = dict(dims)
         self.tables = {name: self._new(name) for name in self.dims}
         self.applied: dict = {}    # trainer -> last sequence applied
@@ -158,6 +163,7 @@ class ServingTables:
         self.dense = None          # the last DenseParams pushed, version set by this server
         self.dense_spec = dict(dense_spec) if dense_spec is not None else None
         self.dense_source = "its export's spec.json" if dense_spec is not None else None
+        self.heads = None if heads is None else list(heads)
         self.refusals: dict = {}   # reason -> count (requests refused, staged pushes dropped)
         self._count_lock = threading.Lock()
         self.started_s = time.monotonic()
@@ -417,6 +423,11 @@ class ServingTables:
             raise RequestError("dense push without tensors")
         if not 0.0 <= req.negative_rate <= 1.0:
             raise RequestError(f"negative_rate must be in [0, 1], got {req.negative_rate}")
+        try:
+            self._check_head_rates(dict(req.head_negative_rates))
+        except RequestError:
+            self.count("dense_bad_rates")
+            raise
         named = tensors_from_proto(req.tensors)
         with self._lock:
             if self.dense_spec is not None:
@@ -435,6 +446,27 @@ class ServingTables:
             self.dense = stored
             return stored.version
 
+    def _check_head_rates(self, rates: dict) -> None:
+        """A dense push's per-head negative rates: each in (0, 1], and heads
+        of the export served (binary ones for a rate < 1) when it is known."""
+        from monolith_jax.serving.export import check_rate, spec_head_rates
+
+        if not rates:
+            return
+        for name in rates:
+            wire.name(name, "a head's name in head_negative_rates")
+        try:
+            if self.heads is None:
+                for name, rate in rates.items():
+                    check_rate(rate, f"head_negative_rates[{name!r}]")
+            elif not self.heads:
+                raise ValueError(f"head_negative_rates {sorted(rates)} are by head, but the model served has no "
+                                 f"heads (one binary label): send negative_rate")
+            else:
+                spec_head_rates(self.heads, rates, "head_negative_rates")
+        except ValueError as err:
+            raise RequestError(str(err)) from None
+
     def get_dense(self, have: int):
         """The dense params, or only their version when `have` is it."""
         from monolith_jax.rpc import serving_pb2 as pb
@@ -444,7 +476,8 @@ class ServingTables:
         if dense is None:
             return pb.DenseParams()
         if dense.version == have:
-            return pb.DenseParams(version=have, trainer=dense.trainer, negative_rate=dense.negative_rate)
+            return pb.DenseParams(version=have, trainer=dense.trainer, negative_rate=dense.negative_rate,
+                                  head_negative_rates=dense.head_negative_rates)
         return dense
 
 
@@ -506,7 +539,7 @@ def add_metrics(m, state: ServingTables) -> None:
 
 def serve(dims: dict, port: int = 0, host: str = "127.0.0.1", workers: int = 8, snapshot_dir: str | None = None,
           *, security=None, metrics_port: int | None = None, limits: Limits | None = None,
-          dense_spec: dict | None = None):
+          dense_spec: dict | None = None, heads: list | None = None):
     """Starts the service (its tables first filled from the newest trainer
     snapshot in `snapshot_dir`, if given); returns (grpc server, bound port,
     state). `state.metrics` holds its metrics (served over HTTP on
@@ -514,7 +547,7 @@ def serve(dims: dict, port: int = 0, host: str = "127.0.0.1", workers: int = 8, 
     from monolith_jax.rpc import serving_pb2_grpc as pbg
     from monolith_jax.rpc.metrics import start as start_metrics
 
-    state = ServingTables(dims, dense_spec=dense_spec, limits=limits)
+    state = ServingTables(dims, dense_spec=dense_spec, limits=limits, heads=heads)
     if snapshot_dir:
         step = state.load_snapshot(snapshot_dir)
         log.info("serving tables from snapshot %s in %s", step, snapshot_dir)
@@ -564,6 +597,19 @@ def dense_spec_of_export(directory: str) -> dict:
         raise SystemExit(f"--model {directory}: not an exported model (spec.json params: {err!r})") from None
 
 
+def heads_of_export(directory: str) -> list:
+    """An exported model's heads (its spec.json; [] for one without heads;
+    the one binary head of a job of one head, `spec["head"]`, as a head)."""
+    spec = _export_spec(directory)
+    heads = spec.get("heads") or ([{"name": spec["head"], "kind": "binary",
+                                    "negative_rate": spec.get("negative_rate") or 1.0}] if spec.get("head") else [])
+    try:
+        return [{"name": str(h["name"]), "kind": str(h["kind"]),
+                 **({"negative_rate": float(h["negative_rate"])} if h["kind"] == "binary" else {})} for h in heads]
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise SystemExit(f"--model {directory}: not an exported model (spec.json heads: {err!r})") from None
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="monolith serving-ps", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -590,10 +636,12 @@ def main(argv=None) -> int:
     security = wire.security_from_args(args)
     dims = tables_of_export(args.model) if args.model else parse_tables(args.table)
     dense_spec = dense_spec_of_export(args.model) if args.model else None
+    heads = heads_of_export(args.model) if args.model else None
     limits = Limits(args.max_open_pushes, args.max_staged_bytes, args.stale_push_s)
     try:
         server, port, state = serve(dims, args.port, args.host, snapshot_dir=args.snapshot_dir, security=security,
-                                    metrics_port=args.metrics_port, limits=limits, dense_spec=dense_spec)
+                                    metrics_port=args.metrics_port, limits=limits, dense_spec=dense_spec,
+                                    heads=heads)
     except (ValueError, OSError) as err:
         raise SystemExit(f"monolith serving-ps: {err}") from None
     if state.metrics.port is not None:

@@ -36,7 +36,9 @@ snapshot of another model, of another run, or rows evicted since it, all
 end in a full copy.
 
 Dense params follow every `dense_interval_s` (given a `dense_source`: a
-callable returning (name -> array, negative rate)), and with every full
+callable returning (name -> array, negative rate), the rate one number
+(None: not known) or, for a model with heads, a dict {head name: rate},
+sent as the per-head rates), and with every full
 copy, so that a restarted server gets them back at once. A failed dense
 push is tried again at the next sparse tick.
 
@@ -134,8 +136,12 @@ class SyncPusher:
         from monolith_jax.rpc.wire import tensors_to_proto
 
         named, negative_rate = self.dense_source()
-        req = pb.DenseParams(trainer=self.trainer_id, tensors=tensors_to_proto(named),
-                             negative_rate=float(negative_rate or 0.0))
+        if isinstance(negative_rate, dict):   # by head
+            req = pb.DenseParams(trainer=self.trainer_id, tensors=tensors_to_proto(named),
+                                 head_negative_rates={str(k): float(v) for k, v in negative_rate.items()})
+        else:
+            req = pb.DenseParams(trainer=self.trainer_id, tensors=tensors_to_proto(named),
+                                 negative_rate=float(negative_rate or 0.0))
         try:
             self._stub.PushDense(req, timeout=self.timeout_s, wait_for_ready=True)
         except grpc.RpcError as err:
