@@ -73,8 +73,26 @@ class JoinConfig:
     emit_positives: str = "on_action"
     idle_partition_s: float = 2.0
     max_future_s: float = 86_400.0
+    labels: tuple = ()  # ((name, LabelRule), ...): several named labels (join_labels); then the four above unset
 
     def __post_init__(self):
+        import math
+
+        if self.labels:
+            from monolith_jax.stream.labels import check_rules
+
+            labels = self.labels.items() if hasattr(self.labels, "items") else self.labels
+            try:
+                rules = check_rules(dict(labels), "JoinConfig.labels")
+            except (TypeError, ValueError) as err:
+                raise ValueError(str(err)) from None
+            object.__setattr__(self, "labels", tuple(rules.items()))
+            single = [f for f, v, d in (("window_s", self.window_s, 300.0), ("positive_types",
+                      tuple(self.positive_types), ("click",)), ("min_value", self.min_value, -math.inf),
+                      ("negative_rate", self.negative_rate, 1.0)) if v != d]
+            if single:
+                raise ValueError(f"JoinConfig: {', '.join(single)} describe a single label; with labels= each "
+                                 "LabelRule gives its own")
         if self.emit_positives not in ("on_action", "at_window_end"):
             raise ValueError(f"emit_positives must be 'on_action' or 'at_window_end', got {self.emit_positives!r}")
         if not 0.0 < self.negative_rate <= 1.0:
@@ -96,6 +114,13 @@ _FLUSH = 2**64  # the watermark while flushing: above every int64 deadline
 
 
 class JoinState:
+    def __new__(cls, config: JoinConfig, *args, **kwargs):
+        if cls is JoinState and config.labels:  # several named labels: the multi-label join
+            from monolith_jax.stream.join_labels import MultiLabelJoinState
+
+            return object.__new__(MultiLabelJoinState)
+        return object.__new__(cls)
+
     def __init__(self, config: JoinConfig, emit: Callable[[str, bytes], None], spill_dir: str | None = None,
                  reject: Callable | None = None, clock: Callable[[], float] = time.time,
                  encode: Callable[[bytes, float, float, int], bytes] = encode_example):
@@ -280,6 +305,7 @@ class JoinState:
             del self._pending[rid]
             due.append((deadline, rid, entry[0], entry[1]))
         for row in self._store.pop_due(wm):
+            self._unpark(row)
             due.append((row[1], row[0], row[2], row[3]))
         due.sort(key=lambda d: d[0])
         for _, rid, tf, payload in due:
@@ -420,6 +446,13 @@ class JoinState:
         self._closed[rid] = (deadline, positive)
         heapq.heappush(self._closed_heap, (deadline, rid))
 
+    def _park(self, rid: str) -> tuple:
+        """What a spilled request keeps beside its row (the multi-label state)."""
+        return ()
+
+    def _unpark(self, row) -> None:
+        """A spilled request's row is back: its kept state too."""
+
     def _spill(self) -> None:
         target = int(self.cfg.max_in_memory * 0.9)
         rows = []
@@ -431,6 +464,6 @@ class JoinState:
                 continue
             del self._pending[rid]
             o = entry[2] or ("", -1, -1)
-            rows.append((rid, deadline, entry[0], entry[1], o[0], o[1], o[2]))
+            rows.append((rid, deadline, entry[0], entry[1], o[0], o[1], o[2], *self._park(rid)))
         self._store.put_many(rows)
         self.counts["spilled"] += len(rows)
