@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import math
 import os
 import sys
 from typing import Callable, Iterable, Mapping, Sequence
