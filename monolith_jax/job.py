@@ -22,6 +22,10 @@ it on the command line as `MODULE:NAME`, the way WSGI apps are named:
 
     $ monolith train --job my_job:job --data clicks.parquet --export model/
 
+A job with several heads labels each from the stream by its own rule:
+`labels={"click": mj.LabelRule(positive=("click",)), "buy":
+mj.LabelRule(positive=("buy",), given="click")}` (`monolith_jax.stream.labels`).
+
 `NAME` is a `Job` or a function of no arguments returning one. The module
 is imported with the current folder on `sys.path` (as WSGI servers do).
 """

@@ -44,6 +44,13 @@ Rules (times are event times, in ms):
 This is the reference; `native_join.NativeJoinState` decides the same way
 in C++ (the joiner's default), and the tests run both on the same streams.
 
+Several named labels (`JoinConfig(labels={name: LabelRule, ...})`, one per
+head of a multi-task job): `JoinState(config, ...)` is then a
+`join_labels.MultiLabelJoinState`, which keeps these event-time rules and
+decides each label by its own rule and window (`labels`), writing
+version-2 examples; the C++ join does not, so the joiner runs this one for
+such a config.
+
 `emit(request_id, example_bytes)` receives every example. `origin` values
 (topic, partition, offset) travel with what is pending so that the caller
 can commit only offsets whose messages are fully handled.
