@@ -161,9 +161,10 @@ class Job:
             for head, rule in rules.items():
                 if not set(self.log.actions) & set(rule.action_types):
                     # The replayer would send actions the joiner never counts for this label.
-                    what = f"label {head!r}'s action types" if head else "the label rule's positive types"
+                    what = (f"the action types {list(rule.action_types)} of label {head!r}" if head
+                            else f"the label rule's positive types {list(rule.action_types)}")
                     raise ValueError(f"job {self.name!r}: the log's actions {sorted(self.log.actions)} include "
-                                     f"none of {what} {list(rule.action_types)}")
+                                     f"none of {what}")
 
     def _check_labels(self) -> None:
         heads = [h.name for h in self.heads]
