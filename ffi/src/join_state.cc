@@ -4,6 +4,8 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
+#include <stdexcept>
 
 #include <nanobind/stl/string.h>
 
@@ -77,7 +79,15 @@ JoinCore::JoinCore(JoinRules rules, nb::object store, nb::object emit, nb::objec
       store_(std::move(store)),
       emit_(std::move(emit)),
       reject_(std::move(reject)),
-      watermark_(kNoTime) {}
+      watermark_(kNoTime) {
+  all_binary_ = Multi();
+  for (const LabelRuleC& r : rules_.labels) {
+    label_base_.push_back(label_counts_.size());
+    label_counts_.resize(label_counts_.size() + (r.binary ? 4 : 3), 0);
+    all_binary_ = all_binary_ && r.binary;
+  }
+  labels_overhead_ = LabelsOverhead();
+}
 
 int32_t JoinCore::Tp(nb::handle topic, int64_t partition) {
   // Keyed by the topic's text; a topic that is not a plain string (None,
@@ -209,6 +219,28 @@ void JoinCore::AddFeaturesRecord(const std::string& rid, int64_t t, nb::object p
     counts_[kDuplicates] += 1;
     return;
   }
+  if (Multi()) {
+    LabelState state(rules_.labels.size());
+    auto e = early_.find(rid);
+    bool had = false;
+    if (e != early_.end()) {
+      std::vector<Early> early = std::move(e->second);
+      early_.erase(e);
+      had = !early.empty();
+      std::stable_sort(early.begin(), early.end(), [](const Early& a, const Early& b) { return a.t < b.t; });
+      for (const Early& a : early) CountOutcome(TakeLabels(state, t, a.t, a.type, a.value));
+    }
+    if (had && !rules_.defer && Complete(state)) {
+      int64_t last = state[0].t;
+      for (const LState& x : state) last = std::max(last, x.t);
+      EmitLabels(rid, t, payload, state, Time(last));
+      return;
+    }
+    pending_[rid] = Pending{t, std::move(payload), o, std::move(state)};
+    pending_heap_.emplace(Time(t) + rules_.window, rid);
+    if (int64_t(pending_.size()) > rules_.max_in_memory) Spill();
+    return;
+  }
   auto e = early_.find(rid);
   if (e != early_.end()) {
     std::vector<Early> early = std::move(e->second);
@@ -234,7 +266,7 @@ void JoinCore::AddFeaturesRecord(const std::string& rid, int64_t t, nb::object p
     }
     if (emitted) return;
   }
-  pending_[rid] = Pending{t, std::move(payload), o};
+  pending_[rid] = Pending{t, std::move(payload), o, {}};
   pending_heap_.emplace(Time(t) + rules_.window, rid);
   if (int64_t(pending_.size()) > rules_.max_in_memory) Spill();
 }
@@ -247,6 +279,21 @@ void JoinCore::AddActionRecord(const std::string& rid, int64_t t, const std::str
   if (see) See(t, o);
   auto c = closed_.find(rid);
   if (c != closed_.end()) {
+    if (Multi()) {  // repeat if a label it makes was 1, late if one it makes was not
+      int outcome = 3;
+      for (size_t i = 0; i < rules_.labels.size(); ++i) {
+        const LabelRuleC& r = rules_.labels[i];
+        if (std::find(r.types.begin(), r.types.end(), type) == r.types.end()) continue;
+        if (r.binary && !(value >= r.min_value)) continue;
+        if ((c->second.second >> i) & 1) {
+          outcome = 1;
+          break;
+        }
+        outcome = 2;
+      }
+      CountOutcome(outcome);
+      return;
+    }
     if (Positive(type, value))
       counts_[c->second.second ? kRepeats : kLate] += 1;
     else
@@ -263,13 +310,28 @@ void JoinCore::AddActionRecord(const std::string& rid, int64_t t, const std::str
       back.tp = Tp(r[4], nb::cast<int64_t>(r[5]));
       back.off = nb::cast<int64_t>(r[6]);
       const int64_t tf = nb::cast<int64_t>(r[2]);
-      w = pending_.emplace(rid, Pending{tf, nb::borrow(r[3]), back}).first;  // back in memory until decided
+      LabelState state;
+      if (Multi()) state = r.size() > 7 ? LoadState(r[7]) : LabelState(rules_.labels.size());
+      w = pending_.emplace(rid, Pending{tf, nb::borrow(r[3]), back, std::move(state)}).first;  // back until decided
       pending_heap_.emplace(Time(tf) + rules_.window, rid);
     }
   }
   if (w == pending_.end()) {
     early_[rid].push_back(Early{t, type, value, o});
     early_heap_.emplace(Time(t), rid);
+    return;
+  }
+  if (Multi()) {
+    CountOutcome(TakeLabels(w->second.state, w->second.t, t, type, value));
+    if (!rules_.defer && Complete(w->second.state)) {
+      const int64_t tf = w->second.t;
+      nb::object payload = std::move(w->second.payload);
+      LabelState state = std::move(w->second.state);
+      pending_.erase(w);
+      int64_t last = state[0].t;
+      for (const LState& x : state) last = std::max(last, x.t);
+      EmitLabels(rid, tf, payload, state, Time(last));
+    }
     return;
   }
   if (!Positive(type, value)) {
@@ -324,6 +386,7 @@ int64_t JoinCore::Advance() {
     std::string rid;
     int64_t tf;
     nb::object payload;
+    LabelState state;
   };
   std::vector<Due> due;
   while (!pending_heap_.empty() && pending_heap_.top().first < wm) {
@@ -331,19 +394,27 @@ int64_t JoinCore::Advance() {
     pending_heap_.pop();
     auto it = pending_.find(top.second);
     if (it == pending_.end() || Time(it->second.t) + rules_.window != top.first) continue;  // emitted, or spilled
-    due.push_back(Due{top.first, top.second, it->second.t, std::move(it->second.payload)});
+    due.push_back(Due{top.first, top.second, it->second.t, std::move(it->second.payload),
+                      std::move(it->second.state)});
     pending_.erase(it);
   }
   if (StoreSize()) {
     nb::object rows = store_.attr("pop_due")(PyInt(wm));
     for (nb::handle row : rows) {
       nb::tuple r = nb::borrow<nb::tuple>(row);
+      LabelState state;
+      if (Multi()) state = r.size() > 7 ? LoadState(r[7]) : LabelState(rules_.labels.size());
       due.push_back(Due{Time(nb::cast<int64_t>(r[1])), nb::cast<std::string>(r[0]), nb::cast<int64_t>(r[2]),
-                        nb::borrow(r[3])});
+                        nb::borrow(r[3]), std::move(state)});
     }
   }
   std::stable_sort(due.begin(), due.end(), [](const Due& a, const Due& b) { return a.deadline < b.deadline; });
-  for (Due& d : due) Finalize(d.rid, d.tf, d.payload);
+  for (Due& d : due) {
+    if (Multi())
+      EmitLabels(d.rid, d.tf, d.payload, d.state, Time(d.tf) + rules_.window);
+    else
+      Finalize(d.rid, d.tf, d.payload);
+  }
   const int64_t done = int64_t(due.size());
   while (!early_heap_.empty() && early_heap_.top().first + rules_.window < wm) {
     std::string rid = early_heap_.top().second;
@@ -462,7 +533,7 @@ void JoinCore::Emit(const std::string& rid, nb::handle payload, float label, flo
 
 void JoinCore::EmitPositive(const std::string& rid, int64_t tf, nb::handle payload, int64_t ta) {
   counts_[kPositives] += 1;
-  Close(rid, Time(tf) + rules_.window, true);
+  Close(rid, Time(tf) + rules_.window, 1);
   Emit(rid, payload, 1.0f, 1.0f, Time(ta));
 }
 
@@ -476,7 +547,7 @@ void JoinCore::Finalize(const std::string& rid, int64_t tf, nb::handle payload) 
       return;
     }
   }
-  Close(rid, Time(tf) + rules_.window, false);
+  Close(rid, Time(tf) + rules_.window, 0);
   if (rules_.threshold >= (uint64_t(1) << 32) ||
       Crc32(reinterpret_cast<const uint8_t*>(rid.data()), rid.size(), rules_.seed_crc) < rules_.threshold) {
     counts_[kNegatives] += 1;
@@ -486,7 +557,7 @@ void JoinCore::Finalize(const std::string& rid, int64_t tf, nb::handle payload) 
   }
 }
 
-void JoinCore::Close(const std::string& rid, Time deadline, bool positive) {
+void JoinCore::Close(const std::string& rid, Time deadline, uint64_t positive) {
   closed_[rid] = {deadline, positive};
   closed_heap_.emplace(deadline, rid);
 }
@@ -503,13 +574,188 @@ void JoinCore::Spill() {
     const Origin& o = it->second.origin;
     nb::object topic = o.tp < 0 ? nb::object(nb::str("")) : nb::object(tp_keys_[size_t(o.tp)][0]);
     nb::object part = o.tp < 0 ? nb::object(nb::int_(-1)) : nb::object(tp_keys_[size_t(o.tp)][1]);
-    rows.append(nb::make_tuple(nb::str(top.second.data(), top.second.size()), PyInt(top.first), it->second.t,
-                               it->second.payload, topic, part, o.tp < 0 ? int64_t(-1) : o.off));
+    nb::str rid(top.second.data(), top.second.size());
+    const int64_t off = o.tp < 0 ? int64_t(-1) : o.off;
+    if (Multi())
+      rows.append(nb::make_tuple(rid, PyInt(top.first), it->second.t, it->second.payload, topic, part, off,
+                                 DumpState(it->second.state)));
+    else
+      rows.append(nb::make_tuple(rid, PyInt(top.first), it->second.t, it->second.payload, topic, part, off));
     pending_.erase(it);
     ++n;
   }
   store_.attr("put_many")(rows);
   counts_[kSpilled] += n;
+}
+
+// ---------------------------------------------------------- multi-label join
+
+int JoinCore::TakeLabels(LabelState& s, int64_t tf, int64_t ta, std::string_view type, double value) const {
+  bool used = false, repeat = false, late = false;
+  for (size_t i = 0; i < rules_.labels.size(); ++i) {
+    const LabelRuleC& r = rules_.labels[i];
+    if (std::find(r.types.begin(), r.types.end(), type) == r.types.end()) continue;
+    if (r.binary && !(value >= r.min_value)) continue;
+    if (Time(ta) - tf > r.window) {
+      late = true;
+      continue;
+    }
+    LState& x = s[i];
+    (x.set ? repeat : used) = true;
+    if (!x.set || ta < x.t) {
+      x.set = true;
+      x.t = ta;
+      x.value = value;
+    }
+  }
+  return used ? 0 : repeat ? 1 : late ? 2 : 3;
+}
+
+void JoinCore::CountOutcome(int outcome) {
+  if (outcome == 1) counts_[kRepeats] += 1;
+  if (outcome == 2) counts_[kLate] += 1;
+  if (outcome == 3) counts_[kOther] += 1;
+}
+
+bool JoinCore::Complete(const LabelState& s) const {
+  if (!all_binary_) return false;
+  for (const LState& x : s)
+    if (!x.set) return false;
+  return true;
+}
+
+uint64_t JoinCore::PositiveMask(const LabelState& s) const {
+  uint64_t mask = 0;
+  for (size_t i = 0; i < s.size(); ++i)
+    if (rules_.labels[i].binary && s[i].set) mask |= uint64_t(1) << i;
+  return mask;
+}
+
+namespace {
+void PutVarint(std::string* out, uint64_t v) {
+  do {
+    uint8_t b = v & 0x7f;
+    v >>= 7;
+    out->push_back(char(v ? (b | 0x80) : b));
+  } while (v);
+}
+size_t VarintLen(uint64_t v) {
+  size_t n = 1;
+  while (v >>= 7) ++n;
+  return n;
+}
+void PutFloat(std::string* out, float f) {
+  char buf[4];
+  std::memcpy(buf, &f, 4);
+  out->append(buf, 4);
+}
+size_t LabelBody(size_t name, bool undefined) { return 1 + VarintLen(name) + name + 5 + 5 + (undefined ? 2 : 0); }
+}  // namespace
+
+int64_t JoinCore::LabelsOverhead() const {
+  int64_t n = 0;
+  for (const LabelRuleC& r : rules_.labels) {
+    const size_t body = LabelBody(r.name.size(), true);
+    n += int64_t(1 + VarintLen(body) + body);
+  }
+  return n;
+}
+
+void JoinCore::EmitLabels(const std::string& rid, int64_t tf, nb::handle payload, const LabelState& s,
+                          Time label_time) {
+  Close(rid, Time(tf) + rules_.window, PositiveMask(s));
+  const size_t n = rules_.labels.size();
+  std::vector<float> value(n, 0.0f), rate(n, 1.0f);
+  std::vector<char> undefined(n, 0), one(n, 0);
+  bool any_one = false, all_undefined = true;
+  for (int32_t i : rules_.order) {
+    const LabelRuleC& r = rules_.labels[size_t(i)];
+    const LState& x = s[size_t(i)];
+    const size_t b = label_base_[size_t(i)];
+    if (r.given >= 0 && !one[size_t(r.given)]) {
+      undefined[i] = 1;
+      label_counts_[b + (r.binary ? 3 : 2)] += 1;
+    } else if (r.binary) {
+      if (x.set) {
+        value[i] = 1.0f;
+        one[i] = 1;
+        any_one = true;
+        label_counts_[b] += 1;
+      } else {
+        uint32_t h = Crc32(reinterpret_cast<const uint8_t*>(rid.data()), rid.size(), rules_.seed_crc);
+        h = Crc32(reinterpret_cast<const uint8_t*>("\0"), 1, h);
+        h = Crc32(reinterpret_cast<const uint8_t*>(r.name.data()), r.name.size(), h);
+        if (r.threshold >= (uint64_t(1) << 32) || h < r.threshold) {
+          rate[i] = r.negative_rate;
+          label_counts_[b + 1] += 1;
+        } else {
+          undefined[i] = 1;
+          label_counts_[b + 2] += 1;
+          label_counts_[b + 3] += 1;
+        }
+      }
+    } else if (x.set) {
+      value[i] = float(x.value);
+      label_counts_[b] += 1;
+    } else if (r.has_default) {
+      value[i] = float(r.default_value);
+      label_counts_[b + 1] += 1;
+    } else {
+      undefined[i] = 1;
+      label_counts_[b + 2] += 1;
+    }
+    all_undefined = all_undefined && undefined[i];
+  }
+  if (all_undefined) {
+    counts_[kSampledOut] += 1;
+    return;
+  }
+  counts_[any_one ? kPositives : kNegatives] += 1;
+  nb::bytes p = nb::borrow<nb::bytes>(payload);
+  scratch_.clear();
+  scratch_.append("\x08\x02\x12", 3);
+  PutVarint(&scratch_, p.size());
+  scratch_.append(p.c_str(), p.size());
+  scratch_.push_back('\x28');
+  PutVarint(&scratch_, uint64_t((unsigned __int128)label_time));  // mod 2^64, as protobuf writes an int64
+  for (size_t i = 0; i < n; ++i) {
+    const std::string& name = rules_.labels[i].name;
+    scratch_.push_back('\x32');
+    PutVarint(&scratch_, LabelBody(name.size(), undefined[i]));
+    scratch_.push_back('\x0a');
+    PutVarint(&scratch_, name.size());
+    scratch_.append(name);
+    scratch_.push_back('\x15');
+    PutFloat(&scratch_, value[i]);
+    scratch_.push_back('\x1d');
+    PutFloat(&scratch_, rate[i]);
+    if (undefined[i]) scratch_.append("\x20\x01", 2);
+  }
+  emit_(nb::str(rid.data(), rid.size()), nb::bytes(scratch_.data(), scratch_.size()));
+}
+
+nb::bytes JoinCore::DumpState(const LabelState& s) const {
+  std::string out;
+  for (const LState& x : s) {
+    out.push_back(char(x.set));
+    out.append(reinterpret_cast<const char*>(&x.t), 8);
+    out.append(reinterpret_cast<const char*>(&x.value), 8);
+  }
+  return nb::bytes(out.data(), out.size());
+}
+
+JoinCore::LabelState JoinCore::LoadState(nb::handle text) const {
+  LabelState s(rules_.labels.size());
+  if (!nb::isinstance<nb::bytes>(text)) throw std::runtime_error("spilled label state is not bytes");
+  nb::bytes b = nb::borrow<nb::bytes>(text);
+  const char* d = b.c_str();
+  if (b.size() != s.size() * 17) throw std::runtime_error("spilled label state of another size");
+  for (size_t i = 0; i < s.size(); ++i, d += 17) {
+    s[i].set = d[0] != 0;
+    std::memcpy(&s[i].t, d + 1, 8);
+    std::memcpy(&s[i].value, d + 9, 8);
+  }
+  return s;
 }
 
 }  // namespace monolith
