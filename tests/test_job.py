@@ -98,9 +98,9 @@ def test_the_joiner_takes_a_multi_head_jobs_rules_or_label_flags():
     p = argparse.ArgumentParser()
     add_join_args(p)
     config = config_from_args(p.parse_args([]), shop_tasks.job)
-    assert dict(config.labels) == shop_tasks.LABELS and pick_codec(config, None) == "python"
-    with pytest.raises(ValueError, match="--codec native joins one label"):
-        pick_codec(config, "native")
+    assert dict(config.labels) == shop_tasks.LABELS and pick_codec(config, None) == "native"
+    with pytest.raises(ValueError, match="codec must be one of native, python"):
+        pick_codec(config, "rust")
     with pytest.raises(ValueError, match="--window describe a single label"):
         config_from_args(p.parse_args(["--window", "60"]), shop_tasks.job)
     flags = config_from_args(p.parse_args(["--label", "click:positive=click,window=60,rate=0.5",

@@ -27,7 +27,8 @@ window it counts in (or for an emitted request, for a label that was not
 1), `other` when no label reads it.
 
 A spilled request keeps its label state in the spill store beside its row.
-This join runs in Python only; the joiner picks it for a multi-label config.
+`native_join.NativeJoinState` decides the same way in C++ (for the same
+config), and the tests run both on the same streams.
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ class MultiLabelJoinState(JoinState):
             row = self._store.take(rid)
             if row is not None:
                 self.counts["unspilled"] += 1
-                self._unpark(row)
+                self._state[rid] = self._kept(rid, row)
                 waiting = (row[2], row[3], (row[4], row[5], row[6]))
                 self._pending[rid] = waiting
                 heapq.heappush(self._pending_heap, (row[2] + self.window, rid))
@@ -105,9 +106,8 @@ class MultiLabelJoinState(JoinState):
             self.counts[{"repeat": "repeat_actions", "late": "late_actions", "other": "other_actions"}[outcome]] += 1
 
     # ---------------------------------------------------------- deciding
-    def _finalize(self, rid, tf, payload):
-        state = self._state.pop(rid, None) or self.labeller.new()
-        self._emit(rid, tf, payload, state, tf + self.window)
+    def _finalize(self, rid, tf, payload, kept=None):
+        self._emit(rid, tf, payload, kept if kept is not None else self.labeller.new(), tf + self.window)
 
     def _emit(self, rid, tf, payload, state, label_ms):
         self._close(rid, tf + self.window, self.labeller.positives(state))
@@ -122,8 +122,10 @@ class MultiLabelJoinState(JoinState):
     def _park(self, rid):
         return (self.labeller.dumps(self._state.pop(rid)),)
 
-    def _unpark(self, row):
-        self._state[row[0]] = self.labeller.loads(row[7]) if len(row) > 7 and row[7] else self.labeller.new()
+    def _kept(self, rid, row=None):
+        if row is None:
+            return self._state.pop(rid, None)
+        return self.labeller.loads(row[7]) if len(row) > 7 and row[7] else self.labeller.new()
 
     def drop_partitions(self, tps):
         n = super().drop_partitions(tps)

@@ -48,8 +48,7 @@ Several named labels (`JoinConfig(labels={name: LabelRule, ...})`, one per
 head of a multi-task job): `JoinState(config, ...)` is then a
 `join_labels.MultiLabelJoinState`, which keeps these event-time rules and
 decides each label by its own rule and window (`labels`), writing
-version-2 examples; the C++ join does not, so the joiner runs this one for
-such a config.
+version-2 examples; `NativeJoinState` does the same for such a config.
 
 `emit(request_id, example_bytes)` receives every example. `origin` values
 (topic, partition, offset) travel with what is pending so that the caller
@@ -302,7 +301,7 @@ class JoinState:
         if self._part_max and self.watermark < _FLUSH:
             self.watermark = max(self.watermark, self._low_time() - self.lateness)
         wm = self.watermark
-        due = []  # (deadline, rid, event_ms, payload), from memory and disk, decided in deadline order
+        due = []  # (deadline, rid, event_ms, payload, kept state), from memory and disk, in deadline order
         heap = self._pending_heap
         while heap and heap[0][0] < wm:
             deadline, rid = heapq.heappop(heap)
@@ -310,13 +309,12 @@ class JoinState:
             if entry is None or entry[0] + self.window != deadline:
                 continue  # emitted as a positive, or spilled
             del self._pending[rid]
-            due.append((deadline, rid, entry[0], entry[1]))
+            due.append((deadline, rid, entry[0], entry[1], self._kept(rid)))
         for row in self._store.pop_due(wm):
-            self._unpark(row)
-            due.append((row[1], row[0], row[2], row[3]))
+            due.append((row[1], row[0], row[2], row[3], self._kept(row[0], row)))
         due.sort(key=lambda d: d[0])
-        for _, rid, tf, payload in due:
-            self._finalize(rid, tf, payload)
+        for _, rid, tf, payload, kept in due:
+            self._finalize(rid, tf, payload, kept)
         done = len(due)
         eh = self._early_heap
         while eh and eh[0][0] + self.window < wm:
@@ -437,7 +435,7 @@ class JoinState:
         self._close(rid, tf + self.window, True)
         self.emit(rid, self._encode(payload, 1.0, 1.0, ta))
 
-    def _finalize(self, rid: str, tf: int, payload: bytes) -> None:
+    def _finalize(self, rid: str, tf: int, payload: bytes, kept=None) -> None:
         ta = self._marked.pop(rid, None) if self._marked else None
         if ta is not None:
             self._emit_positive(rid, tf, payload, ta)
@@ -457,8 +455,10 @@ class JoinState:
         """What a spilled request keeps beside its row (the multi-label state)."""
         return ()
 
-    def _unpark(self, row) -> None:
-        """A spilled request's row is back: its kept state too."""
+    def _kept(self, rid: str, row=None):
+        """The state kept beside a request being decided (in memory, or in
+        its spilled row): none here; the multi-label join's label state."""
+        return None
 
     def _spill(self) -> None:
         target = int(self.cfg.max_in_memory * 0.9)

@@ -39,9 +39,8 @@ Labels: a single-label job's `LabelRule` (or --positive, --window, ...)
 gives each example one binary label. A job with heads gives one named
 label per head (`Job.labels`, a rule per head), as do repeated `--label
 NAME:RULE` flags (`monolith_jax.stream.labels`; they replace the job's):
-each example then carries one `Label` per rule (version 2, `join_labels`).
-The C++ join writes one label, so such a config is joined by the Python
-join state (`--codec` left out; an explicit `--codec native` is refused).
+each example then carries one `Label` per rule (version 2, `join_labels`;
+the C++ join decides them the same way).
 
 Examples leave in groups (ExampleBatch) bound for one partition, of at most
 `--group-size` examples and at most the producer's `message.max.bytes`
@@ -198,8 +197,7 @@ class Joiner:
         (`native_join`; a message it cannot read goes to the protobuf
         reference), "python" does it all with the reference (`JoinState`,
         `parse_features`); both give the same examples, counts and dead
-        letters. None (the default): "native", except for a multi-label
-        config (`JoinConfig.labels`), which only the reference joins."""
+        letters. None (the default): "native"."""
         from confluent_kafka import Consumer, Producer
 
         codec = pick_codec(config, codec)
@@ -393,18 +391,10 @@ class Joiner:
 
 
 def pick_codec(config: JoinConfig, codec: str | None) -> str:
-    """The codec a config runs with: `codec` if given, else "native";
-    a multi-label config runs with "python" (the C++ join writes one label)."""
+    """The codec a config runs with: `codec` if given, else "native" (both
+    join named labels, `JoinConfig.labels`, the same way)."""
     if codec is not None and codec not in CODECS:
         raise ValueError(f"codec must be one of {', '.join(CODECS)}, got {codec!r}")
-    if config.labels:
-        if codec == "native":
-            raise ValueError(f"--codec native joins one label; the labels {[n for n, _ in config.labels]} are "
-                             "joined by the Python join state: leave --codec out, or give --codec python")
-        if codec is None:
-            log.info("joining %d named labels (%s) with the Python join state: the C++ one writes one label",
-                     len(config.labels), ", ".join(n for n, _ in config.labels))
-        return "python"
     return codec or "native"
 
 
@@ -531,7 +521,7 @@ def main(argv=None) -> int:
     p.add_argument("--group-size", type=int, default=64, help="examples per Kafka value (1: plain Examples)")
     p.add_argument("--codec", choices=CODECS, default=None,
                    help="read messages and write examples in C++, or with the protobuf reference alone "
-                        "(unset: native, or python for named labels, which the C++ join does not write)")
+                        "(default: native)")
     for name, default in K.TOPICS.items():
         p.add_argument(f"--topic-{name.replace('_', '-')}", default=default, help=f"the {name} topic")
     add_join_args(p)

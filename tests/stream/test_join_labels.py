@@ -1,7 +1,8 @@
 """The multi-label join (`JoinConfig(labels=...)`) against a reference written
 here: a dict of request -> actions, each label computed by its rule, on
-random, shuffled, delayed streams; and through the real processes, replay
--> join, for the two-objective shop job."""
+random, shuffled, delayed streams, in Python and in C++ (and the two against
+each other through the joiner's batch path); and through the real
+processes, replay -> join, for the two-objective shop job."""
 
 import json
 import math
@@ -17,6 +18,7 @@ from monolith_jax.job import LabelRule
 from monolith_jax.stream.join_state import JoinConfig, JoinState
 from monolith_jax.stream.labels import parse_label_arg, rules_from_args
 from monolith_jax.stream.messages import encode_features, parse_example
+from monolith_jax.stream.native_join import NativeJoinState
 
 RULES = {
     "click": LabelRule(positive=("click",), window_s=60, negative_rate=0.5),
@@ -93,9 +95,9 @@ def f32(x):
     return float(np.float32(x))
 
 
-def run(config, events, payload=True):
+def run(config, events, cls=JoinState):
     out = []
-    state = JoinState(config, lambda rid, ex: out.append((rid, ex)))
+    state = cls(config, lambda rid, ex: out.append((rid, ex)))
     try:
         for k, (t, kind, rid, atype, value) in enumerate(events):
             if kind == "f":
@@ -114,15 +116,16 @@ def labels_of(ex):
     return {lab.name: (lab.value, lab.sample_rate or 1.0, lab.undefined) for lab in ex.labels}
 
 
+@pytest.mark.parametrize("cls", [JoinState, NativeJoinState], ids=["python", "native"])
 @pytest.mark.parametrize("rules", ["all", "sparse"])
 @pytest.mark.parametrize("emit_positives", ["on_action", "at_window_end"])
 @pytest.mark.parametrize("max_in_memory", [1_000_000, 30])
-def test_labels_match_the_reference_on_shuffled_delayed_streams(emit_positives, max_in_memory, rules):
+def test_labels_match_the_reference_on_shuffled_delayed_streams(emit_positives, max_in_memory, rules, cls):
     sparse = rules == "sparse"
     rules = SPARSE_RULES if sparse else RULES
     events, truth = make_stream(1500, 60_000, 5_000, seed=max_in_memory % 7 + sparse)
     config = JoinConfig(lateness_s=5, labels=rules, max_in_memory=max_in_memory, emit_positives=emit_positives)
-    out, counts = run(config, events)
+    out, counts = run(config, events, cls)
     rids = [rid for rid, _ in out]
     assert len(rids) == len(set(rids)), "each request at most once"
     ref = {rid: reference_labels(rid, tf, acts, rules) for rid, (tf, acts) in truth.items()}
@@ -165,10 +168,11 @@ def test_negative_rates_are_carried_per_label_and_sampling_is_stable():
     assert 0.1 < out_of_click < 0.6
 
 
-def test_a_request_waits_for_its_longest_window_and_each_label_counts_its_own():
+@pytest.mark.parametrize("cls", [JoinState, NativeJoinState], ids=["python", "native"])
+def test_a_request_waits_for_its_longest_window_and_each_label_counts_its_own(cls):
     rules = {"click": LabelRule(positive=("click",), window_s=10), "buy": LabelRule(positive=("buy",), window_s=100)}
     out = []
-    state = JoinState(JoinConfig(lateness_s=0, labels=rules), lambda rid, ex: out.append(parse_example(ex)))
+    state = cls(JoinConfig(lateness_s=0, labels=rules), lambda rid, ex: out.append(parse_example(ex)))
     state.add_features("r", 0, encode_features("r", 0, {"user": [1]}))
     state.add_action("r", 50_000, "click", 1.0)   # past click's 10 s: late for it
     state.add_action("r", 60_000, "buy", 1.0)     # within buy's 100 s
@@ -182,10 +186,11 @@ def test_a_request_waits_for_its_longest_window_and_each_label_counts_its_own():
     assert state.counts["late_actions"] == 1 and state.counts["buy:positives"] == 1
 
 
-def test_on_action_an_example_leaves_once_every_label_is_one():
+@pytest.mark.parametrize("cls", [JoinState, NativeJoinState], ids=["python", "native"])
+def test_on_action_an_example_leaves_once_every_label_is_one(cls):
     rules = {"click": LabelRule(positive=("click",)), "buy": LabelRule(positive=("buy",), given="click")}
     out = []
-    state = JoinState(JoinConfig(lateness_s=0, labels=rules), lambda rid, ex: out.append(parse_example(ex)))
+    state = cls(JoinConfig(lateness_s=0, labels=rules), lambda rid, ex: out.append(parse_example(ex)))
     state.add_action("r", 5, "click", 1.0)           # before its features
     state.add_features("r", 0, encode_features("r", 0, {"user": [1]}))
     assert out == []
@@ -198,8 +203,6 @@ def test_on_action_an_example_leaves_once_every_label_is_one():
 
 def test_single_label_output_is_unchanged():
     """A config without labels writes what the C++ join (unchanged) writes, byte for byte."""
-    from monolith_jax.stream.native_join import NativeJoinState
-
     events, _ = make_stream(800, 60_000, 5_000, seed=5)
     config = JoinConfig(window_s=60, lateness_s=5, negative_rate=0.5, positive_types=("click", "buy"),
                         max_in_memory=50)
@@ -217,6 +220,36 @@ def test_single_label_output_is_unchanged():
     assert py == out and py_counts == dict(native.counts)
     assert all(parse_example(ex).version == 1 and not parse_example(ex).labels for _, ex in py)
     native.close()
+
+
+@pytest.mark.parametrize("config,drop_at", [
+    (JoinConfig(lateness_s=3, seed=2, labels={
+        "click": LabelRule(positive=("click",), min_value=0.2, window_s=60, negative_rate=0.5),
+        "view": LabelRule(positive=("view",), given="click", window_s=30, negative_rate=0.6),
+        "v": LabelRule(value_of="view", window_s=45)}), None),
+    (JoinConfig(lateness_s=3, max_in_memory=50, emit_positives="at_window_end", labels={
+        "click": LabelRule(positive=("click",), window_s=30), "dwell": LabelRule(value_of="click", default=-1.0,
+                                                                                 window_s=20)}), None),
+    (JoinConfig(lateness_s=1, max_in_memory=200, max_future_s=15, seed=4, labels={
+        "click": LabelRule(positive=("click",), window_s=20, negative_rate=0.3),
+        "view": LabelRule(positive=("view",), window_s=10)}), 1500),
+], ids=["sampled-given-value", "spilling-at-window-end", "held-far-ahead-and-rebalanced"])
+def test_the_native_join_writes_the_python_joins_labels_through_the_batch_path(config, drop_at):
+    """Message for message, as the joiner feeds each (the C++ one batch by
+    batch, reading what it can): the same examples, bytes, counts, refusals
+    and low offsets."""
+    from tests.stream.test_fast_codec import random_stream
+    from tests.stream.test_native_join import run_both
+
+    msgs = random_stream(6, outliers=30)
+    ours, theirs = run_both(msgs, config, drop_at)
+    assert ours[2] == theirs[2] and ours[1] == theirs[1] and ours[3] == theirs[3] and ours[4] == theirs[4]
+    assert ours[0] == theirs[0]
+    counts = ours[2]
+    assert counts["positives"] > 100 and counts["negatives"] > 100 and all(
+        parse_example(ex).version == 2 for _, ex in ours[0])
+    if config.max_in_memory < 1000:
+        assert counts["spilled"] > 0 and counts["unspilled"] > 0
 
 
 def test_label_rules_are_checked_with_clear_errors():
@@ -251,7 +284,8 @@ def test_label_flags_parse():
         rules_from_args(["a:positive=x", "a:positive=y"])
 
 
-def test_replay_then_join_labels_the_shop_jobs_heads_from_its_log(tmp_path):
+@pytest.mark.parametrize("codec", ["native", "python"])
+def test_replay_then_join_labels_the_shop_jobs_heads_from_its_log(tmp_path, codec):
     """`monolith replay` and `monolith join --job tests.jobs.shop_tasks:job`
     as processes on the embedded cluster: each example's labels are the
     log's clicked and bought columns (buy undefined where not clicked)."""
@@ -269,7 +303,7 @@ def test_replay_then_join_labels_the_shop_jobs_heads_from_its_log(tmp_path):
         b = kafka.bootstrap
         K.ensure_topics(b, {t: 2 for t in K.TOPICS.values()})
         joiner = subprocess.Popen([monolith, "join", "--job", job, "--bootstrap", b, "--idle-flush", "3",
-                                   "--exit-when-idle", "--report-every", "0", "--lateness", "1"],
+                                   "--exit-when-idle", "--report-every", "0", "--lateness", "1", "--codec", codec],
                                   cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         done = subprocess.run([monolith, "replay", "--job", job, "--bootstrap", b, "--data", str(log)], cwd=root,
                               capture_output=True, text=True, timeout=240)
@@ -279,7 +313,6 @@ def test_replay_then_join_labels_the_shop_jobs_heads_from_its_log(tmp_path):
         assert replayed["actions"] == clicks + buys and buys > 0
         joined_out, _ = joiner.communicate(timeout=240)
         assert joiner.returncode == 0, joined_out[-3000:]
-        assert "with the Python join state" in joined_out
         joined = json.loads(joined_out.split("joiner done ", 1)[1].splitlines()[0])
         assert joined["click:positives"] == clicks and joined["buy:positives"] == buys
         got = {}
