@@ -3,7 +3,8 @@
 // the rules (window, lateness, per-partition watermark, held far-future
 // records, early and orphan actions, repeats, negative sampling, spill).
 // Every decision, count, reason and emitted byte is the Python reference's;
-// tests run both on the same streams.
+// tests run both on the same streams. With named labels (JoinRules::labels)
+// it is the twin of join_labels.py instead (join_labels.cc).
 //
 // The Python side keeps what is Python's: the spill store (SQLite,
 // monolith_jax/stream/spill.py, called through `store`), the emit and

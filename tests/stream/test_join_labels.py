@@ -17,7 +17,7 @@ import pytest
 from monolith_jax.job import LabelRule
 from monolith_jax.stream.join_state import JoinConfig, JoinState
 from monolith_jax.stream.labels import parse_label_arg, rules_from_args
-from monolith_jax.stream.messages import encode_features, parse_example
+from monolith_jax.stream.messages import encode_example, encode_features, parse_example
 from monolith_jax.stream.native_join import NativeJoinState
 
 RULES = {
@@ -250,6 +250,29 @@ def test_the_native_join_writes_the_python_joins_labels_through_the_batch_path(c
         parse_example(ex).version == 2 for _, ex in ours[0])
     if config.max_in_memory < 1000:
         assert counts["spilled"] > 0 and counts["unspilled"] > 0
+
+
+def test_the_size_check_of_a_features_record_counts_the_labels_bytes():
+    """A record whose example fits a message of the examples topic without
+    labels, but not with them, is left by the C++ reader to the reference
+    (which dead-letters it as too large)."""
+    from monolith_jax.stream.messages import BATCH_OVERHEAD, EXAMPLE_OVERHEAD, batch_entry_size, labels_overhead
+    from tests.stream.test_fast_codec import T0, msg
+
+    config = JoinConfig(labels={"a_rather_long_label_name": LabelRule(), "buy": LabelRule(positive=("buy",))})
+    payload = encode_features("r1", T0, {"user": [1]})
+    limit = BATCH_OVERHEAD + batch_entry_size(len(payload) + EXAMPLE_OVERHEAD)
+    left = {}
+    for name, cfg in (("one label", JoinConfig()), ("named labels", config)):
+        state = NativeJoinState(cfg, lambda rid, ex: None)
+        left[name] = []
+        state.process([msg("features", payload)], limit, {}, left[name].append)
+        state.close()
+    assert len(left["one label"]) == 0 and len(left["named labels"]) == 1
+    overhead = labels_overhead([(n, 0.0, 1.0, True) for n, _ in config.labels])
+    assert NativeJoinState(config, lambda rid, ex: None)._core.labels_overhead == overhead
+    example = encode_example(payload, 0.0, 1.0, 2**63 - 1, labels=[(n, 0.5, 0.5, True) for n, _ in config.labels])
+    assert len(example) <= len(payload) + EXAMPLE_OVERHEAD + overhead
 
 
 def test_label_rules_are_checked_with_clear_errors():
