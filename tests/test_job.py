@@ -101,7 +101,7 @@ def test_the_joiner_takes_a_multi_head_jobs_rules_or_label_flags():
     assert dict(config.labels) == shop_tasks.LABELS and pick_codec(config, None) == "native"
     with pytest.raises(ValueError, match="codec must be one of native, python"):
         pick_codec(config, "rust")
-    with pytest.raises(ValueError, match="--window describe a single label"):
+    with pytest.raises(ValueError, match="--window describes a single label"):
         config_from_args(p.parse_args(["--window", "60"]), shop_tasks.job)
     flags = config_from_args(p.parse_args(["--label", "click:positive=click,window=60,rate=0.5",
                                            "--label", "buy:positive=buy,given=click"]), shop_tasks.job)

@@ -97,8 +97,8 @@ class JoinConfig:
                       tuple(self.positive_types), ("click",)), ("min_value", self.min_value, -math.inf),
                       ("negative_rate", self.negative_rate, 1.0)) if v != d]
             if single:
-                raise ValueError(f"JoinConfig: {', '.join(single)} describe a single label; with labels= each "
-                                 "LabelRule gives its own")
+                raise ValueError(f"JoinConfig: {', '.join(single)} {'describes' if len(single) == 1 else 'describe'} "
+                                 "a single label; with labels= each LabelRule gives its own")
         if self.emit_positives not in ("on_action", "at_window_end"):
             raise ValueError(f"emit_positives must be 'on_action' or 'at_window_end', got {self.emit_positives!r}")
         if not 0.0 < self.negative_rate <= 1.0:

@@ -415,11 +415,12 @@ def config_from_args(args, job=None) -> JoinConfig:
     single = {"--positive": args.positive, "--min-value": args.min_value, "--window": args.window,
               "--negative-rate": args.negative_rate}
     given = [flag for flag, value in single.items() if value is not None]
+    given_say = f"{', '.join(given)} {'describes' if len(given) == 1 else 'describe'} a single label"
     labels = getattr(args, "label", None)
     if labels:
         rules = rules_from_args(labels)
         if given:
-            raise ValueError(f"{', '.join(given)} describe a single label; with --label each label gives its own "
+            raise ValueError(f"{given_say}; with --label each label gives its own "
                              "(e.g. --label click:positive=click,window=60,rate=0.5)")
         if job is not None and job.heads:
             heads = [h.name for h in job.heads]
@@ -434,7 +435,7 @@ def config_from_args(args, job=None) -> JoinConfig:
             raise ValueError(f"job {job.name!r} has heads {[h.name for h in job.heads]} but no label rules: give "
                              "it labels={head: LabelRule, ...}, or the joiner --label NAME:... per head")
         if given:
-            raise ValueError(f"{', '.join(given)} describe a single label; job {job.name!r} labels its heads "
+            raise ValueError(f"{given_say}; job {job.name!r} labels its heads "
                              f"{sorted(rules)} by its own rules (override them with --label)")
         return JoinConfig(labels=rules, **common)
     rule = job.labels if job is not None else LabelRule()

@@ -282,7 +282,7 @@ def test_label_rules_are_checked_with_clear_errors():
         JoinConfig(labels={"a": LabelRule(given="b"), "b": LabelRule(given="a")})
     with pytest.raises(ValueError, match="a value label"):
         JoinConfig(labels={"w": LabelRule(value_of="watch"), "b": LabelRule(given="w")})
-    with pytest.raises(ValueError, match="describe a single label"):
+    with pytest.raises(ValueError, match="window_s describes a single label"):
         JoinConfig(window_s=60, labels={"a": LabelRule()})
     with pytest.raises(ValueError, match="not both"):
         LabelRule(positive=("click",), value_of="watch")
