@@ -18,7 +18,8 @@ Public API, in one screen:
 Jobs (what every `monolith` command runs, named as --job MODULE:NAME)
   Job(sparse, tables, model, dense, optimizer, label, heads, batch_size, labels, log, source)
   Head(name, loss, weight, label, threshold, missing)       one objective of a multi-task model
-  LabelRule(positive, min_value, window_s, negative_rate)   the joiner's labels
+  LabelRule(positive, min_value, window_s, negative_rate, value_of, default, given)
+                                                            the joiner's labels (one, or one per head)
   LogSpec(time_column, actions, request_id_column, ...)     a log to replay
   load_job("module:name")
 

@@ -22,6 +22,10 @@ it on the command line as `MODULE:NAME`, the way WSGI apps are named:
 
     $ monolith train --job my_job:job --data clicks.parquet --export model/
 
+A job with several heads labels each from the stream by its own rule:
+`labels={"click": mj.LabelRule(positive=("click",)), "buy":
+mj.LabelRule(positive=("buy",), given="click")}` (`monolith_jax.stream.labels`).
+
 `NAME` is a `Job` or a function of no arguments returning one. The module
 is imported with the current folder on `sys.path` (as WSGI servers do).
 """
@@ -30,39 +34,13 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import math
 import os
 import sys
 from typing import Callable, Iterable, Mapping, Sequence
 
 from monolith_jax.features import DenseFeature, SparseFeature
 from monolith_jax.sparse import TableConfig
-
-
-@dataclasses.dataclass(frozen=True)
-class LabelRule:
-    """How the joiner labels a request from the actions that follow it.
-
-    positive:       action types that make a positive (any one of them)
-    min_value:      least action value for a positive (e.g. a rating of 4)
-    window_s:       event-time seconds to wait for a positive action
-    negative_rate:  share of negatives kept (the rest are sampled out;
-                    serving corrects the logit by log(rate))
-    """
-
-    positive: tuple = ("click",)
-    min_value: float = -math.inf
-    window_s: float = 300.0
-    negative_rate: float = 1.0
-
-    def __post_init__(self):
-        object.__setattr__(self, "positive", tuple(self.positive))
-        if not self.positive or not all(isinstance(t, str) and t for t in self.positive):
-            raise ValueError(f"LabelRule.positive must name at least one action type, got {self.positive!r}")
-        if not 0.0 < self.negative_rate <= 1.0:
-            raise ValueError(f"LabelRule.negative_rate must be in (0, 1], got {self.negative_rate}")
-        if not self.window_s > 0:
-            raise ValueError(f"LabelRule.window_s must be > 0, got {self.window_s}")
+from monolith_jax.stream.labels import LabelRule, check_rules
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,7 +91,12 @@ class Job:
     batch_size:      examples per step, for files and the stream
     sparse_loss:     "sum" (each example's own gradient to its rows) or "mean"
     seed:            seeds the model's init and the tables' initializers
-    labels:          `LabelRule`: how the joiner labels the stream
+    labels:          how the joiner labels the stream: a `LabelRule` (one
+                     binary label; default LabelRule()), or for a job with
+                     heads a mapping head name -> `LabelRule`, one per head
+                     (`monolith_jax.stream.labels`). A job with one head may
+                     give a single LabelRule (it labels that head); one
+                     with several heads and no labels has no stream rules
     log:             `LogSpec`: how `monolith replay --data FILE` reads a log
     source:          optional `source(limit, seed)` -> iterable of
                      (kind "features"|"actions", request id, value bytes,
@@ -133,7 +116,7 @@ class Job:
     batch_size: int = 1024
     sparse_loss: str = "sum"
     seed: int = 0
-    labels: LabelRule = LabelRule()
+    labels: LabelRule | Mapping[str, LabelRule] | None = None
     log: LogSpec | None = None
     source: Callable | None = None
     name: str = "job"
@@ -170,14 +153,58 @@ class Job:
             raise ValueError(f"job {self.name!r}: batch_size must be an int >= 1, got {self.batch_size!r}")
         if self.sparse_loss not in ("sum", "mean"):
             raise ValueError(f"job {self.name!r}: sparse_loss must be 'sum' or 'mean'")
-        if not isinstance(self.labels, LabelRule):
-            raise TypeError(f"job {self.name!r}: labels must be a LabelRule")
+        self._check_labels()
         if self.log is not None and not isinstance(self.log, LogSpec):
             raise TypeError(f"job {self.name!r}: log must be a LogSpec")
-        if self.log is not None and not set(self.log.actions) & set(self.labels.positive):
-            # The replayer would send actions the joiner never counts as positive.
-            raise ValueError(f"job {self.name!r}: the log's actions {sorted(self.log.actions)} include none of "
-                             f"the label rule's positive types {list(self.labels.positive)}")
+        rules = self.label_rules() or ({} if self.labels is None else {"": self.labels})
+        if self.log is not None:
+            for head, rule in rules.items():
+                if not set(self.log.actions) & set(rule.action_types):
+                    # The replayer would send actions the joiner never counts for this label.
+                    what = (f"the action types {list(rule.action_types)} of label {head!r}" if head
+                            else f"the label rule's positive types {list(rule.action_types)}")
+                    raise ValueError(f"job {self.name!r}: the log's actions {sorted(self.log.actions)} include "
+                                     f"none of {what}")
+
+    def _check_labels(self) -> None:
+        heads = [h.name for h in self.heads]
+        labels = self.labels
+        if labels is None:
+            if not heads:
+                object.__setattr__(self, "labels", LabelRule())
+            return
+        if isinstance(labels, LabelRule):
+            if len(heads) > 1:
+                raise ValueError(f"job {self.name!r}: a single LabelRule cannot label the heads {heads}; give "
+                                 "labels={head name: LabelRule, ...}, one per head")
+            if labels.given is not None:
+                raise ValueError(f"job {self.name!r}: LabelRule(given={labels.given!r}) needs other labels; "
+                                 "a single label has none")
+            return
+        if not isinstance(labels, Mapping):
+            raise TypeError(f"job {self.name!r}: labels must be a LabelRule or a mapping head name -> "
+                            f"LabelRule, got {type(labels).__name__}")
+        if not heads:
+            raise ValueError(f"job {self.name!r}: labels by name {sorted(labels)} need heads of those names; "
+                             "a job without heads takes one LabelRule")
+        rules = check_rules(labels, f"job {self.name!r}: labels")
+        lacking = [h for h in heads if h not in rules]
+        extra = [n for n in rules if n not in heads]
+        if lacking or extra:
+            raise ValueError(f"job {self.name!r}: labels must give one rule per head {heads}"
+                             + (f"; heads without a rule: {lacking}" if lacking else "")
+                             + (f"; rules naming no head: {extra}" if extra else ""))
+        object.__setattr__(self, "labels", rules)
+
+    def label_rules(self) -> dict | None:
+        """The stream's label rules by head name for a job with heads (the
+        joiner then writes named labels), None for a single-label job (or a
+        job with heads but no label rules: see `labels`)."""
+        if not self.heads or self.labels is None:
+            return None
+        if isinstance(self.labels, LabelRule):
+            return {self.heads[0].name: self.labels}
+        return dict(self.labels)
 
     # ------------------------------------------------------------------
     def table_configs(self, seed: int | None = None) -> list:

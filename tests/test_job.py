@@ -64,3 +64,53 @@ def test_load_job_finds_a_job_or_a_function_returning_one(tmp_path, monkeypatch)
         mj.load_job("no_such_module:job")
     with pytest.raises(mj.JobError, match="MODULE:NAME"):
         mj.load_job("userjob")
+
+
+def test_a_job_with_heads_takes_one_label_rule_per_head():
+    heads = (mj.Head("click"), mj.Head("buy", missing="mask"), mj.Head("watch", loss="squared"))
+    rules = {"click": mj.LabelRule(positive=("click",), window_s=30),
+             "buy": mj.LabelRule(positive=("buy",), given="click", negative_rate=0.5),
+             "watch": mj.LabelRule(value_of="watch", default=0.0)}
+    job = make(heads=heads, labels=rules, log=mj.LogSpec("ts", {"click": "c", "buy": "b", "watch": "w"}))
+    assert job.label_rules() == rules
+    assert make().labels == mj.LabelRule() and make().label_rules() is None   # one label, as before
+    assert make(heads=heads).labels is None   # heads without stream rules: trained from files
+    one = make(heads=heads[:1], labels=mj.LabelRule(positive=("click",)))
+    assert one.label_rules() == {"click": mj.LabelRule(positive=("click",))}
+    with pytest.raises(ValueError, match=r"single LabelRule cannot label the heads \['click', 'buy', 'watch'\]"):
+        make(heads=heads, labels=mj.LabelRule())
+    with pytest.raises(ValueError, match=r"heads without a rule: \['watch'\]; rules naming no head: \['cart'\]"):
+        make(heads=heads, labels={"click": rules["click"], "buy": rules["buy"], "cart": mj.LabelRule()})
+    with pytest.raises(ValueError, match="need heads of those names"):
+        make(labels={"click": mj.LabelRule()})
+    with pytest.raises(ValueError, match="'buy' is given 'clik', which is not among"):
+        make(heads=heads, labels={**rules, "buy": mj.LabelRule(positive=("buy",), given="clik")})
+    with pytest.raises(ValueError, match=r"include none of the action types \['watch'\] of label 'watch'"):
+        make(heads=heads, labels=rules, log=mj.LogSpec("ts", {"click": "c", "buy": "b"}))
+
+
+def test_the_joiner_takes_a_multi_head_jobs_rules_or_label_flags():
+    import argparse
+
+    from monolith_jax.stream.joiner import add_join_args, config_from_args, pick_codec, warn_if_unlabelled
+    from tests.jobs import shop_tasks
+
+    p = argparse.ArgumentParser()
+    add_join_args(p)
+    config = config_from_args(p.parse_args([]), shop_tasks.job)
+    assert dict(config.labels) == shop_tasks.LABELS and pick_codec(config, None) == "native"
+    with pytest.raises(ValueError, match="codec must be one of native, python"):
+        pick_codec(config, "rust")
+    with pytest.raises(ValueError, match="--window describes a single label"):
+        config_from_args(p.parse_args(["--window", "60"]), shop_tasks.job)
+    flags = config_from_args(p.parse_args(["--label", "click:positive=click,window=60,rate=0.5",
+                                           "--label", "buy:positive=buy,given=click"]), shop_tasks.job)
+    assert dict(flags.labels) == {"click": mj.LabelRule(positive=("click",), window_s=60, negative_rate=0.5),
+                                  "buy": mj.LabelRule(positive=("buy",), given="click")}
+    single = config_from_args(p.parse_args(["--window", "60"]))
+    assert not single.labels and single.window_s == 60 and pick_codec(single, None) == "native"
+    with pytest.raises(ValueError, match=r"has heads \['click', 'x'\] but no label rules"):
+        config_from_args(p.parse_args([]), make(heads=(mj.Head("click"), mj.Head("x")), labels=None))
+    line = warn_if_unlabelled({"actions": 10, "click:positives": 4, "buy:positives": 0}, config)
+    assert "label 'buy' was never set" in line and "'click'" not in line
+    assert warn_if_unlabelled({"actions": 10, "click:positives": 4, "buy:positives": 1}, config) is None

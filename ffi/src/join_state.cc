@@ -77,7 +77,15 @@ JoinCore::JoinCore(JoinRules rules, nb::object store, nb::object emit, nb::objec
       store_(std::move(store)),
       emit_(std::move(emit)),
       reject_(std::move(reject)),
-      watermark_(kNoTime) {}
+      watermark_(kNoTime) {
+  all_binary_ = Multi();
+  for (const LabelRuleC& r : rules_.labels) {
+    label_base_.push_back(label_counts_.size());
+    label_counts_.resize(label_counts_.size() + (r.binary ? 4 : 3), 0);
+    all_binary_ = all_binary_ && r.binary;
+  }
+  labels_overhead_ = LabelsOverhead();
+}
 
 int32_t JoinCore::Tp(nb::handle topic, int64_t partition) {
   // Keyed by the topic's text; a topic that is not a plain string (None,
@@ -209,6 +217,28 @@ void JoinCore::AddFeaturesRecord(const std::string& rid, int64_t t, nb::object p
     counts_[kDuplicates] += 1;
     return;
   }
+  if (Multi()) {
+    LabelState state(rules_.labels.size());
+    auto e = early_.find(rid);
+    bool had = false;
+    if (e != early_.end()) {
+      std::vector<Early> early = std::move(e->second);
+      early_.erase(e);
+      had = !early.empty();
+      std::stable_sort(early.begin(), early.end(), [](const Early& a, const Early& b) { return a.t < b.t; });
+      for (const Early& a : early) CountOutcome(TakeLabels(state, t, a.t, a.type, a.value));
+    }
+    if (had && !rules_.defer && Complete(state)) {
+      int64_t last = state[0].t;
+      for (const LState& x : state) last = std::max(last, x.t);
+      EmitLabels(rid, t, payload, state, Time(last));
+      return;
+    }
+    pending_[rid] = Pending{t, std::move(payload), o, std::move(state)};
+    pending_heap_.emplace(Time(t) + rules_.window, rid);
+    if (int64_t(pending_.size()) > rules_.max_in_memory) Spill();
+    return;
+  }
   auto e = early_.find(rid);
   if (e != early_.end()) {
     std::vector<Early> early = std::move(e->second);
@@ -234,7 +264,7 @@ void JoinCore::AddFeaturesRecord(const std::string& rid, int64_t t, nb::object p
     }
     if (emitted) return;
   }
-  pending_[rid] = Pending{t, std::move(payload), o};
+  pending_[rid] = Pending{t, std::move(payload), o, {}};
   pending_heap_.emplace(Time(t) + rules_.window, rid);
   if (int64_t(pending_.size()) > rules_.max_in_memory) Spill();
 }
@@ -247,6 +277,21 @@ void JoinCore::AddActionRecord(const std::string& rid, int64_t t, const std::str
   if (see) See(t, o);
   auto c = closed_.find(rid);
   if (c != closed_.end()) {
+    if (Multi()) {  // repeat if a label it makes was 1, late if one it makes was not
+      int outcome = 3;
+      for (size_t i = 0; i < rules_.labels.size(); ++i) {
+        const LabelRuleC& r = rules_.labels[i];
+        if (std::find(r.types.begin(), r.types.end(), type) == r.types.end()) continue;
+        if (r.binary && !(value >= r.min_value)) continue;
+        if ((c->second.second >> i) & 1) {
+          outcome = 1;
+          break;
+        }
+        outcome = 2;
+      }
+      CountOutcome(outcome);
+      return;
+    }
     if (Positive(type, value))
       counts_[c->second.second ? kRepeats : kLate] += 1;
     else
@@ -263,13 +308,28 @@ void JoinCore::AddActionRecord(const std::string& rid, int64_t t, const std::str
       back.tp = Tp(r[4], nb::cast<int64_t>(r[5]));
       back.off = nb::cast<int64_t>(r[6]);
       const int64_t tf = nb::cast<int64_t>(r[2]);
-      w = pending_.emplace(rid, Pending{tf, nb::borrow(r[3]), back}).first;  // back in memory until decided
+      LabelState state;
+      if (Multi()) state = r.size() > 7 ? LoadState(r[7]) : LabelState(rules_.labels.size());
+      w = pending_.emplace(rid, Pending{tf, nb::borrow(r[3]), back, std::move(state)}).first;  // back until decided
       pending_heap_.emplace(Time(tf) + rules_.window, rid);
     }
   }
   if (w == pending_.end()) {
     early_[rid].push_back(Early{t, type, value, o});
     early_heap_.emplace(Time(t), rid);
+    return;
+  }
+  if (Multi()) {
+    CountOutcome(TakeLabels(w->second.state, w->second.t, t, type, value));
+    if (!rules_.defer && Complete(w->second.state)) {
+      const int64_t tf = w->second.t;
+      nb::object payload = std::move(w->second.payload);
+      LabelState state = std::move(w->second.state);
+      pending_.erase(w);
+      int64_t last = state[0].t;
+      for (const LState& x : state) last = std::max(last, x.t);
+      EmitLabels(rid, tf, payload, state, Time(last));
+    }
     return;
   }
   if (!Positive(type, value)) {
@@ -324,6 +384,7 @@ int64_t JoinCore::Advance() {
     std::string rid;
     int64_t tf;
     nb::object payload;
+    LabelState state;
   };
   std::vector<Due> due;
   while (!pending_heap_.empty() && pending_heap_.top().first < wm) {
@@ -331,19 +392,27 @@ int64_t JoinCore::Advance() {
     pending_heap_.pop();
     auto it = pending_.find(top.second);
     if (it == pending_.end() || Time(it->second.t) + rules_.window != top.first) continue;  // emitted, or spilled
-    due.push_back(Due{top.first, top.second, it->second.t, std::move(it->second.payload)});
+    due.push_back(Due{top.first, top.second, it->second.t, std::move(it->second.payload),
+                      std::move(it->second.state)});
     pending_.erase(it);
   }
   if (StoreSize()) {
     nb::object rows = store_.attr("pop_due")(PyInt(wm));
     for (nb::handle row : rows) {
       nb::tuple r = nb::borrow<nb::tuple>(row);
+      LabelState state;
+      if (Multi()) state = r.size() > 7 ? LoadState(r[7]) : LabelState(rules_.labels.size());
       due.push_back(Due{Time(nb::cast<int64_t>(r[1])), nb::cast<std::string>(r[0]), nb::cast<int64_t>(r[2]),
-                        nb::borrow(r[3])});
+                        nb::borrow(r[3]), std::move(state)});
     }
   }
   std::stable_sort(due.begin(), due.end(), [](const Due& a, const Due& b) { return a.deadline < b.deadline; });
-  for (Due& d : due) Finalize(d.rid, d.tf, d.payload);
+  for (Due& d : due) {
+    if (Multi())
+      EmitLabels(d.rid, d.tf, d.payload, d.state, Time(d.tf) + rules_.window);
+    else
+      Finalize(d.rid, d.tf, d.payload);
+  }
   const int64_t done = int64_t(due.size());
   while (!early_heap_.empty() && early_heap_.top().first + rules_.window < wm) {
     std::string rid = early_heap_.top().second;
@@ -462,7 +531,7 @@ void JoinCore::Emit(const std::string& rid, nb::handle payload, float label, flo
 
 void JoinCore::EmitPositive(const std::string& rid, int64_t tf, nb::handle payload, int64_t ta) {
   counts_[kPositives] += 1;
-  Close(rid, Time(tf) + rules_.window, true);
+  Close(rid, Time(tf) + rules_.window, 1);
   Emit(rid, payload, 1.0f, 1.0f, Time(ta));
 }
 
@@ -476,7 +545,7 @@ void JoinCore::Finalize(const std::string& rid, int64_t tf, nb::handle payload) 
       return;
     }
   }
-  Close(rid, Time(tf) + rules_.window, false);
+  Close(rid, Time(tf) + rules_.window, 0);
   if (rules_.threshold >= (uint64_t(1) << 32) ||
       Crc32(reinterpret_cast<const uint8_t*>(rid.data()), rid.size(), rules_.seed_crc) < rules_.threshold) {
     counts_[kNegatives] += 1;
@@ -486,7 +555,7 @@ void JoinCore::Finalize(const std::string& rid, int64_t tf, nb::handle payload) 
   }
 }
 
-void JoinCore::Close(const std::string& rid, Time deadline, bool positive) {
+void JoinCore::Close(const std::string& rid, Time deadline, uint64_t positive) {
   closed_[rid] = {deadline, positive};
   closed_heap_.emplace(deadline, rid);
 }
@@ -503,8 +572,13 @@ void JoinCore::Spill() {
     const Origin& o = it->second.origin;
     nb::object topic = o.tp < 0 ? nb::object(nb::str("")) : nb::object(tp_keys_[size_t(o.tp)][0]);
     nb::object part = o.tp < 0 ? nb::object(nb::int_(-1)) : nb::object(tp_keys_[size_t(o.tp)][1]);
-    rows.append(nb::make_tuple(nb::str(top.second.data(), top.second.size()), PyInt(top.first), it->second.t,
-                               it->second.payload, topic, part, o.tp < 0 ? int64_t(-1) : o.off));
+    nb::str rid(top.second.data(), top.second.size());
+    const int64_t off = o.tp < 0 ? int64_t(-1) : o.off;
+    if (Multi())
+      rows.append(nb::make_tuple(rid, PyInt(top.first), it->second.t, it->second.payload, topic, part, off,
+                                 DumpState(it->second.state)));
+    else
+      rows.append(nb::make_tuple(rid, PyInt(top.first), it->second.t, it->second.payload, topic, part, off));
     pending_.erase(it);
     ++n;
   }

@@ -3,7 +3,8 @@
 // the rules (window, lateness, per-partition watermark, held far-future
 // records, early and orphan actions, repeats, negative sampling, spill).
 // Every decision, count, reason and emitted byte is the Python reference's;
-// tests run both on the same streams.
+// tests run both on the same streams. With named labels (JoinRules::labels)
+// it is the twin of join_labels.py instead (join_labels.cc).
 //
 // The Python side keeps what is Python's: the spill store (SQLite,
 // monolith_jax/stream/spill.py, called through `store`), the emit and
@@ -30,6 +31,21 @@ namespace nb = nanobind;
 
 using Time = __int128;  // event time arithmetic, as Python's ints: deadlines may pass int64
 
+// One named label of a multi-label join (monolith_jax/stream/labels.py's
+// LabelRule, as its Labeller reads it).
+struct LabelRuleC {
+  std::string name;
+  std::vector<std::string> types;  // positive types, or {value_of}
+  bool binary = true;
+  double min_value = 0.0;
+  int64_t window = 0;              // ms
+  uint64_t threshold = uint64_t(1) << 32;
+  float negative_rate = 1.0f;
+  bool has_default = false;
+  double default_value = 0.0;
+  int32_t given = -1;              // index of the label it is given, or -1
+};
+
 struct JoinRules {
   int64_t window = 0, lateness = 0;      // ms
   std::vector<std::string> positive_types;
@@ -42,6 +58,10 @@ struct JoinRules {
   double max_future = 0.0;                // ms; may be inf
   double max_future_s = 0.0;              // for reasons
   double idle_partition_s = 2.0;
+  // A multi-label join (empty: one label, the fields above). `window` is
+  // then the longest of the labels' windows; `order` puts givens first.
+  std::vector<LabelRuleC> labels;
+  std::vector<int32_t> order;
 };
 
 struct Origin {
@@ -69,10 +89,16 @@ class JoinCore {
   int64_t Flush();
   nb::dict LowOffsets();
   int64_t DropPartitions(nb::iterable tps);
+  // Bytes the labels add to an Example at most (messages.labels_overhead).
+  int64_t LabelsOverhead() const;
   void SetPartitions(nb::iterable tps);
   void PartitionIdle(nb::handle tp);
 
-  std::vector<int64_t> Counts() const { return std::vector<int64_t>(counts_, counts_ + kCounters); }
+  std::vector<int64_t> Counts() const {
+    std::vector<int64_t> v(counts_, counts_ + kCounters);
+    v.insert(v.end(), label_counts_.begin(), label_counts_.end());
+    return v;
+  }
   int64_t InMemory() const { return int64_t(pending_.size()); }
   int64_t Held() const { return int64_t(held_.size()); }
   nb::object Watermark() const;
@@ -92,10 +118,18 @@ class JoinCore {
     Origin origin;
     nb::object ref;
   };
+  // A label's state: nothing yet, or its (earliest) action's time and value.
+  struct LState {
+    bool set = false;
+    int64_t t = 0;
+    double value = 0.0;
+  };
+  using LabelState = std::vector<LState>;
   struct Pending {
     int64_t t;
     nb::object payload;
     Origin origin;
+    LabelState state;  // a multi-label join's
   };
   struct Early {
     int64_t t;
@@ -120,11 +154,20 @@ class JoinCore {
   bool Positive(std::string_view type, double value) const;
   void EmitPositive(const std::string& rid, int64_t tf, nb::handle payload, int64_t ta);
   void Finalize(const std::string& rid, int64_t tf, nb::handle payload);
-  void Close(const std::string& rid, Time deadline, bool positive);
+  void Close(const std::string& rid, Time deadline, uint64_t positive);
   void Spill();
   void Emit(const std::string& rid, nb::handle payload, float label, float rate, Time label_time);
   size_t StoreSize();
   bool HeldPop(int32_t part, Record* out);
+  // The multi-label join (rules_.labels non-empty): join_labels.py's rules.
+  bool Multi() const { return !rules_.labels.empty(); }
+  int TakeLabels(LabelState& s, int64_t tf, int64_t ta, std::string_view type, double value) const;
+  void CountOutcome(int outcome);
+  bool Complete(const LabelState& s) const;
+  uint64_t PositiveMask(const LabelState& s) const;
+  void EmitLabels(const std::string& rid, int64_t tf, nb::handle payload, const LabelState& s, Time label_time);
+  nb::bytes DumpState(const LabelState& s) const;
+  LabelState LoadState(nb::handle text) const;
 
   JoinRules rules_;
   FeatureRules feature_rules_;
@@ -144,9 +187,13 @@ class JoinCore {
   std::unordered_map<std::string, Pending> pending_;
   Heap pending_heap_, early_heap_, closed_heap_;
   std::unordered_map<std::string, std::vector<Early>> early_;
-  std::unordered_map<std::string, std::pair<Time, bool>> closed_;
+  std::unordered_map<std::string, std::pair<Time, uint64_t>> closed_;  // positive (one label), or a mask of labels
   std::unordered_map<std::string, int64_t> marked_;
   std::string scratch_;
+  std::vector<int64_t> label_counts_;  // labels.Labeller.counters, in order
+  std::vector<size_t> label_base_;     // each label's first counter
+  bool all_binary_ = false;            // every label binary: an example may leave on its actions
+  int64_t labels_overhead_ = 0;        // LabelsOverhead(), for Process's size check
 };
 
 // zlib's crc32(data, crc): what the Python reference's sampling uses.

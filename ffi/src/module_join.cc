@@ -4,6 +4,7 @@
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -93,7 +94,7 @@ void JoinCore::Process(nb::list msgs, int64_t limit, nb::dict nexts, double now_
     if (last_features) {
       FeaturesView f;
       if (is_bytes && ReadFeatureRecord(data, size, feature_rules_, &f) &&
-          int64_t(kBatchHeaderSize + BatchEntrySize(size + kExampleOverhead)) <= limit) {
+          int64_t(kBatchHeaderSize + BatchEntrySize(size + kExampleOverhead + size_t(labels_overhead_))) <= limit) {
         Record r{true, std::string(f.request_id), f.event_time_ms, std::move(value), std::string(), 0.0, o, msg};
         if (Admit(r, now_ms)) Apply(r, true);
         continue;
@@ -119,7 +120,7 @@ void BindJoin(nb::module_& m) {
               int64_t max_in_memory, double max_future, double max_future_s, double idle_partition_s,
               nb::object store, nb::object emit, nb::object reject, std::string features_topic,
               std::vector<std::string> filled, std::vector<std::string> need_sparse,
-              std::vector<std::string> need_dense) {
+              std::vector<std::string> need_dense, nb::list labels, std::vector<int32_t> order) {
              JoinRules r;
              r.window = window;
              r.lateness = lateness;
@@ -133,6 +134,25 @@ void BindJoin(nb::module_& m) {
              r.max_future = max_future;
              r.max_future_s = max_future_s;
              r.idle_partition_s = idle_partition_s;
+             // (name, types, binary, min_value, window_ms, threshold, negative_rate, has_default, default, given)
+             for (nb::handle item : labels) {
+               nb::tuple t = nb::borrow<nb::tuple>(item);
+               LabelRuleC l;
+               l.name = nb::cast<std::string>(t[0]);
+               l.types = nb::cast<std::vector<std::string>>(t[1]);
+               l.binary = nb::cast<bool>(t[2]);
+               l.min_value = nb::cast<double>(t[3]);
+               l.window = nb::cast<int64_t>(t[4]);
+               l.threshold = nb::cast<uint64_t>(t[5]);
+               l.negative_rate = nb::cast<float>(t[6]);
+               l.has_default = nb::cast<bool>(t[7]);
+               l.default_value = nb::cast<double>(t[8]);
+               l.given = nb::cast<int32_t>(t[9]);
+               r.labels.push_back(std::move(l));
+             }
+             r.order = std::move(order);
+             if (r.labels.size() > 64) throw std::invalid_argument("a join takes at most 64 labels");
+             if (r.order.size() != r.labels.size()) throw std::invalid_argument("label order of another size");
              FeatureRules f;
              f.filled = std::move(filled);
              f.need_sparse = std::move(need_sparse);
@@ -152,6 +172,7 @@ void BindJoin(nb::module_& m) {
       .def("set_partitions", &JoinCore::SetPartitions)
       .def("partition_idle", &JoinCore::PartitionIdle)
       .def("counts", &JoinCore::Counts)
+      .def_prop_ro("labels_overhead", &JoinCore::LabelsOverhead)
       .def_prop_ro("in_memory", &JoinCore::InMemory)
       .def_prop_ro("held", &JoinCore::Held)
       .def_prop_ro("watermark", &JoinCore::Watermark);

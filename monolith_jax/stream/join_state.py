@@ -44,6 +44,12 @@ Rules (times are event times, in ms):
 This is the reference; `native_join.NativeJoinState` decides the same way
 in C++ (the joiner's default), and the tests run both on the same streams.
 
+Several named labels (`JoinConfig(labels={name: LabelRule, ...})`, one per
+head of a multi-task job): `JoinState(config, ...)` is then a
+`join_labels.MultiLabelJoinState`, which keeps these event-time rules and
+decides each label by its own rule and window (`labels`), writing
+version-2 examples; `NativeJoinState` does the same for such a config.
+
 `emit(request_id, example_bytes)` receives every example. `origin` values
 (topic, partition, offset) travel with what is pending so that the caller
 can commit only offsets whose messages are fully handled.
@@ -73,8 +79,26 @@ class JoinConfig:
     emit_positives: str = "on_action"
     idle_partition_s: float = 2.0
     max_future_s: float = 86_400.0
+    labels: tuple = ()  # ((name, LabelRule), ...): several named labels (join_labels); then the four above unset
 
     def __post_init__(self):
+        import math
+
+        if self.labels:
+            from monolith_jax.stream.labels import check_rules
+
+            labels = self.labels.items() if hasattr(self.labels, "items") else self.labels
+            try:
+                rules = check_rules(dict(labels), "JoinConfig.labels")
+            except (TypeError, ValueError) as err:
+                raise ValueError(str(err)) from None
+            object.__setattr__(self, "labels", tuple(rules.items()))
+            single = [f for f, v, d in (("window_s", self.window_s, 300.0), ("positive_types",
+                      tuple(self.positive_types), ("click",)), ("min_value", self.min_value, -math.inf),
+                      ("negative_rate", self.negative_rate, 1.0)) if v != d]
+            if single:
+                raise ValueError(f"JoinConfig: {', '.join(single)} {'describes' if len(single) == 1 else 'describe'} "
+                                 "a single label; with labels= each LabelRule gives its own")
         if self.emit_positives not in ("on_action", "at_window_end"):
             raise ValueError(f"emit_positives must be 'on_action' or 'at_window_end', got {self.emit_positives!r}")
         if not 0.0 < self.negative_rate <= 1.0:
@@ -96,6 +120,13 @@ _FLUSH = 2**64  # the watermark while flushing: above every int64 deadline
 
 
 class JoinState:
+    def __new__(cls, config: JoinConfig, *args, **kwargs):
+        if cls is JoinState and config.labels:  # several named labels: the multi-label join
+            from monolith_jax.stream.join_labels import MultiLabelJoinState
+
+            return object.__new__(MultiLabelJoinState)
+        return object.__new__(cls)
+
     def __init__(self, config: JoinConfig, emit: Callable[[str, bytes], None], spill_dir: str | None = None,
                  reject: Callable | None = None, clock: Callable[[], float] = time.time,
                  encode: Callable[[bytes, float, float, int], bytes] = encode_example):
@@ -270,7 +301,7 @@ class JoinState:
         if self._part_max and self.watermark < _FLUSH:
             self.watermark = max(self.watermark, self._low_time() - self.lateness)
         wm = self.watermark
-        due = []  # (deadline, rid, event_ms, payload), from memory and disk, decided in deadline order
+        due = []  # (deadline, rid, event_ms, payload, kept state), from memory and disk, in deadline order
         heap = self._pending_heap
         while heap and heap[0][0] < wm:
             deadline, rid = heapq.heappop(heap)
@@ -278,12 +309,12 @@ class JoinState:
             if entry is None or entry[0] + self.window != deadline:
                 continue  # emitted as a positive, or spilled
             del self._pending[rid]
-            due.append((deadline, rid, entry[0], entry[1]))
+            due.append((deadline, rid, entry[0], entry[1], self._kept(rid)))
         for row in self._store.pop_due(wm):
-            due.append((row[1], row[0], row[2], row[3]))
+            due.append((row[1], row[0], row[2], row[3], self._kept(row[0], row)))
         due.sort(key=lambda d: d[0])
-        for _, rid, tf, payload in due:
-            self._finalize(rid, tf, payload)
+        for _, rid, tf, payload, kept in due:
+            self._finalize(rid, tf, payload, kept)
         done = len(due)
         eh = self._early_heap
         while eh and eh[0][0] + self.window < wm:
@@ -404,7 +435,7 @@ class JoinState:
         self._close(rid, tf + self.window, True)
         self.emit(rid, self._encode(payload, 1.0, 1.0, ta))
 
-    def _finalize(self, rid: str, tf: int, payload: bytes) -> None:
+    def _finalize(self, rid: str, tf: int, payload: bytes, kept=None) -> None:
         ta = self._marked.pop(rid, None) if self._marked else None
         if ta is not None:
             self._emit_positive(rid, tf, payload, ta)
@@ -420,6 +451,15 @@ class JoinState:
         self._closed[rid] = (deadline, positive)
         heapq.heappush(self._closed_heap, (deadline, rid))
 
+    def _park(self, rid: str) -> tuple:
+        """What a spilled request keeps beside its row (the multi-label state)."""
+        return ()
+
+    def _kept(self, rid: str, row=None):
+        """The state kept beside a request being decided (in memory, or in
+        its spilled row): none here; the multi-label join's label state."""
+        return None
+
     def _spill(self) -> None:
         target = int(self.cfg.max_in_memory * 0.9)
         rows = []
@@ -431,6 +471,6 @@ class JoinState:
                 continue
             del self._pending[rid]
             o = entry[2] or ("", -1, -1)
-            rows.append((rid, deadline, entry[0], entry[1], o[0], o[1], o[2]))
+            rows.append((rid, deadline, entry[0], entry[1], o[0], o[1], o[2], *self._park(rid)))
         self._store.put_many(rows)
         self.counts["spilled"] += len(rows)

@@ -35,6 +35,13 @@ protobuf reference here, message by message. `--codec python` runs the
 reference alone (`JoinState`, `parse_features`); both write the same
 examples, counts and dead letters.
 
+Labels: a single-label job's `LabelRule` (or --positive, --window, ...)
+gives each example one binary label. A job with heads gives one named
+label per head (`Job.labels`, a rule per head), as do repeated `--label
+NAME:RULE` flags (`monolith_jax.stream.labels`; they replace the job's):
+each example then carries one `Label` per rule (version 2, `join_labels`;
+the C++ join decides them the same way).
+
 Examples leave in groups (ExampleBatch) bound for one partition, of at most
 `--group-size` examples and at most the producer's `message.max.bytes`
 less `kafka.PROTOCOL_HEADROOM` bytes. A group the broker still refuses
@@ -57,7 +64,8 @@ from monolith_jax.stream import kafka as K
 from monolith_jax.stream.dead_letters import DeadLetters
 from monolith_jax.stream.join_state import JoinConfig, JoinState
 from monolith_jax.stream.messages import (BATCH_OVERHEAD, EXAMPLE_OVERHEAD, MessageError, batch_entry_size,
-                                         encode_example_batch, features_to_binary, parse_action, parse_features)
+                                         encode_example_batch, features_to_binary, labels_overhead, parse_action,
+                                         parse_features)
 
 log = logging.getLogger("monolith_jax.stream.joiner")
 CODECS = ("native", "python")
@@ -182,18 +190,17 @@ class Joiner:
                  group: str = "monolith-joiner", spill_dir: str | None = None, commit_every_s: float = 0.5,
                  consumer_extra: dict | None = None, producer_extra: dict | None = None,
                  gate_group: str | None = None, max_lag: int = 40_000, group_size: int = 64, dense=(), sparse=(),
-                 codec: str = "native"):
+                 codec: str | None = None):
         """`dense`: the job's DenseFeatures; a non-finite value of one that
         declares a fill passes (the trainer fills it), else it is refused.
         `codec`: "native" reads and joins each consumed batch in C++
         (`native_join`; a message it cannot read goes to the protobuf
         reference), "python" does it all with the reference (`JoinState`,
         `parse_features`); both give the same examples, counts and dead
-        letters."""
+        letters. None (the default): "native"."""
         from confluent_kafka import Consumer, Producer
 
-        if codec not in CODECS:
-            raise ValueError(f"codec must be one of {', '.join(CODECS)}, got {codec!r}")
+        codec = pick_codec(config, codec)
         self.topics = {**K.TOPICS, **(topics or {})}
         self.dense = tuple(dense or ())
         self.sparse = tuple(sparse or ())  # the job's: records lacking one are dead-lettered here
@@ -214,6 +221,9 @@ class Joiner:
             encode_batch = fast_codec.encoders()[1]
         else:
             self.state = JoinState(config, self._emit, spill_dir, reject=self.dead.send)
+        # What an Example adds around a features record: its fields, and the labels at their largest.
+        self.example_overhead = EXAMPLE_OVERHEAD + labels_overhead(
+            [(name, 0.0, 1.0, True) for name, _ in config.labels])
         self.grouper = ExampleGrouper(self.producer, self.topics["examples"], group_size, max_bytes=max_bytes,
                                       dead=self.dead, encode_batch=encode_batch)
         self.commit_every_s = commit_every_s
@@ -282,7 +292,7 @@ class Joiner:
             if features:
                 rec = parse_features(value, self.dense, self.sparse)
                 payload = features_to_binary(value, rec)
-                if not self.grouper.fits(len(payload) + EXAMPLE_OVERHEAD):
+                if not self.grouper.fits(len(payload) + self.example_overhead):
                     raise MessageError(f"features record too large: {len(payload)} bytes; a message of the "
                                        f"examples topic holds at most {self.grouper.limit} bytes")
             else:
@@ -380,28 +390,75 @@ class Joiner:
             self.gate.close()
 
 
+def pick_codec(config: JoinConfig, codec: str | None) -> str:
+    """The codec a config runs with: `codec` if given, else "native" (both
+    join named labels, `JoinConfig.labels`, the same way)."""
+    if codec is not None and codec not in CODECS:
+        raise ValueError(f"codec must be one of {', '.join(CODECS)}, got {codec!r}")
+    return codec or "native"
+
+
 def config_from_args(args, job=None) -> JoinConfig:
-    """The join's rules: each flag given wins, then the job's `LabelRule`
-    (`job`, else `--job` loaded), then the defaults of `LabelRule`."""
+    """The join's rules: `--label`s given win; else each flag given wins,
+    then the job's `LabelRule` (`job`, else `--job` loaded), then the
+    defaults of `LabelRule`. A job with heads gives one named label per
+    head (`Job.label_rules`); the single-label flags (--positive,
+    --min-value, --window, --negative-rate) then do not apply."""
     from monolith_jax.job import LabelRule, load_job
+    from monolith_jax.stream.labels import rules_from_args
 
     if job is None and getattr(args, "job", None):
         job = load_job(args.job)
+    common = dict(lateness_s=args.lateness, max_in_memory=args.max_in_memory, seed=args.seed,
+                  emit_positives=args.emit_positives,
+                  max_future_s=getattr(args, "max_future_s", None) or JoinConfig.max_future_s)
+    single = {"--positive": args.positive, "--min-value": args.min_value, "--window": args.window,
+              "--negative-rate": args.negative_rate}
+    given = [flag for flag, value in single.items() if value is not None]
+    given_say = f"{', '.join(given)} {'describes' if len(given) == 1 else 'describe'} a single label"
+    labels = getattr(args, "label", None)
+    if labels:
+        rules = rules_from_args(labels)
+        if given:
+            raise ValueError(f"{given_say}; with --label each label gives its own "
+                             "(e.g. --label click:positive=click,window=60,rate=0.5)")
+        if job is not None and job.heads:
+            heads = [h.name for h in job.heads]
+            lacking = [h for h in heads if h not in rules]
+            if lacking:
+                log.warning("--label gives no rule for the job's heads %s: their examples lack those labels",
+                            lacking)
+        return JoinConfig(labels=rules, **common)
+    if job is not None and job.heads:
+        rules = job.label_rules()
+        if rules is None:
+            raise ValueError(f"job {job.name!r} has heads {[h.name for h in job.heads]} but no label rules: give "
+                             "it labels={head: LabelRule, ...}, or the joiner --label NAME:... per head")
+        if given:
+            raise ValueError(f"{given_say}; job {job.name!r} labels its heads "
+                             f"{sorted(rules)} by its own rules (override them with --label)")
+        return JoinConfig(labels=rules, **common)
     rule = job.labels if job is not None else LabelRule()
     pick = lambda flag, value: value if flag is None else flag  # noqa: E731
-    return JoinConfig(window_s=pick(args.window, rule.window_s), lateness_s=args.lateness,
+    return JoinConfig(window_s=pick(args.window, rule.window_s),
                       positive_types=tuple(args.positive.split(",")) if args.positive else rule.positive,
                       min_value=pick(args.min_value, rule.min_value),
-                      negative_rate=pick(args.negative_rate, rule.negative_rate),
-                      max_in_memory=args.max_in_memory, seed=args.seed, emit_positives=args.emit_positives,
-                      max_future_s=getattr(args, "max_future_s", None) or JoinConfig.max_future_s)
+                      negative_rate=pick(args.negative_rate, rule.negative_rate), **common)
 
 
 def add_join_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--job", default=None,
                    help="MODULE:NAME of the job whose LabelRule gives the defaults of --positive, --min-value, "
-                        "--window and --negative-rate, and whose dense features say which may be non-finite "
-                        "(those with a fill)")
+                        "--window and --negative-rate (a job with heads: one named label per head, by its "
+                        "labels), and whose dense features say which may be non-finite (those with a fill)")
+    p.add_argument("--label", action="append", default=None, metavar="NAME:RULE",
+                   help="a named label (repeat for several; replaces the job's labels, and the examples then "
+                        "carry one Label per --label): NAME:positive=TYPE[+TYPE...][,min=V][,window=S][,rate=R]"
+                        "[,given=LABEL] (binary: 1 if such an action, value >= min, came within window seconds; "
+                        "0s kept with probability rate) or NAME:value=TYPE[,default=V][,window=S][,given=LABEL] "
+                        "(the earliest such action's value; without one, default, else undefined). given: "
+                        "defined only where that binary label is 1. Defaults: window 300, rate 1, min none, "
+                        "no default")
     p.add_argument("--window", type=float, default=None,
                    help="seconds of event time to wait for an action (default: the job's, else 300)")
     p.add_argument("--lateness", type=float, default=10.0, help="seconds messages may arrive out of order")
@@ -422,7 +479,23 @@ def add_join_args(p: argparse.ArgumentParser) -> None:
 
 def warn_if_unlabelled(stats: dict, config: JoinConfig, out=None) -> str | None:
     """A line saying the stream's actions made no positive (the joiner's
-    rule and the producer's action types disagree), or None."""
+    rule and the producer's action types disagree), or None; for a
+    multi-label config, one line per label that no action set."""
+    if config.labels:
+        lines = []
+        if stats.get("actions", 0):
+            for name, rule in config.labels:
+                got = stats.get(f"{name}:positives" if rule.binary else f"{name}:values", 0)
+                if not got:
+                    what = (f"positive={'+'.join(rule.positive)} with value >= {rule.min_value}" if rule.binary
+                            else f"value={rule.value_of}")
+                    lines.append(f"joiner: {stats['actions']:,} actions but label {name!r} was never set: none "
+                                 f"matched {what} ({stats.get('other_actions', 0):,} actions no label reads). "
+                                 "Check that its rule (the job's labels or --label) names the producer's action "
+                                 "types")
+        for line in lines:
+            log.warning(line)
+        return "\n".join(lines) or None
     if stats.get("actions", 0) and not stats.get("positives", 0):
         line = (f"joiner: {stats['actions']:,} actions but no positive: none matched "
                 f"--positive {','.join(config.positive_types)} with value >= {config.min_value} "
@@ -447,8 +520,9 @@ def main(argv=None) -> int:
     p.add_argument("--gate-group", default=None, help="consumer group (the trainers') not to outrun")
     p.add_argument("--max-lag", type=int, default=40_000, help="examples the gate group may fall behind")
     p.add_argument("--group-size", type=int, default=64, help="examples per Kafka value (1: plain Examples)")
-    p.add_argument("--codec", choices=CODECS, default="native",
-                   help="read messages and write examples in C++, or with the protobuf reference alone")
+    p.add_argument("--codec", choices=CODECS, default=None,
+                   help="read messages and write examples in C++, or with the protobuf reference alone "
+                        "(default: native)")
     for name, default in K.TOPICS.items():
         p.add_argument(f"--topic-{name.replace('_', '-')}", default=default, help=f"the {name} topic")
     add_join_args(p)
@@ -458,13 +532,17 @@ def main(argv=None) -> int:
     from monolith_jax.job import load_job
 
     job = load_job(args.job) if args.job else None
-    config = config_from_args(args, job)
+    try:
+        config = config_from_args(args, job)
+        codec = pick_codec(config, args.codec)
+    except ValueError as err:
+        p.error(str(err))
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     joiner = Joiner(args.bootstrap, config, topics, args.group, args.spill_dir,
                     gate_group=args.gate_group, max_lag=args.max_lag, group_size=args.group_size,
                     dense=job.dense if job is not None else (), sparse=job.sparse if job is not None else (),
-                    codec=args.codec)
+                    codec=codec)
     try:
         stats = joiner.run(args.idle_flush, args.exit_when_idle, args.max_seconds, stop, args.report_every)
     finally:

@@ -42,14 +42,24 @@ class NativeJoinState:
         self._store = SpillStore(spill_dir)
         dense, sparse = tuple(dense or ()), tuple(sparse or ())
         seed = str(config.seed).encode() + b"\0"
+        labels, order, self._counters, window = [], [], COUNTERS, int(round(config.window_s * 1000))
+        if config.labels:  # the multi-label join (join_labels' rules)
+            from monolith_jax.stream.labels import Labeller
+
+            lab = Labeller(config.labels, config.seed)
+            labels = [(name, list(r.action_types), r.binary, float(r.min_value), w, t, float(r.negative_rate),
+                       r.default is not None, float(r.default or 0.0), -1 if g is None else g)
+                      for name, r, w, t, g in zip(lab.names, lab.rules, lab.windows, lab.thresholds, lab.given)]
+            order = list(lab.order)
+            self._counters, window = COUNTERS + lab.counters, lab.window
         self._core = engine().JoinCore(
-            int(round(config.window_s * 1000)), int(round(config.lateness_s * 1000)), list(config.positive_types),
+            window, int(round(config.lateness_s * 1000)), list(config.positive_types),
             float(config.min_value), int(config.negative_rate * 2**32), zlib.crc32(seed), float(config.negative_rate),
             config.emit_positives == "at_window_end", int(config.max_in_memory), config.max_future_s * 1000.0,
             float(config.max_future_s), float(config.idle_partition_s), self._store, emit,
             reject if reject is not None else _ignore, features_topic,
             sorted({f.source for f in dense if f.fill is not None}), list(dict.fromkeys(f.source for f in sparse)),
-            list(dict.fromkeys(f.source for f in dense if f.fill is None)))
+            list(dict.fromkeys(f.source for f in dense if f.fill is None)), labels, order)
 
     # ------------------------------------------------------------ inputs
     def add_features(self, rid: str, event_ms: int, payload: bytes, origin=None, ref=None) -> None:
@@ -91,7 +101,7 @@ class NativeJoinState:
 
     @property
     def counts(self) -> dict:
-        return dict(zip(COUNTERS, self._core.counts()))
+        return dict(zip(self._counters, self._core.counts()))
 
     @property
     def watermark(self) -> int:

@@ -15,8 +15,10 @@ seconds after the request. Rows are produced in event-time order (the log
 is read whole and sorted stably by time), keyed by request id.
 
 The joiner must label with the same action types: give the job a
-`LabelRule(positive=...)` naming them (or `monolith join --positive`); it
-warns when a stream's actions made no positive.
+`LabelRule(positive=...)` naming them (or `monolith join --positive`), or,
+for a job with heads, one rule per head (`labels={"click": ..., "buy":
+...}`, each action type of the log a column); it warns when a stream's
+actions made no positive (per label).
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ class SpillStore:
         self._db.execute("PRAGMA journal_mode=OFF")
         self._db.execute("PRAGMA synchronous=OFF")
         self._db.execute("CREATE TABLE pending (rid TEXT PRIMARY KEY, deadline INTEGER, event_ms INTEGER, "
-                         "payload BLOB, topic TEXT, part INTEGER, off INTEGER)")
+                         "payload BLOB, topic TEXT, part INTEGER, off INTEGER, state TEXT)")
         self._db.execute("CREATE INDEX by_deadline ON pending (deadline)")
         self._n = 0
 
@@ -44,12 +44,14 @@ class SpillStore:
         return self._n
 
     def put_many(self, rows) -> None:
-        """rows: (rid, deadline, event_ms, payload, topic, partition, offset)."""
-        rows = [(rid, _int64(deadline), _int64(event_ms), payload, topic, _int64(part), _int64(off))
-                for rid, deadline, event_ms, payload, topic, part, off in rows]
+        """rows: (rid, deadline, event_ms, payload, topic, partition, offset[, state]);
+        `state` (text: a multi-label join's per-label state) comes back as
+        the row's eighth field, None if not given."""
+        rows = [(r[0], _int64(r[1]), _int64(r[2]), r[3], r[4], _int64(r[5]), _int64(r[6]),
+                 r[7] if len(r) > 7 else None) for r in rows]
         if rows:
             self._db.execute("BEGIN")
-            self._db.executemany("INSERT OR REPLACE INTO pending VALUES (?,?,?,?,?,?,?)", rows)
+            self._db.executemany("INSERT OR REPLACE INTO pending VALUES (?,?,?,?,?,?,?,?)", rows)
             self._db.execute("COMMIT")
             self._n = self._db.execute("SELECT COUNT(*) FROM pending").fetchone()[0]
 

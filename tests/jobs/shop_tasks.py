@@ -21,6 +21,10 @@ import monolith_jax as mj
 from tests.jobs.shop import DENSE, DIM, SPARSE
 
 HEADS = (mj.Head("click", label="clicked"), mj.Head("buy", label="bought", missing="mask"))
+# How the joiner labels the stream, per head: a click within 30 s, and a
+# purchase within 30 s, defined only where there was a click.
+LABELS = {"click": mj.LabelRule(positive=("click",), window_s=30.0),
+          "buy": mj.LabelRule(positive=("buy",), given="click", window_s=30.0)}
 
 
 class SharedBottom(nnx.Module):
@@ -39,7 +43,14 @@ class SharedBottom(nnx.Module):
 
 
 def make_job(heads=HEADS, name: str = "shop_tasks", **kwargs) -> mj.Job:
-    """The job, or a variant with fewer heads (a single-task baseline)."""
+    """The job, or a variant with fewer heads (a single-task baseline; a
+    "buy" head alone then has no click to be given, and is labelled by
+    purchases alone)."""
+    names = [h.name for h in heads]
+    rules = {n: LABELS[n] for n in names if n in LABELS}
+    if "buy" in rules and "click" not in rules:
+        rules["buy"] = mj.LabelRule(positive=("buy",), window_s=30.0)
+    kwargs.setdefault("labels", rules if len(rules) == len(names) else None)
     kwargs.setdefault("log", mj.LogSpec(time_column="ts", request_id_column="request",
                                         actions={"click": "clicked", "buy": "bought"}))
     return mj.Job(
@@ -51,7 +62,6 @@ def make_job(heads=HEADS, name: str = "shop_tasks", **kwargs) -> mj.Job:
         optimizer=optax.adam(3e-3),
         heads=heads,
         batch_size=256,
-        labels=mj.LabelRule(positive=("click",), window_s=30.0),
         **kwargs,
     )
 
