@@ -339,6 +339,11 @@ def run_demo(job_spec: str, data=None, seconds: float = 150.0, rate: float = 200
     from monolith_jax.stream.replay import job_messages, replay
 
     job = load_job(job_spec)
+    if job.label_rules() is not None and len(job.heads) > 1:
+        # Its freshness probe and AUC line read one probability per request.
+        raise SystemExit(f"monolith demo runs jobs of one label; {job_spec} has the heads "
+                         f"{[h.name for h in job.heads]}: run it with monolith replay, join, train, serving-ps "
+                         "and predictor (the README's 'Several objectives' section)")
     run_dir = run_dir or tempfile.mkdtemp(prefix="monolith-demo-")
     os.makedirs(run_dir, exist_ok=True)
     messages = job_messages(job, data, args, getattr(args, "limit", None), seed)

@@ -28,12 +28,20 @@ def joiner_command(bootstrap: str, group: str, labels, topics: dict | None = Non
                    lateness_s: float = 1.0, job_spec: str | None = None) -> list:
     """The `monolith join` process for a job's `LabelRule` (flags override
     it); with `job_spec` (MODULE:NAME) the joiner also reads the job's dense
-    features (a declared fill lets a missing value through)."""
+    features (a declared fill lets a missing value through). Rules by head
+    name (a job with heads) come from the job itself: `job_spec` is then
+    needed, and `window_s` and `negative_rate` do not apply."""
     cmd = [sys.executable, "-m", "monolith_jax.cli", "join", "--bootstrap", bootstrap, "--group", group,
-           "--window", str(labels.window_s if window_s is None else window_s), "--lateness", str(lateness_s),
-           "--positive", ",".join(labels.positive), f"--min-value={labels.min_value}",
-           "--negative-rate", str(labels.negative_rate if negative_rate is None else negative_rate),
-           "--idle-flush", str(idle_flush_s), "--report-every", "0",
+           "--lateness", str(lateness_s)]
+    if isinstance(labels, dict):
+        if not job_spec or window_s is not None or negative_rate is not None:
+            raise ValueError("a job with a label rule per head is joined by its own rules: give job_spec, "
+                             "and no window_s or negative_rate")
+    else:
+        cmd += ["--window", str(labels.window_s if window_s is None else window_s),
+                "--positive", ",".join(labels.positive), f"--min-value={labels.min_value}",
+                "--negative-rate", str(labels.negative_rate if negative_rate is None else negative_rate)]
+    cmd += ["--idle-flush", str(idle_flush_s), "--report-every", "0",
            # A replay packs sessions into seconds: emitting at window end keeps
            # each request's label from reaching the model before the negatives
            # served beside it (delayed-feedback bias). "on_action" is freshest.

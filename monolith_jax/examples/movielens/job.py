@@ -49,3 +49,50 @@ job = Job(
     labels=LabelRule(positive=R.POSITIVE_TYPES, min_value=R.MIN_VALUE, window_s=60.0, negative_rate=0.5),
     source=source,
 )
+
+
+def two_heads_model(rngs, dim: int = DIM, hidden=(128, 64)):
+    from monolith_jax.models import MMoE
+
+    return MMoE(R.FIELDS, dim, n_experts=4, expert_hidden=tuple(hidden), tower_hidden=(32,),
+                tasks=("like", "rating"), rngs=rngs)
+
+
+def _heads():
+    from monolith_jax.heads import Head
+
+    return (Head("like", label="rating", threshold=R.MIN_VALUE),
+            Head("rating", loss="squared", label="rating", weight=0.2, missing="mask"))
+
+
+LIKE = LabelRule(positive=R.POSITIVE_TYPES, min_value=R.MIN_VALUE, window_s=60.0, negative_rate=0.5)
+
+# Two objectives from one stream: "like" (a rating >= 4, binary; unrated
+# impressions are negatives, half of them kept) and "rating" (the rating
+# itself, squared error; defined only where the user rated), by an MMoE.
+# The joiner writes both labels on each example (messages version 2).
+two_heads = Job(
+    name="movielens_two_heads",
+    sparse=R.movielens_features(),
+    tables=[TableConfig("ids", DIM, Normal(0.0, 0.01), Adagrad(0.05))],
+    model=two_heads_model,
+    optimizer=optax.adam(1e-3),
+    heads=_heads(),
+    batch_size=1024,
+    labels={"like": LIKE, "rating": LabelRule(value_of=R.POSITIVE_TYPES[0], window_s=60.0)},
+    source=source,
+)
+
+# The single-head DeepFM of `job`, reading the "like" label of the two-head
+# stream (a job of one named head reads that label of version-2 examples).
+like_only = Job(
+    name="movielens_like_only",
+    sparse=R.movielens_features(),
+    tables=tables(),
+    model=model,
+    optimizer=optax.adam(1e-3),
+    heads=_heads()[:1],
+    batch_size=1024,
+    labels=LIKE,
+    source=source,
+)
