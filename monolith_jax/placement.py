@@ -139,99 +139,168 @@ def _lookup(tables, keys: dict, rows: dict | None = None, mask: dict | None = No
     return rows
 
 
-def steps(trainer, source, overlap: bool = True, staleness: int = 0, stats: dict | None = None):
-    """Trains on every batch of `source` with the host-tables step, yielding
-    (batch, loss) per step (loss a device scalar; step k is yielded once its
-    gradients are back, with the apply of part of them still to come). When
-    the generator ends or is closed, every gradient has been applied.
-    stats: a dict that gets the seconds spent per phase (decode, lookup,
-    dispatch, wait, apply), steps, stale_ids and skipped_rows (non-finite
-    gradient rows the tables refused)."""
-    import jax
+class Done:
+    """A step whose update is wholly applied: the batch, its loss (a device
+    scalar), its stamp and the caller's tag given to `HostPipeline.submit`."""
 
-    if staleness not in (0, 1):
-        raise ValueError(f"staleness must be 0 or 1 (steps a looked-up row may lag), got {staleness!r}")
-    stats = {} if stats is None else stats
-    clock = _Clock(stats)
-    tables = trainer.collection.tables
-    mesh = trainer.mesh_dense
-    dense = trainer._dense if mesh is None else mesh
-    it = iter(source)
-    pending = None  # (keys, grads, stamp, mask): a step's gradients still to apply
-    try:
-        batch = next(it, None)
+    __slots__ = ("batch", "loss", "stamp", "tag")
+
+    def __init__(self, batch, loss, stamp, tag):
+        self.batch, self.loss, self.stamp, self.tag = batch, loss, stamp, tag
+
+
+class HostPipeline:
+    """The host-tables step, batch by batch, overlapped with the device when
+    `overlap` (see the module docstring). `submit(batch)` starts the batch's
+    step and returns the steps now wholly applied (`Done`, in order): with
+    overlap, the one before it (its device step ran while the caller
+    decoded this batch; its gradients are applied now), without, this one.
+    `drain()` finishes every step started and returns the rest; after it,
+    nothing is in flight (the tables and dense params hold every step
+    submitted). Both `Trainer.fit` and the online trainer drive it; a caller
+    that commits a batch's input (Kafka offsets) does so when it is Done.
+
+    Between two `submit`s the caller's own work (decoding the next batch,
+    fetching it from a stream) overlaps the device step. `before(batch)`,
+    if given to `submit`, runs just before that batch's step is dispatched,
+    when every row it reads holds the steps before it (staleness=0): the
+    online trainer's prequential scores, equal to those without overlap.
+
+    stats: a dict that gets the seconds spent per phase (decode: the
+    caller's time between submits, lookup, dispatch, wait, apply), steps,
+    stale_ids and skipped_rows (non-finite gradient rows the tables refused)."""
+
+    def __init__(self, trainer, overlap: bool = True, staleness: int = 0, stats: dict | None = None):
+        if staleness not in (0, 1):
+            raise ValueError(f"staleness must be 0 or 1 (steps a looked-up row may lag), got {staleness!r}")
+        self.trainer, self.overlap, self.staleness = trainer, bool(overlap), staleness
+        self.stats = {} if stats is None else stats
+        self.clock = _Clock(self.stats)
+        self.tables = trainer.collection.tables
+        # (batch, keys, device row gradients, stamp, loss, tag): dispatched, gradients not yet back
+        self._inflight = None
+        # (keys, host gradients, stamp, mask, Done): a step's gradients of the ids in mask, still to apply
+        self._pending = None
+
+    @property
+    def busy(self) -> bool:
+        """A step is in flight or partly applied (`drain` finishes it)."""
+        return self._inflight is not None or self._pending is not None
+
+    def _dispatch(self, batch, keys, rows, stamp, tag) -> None:
+        import jax
+
+        trainer, mesh = self.trainer, self.trainer.mesh_dense
+        # one transfer of the step's rows (split over the devices of a mesh)
+        on_device = jax.device_put(rows) if mesh is None else mesh.rows(rows)
+        dense = trainer._dense if mesh is None else mesh
+        trainer.params, trainer.opt_state, loss, g_rows = dense(trainer.params, trainer.opt_state, on_device, batch)
+        trainer.step_count += 1
+        trainer.examples += int(np.sum(batch.weights))
+        self._inflight = (batch, keys, g_rows, stamp, loss, tag)
+        self.clock.lap("dispatch")
+
+    def _finish_pending(self) -> list:
+        if self._pending is None:
+            return []
+        keys, grads, stamp, mask, done = self._pending
+        self._pending = None
+        _apply(self.tables, keys, grads, stamp, self.stats, mask)
+        self.clock.lap("apply")
+        return [done]
+
+    def submit(self, batch, stamp: int | None = None, tag=None, before=None) -> list:
+        """Starts `batch`'s step (stamp: its rows' last_update, default the
+        step count) and returns the steps now wholly applied (`Done`s)."""
+        clock, tables, trainer = self.clock, self.tables, self.trainer
         clock.lap("decode")
-        if batch is None:
-            return
+        stamp = trainer.step_count if stamp is None else stamp
         keys = table_keys(trainer.collection, batch)
-        rows = _lookup(tables, keys)
-        clock.lap("lookup")
-        while batch is not None:
-            stamp = trainer.step_count
-            # one transfer of the step's rows (split over the devices of a mesh)
-            on_device = jax.device_put(rows) if mesh is None else mesh.rows(rows)
-            trainer.params, trainer.opt_state, loss, g_rows = dense(
-                trainer.params, trainer.opt_state, on_device, batch)
-            trainer.step_count += 1
-            trainer.examples += int(np.sum(batch.weights))
-            clock.lap("dispatch")
-            if not overlap:
-                g_rows = jax.device_get(g_rows)
-                clock.lap("wait")
-                _apply(tables, keys, g_rows, stamp, stats)
-                clock.lap("apply")
-                stats["steps"] += 1
-                yield batch, loss
-                clock.t = time.perf_counter()
-                batch = next(it, None)
-                clock.lap("decode")
-                if batch is not None:
-                    keys = table_keys(trainer.collection, batch)
-                    rows = _lookup(tables, keys)
-                    clock.lap("lookup")
-                continue
-            if pending is not None:  # the previous step's rest, while this one runs
-                _apply(tables, *pending[:2], pending[2], stats, pending[3])
-                pending = None
-                clock.lap("apply")
-            nxt = next(it, None)
-            clock.lap("decode")
-            later = None
-            if nxt is not None:
-                nkeys = table_keys(trainer.collection, nxt)
-                if staleness:
-                    for name, k in nkeys.items():
-                        stats["stale_ids"] += int(np.isin(k, keys[name]).sum())
-                    nrows = _lookup(tables, nkeys)
-                else:
-                    # batch k+1's ids that batch k holds are read after step k's apply
-                    later = {name: np.isin(k, keys[name]) for name, k in nkeys.items()}
-                    nrows = _lookup(tables, nkeys, mask={name: ~m for name, m in later.items()})
+        if not self.overlap or self._inflight is None:
+            out = self.drain() if not self.overlap else self._finish_pending()
+            self._before(before, batch)
+            rows = _lookup(tables, keys)
+            clock.lap("lookup")
+            self._dispatch(batch, keys, rows, stamp, tag)
+            if not self.overlap:
+                out += self.drain()
+            return out
+        pbatch, pkeys, g_rows, pstamp, loss, ptag = self._inflight
+        self._inflight = None
+        done = Done(pbatch, loss, pstamp, ptag)
+        if self.staleness:
+            for name, k in keys.items():
+                self.stats["stale_ids"] += int(np.isin(k, pkeys[name]).sum())
+            self._before(before, batch)
+            rows = _lookup(tables, keys)
+            clock.lap("lookup")
+            g_rows = self._wait(g_rows)
+            self._pending = (pkeys, g_rows, pstamp, None, done)
+        else:
+            # this batch's ids that the step in flight holds are read after its apply
+            later = {name: np.isin(k, pkeys[name]) for name, k in keys.items()}
+            rows = None
+            if before is None:  # the others while the device runs (a lookup may create rows: none before scores)
+                rows = _lookup(tables, keys, mask={name: ~m for name, m in later.items()})
                 clock.lap("lookup")
-            g_rows = jax.device_get(g_rows)  # one transfer back
-            clock.lap("wait")
-            if nxt is None:
-                _apply(tables, keys, g_rows, stamp, stats)
-            elif staleness:
-                pending = (keys, g_rows, stamp, None)
-            else:
-                shared = {name: np.isin(k, nkeys[name]) for name, k in keys.items()}
-                _apply(tables, keys, g_rows, stamp, stats, shared)
-                pending = (keys, g_rows, stamp, {name: ~m for name, m in shared.items()})
+            g_rows = self._wait(g_rows)
+            shared = {name: np.isin(k, keys[name]) for name, k in pkeys.items()}
+            _apply(tables, pkeys, g_rows, pstamp, self.stats, shared)
+            self._pending = (pkeys, g_rows, pstamp, {name: ~m for name, m in shared.items()}, done)
             clock.lap("apply")
-            if later is not None:
-                _lookup(tables, nkeys, nrows, later)
-                clock.lap("lookup")
-            stats["steps"] += 1
-            yield batch, loss
-            clock.t = time.perf_counter()
-            if nxt is not None:
-                batch, keys, rows = nxt, nkeys, nrows
-            else:
-                batch = None
+            if before is None:
+                _lookup(tables, keys, rows, later)
+            else:  # every row this batch reads now holds the steps before it
+                self._before(before, batch)
+                rows = _lookup(tables, keys)
+            clock.lap("lookup")
+        self.stats["steps"] += 1
+        self._dispatch(batch, keys, rows, stamp, tag)
+        # the rest of the step before, while this one runs
+        return self._finish_pending()
+
+    def _wait(self, g_rows):
+        import jax
+
+        g_rows = jax.device_get(g_rows)  # one transfer back
+        self.clock.lap("wait")
+        return g_rows
+
+    def _before(self, before, batch) -> None:
+        if before is not None:
+            before(batch)
+            self.clock.lap("decode")
+
+    def drain(self) -> list:
+        """Finishes every step started; returns their `Done`s (in order)."""
+        self.clock.lap("decode")
+        out = self._finish_pending()
+        if self._inflight is not None:
+            batch, keys, g_rows, stamp, loss, tag = self._inflight
+            self._inflight = None
+            g_rows = self._wait(g_rows)
+            _apply(self.tables, keys, g_rows, stamp, self.stats)
+            self.clock.lap("apply")
+            self.stats["steps"] += 1
+            out.append(Done(batch, loss, stamp, tag))
+        return out
+
+
+def steps(trainer, source, overlap: bool = True, staleness: int = 0, stats: dict | None = None):
+    """Trains on every batch of `source` with the host-tables step
+    (`HostPipeline`), yielding (batch, loss) per step once its update is
+    applied (loss a device scalar). When the generator ends or is closed,
+    every gradient has been applied."""
+    pipe = HostPipeline(trainer, overlap, staleness, stats)
+    try:
+        for batch in source:
+            for done in pipe.submit(batch):
+                yield done.batch, done.loss
+                pipe.clock.t = time.perf_counter()  # the consumer's time is not the host's work
+        for done in pipe.drain():
+            yield done.batch, done.loss
     finally:
-        if pending is not None:
-            _apply(tables, *pending[:2], pending[2], stats, pending[3])
+        pipe.drain()
 
 
 class MeshDense:

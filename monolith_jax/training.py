@@ -434,10 +434,25 @@ class Trainer:
         the host-tables step overlapped with the device where asked (a
         data-parallel step is synchronous: `train_step_host` per batch)."""
         if self.step_placement() == "host" and self.data_parallel is None:
-            overlap = self.overlap if self.overlap is not None else _placement.dense_platform() != "cpu"
-            return _placement.steps(self, source, overlap=overlap, staleness=self.staleness,
+            return _placement.steps(self, source, overlap=self.overlapping(), staleness=self.staleness,
                                     stats=self.host_stats)
         return ((batch, self.train_step(batch)) for batch in source)
+
+    def overlapping(self) -> bool:
+        """Whether the host-tables step overlaps the host's work with the
+        device: `overlap` if given, else when the dense step runs off the CPU."""
+        return self.overlap if self.overlap is not None else _placement.dense_platform() != "cpu"
+
+    def host_pipeline(self, overlap: bool | None = None) -> "_placement.HostPipeline":
+        """The host-tables step batch by batch (`placement.HostPipeline`:
+        `submit(batch, stamp=)` returns the steps wholly applied, `drain()`
+        the rest), overlapped as `overlapping()` says (or `overlap`), with
+        this trainer's staleness; its phases add up in `host_stats`. Not for
+        a data-parallel trainer (its step is collective: `train_step_host`)."""
+        if self.data_parallel is not None:
+            raise ValueError("a data-parallel trainer steps in lockstep: train_step_host per batch")
+        return _placement.HostPipeline(self, self.overlapping() if overlap is None else overlap, self.staleness,
+                                       self.host_stats)
 
     def _epoch(self, source, progress: _Progress, steps_before: int, prefix: str) -> dict:
         """One pass over `source`: {steps, examples, seconds, loss, loss_sum}."""
