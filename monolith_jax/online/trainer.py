@@ -247,6 +247,13 @@ class OnlineTrainer:
         self.remote = {name: t for name, t in trainer.tables.items() if not hasattr(t, "dump")}
         self.host_step = self.dp is not None or bool(self.remote) or trainer.step_placement() == "host"
         self.chief = self.dp is None or self.dp.chief
+        # The host-tables step overlapped as the trainer's `overlap` says (by
+        # default off the CPU): the next batch is fetched and decoded while
+        # the device runs this one, and a batch counts as trained (offsets,
+        # on_batch) once its update is applied (`placement.HostPipeline`).
+        # A data-parallel group steps in lockstep, without.
+        self.pipeline = trainer.host_pipeline() if self.host_step and self.dp is None and \
+            trainer.overlapping() else None
         self._empty = None
         self.pusher = None
         if serving_ps:
@@ -333,6 +340,7 @@ class OnlineTrainer:
         # from them, synchronously, then drop the batch being filled and what
         # was fetched but not trained; the next owner reads from the commit.
         revoked = {(p.topic, p.partition) for p in partitions}
+        self._drain()  # the steps in flight count as trained (their offsets are committed below)
         self._building = None
         self._carry = []
         self._revoked = True
@@ -465,38 +473,66 @@ class OnlineTrainer:
         rows = info["rows"]
         if not rows and agreed_rows:
             self.trainer.train_step_host(batch, stamp=self._stamp())
-        if rows:
-            if self.prequential:
-                scores = self.trainer.predict(batch)
-                if self.head_logs is not None:
-                    self.head_logs.add(batch, scores, rows, info["event_time_ms"])
-                else:
-                    self.log.add(np.asarray(batch.labels)[:rows], scores[:rows], info["event_time_ms"])
-            self.max_event_ms = max(self.max_event_ms, int(info["event_time_ms"].max()))
-            self._note_negative_rates(batch, info, rows)
-            step = self.trainer.train_step_host if self.host_step else self.trainer.train_step
-            step(batch, stamp=self._stamp())
-            if self.dense_exchange is not None:
-                self.dense_exchange.after_step(self.trainer)
-            self.examples += rows
-            self.batches += 1
-            if self.dedup is not None:
-                self.dedup.add(info["request_hash"], info["event_time_ms"])
-            if self.on_batch is not None:
-                self.on_batch(self, batch, info)
+        done = []
         real = status != -3
         if real.any():
             parts, offs = info["partition"][real], info["offset"][real]
             topic = self.topics["examples"]
             done = [TopicPartition(topic, int(p), int(offs[parts == p].max()) + 1) for p in np.unique(parts)]
-            for tp in done:
-                self._committed[(tp.topic, tp.partition)] = tp
-                self._resume.pop((tp.topic, tp.partition), None)
-            if self.snapshots is None:
-                self._commit(done, asynchronous=True)
+        if rows:
+            def score(batch):
+                scores = self.trainer.predict(batch)
+                if self.head_logs is not None:
+                    self.head_logs.add(batch, scores, rows, info["event_time_ms"])
+                else:
+                    self.log.add(np.asarray(batch.labels)[:rows], scores[:rows], info["event_time_ms"])
+
+            self.max_event_ms = max(self.max_event_ms, int(info["event_time_ms"].max()))
+            self._note_negative_rates(batch, info, rows)
+            if self.pipeline is not None:  # scored once the rows it reads hold every step before it
+                self._trained(self.pipeline.submit(batch, stamp=self._stamp(), tag=(info, done),
+                                                   before=score if self.prequential else None))
+            else:
+                if self.prequential:
+                    score(batch)
+                step = self.trainer.train_step_host if self.host_step else self.trainer.train_step
+                step(batch, stamp=self._stamp())
+            if self.dense_exchange is not None:
+                self.dense_exchange.after_step(self.trainer)
+            self.examples += rows
+            self.batches += 1
+            if self.dedup is not None:  # taken now: the next batch (filled while this one trains) skips its requests
+                self.dedup.add(info["request_hash"], info["event_time_ms"])
+            if self.pipeline is None:
+                self._trained([(batch, (info, done))])
+        elif done:  # dead letters only: their offsets after every batch before them
+            self._drain()
+            self._mark_trained(done)
         if self.dp is None and self.snapshots is not None and self.snapshots.due(self.trainer.step_count):
             self._snapshot()
         return rows
+
+    def _trained(self, steps) -> None:
+        """Batches whose update is applied ((batch, (info, offsets)), or the
+        pipeline's `Done`s): on_batch, then their offsets."""
+        for step in steps:
+            batch, (info, done) = (step.batch, step.tag) if not isinstance(step, tuple) else step
+            if self.on_batch is not None:
+                self.on_batch(self, batch, info)
+            self._mark_trained(done)
+
+    def _mark_trained(self, done: list) -> None:
+        for tp in done:
+            self._committed[(tp.topic, tp.partition)] = tp
+            self._resume.pop((tp.topic, tp.partition), None)
+        if done and self.snapshots is None:
+            self._commit(done, asynchronous=True)
+
+    def _drain(self) -> None:
+        """Finishes the steps in flight (overlapped host-tables step): after
+        it every batch taken is trained and its offsets marked."""
+        if self.pipeline is not None and self.pipeline.busy:
+            self._trained(self.pipeline.drain())
 
     def _note_negative_rates(self, batch, info: dict, rows: int) -> None:
         labels = np.asarray(batch.labels)[:rows]
@@ -543,6 +579,7 @@ class OnlineTrainer:
         after it. A data-parallel group (all members call this between the
         same two steps) takes one snapshot, written by the chief: the dense
         params (the same everywhere) and every member's offsets and counts."""
+        self._drain()  # every applied update of the steps before it, and their offsets
         meta = self._snapshot_meta()
         step = self.trainer.step_count
         if self.dp is None:
@@ -681,6 +718,8 @@ class OnlineTrainer:
             raise
         finally:
             self._carry = []  # fetched, not taken: the next run re-reads them
+            if not failed:    # the steps in flight, applied and their offsets marked (a failed run re-reads them)
+                self._drain()
             if self._t_first is not None:
                 import jax
 
