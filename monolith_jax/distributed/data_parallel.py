@@ -125,9 +125,27 @@ class DataParallel:
 
     def attach(self, trainer) -> None:
         """Starts `trainer` from process 0's dense params and optimizer state
-        and routes its host-tables step through the all-reduced program."""
+        and routes its host-tables step through the all-reduced program.
+
+        A group of one process has no one to all-reduce with: its trainer
+        takes the mesh route over this process's devices instead
+        (`Trainer(mesh=)`, `placement.MeshDense`: params and optimizer state
+        replicated on the devices and updated there, never copied through
+        the host between steps; the batch split over them; overlapped as
+        the trainer's `overlap` says), and `trainer.data_parallel` stays
+        None (nothing to agree on). Several processes keep this program,
+        which copies each process's params through the host every step
+        (its arrays span every process's devices; the trainer's stay its
+        own, to score and snapshot)."""
         import jax
 
+        if self.num_processes == 1:
+            from monolith_jax.placement import MeshDense
+
+            trainer.mesh_dense = MeshDense(trainer, self.mesh)
+            trainer.params = trainer.mesh_dense.place(trainer.params)
+            trainer.opt_state = trainer.mesh_dense.place(trainer.opt_state)
+            return  # (tables on training PS shards keep one contributor a round)
         trainer.params = jax.device_put(self.broadcast(trainer.params))
         trainer.opt_state = jax.device_put(self.broadcast(trainer.opt_state))
         trainer.data_parallel = self

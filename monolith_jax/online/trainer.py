@@ -388,8 +388,9 @@ class OnlineTrainer:
                         for name, feats in coll.by_table.items() if feats}
                 if self.dp is not None:
                     out = self.dp.step(self.trainer, rows, batch)
-                else:
-                    out = self.trainer._dense(self.trainer.params, self.trainer.opt_state, rows, batch)
+                else:  # the program the step runs (over a mesh's devices, if it has one)
+                    dense = self.trainer.mesh_dense or self.trainer._dense
+                    out = dense(self.trainer.params, self.trainer.opt_state, rows, batch)
             else:
                 out = self.trainer._train(self.trainer.params, self.trainer.opt_state, batch, 0)
             jax.block_until_ready(out[:3])
