@@ -96,6 +96,29 @@ def table_keys(coll, batch) -> dict:
     return {name: _words(coll, batch, name) for name in coll.tables if coll.by_table[name]}
 
 
+def pack_rows(rows: dict):
+    """A step's rows {table: (B, L, dim)} as one (B, sum of L * dim) float32
+    buffer and its layout ((table, L, dim), ...): one transfer to the device
+    instead of one per table."""
+    layout = tuple((name, r.shape[1], r.shape[2]) for name, r in rows.items())
+    return pack(rows, layout, np), layout
+
+
+def pack(rows: dict, layout, xp):
+    """rows {table: (B, L, dim)} -> (B, total) along `layout` (xp: numpy, or jax.numpy in a program)."""
+    parts = [xp.reshape(rows[name], (rows[name].shape[0], length * dim)) for name, length, dim in layout]
+    return parts[0] if len(parts) == 1 else xp.concatenate(parts, axis=1)
+
+
+def unpack(flat, layout) -> dict:
+    """(B, total) -> {table: (B, L, dim)} along `layout` (views of a numpy buffer)."""
+    out, at = {}, 0
+    for name, length, dim in layout:
+        out[name] = flat[:, at: at + length * dim].reshape(flat.shape[0], length, dim)
+        at += length * dim
+    return out
+
+
 class _Clock:
     """Seconds per phase, summed over the steps."""
 
@@ -137,6 +160,27 @@ def _lookup(tables, keys: dict, rows: dict | None = None, mask: dict | None = No
         if mask[name].any():
             rows[name][mask[name]] = tables[name].lookup_host(k[mask[name]])
     return rows
+
+
+def dense_call(trainer, params, opt_state, rows: dict, batch, pack: bool):
+    """Dispatches the host-tables step's dense program on the host's `rows`
+    (over the trainer's mesh, if it has one): (params, opt_state, loss, row
+    gradients on the device). pack: the rows in one transfer and their
+    gradients back in one (`pack_rows`); the gradients are then
+    (packed, layout), which `HostPipeline` unpacks once fetched."""
+    import jax
+
+    mesh, layout = trainer.mesh_dense, None
+    if pack and len(rows) > 1:
+        rows, layout = pack_rows(rows)
+    on_device = jax.device_put(rows) if mesh is None else mesh.rows(rows)  # split over a mesh's devices
+    if mesh is not None:
+        out = mesh(params, opt_state, on_device, batch, layout)
+    elif layout is not None:
+        out = trainer._dense_packed(params, opt_state, on_device, batch, layout)
+    else:
+        out = trainer._dense(params, opt_state, on_device, batch)
+    return (*out[:3], out[3] if layout is None else (out[3], layout))
 
 
 class Done:
@@ -188,13 +232,9 @@ class HostPipeline:
         return self._inflight is not None or self._pending is not None
 
     def _dispatch(self, batch, keys, rows, stamp, tag) -> None:
-        import jax
-
-        trainer, mesh = self.trainer, self.trainer.mesh_dense
-        # one transfer of the step's rows (split over the devices of a mesh)
-        on_device = jax.device_put(rows) if mesh is None else mesh.rows(rows)
-        dense = trainer._dense if mesh is None else mesh
-        trainer.params, trainer.opt_state, loss, g_rows = dense(trainer.params, trainer.opt_state, on_device, batch)
+        trainer = self.trainer
+        trainer.params, trainer.opt_state, loss, g_rows = dense_call(
+            trainer, trainer.params, trainer.opt_state, rows, batch, trainer.pack_transfers)
         trainer.step_count += 1
         trainer.examples += int(np.sum(batch.weights))
         self._inflight = (batch, keys, g_rows, stamp, loss, tag)
@@ -262,7 +302,12 @@ class HostPipeline:
     def _wait(self, g_rows):
         import jax
 
-        g_rows = jax.device_get(g_rows)  # one transfer back
+        layout = None
+        if isinstance(g_rows, tuple):
+            g_rows, layout = g_rows
+        g_rows = jax.device_get(g_rows)  # one transfer back (one buffer, if packed)
+        if layout is not None:
+            g_rows = unpack(g_rows, layout)
         self.clock.lap("wait")
         return g_rows
 
@@ -325,8 +370,11 @@ class MeshDense:
         axis = mesh.axis_names[0]
         self.mesh, self.size = mesh, mesh.devices.size
         self.replicated, self.split = NamedSharding(mesh, P()), NamedSharding(mesh, P(axis))
-        self.program = jax.jit(trainer._dense_step,
-                               out_shardings=(self.replicated, self.replicated, self.replicated, self.split))
+        shardings = (self.replicated, self.replicated, self.replicated, self.split)
+        donated = (0, 1, 2) if trainer.donate else ()
+        self.program = jax.jit(trainer._dense_step, out_shardings=shardings, donate_argnums=donated)
+        self.packed = jax.jit(trainer._dense_packed_step, static_argnums=(4,), out_shardings=shardings,
+                              donate_argnums=donated)
 
     def place(self, tree):
         """A pytree replicated on the mesh's devices."""
@@ -334,13 +382,13 @@ class MeshDense:
 
         return jax.device_put(tree, self.replicated)
 
-    def rows(self, rows: dict):
-        """A step's rows, split along the batch (one transfer per device)."""
+    def rows(self, rows):
+        """A step's rows (a dict, or packed), split along the batch (one transfer per device)."""
         import jax
 
         return jax.device_put(rows, self.split)
 
-    def __call__(self, params, opt_state, rows, batch):
+    def __call__(self, params, opt_state, rows, batch, layout=None):
         import jax
 
         from monolith_jax.features import SparseBatch
@@ -353,6 +401,9 @@ class MeshDense:
         # ids stay on the host (their rows are `rows`).
         local = jax.device_put(SparseBatch(ids={}, lengths=batch.lengths, dense=batch.dense, labels=batch.labels,
                                            weights=batch.weights, label_mask=batch.label_mask), self.split)
+        if layout is not None:
+            return self.packed(params, opt_state, rows if isinstance(rows, jax.Array) else self.rows(rows), local,
+                               layout)
         if not isinstance(next(iter(rows.values()), None), jax.Array):
             rows = self.rows(rows)
         return self.program(params, opt_state, rows, local)

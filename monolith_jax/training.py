@@ -205,7 +205,8 @@ class Trainer:
                  dense_features: Sequence[DenseFeature] = (), optimizer: optax.GradientTransformation | None = None,
                  sparse_loss: str = "sum", metrics_path: str | None = None, log_every: int = 100,
                  out=print, log_every_s: float = 5.0, tensorboard_dir: str | None = None,
-                 heads=None, placement: str = "auto", overlap: bool | None = None, staleness: int = 0, mesh=None):
+                 heads=None, placement: str = "auto", overlap: bool | None = None, staleness: int = 0, mesh=None,
+                 donate: bool = True):
         """placement: where the step runs (`monolith_jax.placement`): "auto"
         takes the in-jit step when the dense step runs on the CPU and the
         host-tables step otherwise (GPU, TPU, tables on training PS shards,
@@ -218,7 +219,12 @@ class Trainer:
         not exact; see `monolith_jax.placement`). mesh: a one-axis
         `jax.sharding.Mesh` of this process's devices: the dense step runs
         data parallel on them (params replicated there, batches split;
-        `placement.MeshDense`), with the tables on the host.
+        `placement.MeshDense`), with the tables on the host. donate: the
+        host-tables step's program takes over the buffers of the dense
+        params, the optimizer state and the step's rows (its outputs reuse
+        them: no second copy of the model on the device); a reference kept
+        to `trainer.params` from before a step is then deleted by the step
+        (copy it, or `state_dict()`, to keep it). False keeps them.
         heads: the job's `Head`s (None: one binary head; the model
         returns one logit per example, labels are (B,)). metrics_path: a JSONL file of every logged record; tensorboard_dir:
         the same records as TensorBoard scalars (monolith_jax.tensorboard).
@@ -259,11 +265,17 @@ class Trainer:
             from monolith_jax.tensorboard import EventWriter
 
             self._events = EventWriter(tensorboard_dir)
+        self.donate = bool(donate)
+        # The host-tables step sends a step's rows in one buffer and gets their
+        # gradients back in one (`placement.pack_rows`), not one per table.
+        self.pack_transfers = True
         self.mesh_dense = None if mesh is None else _placement.MeshDense(self, mesh)
         if self.mesh_dense is not None:
             self.params, self.opt_state = self.mesh_dense.place(self.params), self.mesh_dense.place(self.opt_state)
         self._train = jax.jit(self._train_step)
-        self._dense = jax.jit(self._dense_step)
+        donated = (0, 1, 2) if self.donate else ()
+        self._dense = jax.jit(self._dense_step, donate_argnums=donated)
+        self._dense_packed = jax.jit(self._dense_packed_step, static_argnums=(4,), donate_argnums=donated)
         self._logits = jax.jit(self._forward)
 
     @property
@@ -320,6 +332,14 @@ class Trainer:
             g_rows = jax.tree.map(lambda g: g * n, g_rows)
         updates, opt_state = self.tx.update(g_params, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss, g_rows
+
+    def _dense_packed_step(self, params, opt_state, flat, batch: SparseBatch, layout):
+        """`_dense_step` on the rows packed in one (B, total) buffer
+        (`placement.pack_rows`; layout static), the rows' gradients packed
+        alike: one transfer each way whatever the number of tables."""
+        params, opt_state, loss, g_rows = self._dense_step(params, opt_state, _placement.unpack(flat, layout),
+                                                           batch)
+        return params, opt_state, loss, _placement.pack(g_rows, layout, jnp)
 
     # ------------------------------------------------------------- driving
     def train_step_host(self, batch: SparseBatch, stamp: int | None = None) -> float:
@@ -503,8 +523,10 @@ class Trainer:
         """How many programs the training step has compiled (None if JAX does not say)."""
         try:
             if self.mesh_dense is not None:
-                return self.mesh_dense.program._cache_size()
-            return (self._dense if self.step_placement() == "host" else self._train)._cache_size()
+                return self.mesh_dense.program._cache_size() + self.mesh_dense.packed._cache_size()
+            if self.step_placement() == "host":
+                return self._dense._cache_size() + self._dense_packed._cache_size()
+            return self._train._cache_size()
         except AttributeError:
             return None
 

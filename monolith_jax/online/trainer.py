@@ -247,25 +247,21 @@ class OnlineTrainer:
         self.remote = {name: t for name, t in trainer.tables.items() if not hasattr(t, "dump")}
         self.host_step = self.dp is not None or bool(self.remote) or trainer.step_placement() == "host"
         self.chief = self.dp is None or self.dp.chief
-        # The host-tables step overlapped as the trainer's `overlap` says (by
-        # default off the CPU): the next batch is fetched and decoded while
-        # the device runs this one, and a batch counts as trained (offsets,
-        # on_batch) once its update is applied (`placement.HostPipeline`).
-        # A data-parallel group steps in lockstep, without.
+        # The host-tables step overlapped as the trainer's `overlap` says (`placement.HostPipeline`; a
+        # data-parallel group steps in lockstep, without): a batch counts as trained once its update is applied.
         self.pipeline = trainer.host_pipeline() if self.host_step and self.dp is None and \
             trainer.overlapping() else None
         self._empty = None
+        self._params_lock = threading.Lock()  # the pusher copies params a step may donate (Trainer(donate=))
         self.pusher = None
         if serving_ps:
-            from monolith_jax.serving.export import dense_arrays
             from monolith_jax.serving.sync import SyncPusher
 
             # Rows of remote tables are pushed by their shards (`training_ps --serving-ps`).
             local = {name: t for name, t in trainer.tables.items() if name not in self.remote}
             self.pusher = SyncPusher(local, serving_ps, trainer_id or f"{group}-{id(self):x}",
                                      sparse_sync_interval_s, sync_dtype,
-                                     dense_source=(lambda: (dense_arrays(trainer.params), self.negative_rate))
-                                     if self.chief else None,
+                                     dense_source=self._dense_to_push if self.chief else None,
                                      dense_interval_s=dense_sync_interval_s)
         self._carry: list = []  # messages fetched but not yet taken into a batch
         self._building = None   # (BatchBuilder, messages taken) while a batch fills
@@ -377,25 +373,28 @@ class OnlineTrainer:
         batches (weight 0: zero gradients) and their results are dropped,
         so the model does not change. Returns the seconds spent."""
         import jax
+        import jax.numpy as jnp
+
+        from monolith_jax.placement import dense_call
 
         t0 = time.perf_counter()
         empty = self.empty_batch()
-        coll = self.trainer.collection
+        t = self.trainer
+        coll = t.collection
         for size in self.buckets():
             batch = shrink(empty, size, size)
             if self.host_step:  # the dense program alone, on zero rows: no table is touched
                 rows = {name: np.zeros((size, sum(f.max_len for f in feats), coll.tables[name].dim), np.float32)
                         for name, feats in coll.by_table.items() if feats}
-                if self.dp is not None:
-                    out = self.dp.step(self.trainer, rows, batch)
-                else:  # the program the step runs (over a mesh's devices, if it has one)
-                    dense = self.trainer.mesh_dense or self.trainer._dense
-                    out = dense(self.trainer.params, self.trainer.opt_state, rows, batch)
+                params, opt_state = jax.tree.map(jnp.copy, (t.params, t.opt_state))  # the step donates its inputs
+                # the program the step runs (packed in the pipeline, over a mesh's devices if it has one)
+                out = self.dp.step(t, rows, batch) if self.dp is not None else \
+                    dense_call(t, params, opt_state, rows, batch, self.pipeline is not None and t.pack_transfers)
             else:
-                out = self.trainer._train(self.trainer.params, self.trainer.opt_state, batch, 0)
+                out = t._train(t.params, t.opt_state, batch, 0)
             jax.block_until_ready(out[:3])
             if self.prequential:
-                self.trainer.predict(batch)
+                t.predict(batch)
         return time.perf_counter() - t0
 
     def empty_batch(self):
@@ -491,13 +490,16 @@ class OnlineTrainer:
             self.max_event_ms = max(self.max_event_ms, int(info["event_time_ms"].max()))
             self._note_negative_rates(batch, info, rows)
             if self.pipeline is not None:  # scored once the rows it reads hold every step before it
-                self._trained(self.pipeline.submit(batch, stamp=self._stamp(), tag=(info, done),
-                                                   before=score if self.prequential else None))
+                with self._params_lock:
+                    applied = self.pipeline.submit(batch, stamp=self._stamp(), tag=(info, done),
+                                                   before=score if self.prequential else None)
+                self._trained(applied)
             else:
                 if self.prequential:
                     score(batch)
                 step = self.trainer.train_step_host if self.host_step else self.trainer.train_step
-                step(batch, stamp=self._stamp())
+                with self._params_lock:
+                    step(batch, stamp=self._stamp())
             if self.dense_exchange is not None:
                 self.dense_exchange.after_step(self.trainer)
             self.examples += rows
@@ -514,8 +516,7 @@ class OnlineTrainer:
         return rows
 
     def _trained(self, steps) -> None:
-        """Batches whose update is applied ((batch, (info, offsets)), or the
-        pipeline's `Done`s): on_batch, then their offsets."""
+        """Batches whose update is applied ((batch, (info, offsets)), or `Done`s): on_batch, then offsets."""
         for step in steps:
             batch, (info, done) = (step.batch, step.tag) if not isinstance(step, tuple) else step
             if self.on_batch is not None:
@@ -530,10 +531,15 @@ class OnlineTrainer:
             self._commit(done, asynchronous=True)
 
     def _drain(self) -> None:
-        """Finishes the steps in flight (overlapped host-tables step): after
-        it every batch taken is trained and its offsets marked."""
+        """Finishes the steps in flight: every batch taken is then trained, its offsets marked."""
         if self.pipeline is not None and self.pipeline.busy:
             self._trained(self.pipeline.drain())
+
+    def _dense_to_push(self):
+        from monolith_jax.serving.export import dense_arrays
+
+        with self._params_lock:
+            return dense_arrays(self.trainer.params), self.negative_rate
 
     def _note_negative_rates(self, batch, info: dict, rows: int) -> None:
         labels = np.asarray(batch.labels)[:rows]
