@@ -14,24 +14,34 @@ runs its one program on any device. `choose` picks:
     placement "in_jit"  the in-jit step (refused where it cannot run)
     placement "host"    the host-tables step
 
-Overlap (`steps`, the host-tables step as `Trainer.fit` drives it; by
-default only when the dense step runs off the CPU: on the CPU the host's
-lookups and applies take the cores the step runs on, measured slower than
-no overlap in experiments/placement). With
-JAX's asynchronous dispatch one host thread keeps the device busy:
+Overlap (`HostPipeline`: `submit(batch)` per batch, `drain()`; `Trainer.fit`
+drives it through `steps`, the online trainer batch by batch as they
+arrive; on by default only when the dense step runs off the CPU: on the
+CPU the host's lookups and applies take the cores the step runs on,
+measured slower than no overlap in experiments/placement). With JAX's
+asynchronous dispatch one host thread keeps the device busy:
 
     dispatch the dense step k              (rows of batch k sent in one transfer)
     apply step k-1's gradients of the ids batch k does not hold
-    decode batch k+1, look up its ids that batch k does not hold
+    the caller decodes batch k+1 (a stream: fetches it), submits it:
+    look up its ids that batch k does not hold
     wait for step k's row gradients        (one transfer back)
     apply step k's gradients of the ids batch k+1 holds,
-    then look those up for batch k+1
+    then look those up for batch k+1 and dispatch step k+1
 
 Every id sees the same operations in the same order as the plain step
 (lookup k, apply k, lookup k+1): the ids shared by consecutive batches wait
 for exactly their update, the others overlap the device. A table's rows are
 initialised from (seed, key), so when a row is created does not change it.
-The result equals `Trainer.train_step_host` step for step, bit for bit.
+The result equals `Trainer.train_step_host` step for step, bit for bit. A
+step is reported done (`Done`: the online trainer commits its offsets then)
+once all its gradients are applied, at the next `submit` or `drain`.
+
+Transfers: the step's rows go to the device as one buffer and their
+gradients come back as one (`pack_rows`, when `trainer.pack_transfers`;
+the program splits and packs them), and the program takes over the
+buffers of the params, optimizer state and rows (`Trainer(donate=True)`:
+its outputs reuse them).
 
 staleness=1 (opt-in) skips that wait: batch k+1 is looked up whole while
 step k runs, and step k's whole apply overlaps step k+1. The ids batch k+1

@@ -206,7 +206,7 @@ class Trainer:
                  sparse_loss: str = "sum", metrics_path: str | None = None, log_every: int = 100,
                  out=print, log_every_s: float = 5.0, tensorboard_dir: str | None = None,
                  heads=None, placement: str = "auto", overlap: bool | None = None, staleness: int = 0, mesh=None,
-                 donate: bool = True):
+                 donate: bool | None = None):
         """placement: where the step runs (`monolith_jax.placement`): "auto"
         takes the in-jit step when the dense step runs on the CPU and the
         host-tables step otherwise (GPU, TPU, tables on training PS shards,
@@ -224,7 +224,10 @@ class Trainer:
         params, the optimizer state and the step's rows (its outputs reuse
         them: no second copy of the model on the device); a reference kept
         to `trainer.params` from before a step is then deleted by the step
-        (copy it, or `state_dict()`, to keep it). False keeps them.
+        (copy it, or `state_dict()`, to keep it). None: when the dense step
+        runs off the CPU (on the CPU it measured no faster,
+        experiments/placement). Likewise `pack_transfers`, the rows of all
+        tables sent as one buffer and their gradients fetched as one.
         heads: the job's `Head`s (None: one binary head; the model
         returns one logit per example, labels are (B,)). metrics_path: a JSONL file of every logged record; tensorboard_dir:
         the same records as TensorBoard scalars (monolith_jax.tensorboard).
@@ -265,10 +268,14 @@ class Trainer:
             from monolith_jax.tensorboard import EventWriter
 
             self._events = EventWriter(tensorboard_dir)
-        self.donate = bool(donate)
+        off_cpu = _placement.dense_platform() != "cpu"
+        self.donate = off_cpu if donate is None else bool(donate)
+        if self.donate:  # the step takes over its inputs' buffers: not those of the model given
+            self.params = jax.tree.map(jnp.copy, self.params)
         # The host-tables step sends a step's rows in one buffer and gets their
-        # gradients back in one (`placement.pack_rows`), not one per table.
-        self.pack_transfers = True
+        # gradients back in one (`placement.pack_rows`), not one per table: off
+        # the CPU (on it, a table's rows pass without a copy; packing is one).
+        self.pack_transfers = off_cpu
         self.mesh_dense = None if mesh is None else _placement.MeshDense(self, mesh)
         if self.mesh_dense is not None:
             self.params, self.opt_state = self.mesh_dense.place(self.params), self.mesh_dense.place(self.opt_state)

@@ -52,7 +52,10 @@ member with nothing takes an all-padding step), on whether to snapshot
 first and on whether to go on (until all are done). The chief (process 0)
 pushes the dense params to the serving PS and has the shards snapshot;
 the shards push their own rows. `dense_exchange` (`dense_ps.AsyncDense`)
-trains asynchronously instead.
+trains asynchronously instead. Off a data-parallel group the host-tables
+step overlaps as the trainer's `overlap` says (`placement.HostPipeline`):
+a batch's offsets go once its update is applied; snapshots, rebalances and
+stops first finish the steps in flight.
 """
 
 from __future__ import annotations
