@@ -17,8 +17,8 @@ from experiments.placement import run as W2
 
 
 def _w2(**kwargs):
-    pack = kwargs.pop("pack_transfers", True)
-    return W2.make_trainer(4, (8,), pack_transfers=pack, **kwargs)
+    kwargs.setdefault("pack_transfers", True)
+    return W2.make_trainer(4, (8,), **kwargs)
 
 
 def _state(t):

@@ -1,7 +1,7 @@
 """The W2 DeepFM step, on the same stream: the in-jit step (tables called
 from the XLA program), the host-tables step with overlap, and without; and
-the one without overlap with none of its inputs donated, and with its rows
-and gradients sent one buffer per table (the transfers before packing).
+the one without overlap with its inputs donated to the program, with its
+rows and gradients sent as one buffer each (packed), and with both.
 Each arm is a fresh Trainer; rounds interleave the arms so that a noisy
 neighbour slows all alike; figures are medians over rounds."""
 
@@ -24,10 +24,13 @@ from monolith_jax.training import Trainer
 
 FIELDS, DENSE, UNIVERSE = 26, 13, 10**6
 ARMS = {"in_jit": dict(placement="in_jit"),
-        "host_overlap": dict(placement="host", overlap=True, donate=True, pack_transfers=True),
-        "host_plain": dict(placement="host", overlap=False, donate=True, pack_transfers=True),
-        "plain_undonated": dict(placement="host", overlap=False, donate=False, pack_transfers=True),
-        "plain_per_table": dict(placement="host", overlap=False, donate=True, pack_transfers=False)}
+        # the host-tables step as this platform's defaults have it (on the CPU: nothing donated, one buffer per table)
+        "host_overlap": dict(placement="host", overlap=True),
+        "host_plain": dict(placement="host", overlap=False),
+        # the plain one with its inputs donated, its transfers packed, and both (the defaults off the CPU)
+        "plain_donated": dict(placement="host", overlap=False, donate=True, pack_transfers=False),
+        "plain_packed": dict(placement="host", overlap=False, donate=False, pack_transfers=True),
+        "plain_both": dict(placement="host", overlap=False, donate=True, pack_transfers=True)}
 PHASES = ("decode", "lookup", "dispatch", "wait", "apply")
 
 
@@ -47,14 +50,15 @@ class W2Model(nnx.Module):
         return self.mlp(h)[:, 0] + self.lin(dense)[:, 0] + fm
 
 
-def make_trainer(dim: int, hidden=(400, 400, 400), pack_transfers: bool = True, **placement) -> Trainer:
+def make_trainer(dim: int, hidden=(400, 400, 400), pack_transfers: bool | None = None, **placement) -> Trainer:
     tables = [mj.TableConfig(f"t{i}", dim, initializer=mj.Normal(0.0, 0.01),
                              optimizer=mj.Adagrad(0.05, initial_accumulator_value=0.1)) for i in range(FIELDS)]
     feats = [SparseFeature(f"f{i}", f"t{i}") for i in range(FIELDS)]
     t = Trainer(W2Model(dim, hidden, rngs=nnx.Rngs(0)), tables, feats,
                 [DenseFeature(f"d{i}") for i in range(DENSE)], optax.adam(1e-3), sparse_loss="mean",
                 log_every=0, out=None, **placement)
-    t.pack_transfers = pack_transfers
+    if pack_transfers is not None:  # None: the trainer's default for this platform
+        t.pack_transfers = pack_transfers
     return t
 
 
