@@ -210,8 +210,9 @@ class Trainer:
         """placement: where the step runs (`monolith_jax.placement`): "auto"
         takes the in-jit step when the dense step runs on the CPU and the
         host-tables step otherwise (GPU, TPU, tables on training PS shards,
-        data parallel); "in_jit" or "host" choose. overlap: `fit`'s
-        host-tables step overlaps the host's decode, lookup and apply with
+        data parallel); "in_jit" or "host" choose. overlap: the
+        host-tables step of `fit` and of the online trainer
+        (`host_pipeline`) overlaps the host's decode, lookup and apply with
         the device (the same result as without); None: when the dense step
         runs off the CPU (on the CPU the host's work and the step share the
         cores: measured slower, experiments/placement). staleness=1: it also lets

@@ -22,6 +22,10 @@ an all-padding batch. The cost is a barrier per step: the group moves at
 its slowest member's pace, and if one process dies the others wait (restart
 the group; snapshots make that lossless).
 
+A group of one process (`num_processes=1`) has nobody to all-reduce with:
+`attach` puts its trainer on the mesh route over this process's devices
+(`Trainer(mesh=)`), params replicated and updated there between steps.
+
 Asynchronous, as Monolith's own parameter servers do it, is
 `monolith_jax.distributed.dense_ps` (each trainer steps on its own and
 exchanges parameter deltas with a dense shard): no barrier, a dead trainer
