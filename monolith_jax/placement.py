@@ -14,24 +14,34 @@ runs its one program on any device. `choose` picks:
     placement "in_jit"  the in-jit step (refused where it cannot run)
     placement "host"    the host-tables step
 
-Overlap (`steps`, the host-tables step as `Trainer.fit` drives it; by
-default only when the dense step runs off the CPU: on the CPU the host's
-lookups and applies take the cores the step runs on, measured slower than
-no overlap in experiments/placement). With
-JAX's asynchronous dispatch one host thread keeps the device busy:
+Overlap (`HostPipeline`: `submit(batch)` per batch, `drain()`; `Trainer.fit`
+drives it through `steps`, the online trainer batch by batch as they
+arrive; on by default only when the dense step runs off the CPU: on the
+CPU the host's lookups and applies take the cores the step runs on,
+measured slower than no overlap in experiments/placement). With JAX's
+asynchronous dispatch one host thread keeps the device busy:
 
     dispatch the dense step k              (rows of batch k sent in one transfer)
     apply step k-1's gradients of the ids batch k does not hold
-    decode batch k+1, look up its ids that batch k does not hold
+    the caller decodes batch k+1 (a stream: fetches it), submits it:
+    look up its ids that batch k does not hold
     wait for step k's row gradients        (one transfer back)
     apply step k's gradients of the ids batch k+1 holds,
-    then look those up for batch k+1
+    then look those up for batch k+1 and dispatch step k+1
 
 Every id sees the same operations in the same order as the plain step
 (lookup k, apply k, lookup k+1): the ids shared by consecutive batches wait
 for exactly their update, the others overlap the device. A table's rows are
 initialised from (seed, key), so when a row is created does not change it.
-The result equals `Trainer.train_step_host` step for step, bit for bit.
+The result equals `Trainer.train_step_host` step for step, bit for bit. A
+step is reported done (`Done`: the online trainer commits its offsets then)
+once all its gradients are applied, at the next `submit` or `drain`.
+
+Transfers: the step's rows go to the device as one buffer and their
+gradients come back as one (`pack_rows`, when `trainer.pack_transfers`;
+the program splits and packs them), and the program takes over the
+buffers of the params, optimizer state and rows (`Trainer(donate=True)`:
+its outputs reuse them).
 
 staleness=1 (opt-in) skips that wait: batch k+1 is looked up whole while
 step k runs, and step k's whole apply overlaps step k+1. The ids batch k+1
@@ -96,6 +106,29 @@ def table_keys(coll, batch) -> dict:
     return {name: _words(coll, batch, name) for name in coll.tables if coll.by_table[name]}
 
 
+def pack_rows(rows: dict):
+    """A step's rows {table: (B, L, dim)} as one (B, sum of L * dim) float32
+    buffer and its layout ((table, L, dim), ...): one transfer to the device
+    instead of one per table."""
+    layout = tuple((name, r.shape[1], r.shape[2]) for name, r in rows.items())
+    return pack(rows, layout, np), layout
+
+
+def pack(rows: dict, layout, xp):
+    """rows {table: (B, L, dim)} -> (B, total) along `layout` (xp: numpy, or jax.numpy in a program)."""
+    parts = [xp.reshape(rows[name], (rows[name].shape[0], length * dim)) for name, length, dim in layout]
+    return parts[0] if len(parts) == 1 else xp.concatenate(parts, axis=1)
+
+
+def unpack(flat, layout) -> dict:
+    """(B, total) -> {table: (B, L, dim)} along `layout` (views of a numpy buffer)."""
+    out, at = {}, 0
+    for name, length, dim in layout:
+        out[name] = flat[:, at: at + length * dim].reshape(flat.shape[0], length, dim)
+        at += length * dim
+    return out
+
+
 class _Clock:
     """Seconds per phase, summed over the steps."""
 
@@ -139,99 +172,190 @@ def _lookup(tables, keys: dict, rows: dict | None = None, mask: dict | None = No
     return rows
 
 
-def steps(trainer, source, overlap: bool = True, staleness: int = 0, stats: dict | None = None):
-    """Trains on every batch of `source` with the host-tables step, yielding
-    (batch, loss) per step (loss a device scalar; step k is yielded once its
-    gradients are back, with the apply of part of them still to come). When
-    the generator ends or is closed, every gradient has been applied.
-    stats: a dict that gets the seconds spent per phase (decode, lookup,
-    dispatch, wait, apply), steps, stale_ids and skipped_rows (non-finite
-    gradient rows the tables refused)."""
+def dense_call(trainer, params, opt_state, rows: dict, batch, pack: bool):
+    """Dispatches the host-tables step's dense program on the host's `rows`
+    (over the trainer's mesh, if it has one): (params, opt_state, loss, row
+    gradients on the device). pack: the rows in one transfer and their
+    gradients back in one (`pack_rows`); the gradients are then
+    (packed, layout), which `HostPipeline` unpacks once fetched."""
     import jax
 
-    if staleness not in (0, 1):
-        raise ValueError(f"staleness must be 0 or 1 (steps a looked-up row may lag), got {staleness!r}")
-    stats = {} if stats is None else stats
-    clock = _Clock(stats)
-    tables = trainer.collection.tables
-    mesh = trainer.mesh_dense
-    dense = trainer._dense if mesh is None else mesh
-    it = iter(source)
-    pending = None  # (keys, grads, stamp, mask): a step's gradients still to apply
-    try:
-        batch = next(it, None)
+    mesh, layout = trainer.mesh_dense, None
+    if pack and len(rows) > 1:
+        rows, layout = pack_rows(rows)
+    on_device = jax.device_put(rows) if mesh is None else mesh.rows(rows)  # split over a mesh's devices
+    if mesh is not None:
+        out = mesh(params, opt_state, on_device, batch, layout)
+    elif layout is not None:
+        out = trainer._dense_packed(params, opt_state, on_device, batch, layout)
+    else:
+        out = trainer._dense(params, opt_state, on_device, batch)
+    return (*out[:3], out[3] if layout is None else (out[3], layout))
+
+
+class Done:
+    """A step whose update is wholly applied: the batch, its loss (a device
+    scalar), its stamp and the caller's tag given to `HostPipeline.submit`."""
+
+    __slots__ = ("batch", "loss", "stamp", "tag")
+
+    def __init__(self, batch, loss, stamp, tag):
+        self.batch, self.loss, self.stamp, self.tag = batch, loss, stamp, tag
+
+
+class HostPipeline:
+    """The host-tables step, batch by batch, overlapped with the device when
+    `overlap` (see the module docstring). `submit(batch)` starts the batch's
+    step and returns the steps now wholly applied (`Done`, in order): with
+    overlap, the one before it (its device step ran while the caller
+    decoded this batch; its gradients are applied now), without, this one.
+    `drain()` finishes every step started and returns the rest; after it,
+    nothing is in flight (the tables and dense params hold every step
+    submitted). Both `Trainer.fit` and the online trainer drive it; a caller
+    that commits a batch's input (Kafka offsets) does so when it is Done.
+
+    Between two `submit`s the caller's own work (decoding the next batch,
+    fetching it from a stream) overlaps the device step. `before(batch)`,
+    if given to `submit`, runs just before that batch's step is dispatched,
+    when every row it reads holds the steps before it (staleness=0): the
+    online trainer's prequential scores, equal to those without overlap.
+
+    stats: a dict that gets the seconds spent per phase (decode: the
+    caller's time between submits, lookup, dispatch, wait, apply), steps,
+    stale_ids and skipped_rows (non-finite gradient rows the tables refused)."""
+
+    def __init__(self, trainer, overlap: bool = True, staleness: int = 0, stats: dict | None = None):
+        if staleness not in (0, 1):
+            raise ValueError(f"staleness must be 0 or 1 (steps a looked-up row may lag), got {staleness!r}")
+        self.trainer, self.overlap, self.staleness = trainer, bool(overlap), staleness
+        self.stats = {} if stats is None else stats
+        self.clock = _Clock(self.stats)
+        self.tables = trainer.collection.tables
+        # (batch, keys, device row gradients, stamp, loss, tag): dispatched, gradients not yet back
+        self._inflight = None
+        # (keys, host gradients, stamp, mask, Done): a step's gradients of the ids in mask, still to apply
+        self._pending = None
+
+    @property
+    def busy(self) -> bool:
+        """A step is in flight or partly applied (`drain` finishes it)."""
+        return self._inflight is not None or self._pending is not None
+
+    def _dispatch(self, batch, keys, rows, stamp, tag) -> None:
+        trainer = self.trainer
+        trainer.params, trainer.opt_state, loss, g_rows = dense_call(
+            trainer, trainer.params, trainer.opt_state, rows, batch, trainer.pack_transfers)
+        trainer.step_count += 1
+        trainer.examples += int(np.sum(batch.weights))
+        self._inflight = (batch, keys, g_rows, stamp, loss, tag)
+        self.clock.lap("dispatch")
+
+    def _finish_pending(self) -> list:
+        if self._pending is None:
+            return []
+        keys, grads, stamp, mask, done = self._pending
+        self._pending = None
+        _apply(self.tables, keys, grads, stamp, self.stats, mask)
+        self.clock.lap("apply")
+        return [done]
+
+    def submit(self, batch, stamp: int | None = None, tag=None, before=None) -> list:
+        """Starts `batch`'s step (stamp: its rows' last_update, default the
+        step count) and returns the steps now wholly applied (`Done`s)."""
+        clock, tables, trainer = self.clock, self.tables, self.trainer
         clock.lap("decode")
-        if batch is None:
-            return
+        stamp = trainer.step_count if stamp is None else stamp
         keys = table_keys(trainer.collection, batch)
-        rows = _lookup(tables, keys)
-        clock.lap("lookup")
-        while batch is not None:
-            stamp = trainer.step_count
-            # one transfer of the step's rows (split over the devices of a mesh)
-            on_device = jax.device_put(rows) if mesh is None else mesh.rows(rows)
-            trainer.params, trainer.opt_state, loss, g_rows = dense(
-                trainer.params, trainer.opt_state, on_device, batch)
-            trainer.step_count += 1
-            trainer.examples += int(np.sum(batch.weights))
-            clock.lap("dispatch")
-            if not overlap:
-                g_rows = jax.device_get(g_rows)
-                clock.lap("wait")
-                _apply(tables, keys, g_rows, stamp, stats)
-                clock.lap("apply")
-                stats["steps"] += 1
-                yield batch, loss
-                clock.t = time.perf_counter()
-                batch = next(it, None)
-                clock.lap("decode")
-                if batch is not None:
-                    keys = table_keys(trainer.collection, batch)
-                    rows = _lookup(tables, keys)
-                    clock.lap("lookup")
-                continue
-            if pending is not None:  # the previous step's rest, while this one runs
-                _apply(tables, *pending[:2], pending[2], stats, pending[3])
-                pending = None
-                clock.lap("apply")
-            nxt = next(it, None)
-            clock.lap("decode")
-            later = None
-            if nxt is not None:
-                nkeys = table_keys(trainer.collection, nxt)
-                if staleness:
-                    for name, k in nkeys.items():
-                        stats["stale_ids"] += int(np.isin(k, keys[name]).sum())
-                    nrows = _lookup(tables, nkeys)
-                else:
-                    # batch k+1's ids that batch k holds are read after step k's apply
-                    later = {name: np.isin(k, keys[name]) for name, k in nkeys.items()}
-                    nrows = _lookup(tables, nkeys, mask={name: ~m for name, m in later.items()})
+        if not self.overlap or self._inflight is None:
+            out = self.drain() if not self.overlap else self._finish_pending()
+            self._before(before, batch)
+            rows = _lookup(tables, keys)
+            clock.lap("lookup")
+            self._dispatch(batch, keys, rows, stamp, tag)
+            if not self.overlap:
+                out += self.drain()
+            return out
+        pbatch, pkeys, g_rows, pstamp, loss, ptag = self._inflight
+        self._inflight = None
+        done = Done(pbatch, loss, pstamp, ptag)
+        if self.staleness:
+            for name, k in keys.items():
+                self.stats["stale_ids"] += int(np.isin(k, pkeys[name]).sum())
+            self._before(before, batch)
+            rows = _lookup(tables, keys)
+            clock.lap("lookup")
+            g_rows = self._wait(g_rows)
+            self._pending = (pkeys, g_rows, pstamp, None, done)
+        else:
+            # this batch's ids that the step in flight holds are read after its apply
+            later = {name: np.isin(k, pkeys[name]) for name, k in keys.items()}
+            rows = None
+            if before is None:  # the others while the device runs (a lookup may create rows: none before scores)
+                rows = _lookup(tables, keys, mask={name: ~m for name, m in later.items()})
                 clock.lap("lookup")
-            g_rows = jax.device_get(g_rows)  # one transfer back
-            clock.lap("wait")
-            if nxt is None:
-                _apply(tables, keys, g_rows, stamp, stats)
-            elif staleness:
-                pending = (keys, g_rows, stamp, None)
-            else:
-                shared = {name: np.isin(k, nkeys[name]) for name, k in keys.items()}
-                _apply(tables, keys, g_rows, stamp, stats, shared)
-                pending = (keys, g_rows, stamp, {name: ~m for name, m in shared.items()})
+            g_rows = self._wait(g_rows)
+            shared = {name: np.isin(k, keys[name]) for name, k in pkeys.items()}
+            _apply(tables, pkeys, g_rows, pstamp, self.stats, shared)
+            self._pending = (pkeys, g_rows, pstamp, {name: ~m for name, m in shared.items()}, done)
             clock.lap("apply")
-            if later is not None:
-                _lookup(tables, nkeys, nrows, later)
-                clock.lap("lookup")
-            stats["steps"] += 1
-            yield batch, loss
-            clock.t = time.perf_counter()
-            if nxt is not None:
-                batch, keys, rows = nxt, nkeys, nrows
-            else:
-                batch = None
+            if before is None:
+                _lookup(tables, keys, rows, later)
+            else:  # every row this batch reads now holds the steps before it
+                self._before(before, batch)
+                rows = _lookup(tables, keys)
+            clock.lap("lookup")
+        self.stats["steps"] += 1
+        self._dispatch(batch, keys, rows, stamp, tag)
+        # the rest of the step before, while this one runs
+        return self._finish_pending()
+
+    def _wait(self, g_rows):
+        import jax
+
+        layout = None
+        if isinstance(g_rows, tuple):
+            g_rows, layout = g_rows
+        g_rows = jax.device_get(g_rows)  # one transfer back (one buffer, if packed)
+        if layout is not None:
+            g_rows = unpack(g_rows, layout)
+        self.clock.lap("wait")
+        return g_rows
+
+    def _before(self, before, batch) -> None:
+        if before is not None:
+            before(batch)
+            self.clock.lap("decode")
+
+    def drain(self) -> list:
+        """Finishes every step started; returns their `Done`s (in order)."""
+        self.clock.lap("decode")
+        out = self._finish_pending()
+        if self._inflight is not None:
+            batch, keys, g_rows, stamp, loss, tag = self._inflight
+            self._inflight = None
+            g_rows = self._wait(g_rows)
+            _apply(self.tables, keys, g_rows, stamp, self.stats)
+            self.clock.lap("apply")
+            self.stats["steps"] += 1
+            out.append(Done(batch, loss, stamp, tag))
+        return out
+
+
+def steps(trainer, source, overlap: bool = True, staleness: int = 0, stats: dict | None = None):
+    """Trains on every batch of `source` with the host-tables step
+    (`HostPipeline`), yielding (batch, loss) per step once its update is
+    applied (loss a device scalar). When the generator ends or is closed,
+    every gradient has been applied."""
+    pipe = HostPipeline(trainer, overlap, staleness, stats)
+    try:
+        for batch in source:
+            for done in pipe.submit(batch):
+                yield done.batch, done.loss
+                pipe.clock.t = time.perf_counter()  # the consumer's time is not the host's work
+        for done in pipe.drain():
+            yield done.batch, done.loss
     finally:
-        if pending is not None:
-            _apply(tables, *pending[:2], pending[2], stats, pending[3])
+        pipe.drain()
 
 
 class MeshDense:
@@ -256,8 +380,11 @@ class MeshDense:
         axis = mesh.axis_names[0]
         self.mesh, self.size = mesh, mesh.devices.size
         self.replicated, self.split = NamedSharding(mesh, P()), NamedSharding(mesh, P(axis))
-        self.program = jax.jit(trainer._dense_step,
-                               out_shardings=(self.replicated, self.replicated, self.replicated, self.split))
+        shardings = (self.replicated, self.replicated, self.replicated, self.split)
+        donated = (0, 1, 2) if trainer.donate else ()
+        self.program = jax.jit(trainer._dense_step, out_shardings=shardings, donate_argnums=donated)
+        self.packed = jax.jit(trainer._dense_packed_step, static_argnums=(4,), out_shardings=shardings,
+                              donate_argnums=donated)
 
     def place(self, tree):
         """A pytree replicated on the mesh's devices."""
@@ -265,13 +392,13 @@ class MeshDense:
 
         return jax.device_put(tree, self.replicated)
 
-    def rows(self, rows: dict):
-        """A step's rows, split along the batch (one transfer per device)."""
+    def rows(self, rows):
+        """A step's rows (a dict, or packed), split along the batch (one transfer per device)."""
         import jax
 
         return jax.device_put(rows, self.split)
 
-    def __call__(self, params, opt_state, rows, batch):
+    def __call__(self, params, opt_state, rows, batch, layout=None):
         import jax
 
         from monolith_jax.features import SparseBatch
@@ -284,6 +411,9 @@ class MeshDense:
         # ids stay on the host (their rows are `rows`).
         local = jax.device_put(SparseBatch(ids={}, lengths=batch.lengths, dense=batch.dense, labels=batch.labels,
                                            weights=batch.weights, label_mask=batch.label_mask), self.split)
+        if layout is not None:
+            return self.packed(params, opt_state, rows if isinstance(rows, jax.Array) else self.rows(rows), local,
+                               layout)
         if not isinstance(next(iter(rows.values()), None), jax.Array):
             rows = self.rows(rows)
         return self.program(params, opt_state, rows, local)

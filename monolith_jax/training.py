@@ -205,12 +205,14 @@ class Trainer:
                  dense_features: Sequence[DenseFeature] = (), optimizer: optax.GradientTransformation | None = None,
                  sparse_loss: str = "sum", metrics_path: str | None = None, log_every: int = 100,
                  out=print, log_every_s: float = 5.0, tensorboard_dir: str | None = None,
-                 heads=None, placement: str = "auto", overlap: bool | None = None, staleness: int = 0, mesh=None):
+                 heads=None, placement: str = "auto", overlap: bool | None = None, staleness: int = 0, mesh=None,
+                 donate: bool | None = None):
         """placement: where the step runs (`monolith_jax.placement`): "auto"
         takes the in-jit step when the dense step runs on the CPU and the
         host-tables step otherwise (GPU, TPU, tables on training PS shards,
-        data parallel); "in_jit" or "host" choose. overlap: `fit`'s
-        host-tables step overlaps the host's decode, lookup and apply with
+        data parallel); "in_jit" or "host" choose. overlap: the
+        host-tables step of `fit` and of the online trainer
+        (`host_pipeline`) overlaps the host's decode, lookup and apply with
         the device (the same result as without); None: when the dense step
         runs off the CPU (on the CPU the host's work and the step share the
         cores: measured slower, experiments/placement). staleness=1: it also lets
@@ -218,7 +220,15 @@ class Trainer:
         not exact; see `monolith_jax.placement`). mesh: a one-axis
         `jax.sharding.Mesh` of this process's devices: the dense step runs
         data parallel on them (params replicated there, batches split;
-        `placement.MeshDense`), with the tables on the host.
+        `placement.MeshDense`), with the tables on the host. donate: the
+        host-tables step's program takes over the buffers of the dense
+        params, the optimizer state and the step's rows (its outputs reuse
+        them: no second copy of the model on the device); a reference kept
+        to `trainer.params` from before a step is then deleted by the step
+        (copy it, or `state_dict()`, to keep it). None: when the dense step
+        runs off the CPU (on the CPU it measured no faster,
+        experiments/placement). Likewise `pack_transfers`, the rows of all
+        tables sent as one buffer and their gradients fetched as one.
         heads: the job's `Head`s (None: one binary head; the model
         returns one logit per example, labels are (B,)). metrics_path: a JSONL file of every logged record; tensorboard_dir:
         the same records as TensorBoard scalars (monolith_jax.tensorboard).
@@ -259,11 +269,21 @@ class Trainer:
             from monolith_jax.tensorboard import EventWriter
 
             self._events = EventWriter(tensorboard_dir)
+        off_cpu = _placement.dense_platform() != "cpu"
+        self.donate = off_cpu if donate is None else bool(donate)
+        if self.donate:  # the step takes over its inputs' buffers: not those of the model given
+            self.params = jax.tree.map(jnp.copy, self.params)
+        # The host-tables step sends a step's rows in one buffer and gets their
+        # gradients back in one (`placement.pack_rows`), not one per table: off
+        # the CPU (on it, a table's rows pass without a copy; packing is one).
+        self.pack_transfers = off_cpu
         self.mesh_dense = None if mesh is None else _placement.MeshDense(self, mesh)
         if self.mesh_dense is not None:
             self.params, self.opt_state = self.mesh_dense.place(self.params), self.mesh_dense.place(self.opt_state)
         self._train = jax.jit(self._train_step)
-        self._dense = jax.jit(self._dense_step)
+        donated = (0, 1, 2) if self.donate else ()
+        self._dense = jax.jit(self._dense_step, donate_argnums=donated)
+        self._dense_packed = jax.jit(self._dense_packed_step, static_argnums=(4,), donate_argnums=donated)
         self._logits = jax.jit(self._forward)
 
     @property
@@ -320,6 +340,14 @@ class Trainer:
             g_rows = jax.tree.map(lambda g: g * n, g_rows)
         updates, opt_state = self.tx.update(g_params, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss, g_rows
+
+    def _dense_packed_step(self, params, opt_state, flat, batch: SparseBatch, layout):
+        """`_dense_step` on the rows packed in one (B, total) buffer
+        (`placement.pack_rows`; layout static), the rows' gradients packed
+        alike: one transfer each way whatever the number of tables."""
+        params, opt_state, loss, g_rows = self._dense_step(params, opt_state, _placement.unpack(flat, layout),
+                                                           batch)
+        return params, opt_state, loss, _placement.pack(g_rows, layout, jnp)
 
     # ------------------------------------------------------------- driving
     def train_step_host(self, batch: SparseBatch, stamp: int | None = None) -> float:
@@ -434,10 +462,25 @@ class Trainer:
         the host-tables step overlapped with the device where asked (a
         data-parallel step is synchronous: `train_step_host` per batch)."""
         if self.step_placement() == "host" and self.data_parallel is None:
-            overlap = self.overlap if self.overlap is not None else _placement.dense_platform() != "cpu"
-            return _placement.steps(self, source, overlap=overlap, staleness=self.staleness,
+            return _placement.steps(self, source, overlap=self.overlapping(), staleness=self.staleness,
                                     stats=self.host_stats)
         return ((batch, self.train_step(batch)) for batch in source)
+
+    def overlapping(self) -> bool:
+        """Whether the host-tables step overlaps the host's work with the
+        device: `overlap` if given, else when the dense step runs off the CPU."""
+        return self.overlap if self.overlap is not None else _placement.dense_platform() != "cpu"
+
+    def host_pipeline(self, overlap: bool | None = None) -> "_placement.HostPipeline":
+        """The host-tables step batch by batch (`placement.HostPipeline`:
+        `submit(batch, stamp=)` returns the steps wholly applied, `drain()`
+        the rest), overlapped as `overlapping()` says (or `overlap`), with
+        this trainer's staleness; its phases add up in `host_stats`. Not for
+        a data-parallel trainer (its step is collective: `train_step_host`)."""
+        if self.data_parallel is not None:
+            raise ValueError("a data-parallel trainer steps in lockstep: train_step_host per batch")
+        return _placement.HostPipeline(self, self.overlapping() if overlap is None else overlap, self.staleness,
+                                       self.host_stats)
 
     def _epoch(self, source, progress: _Progress, steps_before: int, prefix: str) -> dict:
         """One pass over `source`: {steps, examples, seconds, loss, loss_sum}."""
@@ -488,8 +531,10 @@ class Trainer:
         """How many programs the training step has compiled (None if JAX does not say)."""
         try:
             if self.mesh_dense is not None:
-                return self.mesh_dense.program._cache_size()
-            return (self._dense if self.step_placement() == "host" else self._train)._cache_size()
+                return self.mesh_dense.program._cache_size() + self.mesh_dense.packed._cache_size()
+            if self.step_placement() == "host":
+                return self._dense._cache_size() + self._dense_packed._cache_size()
+            return self._train._cache_size()
         except AttributeError:
             return None
 

@@ -1,7 +1,9 @@
-"""The W2 DeepFM step three ways, on the same stream: the in-jit step (tables
-called from the XLA program), the host-tables step with overlap, and
-without. Each arm is a fresh Trainer; rounds interleave the arms so that a
-noisy neighbour slows all three alike; figures are medians over rounds."""
+"""The W2 DeepFM step, on the same stream: the in-jit step (tables called
+from the XLA program), the host-tables step with overlap, and without; and
+the one without overlap with its inputs donated to the program, with its
+rows and gradients sent as one buffer each (packed), and with both.
+Each arm is a fresh Trainer; rounds interleave the arms so that a noisy
+neighbour slows all alike; figures are medians over rounds."""
 
 from __future__ import annotations
 
@@ -22,8 +24,13 @@ from monolith_jax.training import Trainer
 
 FIELDS, DENSE, UNIVERSE = 26, 13, 10**6
 ARMS = {"in_jit": dict(placement="in_jit"),
+        # the host-tables step as this platform's defaults have it (on the CPU: nothing donated, one buffer per table)
         "host_overlap": dict(placement="host", overlap=True),
-        "host_plain": dict(placement="host", overlap=False)}
+        "host_plain": dict(placement="host", overlap=False),
+        # the plain one with its inputs donated, its transfers packed, and both (the defaults off the CPU)
+        "plain_donated": dict(placement="host", overlap=False, donate=True, pack_transfers=False),
+        "plain_packed": dict(placement="host", overlap=False, donate=False, pack_transfers=True),
+        "plain_both": dict(placement="host", overlap=False, donate=True, pack_transfers=True)}
 PHASES = ("decode", "lookup", "dispatch", "wait", "apply")
 
 
@@ -43,13 +50,16 @@ class W2Model(nnx.Module):
         return self.mlp(h)[:, 0] + self.lin(dense)[:, 0] + fm
 
 
-def make_trainer(dim: int, hidden=(400, 400, 400), **placement) -> Trainer:
+def make_trainer(dim: int, hidden=(400, 400, 400), pack_transfers: bool | None = None, **placement) -> Trainer:
     tables = [mj.TableConfig(f"t{i}", dim, initializer=mj.Normal(0.0, 0.01),
                              optimizer=mj.Adagrad(0.05, initial_accumulator_value=0.1)) for i in range(FIELDS)]
     feats = [SparseFeature(f"f{i}", f"t{i}") for i in range(FIELDS)]
-    return Trainer(W2Model(dim, hidden, rngs=nnx.Rngs(0)), tables, feats,
-                   [DenseFeature(f"d{i}") for i in range(DENSE)], optax.adam(1e-3), sparse_loss="mean",
-                   log_every=0, out=None, **placement)
+    t = Trainer(W2Model(dim, hidden, rngs=nnx.Rngs(0)), tables, feats,
+                [DenseFeature(f"d{i}") for i in range(DENSE)], optax.adam(1e-3), sparse_loss="mean",
+                log_every=0, out=None, **placement)
+    if pack_transfers is not None:  # None: the trainer's default for this platform
+        t.pack_transfers = pack_transfers
+    return t
 
 
 def stream(batches: int, batch: int, seed: int = 0) -> list:
@@ -87,10 +97,11 @@ def _dense_alone(trainer: Trainer, raw, steps: int) -> float:
     rows = jax.device_put({name: np.zeros((batch.weights.shape[0], 1, coll.tables[name].dim), np.float32)
                            for name in coll.tables})
     params, opt = trainer.params, trainer.opt_state
-    jax.block_until_ready(trainer._dense(params, opt, rows, batch))
+    dense = jax.jit(trainer._dense_step)  # the same program, donating nothing: `rows` serve every step
+    jax.block_until_ready(dense(params, opt, rows, batch))
     t0 = time.perf_counter()
     for _ in range(steps):
-        params, opt, loss, g = trainer._dense(params, opt, rows, batch)
+        params, opt, loss, g = dense(params, opt, rows, batch)
     jax.block_until_ready((params, g))
     return (time.perf_counter() - t0) / steps
 
@@ -129,9 +140,9 @@ def run(batch: int = 4096, dim: int = 16, hidden=(400, 400, 400), rounds: int = 
         f"on {result['platform']}; medians of {rounds} rounds x {steps} steps")
     for arm in ARMS:
         v = result["examples_per_s"][arm]
-        out(f"  {arm:<13} {v:>9,.0f} examples/s   {v / base:.2f}x the in-jit step "
+        out(f"  {arm:<15} {v:>9,.0f} examples/s   {v / base:.2f}x the in-jit step "
             f"(median of per-round ratios {result['vs_in_jit_per_round_median'][arm]:.2f}x)")
     out(f"  dense step alone (rows already on the device): {result['dense_step_alone_ms']:.1f} ms")
     for arm, ph in result["ms_per_step"].items():
-        out(f"  {arm:<13} ms per step: " + "  ".join(f"{p} {ph[p]:.1f}" for p in PHASES))
+        out(f"  {arm:<15} ms per step: " + "  ".join(f"{p} {ph[p]:.1f}" for p in PHASES))
     return result

@@ -22,6 +22,10 @@ an all-padding batch. The cost is a barrier per step: the group moves at
 its slowest member's pace, and if one process dies the others wait (restart
 the group; snapshots make that lossless).
 
+A group of one process (`num_processes=1`) has nobody to all-reduce with:
+`attach` puts its trainer on the mesh route over this process's devices
+(`Trainer(mesh=)`), params replicated and updated there between steps.
+
 Asynchronous, as Monolith's own parameter servers do it, is
 `monolith_jax.distributed.dense_ps` (each trainer steps on its own and
 exchanges parameter deltas with a dense shard): no barrier, a dead trainer
@@ -125,9 +129,27 @@ class DataParallel:
 
     def attach(self, trainer) -> None:
         """Starts `trainer` from process 0's dense params and optimizer state
-        and routes its host-tables step through the all-reduced program."""
+        and routes its host-tables step through the all-reduced program.
+
+        A group of one process has no one to all-reduce with: its trainer
+        takes the mesh route over this process's devices instead
+        (`Trainer(mesh=)`, `placement.MeshDense`: params and optimizer state
+        replicated on the devices and updated there, never copied through
+        the host between steps; the batch split over them; overlapped as
+        the trainer's `overlap` says), and `trainer.data_parallel` stays
+        None (nothing to agree on). Several processes keep this program,
+        which copies each process's params through the host every step
+        (its arrays span every process's devices; the trainer's stay its
+        own, to score and snapshot)."""
         import jax
 
+        if self.num_processes == 1:
+            from monolith_jax.placement import MeshDense
+
+            trainer.mesh_dense = MeshDense(trainer, self.mesh)
+            trainer.params = trainer.mesh_dense.place(trainer.params)
+            trainer.opt_state = trainer.mesh_dense.place(trainer.opt_state)
+            return  # (tables on training PS shards keep one contributor a round)
         trainer.params = jax.device_put(self.broadcast(trainer.params))
         trainer.opt_state = jax.device_put(self.broadcast(trainer.opt_state))
         trainer.data_parallel = self

@@ -52,7 +52,10 @@ member with nothing takes an all-padding step), on whether to snapshot
 first and on whether to go on (until all are done). The chief (process 0)
 pushes the dense params to the serving PS and has the shards snapshot;
 the shards push their own rows. `dense_exchange` (`dense_ps.AsyncDense`)
-trains asynchronously instead.
+trains asynchronously instead. Off a data-parallel group the host-tables
+step overlaps as the trainer's `overlap` says (`placement.HostPipeline`):
+a batch's offsets go once its update is applied; snapshots, rebalances and
+stops first finish the steps in flight.
 """
 
 from __future__ import annotations
@@ -247,18 +250,21 @@ class OnlineTrainer:
         self.remote = {name: t for name, t in trainer.tables.items() if not hasattr(t, "dump")}
         self.host_step = self.dp is not None or bool(self.remote) or trainer.step_placement() == "host"
         self.chief = self.dp is None or self.dp.chief
+        # The host-tables step overlapped as the trainer's `overlap` says (`placement.HostPipeline`; a
+        # data-parallel group steps in lockstep, without): a batch counts as trained once its update is applied.
+        self.pipeline = trainer.host_pipeline() if self.host_step and self.dp is None and \
+            trainer.overlapping() else None
         self._empty = None
+        self._params_lock = threading.Lock()  # the pusher copies params a step may donate (Trainer(donate=))
         self.pusher = None
         if serving_ps:
-            from monolith_jax.serving.export import dense_arrays
             from monolith_jax.serving.sync import SyncPusher
 
             # Rows of remote tables are pushed by their shards (`training_ps --serving-ps`).
             local = {name: t for name, t in trainer.tables.items() if name not in self.remote}
             self.pusher = SyncPusher(local, serving_ps, trainer_id or f"{group}-{id(self):x}",
                                      sparse_sync_interval_s, sync_dtype,
-                                     dense_source=(lambda: (dense_arrays(trainer.params), self.negative_rate))
-                                     if self.chief else None,
+                                     dense_source=self._dense_to_push if self.chief else None,
                                      dense_interval_s=dense_sync_interval_s)
         self._carry: list = []  # messages fetched but not yet taken into a batch
         self._building = None   # (BatchBuilder, messages taken) while a batch fills
@@ -333,6 +339,7 @@ class OnlineTrainer:
         # from them, synchronously, then drop the batch being filled and what
         # was fetched but not trained; the next owner reads from the commit.
         revoked = {(p.topic, p.partition) for p in partitions}
+        self._drain()  # the steps in flight count as trained (their offsets are committed below)
         self._building = None
         self._carry = []
         self._revoked = True
@@ -369,24 +376,28 @@ class OnlineTrainer:
         batches (weight 0: zero gradients) and their results are dropped,
         so the model does not change. Returns the seconds spent."""
         import jax
+        import jax.numpy as jnp
+
+        from monolith_jax.placement import dense_call
 
         t0 = time.perf_counter()
         empty = self.empty_batch()
-        coll = self.trainer.collection
+        t = self.trainer
+        coll = t.collection
         for size in self.buckets():
             batch = shrink(empty, size, size)
             if self.host_step:  # the dense program alone, on zero rows: no table is touched
                 rows = {name: np.zeros((size, sum(f.max_len for f in feats), coll.tables[name].dim), np.float32)
                         for name, feats in coll.by_table.items() if feats}
-                if self.dp is not None:
-                    out = self.dp.step(self.trainer, rows, batch)
-                else:
-                    out = self.trainer._dense(self.trainer.params, self.trainer.opt_state, rows, batch)
+                params, opt_state = jax.tree.map(jnp.copy, (t.params, t.opt_state))  # the step donates its inputs
+                # the program the step runs (packed in the pipeline, over a mesh's devices if it has one)
+                out = self.dp.step(t, rows, batch) if self.dp is not None else \
+                    dense_call(t, params, opt_state, rows, batch, self.pipeline is not None and t.pack_transfers)
             else:
-                out = self.trainer._train(self.trainer.params, self.trainer.opt_state, batch, 0)
+                out = t._train(t.params, t.opt_state, batch, 0)
             jax.block_until_ready(out[:3])
             if self.prequential:
-                self.trainer.predict(batch)
+                t.predict(batch)
         return time.perf_counter() - t0
 
     def empty_batch(self):
@@ -465,38 +476,73 @@ class OnlineTrainer:
         rows = info["rows"]
         if not rows and agreed_rows:
             self.trainer.train_step_host(batch, stamp=self._stamp())
-        if rows:
-            if self.prequential:
-                scores = self.trainer.predict(batch)
-                if self.head_logs is not None:
-                    self.head_logs.add(batch, scores, rows, info["event_time_ms"])
-                else:
-                    self.log.add(np.asarray(batch.labels)[:rows], scores[:rows], info["event_time_ms"])
-            self.max_event_ms = max(self.max_event_ms, int(info["event_time_ms"].max()))
-            self._note_negative_rates(batch, info, rows)
-            step = self.trainer.train_step_host if self.host_step else self.trainer.train_step
-            step(batch, stamp=self._stamp())
-            if self.dense_exchange is not None:
-                self.dense_exchange.after_step(self.trainer)
-            self.examples += rows
-            self.batches += 1
-            if self.dedup is not None:
-                self.dedup.add(info["request_hash"], info["event_time_ms"])
-            if self.on_batch is not None:
-                self.on_batch(self, batch, info)
+        done = []
         real = status != -3
         if real.any():
             parts, offs = info["partition"][real], info["offset"][real]
             topic = self.topics["examples"]
             done = [TopicPartition(topic, int(p), int(offs[parts == p].max()) + 1) for p in np.unique(parts)]
-            for tp in done:
-                self._committed[(tp.topic, tp.partition)] = tp
-                self._resume.pop((tp.topic, tp.partition), None)
-            if self.snapshots is None:
-                self._commit(done, asynchronous=True)
+        if rows:
+            def score(batch):
+                scores = self.trainer.predict(batch)
+                if self.head_logs is not None:
+                    self.head_logs.add(batch, scores, rows, info["event_time_ms"])
+                else:
+                    self.log.add(np.asarray(batch.labels)[:rows], scores[:rows], info["event_time_ms"])
+
+            self.max_event_ms = max(self.max_event_ms, int(info["event_time_ms"].max()))
+            self._note_negative_rates(batch, info, rows)
+            if self.pipeline is not None:  # scored once the rows it reads hold every step before it
+                with self._params_lock:
+                    applied = self.pipeline.submit(batch, stamp=self._stamp(), tag=(info, done),
+                                                   before=score if self.prequential else None)
+                self._trained(applied)
+            else:
+                if self.prequential:
+                    score(batch)
+                step = self.trainer.train_step_host if self.host_step else self.trainer.train_step
+                with self._params_lock:
+                    step(batch, stamp=self._stamp())
+            if self.dense_exchange is not None:
+                self.dense_exchange.after_step(self.trainer)
+            self.examples += rows
+            self.batches += 1
+            if self.dedup is not None:  # taken now: the next batch (filled while this one trains) skips its requests
+                self.dedup.add(info["request_hash"], info["event_time_ms"])
+            if self.pipeline is None:
+                self._trained([(batch, (info, done))])
+        elif done:  # dead letters only: their offsets after every batch before them
+            self._drain()
+            self._mark_trained(done)
         if self.dp is None and self.snapshots is not None and self.snapshots.due(self.trainer.step_count):
             self._snapshot()
         return rows
+
+    def _trained(self, steps) -> None:
+        """Batches whose update is applied ((batch, (info, offsets)), or `Done`s): on_batch, then offsets."""
+        for step in steps:
+            batch, (info, done) = (step.batch, step.tag) if not isinstance(step, tuple) else step
+            if self.on_batch is not None:
+                self.on_batch(self, batch, info)
+            self._mark_trained(done)
+
+    def _mark_trained(self, done: list) -> None:
+        for tp in done:
+            self._committed[(tp.topic, tp.partition)] = tp
+            self._resume.pop((tp.topic, tp.partition), None)
+        if done and self.snapshots is None:
+            self._commit(done, asynchronous=True)
+
+    def _drain(self) -> None:
+        """Finishes the steps in flight: every batch taken is then trained, its offsets marked."""
+        if self.pipeline is not None and self.pipeline.busy:
+            self._trained(self.pipeline.drain())
+
+    def _dense_to_push(self):
+        from monolith_jax.serving.export import dense_arrays
+
+        with self._params_lock:
+            return dense_arrays(self.trainer.params), self.negative_rate
 
     def _note_negative_rates(self, batch, info: dict, rows: int) -> None:
         labels = np.asarray(batch.labels)[:rows]
@@ -543,6 +589,7 @@ class OnlineTrainer:
         after it. A data-parallel group (all members call this between the
         same two steps) takes one snapshot, written by the chief: the dense
         params (the same everywhere) and every member's offsets and counts."""
+        self._drain()  # every applied update of the steps before it, and their offsets
         meta = self._snapshot_meta()
         step = self.trainer.step_count
         if self.dp is None:
@@ -681,6 +728,8 @@ class OnlineTrainer:
             raise
         finally:
             self._carry = []  # fetched, not taken: the next run re-reads them
+            if not failed:    # the steps in flight, applied and their offsets marked (a failed run re-reads them)
+                self._drain()
             if self._t_first is not None:
                 import jax
 

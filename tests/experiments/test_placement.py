@@ -7,11 +7,12 @@ import json
 from experiments.placement import accelerator, main as pl_main
 
 
-def test_three_arms_and_the_host_phases(runs, capsys):
+def test_the_arms_and_the_host_phases(runs, capsys):
     r = pl_main.main(["--batch", "256", "--hidden", "32", "--rounds", "2", "--steps", "3"])
-    assert set(r["examples_per_s"]) == {"in_jit", "host_overlap", "host_plain"}
+    assert set(r["examples_per_s"]) == {"in_jit", "host_overlap", "host_plain", "plain_donated", "plain_packed",
+                                        "plain_both"}
     assert all(len(v) == 2 and min(v) > 0 for v in r["examples_per_s_rounds"].values())
-    for arm in ("host_overlap", "host_plain"):
+    for arm in ("host_overlap", "host_plain", "plain_both"):
         assert r["ms_per_step"][arm]["lookup"] > 0 and r["ms_per_step"][arm]["apply"] > 0
     assert r["dense_step_alone_ms"] > 0
     printed = capsys.readouterr().out

@@ -1,10 +1,14 @@
 """Exactly once across a rebalance, in this process: a trainer that gives
 up partitions commits what it trained from them before they go, whether
-or not the asynchronous commits after its batches reached the broker."""
+or not the asynchronous commits after its batches reached the broker; with
+the host-tables step overlapped too (the batch in flight is finished and
+committed before the partitions go)."""
 
+import dataclasses
 import threading
 
 import numpy as np
+import pytest
 
 from monolith_jax.examples.movielens.loop import movielens_trainer
 from monolith_jax.examples.movielens.replay import movielens_features
@@ -47,9 +51,18 @@ def produce(bootstrap, start, n):
     assert prod.flush(30) == 0
 
 
-def online(bootstrap, name):
-    return OnlineTrainer(movielens_trainer(dim=4, hidden=(8,), out=lambda *a, **k: None), bootstrap,
-                         group="rebalanced", batch_size=256, max_wait_s=0.05, out=lambda *a, **k: None)
+def online(bootstrap, name, step="default"):
+    if step == "default":
+        trainer = movielens_trainer(dim=4, hidden=(8,), out=lambda *a, **k: None)
+    else:  # the same trainer with the host-tables step, overlapped
+        from monolith_jax.examples.movielens import job as J
+
+        job = dataclasses.replace(J.job, tables=tuple(J.tables(0, 4)), model=lambda rngs: J.model(rngs, 4, (8,)))
+        trainer = job.make_trainer(0, log_every=0, out=None, placement="host", overlap=True)
+    o = OnlineTrainer(trainer, bootstrap, group="rebalanced" if step == "default" else f"rebalanced-{step}",
+                      batch_size=256, max_wait_s=0.05, out=lambda *a, **k: None)
+    assert (o.pipeline is not None) == (step == "host_overlap")
+    return o
 
 
 def wait_until(pred, threads, rounds=6000):
@@ -62,11 +75,12 @@ def wait_until(pred, threads, rounds=6000):
     return pred()
 
 
-def test_a_trainer_that_gives_up_partitions_commits_what_it_trained_first(tansu_broker):
+@pytest.mark.parametrize("step", ["default", "host_overlap"])
+def test_a_trainer_that_gives_up_partitions_commits_what_it_trained_first(tansu_broker, step):
     bs = tansu_broker
     K.ensure_topics(bs, {"examples": 4, "dead-letters": 1})
     produce(bs, 0, HALF)
-    a, b = online(bs, "a"), online(bs, "b")
+    a, b = online(bs, "a", step), online(bs, "b", step)
     a.consumer = AsyncCommitsInFlight(a.consumer)
     stop, results = threading.Event(), {}
     run = lambda t, name: results.__setitem__(name, t.run(max_seconds=240, stop=stop, report_every_s=0))  # noqa: E731
@@ -96,7 +110,7 @@ def test_a_trainer_that_gives_up_partitions_commits_what_it_trained_first(tansu_
     ends = {}
     for m in read_topic(bs, "examples"):
         ends[m.partition()] = max(ends.get(m.partition(), 0), m.offset() + 1)
-    c = Consumer(K.consumer_config(bs, "rebalanced"))
+    c = Consumer(K.consumer_config(bs, a.group))
     committed = {tp.partition: tp.offset for tp in c.committed([TopicPartition("examples", p) for p in ends],
                                                               timeout=10)}
     c.close()
