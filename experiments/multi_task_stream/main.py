@@ -3,7 +3,7 @@ models, all trained online from the same examples topic; the predictor's
 per-head scores against the trainer's own. The work is in run.py.
 
     python -m experiments.multi_task_stream.main                    # the shop, 5 seeds of 12,000 requests; results/
-    python -m experiments.multi_task_stream.main --world movielens --out experiments/multi_task_stream/results   # MovieLens, 3 x 60,000
+    python -m experiments.multi_task_stream.main --world movielens --out experiments/multi_task_stream/results   # MovieLens, 3 x 30,000 ratings
     python -m experiments.multi_task_stream.main --seeds 1 --requests 4000   # ~2 min, into a run folder
 
 Any run with flags writes to a fresh run folder (runs/multi_task_stream-TIMESTAMP/),
@@ -29,26 +29,33 @@ def _metric(m: dict) -> tuple[str, float]:
 def report(rounds: list, out=print) -> None:
     r0 = rounds[0]
     world = run.WORLDS[r0["world"]]
-    out(f"two-task stream, {world.name}: {r0['requests']:,} requests per seed, {len(rounds)} seed(s); "
+    what = f"{r0['requests']:,} requests" if world.name == "shop" else \
+        f"{r0['requests']:,} ratings ({r0['replayed']['features']:,} requests with the impressions)"
+    out(f"two-task stream, {world.name}: {what} per seed, {len(rounds)} seed(s); "
         f"replay -> monolith join -> {1 + len(world.singles)} x monolith train on one examples topic")
     out("prequential metrics (each batch scored before it is trained on), per head, mean ± std over seeds:")
     for head in r0["multi"]:
         kind, _ = _metric(r0["multi"][head])
         multi = [_metric(r["multi"][head])[1] for r in rounds]
-        out(f"  {head:<8} {kind:<4} two heads    {np.mean(multi):.4f} ± {np.std(multi):.4f}   "
+        out(f"  {head:<8} {kind:<4} {'two heads':<18} {np.mean(multi):.4f} ± {np.std(multi):.4f}   "
             + " ".join(f"{x:.4f}" for x in multi) + f"   ({r0['multi'][head]['examples']:,} examples defined)")
-        if head not in r0["single"]:
-            continue
-        single = [_metric(r["single"][head])[1] for r in rounds]
-        out(f"  {head:<8} {kind:<4} {head + ' only':<12} {np.mean(single):.4f} ± {np.std(single):.4f}   "
-            + " ".join(f"{x:.4f}" for x in single))
-        gap = np.asarray(multi) - np.asarray(single)
-        line = f"  {head}: two heads - {head} only = {np.mean(gap):+.4f}"
-        if len(gap) >= 3:
-            from scipy import stats
+        for name, (h, _) in world.singles.items():
+            if h != head:
+                continue
+            single = [_metric(r["single"][name])[1] for r in rounds]
+            out(f"  {head:<8} {kind:<4} {name:<18} {np.mean(single):.4f} ± {np.std(single):.4f}   "
+                + " ".join(f"{x:.4f}" for x in single))
+            gap = np.asarray(multi) - np.asarray(single)
+            line = f"    two heads - {name} = {np.mean(gap):+.4f}"
+            if len(gap) >= 3:
+                from scipy import stats
 
-            line += f" (paired t-test p = {stats.ttest_rel(multi, single).pvalue:.3g}, {len(gap)} seeds)"
-        out(line)
+                line += f" (paired t-test p = {stats.ttest_rel(multi, single).pvalue:.3g}, {len(gap)} seeds)"
+            out(line)
+        if head in r0.get("running_mean_rmse", {}):
+            base = [r["running_mean_rmse"][head] for r in rounds]
+            out(f"  {head:<8} rmse {'mean so far':<18} {np.mean(base):.4f} ± {np.std(base):.4f}   "
+                + " ".join(f"{x:.4f}" for x in base) + "   (predicting the mean of the labels seen before)")
     for r in rounds:
         j = r["joined"]
         labels = {k: v for k, v in j.items() if ":" in k and v}
@@ -66,11 +73,11 @@ def main(argv=None):
     p.add_argument("--world", choices=sorted(run.WORLDS), default="shop")
     p.add_argument("--seeds", type=int, default=None, help="default: 5 (shop), 3 (movielens)")
     p.add_argument("--requests", type=int, default=None, help="requests per seed; default: 12,000 (shop), "
-                                                              "60,000 (movielens)")
+                                                              "30,000 ratings and their impressions (movielens)")
     p.add_argument("--out", default=None, help="results folder (default: results/ for the default command)")
     args = p.parse_args(argv)
     out = run_folder.output_dir("multi_task_stream", p, args, full_size_flags=("world",))
-    full = {"shop": (5, 12_000), "movielens": (3, 60_000)}[args.world]
+    full = {"shop": (5, 12_000), "movielens": (3, 30_000)}[args.world]
     args.seeds = full[0] if args.seeds is None else args.seeds
     args.requests = full[1] if args.requests is None else args.requests
     rounds = []
