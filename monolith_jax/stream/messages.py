@@ -314,17 +314,22 @@ class ExampleDecoder:
                                                [h.name for h in self.heads], [int(h.binary) for h in self.heads],
                                                [int(h.missing == "mask") for h in self.heads])
 
-    def missing_sparse(self, value) -> list:
-        """The sources of the sparse features a value's (first incomplete)
-        example lacks; [] if it cannot tell (the slow path, for a reason)."""
+    @staticmethod
+    def _examples(value) -> list:
+        """A value's Examples, parsed by protobuf (the slow path, to name a
+        reason); [] if it does not parse."""
         try:
             raw = value if isinstance(value, (bytes, type(None))) else value.value()
             pb = _pb()
             batch = pb.ExampleBatch.FromString(raw)
-            examples = list(batch.examples) or [pb.Example.FromString(raw)]
+            return list(batch.examples) or [pb.Example.FromString(raw)]
         except Exception:  # the reason stays the generic one
             return []
-        for ex in examples:
+
+    def missing_sparse(self, value) -> list:
+        """The sources of the sparse features a value's (first incomplete)
+        example lacks; [] if it cannot tell."""
+        for ex in self._examples(value):
             have = {s.name for s in ex.features.sparse}
             lack = [f.source for f in self.sparse if f.source not in have]
             if lack:
@@ -334,14 +339,7 @@ class ExampleDecoder:
     def missing_heads(self, value) -> list:
         """The heads (that may not be masked) whose label a value's (first
         incomplete) example lacks; [] if it cannot tell."""
-        try:
-            raw = value if isinstance(value, (bytes, type(None))) else value.value()
-            pb = _pb()
-            batch = pb.ExampleBatch.FromString(raw)
-            examples = list(batch.examples) or [pb.Example.FromString(raw)]
-        except Exception:  # the reason stays the generic one
-            return []
-        for ex in examples:
+        for ex in self._examples(value):
             have = {lab.name for lab in ex.labels}
             lack = [h.name for h in self.heads if h.missing != "mask" and h.name not in have]
             if lack and not (not have and len(self.heads) == 1):

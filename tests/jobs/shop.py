@@ -79,10 +79,19 @@ def make_log(path: str, n: int = 6000, users: int = 300, items: int = 300, seed:
     cols = {"request": [f"q{part}-{k}" for k in range(n)], "ts": start_s + part * 10 * n + np.arange(n) * 2, "user": user,
             "item": item, "category": cats[item_cat[item]].tolist(), "recent_items": recent,
             "price": price_cells, "clicked": clicked}
-    table = pa.table({k: pa.array(v) for k, v in cols.items()})
+    write_log(pa.table({k: pa.array(v) for k, v in cols.items()}), path)
+    return cols
+
+
+def write_log(table, path: str) -> None:
+    """A log table as Parquet, or CSV by the extension (its recent items as
+    "1|2|3", the CSV reader's sequence form)."""
+    import pyarrow as pa
+
     if str(path).endswith(".csv"):
         import pyarrow.csv as pcsv
 
+        recent = table.column("recent_items").to_pylist()
         table = table.set_column(table.schema.get_field_index("recent_items"), "recent_items",
                                  pa.array(["|".join(map(str, r)) for r in recent]))
         pcsv.write_csv(table, path)
@@ -90,4 +99,3 @@ def make_log(path: str, n: int = 6000, users: int = 300, items: int = 300, seed:
         import pyarrow.parquet as pq
 
         pq.write_table(table, path)
-    return cols

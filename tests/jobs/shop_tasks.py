@@ -18,7 +18,7 @@ import optax
 from flax import nnx
 
 import monolith_jax as mj
-from tests.jobs.shop import DENSE, DIM, SPARSE
+from tests.jobs.shop import DENSE, DIM, SPARSE, write_log
 
 HEADS = (mj.Head("click", label="clicked"), mj.Head("buy", label="bought", missing="mask"))
 # How the joiner labels the stream, per head: a click within 30 s, and a
@@ -97,15 +97,5 @@ def make_log(path: str, n: int = 6000, users: int = 300, items: int = 300, seed:
             "user": user, "item": item, "category": cats[item_cat[item]].tolist(), "recent_items": recent,
             "price": price_cells, "clicked": clicked.astype(np.int64),
             "bought": [int(b) if c else None for c, b in zip(clicked, bought)]}
-    table = pa.table({k: pa.array(v, type=pa.int64() if k == "bought" else None) for k, v in cols.items()})
-    if str(path).endswith(".csv"):
-        import pyarrow.csv as pcsv
-
-        table = table.set_column(table.schema.get_field_index("recent_items"), "recent_items",
-                                 pa.array(["|".join(map(str, r)) for r in recent]))
-        pcsv.write_csv(table, path)
-    else:
-        import pyarrow.parquet as pq
-
-        pq.write_table(table, path)
+    write_log(pa.table({k: pa.array(v, type=pa.int64() if k == "bought" else None) for k, v in cols.items()}), path)
     return cols
