@@ -16,6 +16,7 @@ import time
 
 import numpy as np
 
+from experiments.multi_task_stream.run import requests_of  # the shop's log rows as predictor requests
 from tests.jobs import shop
 
 JOB = "tests.jobs.shop:job"
@@ -62,17 +63,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def requests_of(cols, rows) -> list:
-    out = []
-    for k in rows:
-        r = {"user": int(cols["user"][k]), "item": int(cols["item"][k]), "category": cols["category"][k],
-             "recent_items": [int(i) for i in cols["recent_items"][k]]}
-        if cols["price"][k] is not None:
-            r["price"] = cols["price"][k]
-        out.append(r)
-    return out
 
 
 def trainer_from_snapshot(folder):
