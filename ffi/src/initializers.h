@@ -68,22 +68,9 @@ inline float StandardNormal(uint64_t stream, uint64_t counter) {
   return BoxMuller(u1, u2);
 }
 
-// out[j] = StandardNormal(stream, j) for j < n: the integer hashing first,
-// then the float math over a tile, which the compiler vectorizes (a new
-// row's initial values were most of the cost of inserting it).
-inline void StandardNormals(uint64_t stream, int n, float* out) {
-  constexpr int kTile = 64;
-  float u1[kTile], u2[kTile];
-  for (int i0 = 0; i0 < n; i0 += kTile) {
-    const int m = n - i0 < kTile ? n - i0 : kTile;
-    for (int j = 0; j < m; ++j) {
-      const uint64_t c = stream + static_cast<uint64_t>(i0 + j) * 0x9E3779B97F4A7C15ULL;
-      u1[j] = UnitFloat(Mix64(c));
-      u2[j] = UnitFloat(Mix64(c + 0xD1B54A32D192ED03ULL));
-    }
-    for (int j = 0; j < m; ++j) out[i0 + j] = BoxMuller(u1[j], u2[j]);
-  }
-}
+// out[j] = StandardNormal(stream, j) for j < n, bit for bit (initializers.cc:
+// vectorized, with a clone per instruction set).
+void StandardNormals(uint64_t stream, int n, float* out);
 
 inline void InitRowValues(const InitializerConfig& c, uint64_t seed, uint64_t key,
                     int dim, float* w) {
