@@ -164,8 +164,8 @@ bool Shard::PlaceInIndex(std::vector<Bucket>& index, uint32_t row, uint64_t h) {
   const uint64_t n = index.size();
   const Probe p = ProbeIn(h, n);
   // The emptier of the two buckets keeps both near the same load.
-  const int free1 = __builtin_popcountll(tags::ZeroBytes(tags::Load(index[p.b1].tag)));
-  const int free2 = __builtin_popcountll(tags::ZeroBytes(tags::Load(index[p.b2].tag)));
+  const int free1 = tags::CountZeroBytes(tags::Load(index[p.b1].tag));
+  const int free2 = tags::CountZeroBytes(tags::Load(index[p.b2].tag));
   if (free1 || free2) {
     Bucket& b = index[free1 >= free2 ? p.b1 : p.b2];
     return PutInEmpty(b.tag, b.row, p.tag, row);

@@ -61,6 +61,9 @@ constexpr uint64_t kLow7 = 0x7F7F7F7F7F7F7F7FULL;
 constexpr uint64_t kOnes = 0x0101010101010101ULL;
 // 0x80 in each byte of x that is zero, 0 elsewhere (exact, no false hits).
 inline uint64_t ZeroBytes(uint64_t x) { return ~(((x & kLow7) + kLow7) | x | kLow7); }
+// How many bytes of x are zero (a multiply, not a popcount: without a
+// -mpopcnt build that is a library call on the insert path).
+inline int CountZeroBytes(uint64_t x) { return static_cast<int>(((ZeroBytes(x) >> 7) * kOnes) >> 56); }
 inline uint64_t Load(const uint8_t* tags) {
   uint64_t t;
   std::memcpy(&t, tags, 8);
