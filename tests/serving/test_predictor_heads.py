@@ -120,7 +120,10 @@ def test_export_refuses_rates_that_do_not_fit_the_heads(tasks, tmp_path):
         with pytest.raises(ValueError, match=expect):
             export_model(trainer, str(tmp_path), negative_rate=rates)
     assert not (tmp_path / "spec.json").exists()
-    assert job_negative_rates(tasks["job"]) == 1.0   # one rule without sampling: not corrected
+    assert job_negative_rates(tasks["job"]) == {"click": 1.0, "buy": 1.0}   # a rule per head, none sampled
+    from tests.jobs import shop
+
+    assert job_negative_rates(shop.job) == 1.0   # one rule without sampling: not corrected
 
 
 def test_two_hop_predictor_serves_each_head_with_its_own_correction(tasks):
