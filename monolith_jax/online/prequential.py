@@ -35,10 +35,16 @@ class PrequentialLog:
     def __len__(self) -> int:
         return sum(len(x) for x in self._labels)
 
+    def recent(self):
+        """(labels, scores) of the last `window` examples."""
+        if not self._recent:
+            return np.zeros(0, np.float32), np.zeros(0, np.float32)
+        return np.concatenate([r[0] for r in self._recent]), np.concatenate([r[1] for r in self._recent])
+
     def running_auc(self) -> float:
         if not self._recent:
             return float("nan")
-        return auc(np.concatenate([r[0] for r in self._recent]), np.concatenate([r[1] for r in self._recent]))
+        return auc(*self.recent())
 
     def arrays(self):
         """(labels, scores, event_ms), in training order."""
@@ -86,10 +92,7 @@ class HeadLogs:
         """Each head's metric over its last `window` defined examples."""
         out = {}
         for h in self.heads:
-            recent = list(self.logs[h.name]._recent)
-            y = np.concatenate([r[0] for r in recent]) if recent else np.zeros(0, np.float32)
-            s = np.concatenate([r[1] for r in recent]) if recent else np.zeros(0, np.float32)
-            out[h.name] = self._metric(h, y, s)
+            out[h.name] = self._metric(h, *self.logs[h.name].recent())
         return out
 
     def save(self, path: str) -> None:

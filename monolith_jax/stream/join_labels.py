@@ -54,11 +54,7 @@ class MultiLabelJoinState(JoinState):
 
     # ------------------------------------------------------------ inputs
     def _add_features(self, rid, event_ms, payload, origin=None, see=True):
-        self.counts["features"] += 1
-        if see:
-            self._see(event_ms, origin)
-        if rid in self._pending or rid in self._closed:
-            self.counts["duplicate_features"] += 1
+        if not self._accept_features(rid, event_ms, origin, see):
             return
         state = self.labeller.new()
         early = self._early.pop(rid, None)

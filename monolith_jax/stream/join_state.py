@@ -179,12 +179,19 @@ class JoinState:
         if self._admit(record):
             self._apply(record)
 
-    def _add_features(self, rid: str, event_ms: int, payload: bytes, origin=None, see: bool = True) -> None:
+    def _accept_features(self, rid: str, event_ms: int, origin, see: bool) -> bool:
+        """Counts a features record (and its time, if `see`); False for a
+        request already pending or decided (a duplicate, counted)."""
         self.counts["features"] += 1
         if see:
             self._see(event_ms, origin)
         if rid in self._pending or rid in self._closed:
             self.counts["duplicate_features"] += 1
+            return False
+        return True
+
+    def _add_features(self, rid: str, event_ms: int, payload: bytes, origin=None, see: bool = True) -> None:
+        if not self._accept_features(rid, event_ms, origin, see):
             return
         early = self._early.pop(rid, None)
         if early:

@@ -10,6 +10,8 @@ unrated impressions beside the ratings (`replay.MovieLensStream`).
 
 from __future__ import annotations
 
+import dataclasses
+
 import optax
 
 from monolith_jax.examples.movielens import replay as R
@@ -101,27 +103,9 @@ two_heads = Job(
 
 # The single-head DeepFM of `job`, reading the "like" label of the two-head
 # stream (a job of one named head reads that label of version-2 examples).
-like_only = Job(
-    name="movielens_like_only",
-    sparse=R.movielens_features(),
-    tables=tables(),
-    model=model,
-    optimizer=optax.adam(1e-3),
-    heads=_heads()[:1],
-    batch_size=1024,
-    labels=LIKE,
-    source=source,
-)
+like_only = dataclasses.replace(job, name="movielens_like_only", heads=_heads()[:1], labels=LIKE)
 
 # The same MMoE with the like head alone: what the rating head adds or costs.
-like_only_mmoe = Job(
-    name="movielens_like_only_mmoe",
-    sparse=R.movielens_features(),
-    tables=[TableConfig("ids", DIM, Normal(0.0, 0.01), Adagrad(0.05))],
-    model=lambda rngs: mmoe_model(rngs, tasks=("like",)),
-    optimizer=optax.adam(1e-3),
-    heads=_heads()[:1],
-    batch_size=1024,
-    labels=LIKE,
-    source=source,
-)
+like_only_mmoe = dataclasses.replace(two_heads, name="movielens_like_only_mmoe",
+                                     model=lambda rngs: mmoe_model(rngs, tasks=("like",)),
+                                     heads=_heads()[:1], labels=LIKE)
