@@ -158,10 +158,13 @@ def request_arrays(job, values: list) -> tuple[dict, np.ndarray]:
 
 class Client:
     """Scores the newest replayed request every `interval_s` (latency, the
-    online model's score) and sends freshness probes every `probe_every_s`."""
+    online model's score) and sends freshness probes every `probe_every_s`.
+    A probe is missed when its row is not served within `probe_timeout_s`:
+    longer than the trainer's SIGKILL, restart and catch-up take on a busy
+    machine (tens of seconds), so a miss is a row that never came."""
 
     def __init__(self, job, address: str, bootstrap: str, tap: Tap, topics: dict, interval_s: float = 0.05,
-                 probe_every_s: float = 1.0, probe_timeout_s: float = 30.0, seed: int = 0, max_batch: int = 64):
+                 probe_every_s: float = 1.0, probe_timeout_s: float = 120.0, seed: int = 0, max_batch: int = 64):
         from monolith_jax.serving.predictor import PredictorClient
 
         self.job, self.tap, self.topics = job, tap, topics

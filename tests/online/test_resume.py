@@ -187,19 +187,27 @@ def test_sigterm_takes_a_last_snapshot_and_commits_its_offsets(tmp_path):
         cmd[cmd.index("--snapshot-every-steps") + 1] = "100000"   # no periodic snapshot
         cmd[cmd.index("--idle-timeout") + 1] = "120"
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
+        lines, trained = [], threading.Event()
+
+        def read():   # the trainer's report lines (every 5 s): SIGTERM once it has trained all n
+            for line in proc.stdout:
+                lines.append(line)
+                if line.startswith("trainer {") and json.loads(line[len("trainer "):])["examples"] >= n:
+                    trained.set()
+
+        reading = threading.Thread(target=read, daemon=True)
+        reading.start()
         reader = Consumer(K.consumer_config(bootstrap, "term"))
-        deadline = time.monotonic() + 120
-        while True:  # until the trainer's consumer has read the whole topic (its position is not committed yet)
-            time.sleep(0.5)
-            assert proc.poll() is None and time.monotonic() < deadline
-            if (tmp_path / "snaps").exists() and snapshot_steps(tmp_path / "snaps"):
-                raise AssertionError("a snapshot before SIGTERM")
-            if time.monotonic() > deadline - 100:   # ~20 s: the 20 batches are long trained
-                break
+        deadline = time.monotonic() + 240   # compiling and 20 batches, however busy the machine is
+        while not trained.wait(0.5):
+            assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)[-3000:]
+            assert not snapshot_steps(tmp_path / "snaps"), "a snapshot before SIGTERM"
+        assert not snapshot_steps(tmp_path / "snaps"), "a snapshot before SIGTERM"
         assert reader.committed([TopicPartition(topic, 0)], timeout=10)[0].offset < 0, "nothing committed yet"
         proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=60)
-        assert proc.returncode == 0, out[-3000:]
+        proc.wait(60)
+        reading.join(10)
+        assert proc.returncode == 0, "".join(lines)[-3000:]
         assert snapshot_steps(tmp_path / "snaps") == [n // BATCH]
         assert reader.committed([TopicPartition(topic, 0)], timeout=10)[0].offset == n
         reader.close()
