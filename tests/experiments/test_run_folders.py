@@ -4,8 +4,8 @@ Every experiment's committed results (experiments/NAME/results/) are
 replaced only by its default command or a full run given --out
 (experiments/run_folder.py). Here: the rule itself; each documented
 default command choosing the committed folder (stopped right after); the
-default commands of table_bench, memory_control and collisionless run on
-tiny data (their committed folder moved under tmp_path); and the small
+default commands of table_bench and memory_control run on tiny data (their
+committed folder moved under tmp_path); and the small
 variants, through `main` on tiny data, of the experiments whose other
 tests call their run modules directly (table_bench, memory_control,
 collisionless).
@@ -166,15 +166,3 @@ def test_collisionless_small_variant_writes_a_run_folder(runs, monkeypatch, caps
     folder = runs.folder("collisionless", capsys.readouterr().out)
     assert set(json.loads((folder / "auc.json").read_text())) == set(results)
     assert (folder / "figure7.png").stat().st_size > 0
-
-
-def test_collisionless_default_command_writes_its_results_folder(runs, committed_in_tmp, monkeypatch, capsys):
-    from experiments.collisionless import main
-
-    _tiny_collisionless(monkeypatch)
-    results, _ = main.main([])   # 3 seeds, 5 epochs, on tiny ratings
-    assert all(aucs.shape == (3, 5) for aucs in results.values())
-    folder = committed_in_tmp / "collisionless" / "results"
-    assert str(folder / "auc.json") in capsys.readouterr().out
-    assert (folder / "figure7.png").stat().st_size > 0 and runs.folders() == []
-

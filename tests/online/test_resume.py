@@ -78,49 +78,51 @@ def snapshot_kinds(folder) -> set:
     return kinds
 
 
-# full_every=4: incremental snapshots (a full one, then 3 deltas of the rows
-# changed), killed and resumed from a chain.
-@pytest.mark.parametrize("full_every", [1, 4])
-def test_sigkilled_trainer_resumes_and_ends_where_an_uninterrupted_run_ends(tmp_path, full_every):
+def test_sigkilled_trainer_resumes_and_ends_where_an_uninterrupted_run_ends(tmp_path):
+    """Killed and resumed from full snapshots (full_every=1) and from a
+    chain of incremental ones (full_every=4: a full one, then 3 deltas of
+    the rows changed); both end where one uninterrupted run ends (the
+    snapshot cadence does not change what is trained)."""
     from monolith_jax.stream.broker import BrokerProcess
 
-    topic = f"examples-resume-{full_every}"
+    topic = "examples-resume"
     with BrokerProcess() as bootstrap:
         assert produce_examples(bootstrap, topic, N_EXAMPLES) == N_EXAMPLES
-        # Uninterrupted.
-        done = subprocess.run(trainer_cmd(bootstrap, topic, "whole", tmp_path / "whole", tmp_path / "whole.json",
-                                          full_every),
+        done = subprocess.run(trainer_cmd(bootstrap, topic, "whole", tmp_path / "whole", tmp_path / "whole.json"),
                               capture_output=True, text=True, timeout=300, env=ENV)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-        # Killed with SIGKILL once a few snapshots are complete, then restarted.
-        cmd = trainer_cmd(bootstrap, topic, "killed", tmp_path / "killed", tmp_path / "killed.json", full_every)
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
-        deadline = time.monotonic() + 120
-        while max(snapshot_steps(tmp_path / "killed"), default=0) < 30:
-            assert proc.poll() is None and time.monotonic() < deadline, "the trainer ended before it could be killed"
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)
-        assert proc.wait(30) == -signal.SIGKILL
-        if full_every > 1:
-            assert "delta" in snapshot_kinds(tmp_path / "killed")
-        again = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV)
-        assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    resumed = json.loads((tmp_path / "killed.json").read_text())
-    assert resumed["resumed_from"] is not None and 30 <= resumed["resumed_from"] < N_EXAMPLES // BATCH
-
+        for full_every in (1, 4):
+            # Killed with SIGKILL once a few snapshots are complete, then restarted.
+            name = f"killed-{full_every}"
+            cmd = trainer_cmd(bootstrap, topic, name, tmp_path / name, tmp_path / f"{name}.json", full_every)
+            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+            deadline = time.monotonic() + 120
+            while max(snapshot_steps(tmp_path / name), default=0) < 30:
+                assert proc.poll() is None and time.monotonic() < deadline, "the trainer ended before it could be killed"
+                time.sleep(0.02)
+            proc.send_signal(signal.SIGKILL)
+            assert proc.wait(30) == -signal.SIGKILL
+            if full_every > 1:
+                assert "delta" in snapshot_kinds(tmp_path / name)
+            again = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV)
+            assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     whole, whole_meta = final_state(tmp_path / "whole")
-    killed, killed_meta = final_state(tmp_path / "killed")
-    # Every example produced was trained, once.
-    assert whole_meta["examples"] == killed_meta["examples"] == N_EXAMPLES
-    assert whole.step_count == killed.step_count == N_EXAMPLES // BATCH
-    assert whole_meta["offsets"] == killed_meta["offsets"] == {topic: {"0": N_EXAMPLES}}
-    for x, y in zip(jax.tree.leaves(whole.params), jax.tree.leaves(killed.params)):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-5)
-    a, b = whole.tables["ids"].dump(), killed.tables["ids"].dump()
-    oa, ob = np.argsort(a["keys"]), np.argsort(b["keys"])
-    np.testing.assert_array_equal(a["keys"][oa], b["keys"][ob])
-    np.testing.assert_allclose(a["values"][oa], b["values"][ob], rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(a["slots"][oa], b["slots"][ob], rtol=1e-4, atol=1e-5)
+    for full_every in (1, 4):
+        name = f"killed-{full_every}"
+        resumed = json.loads((tmp_path / f"{name}.json").read_text())
+        assert resumed["resumed_from"] is not None and 30 <= resumed["resumed_from"] < N_EXAMPLES // BATCH, name
+        killed, killed_meta = final_state(tmp_path / name)
+        # Every example produced was trained, once.
+        assert whole_meta["examples"] == killed_meta["examples"] == N_EXAMPLES
+        assert whole.step_count == killed.step_count == N_EXAMPLES // BATCH
+        assert whole_meta["offsets"] == killed_meta["offsets"] == {topic: {"0": N_EXAMPLES}}
+        for x, y in zip(jax.tree.leaves(whole.params), jax.tree.leaves(killed.params)):
+            np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-5)
+        a, b = whole.tables["ids"].dump(), killed.tables["ids"].dump()
+        oa, ob = np.argsort(a["keys"]), np.argsort(b["keys"])
+        np.testing.assert_array_equal(a["keys"][oa], b["keys"][ob])
+        np.testing.assert_allclose(a["values"][oa], b["values"][ob], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(a["slots"][oa], b["slots"][ob], rtol=1e-4, atol=1e-5)
 
 
 def test_killed_serving_ps_is_back_with_the_trainers_rows_within_one_sync_interval():
