@@ -1,7 +1,8 @@
 """The previous client side of the data plane, as a baseline measured in
 the same run: the same Step requests, with the batch split in numpy (a
 stable argsort of the batch, the sums as a sparse-matrix product, the rows
-as one np.take) instead of the engine's passes. The benchmark's own code,
+as one np.take) instead of the engine's passes, and without the padding
+that puts the requests' arrays at aligned offsets. The benchmark's own code,
 not the package's."""
 
 from __future__ import annotations
@@ -65,6 +66,9 @@ class NumpySplit:
 
 
 class PreviousShardedTable(ShardedTable):
-    """A ShardedTable whose client side of a batch is the previous numpy one."""
+    """A ShardedTable whose client side of a batch is the previous numpy one,
+    and whose requests' arrays land where they fall (the shard copies the
+    unaligned ones)."""
 
     split = NumpySplit
+    pad = None

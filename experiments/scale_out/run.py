@@ -53,6 +53,16 @@ def _start_shards(n: int, tables_path: str, metrics: bool = False) -> list:
     return procs
 
 
+def _start_echo(dim: int) -> tuple:
+    """The gRPC-alone server (echo.py): (process, port, None)."""
+    proc = subprocess.Popen([sys.executable, "-m", "experiments.scale_out.echo", "--dim", str(dim)],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=ENV)
+    line = proc.stdout.readline()
+    if "listening on" not in line:
+        raise RuntimeError(f"the echo server did not start: {line!r}")
+    return proc, int(line.rsplit(":", 1)[1]), None
+
+
 def _handler_seconds(metrics_port: int) -> float:
     """Seconds the shard has spent inside Step handlers (checks, apply, lookup): its metrics."""
     import urllib.request
@@ -118,6 +128,7 @@ def _client_side(split_class, batches, grads, dim: int) -> float:
 def throughput(shard_counts=(1, 2, 4), dim: int = 64, batch_ids: int = 32_768, steps: int = 40, rounds: int = 5,
                vocab: int = 2_000_000, previous: bool = True, out=print) -> dict:
     import monolith_jax as mj
+    from experiments.scale_out.echo import EchoClient
     from experiments.scale_out.previous import NumpySplit, PreviousShardedTable
     from monolith_jax.distributed.ps_data import Split
     from monolith_jax.distributed.training_ps import ShardedTable
@@ -134,10 +145,12 @@ def throughput(shard_counts=(1, 2, 4), dim: int = 64, batch_ids: int = 32_768, s
         previous = previous and 1 in shard_counts
         if previous:
             procs["previous"] = _start_shards(1, path)
+        procs["echo"] = [_start_echo(dim)]
         try:
             tables = {n: ShardedTable(config, [f"127.0.0.1:{p[1]}" for p in procs[n]]) for n in shard_counts}
             if previous:
                 tables["previous"] = PreviousShardedTable(config, [f"127.0.0.1:{procs['previous'][0][1]}"])
+            tables["echo"] = EchoClient(f"127.0.0.1:{procs['echo'][0][1]}", dim)
             warm_b, warm_g = _batches(10_000, 3, batch_ids, vocab, dim)   # connections up, code paths warm
             for t in [local, *tables.values()]:
                 _steps(t, warm_b, warm_g, 1)
@@ -157,6 +170,8 @@ def throughput(shard_counts=(1, 2, 4), dim: int = 64, batch_ids: int = 32_768, s
                         row["shard_handlers_s"] = _handler_seconds(procs[n][0][2]) - handler
                 if previous and not r % 2:
                     _timed(row, "previous_1_s", tables["previous"], procs["previous"], batches, grads, first)
+                tables["echo"].prepare(batches)
+                _timed(row, "echo_s", tables["echo"], procs["echo"], batches, grads, first)
                 row["client_s"] = _client_side(Split, batches, grads, dim)
                 row["client_numpy_s"] = _client_side(NumpySplit, batches, grads, dim)
                 per_round.append(row)
@@ -211,12 +226,14 @@ def throughput(shard_counts=(1, 2, 4), dim: int = 64, batch_ids: int = 32_768, s
             "step_plane_speedup": med([x["previous_1_s"] / x["shards_1_s"] for x in per_round])}
         out(f"  1 shard, the previous plane (the client's split, sums and rows in numpy): "
             f"{r['ids_per_s']:,.0f} ids/s ({r['us_per_unique_id']:.2f} us per unique id) = {r['vs_local']:.2f}x the "
-            f"local table; this plane is {r['step_plane_speedup']:.2f}x faster")
+            f"local table; this plane runs at {r['step_plane_speedup']:.2f}x its speed")
     cpu = lambda key, i: med([1e6 * (x[key + "_cpu"][i] if i < 2 else sum(x[key + "_cpu"])) / x["unique_ids"]
                               for x in per_round])   # noqa: E731
-    planes = [("local_s", "local table")] + [(f"shards_{n}_s", f"{n} shard{'s' if n > 1 else ''}") for n in shard_counts] + \
+    planes = [("local_s", "local table")] + \
+        [(f"shards_{n}_s", f"{n} shard{'s' if n > 1 else ''}") for n in shard_counts] + \
         ([("previous_1_s", "1 shard, previous plane")] if previous else [])
-    results["cpu_us_per_unique_id"] = {k: {"client": cpu(k, 0), "shards": cpu(k, 1), "total": cpu(k, 2)} for k, _ in planes}
+    results["cpu_us_per_unique_id"] = {k: {"client": cpu(k, 0), "shards": cpu(k, 1), "total": cpu(k, 2)}
+                                       for k, _ in planes}
     out("  CPU per unique id (this process + the shards' processes, whatever else runs): " + "; ".join(
         f"{label} {cpu(k, 2):.2f} us" + (f" ({cpu(k, 0):.2f} + {cpu(k, 1):.2f})" if k != "local_s" else "")
         for k, label in planes))
@@ -225,12 +242,15 @@ def throughput(shard_counts=(1, 2, 4), dim: int = 64, batch_ids: int = 32_768, s
         total, shard_us, client_us = us("shards_1_s"), us("shard_handlers_s"), us("client_s")
         results["split_1_shard_us_per_unique_id"] = s = {
             "total": total, "shard_handler": shard_us, "client_side": client_us,
-            "client_side_numpy": us("client_numpy_s"),
+            "client_side_numpy": us("client_numpy_s"), "grpc_alone": us("echo_s"),
             "grpc_and_messages": total - shard_us - client_us, "local_table": us("local_s")}
         out(f"  one shard's {total:.2f} us per unique id: the shard's Step handler (checks, engine apply and lookup) "
             f"{shard_us:.2f}, the client's split, sums and rows {client_us:.2f} (numpy's: "
             f"{s['client_side_numpy']:.2f}), the rest (gRPC, messages, threads) {s['grpc_and_messages']:.2f}; "
             f"the local table: {s['local_table']:.2f} for all of it")
+        out(f"  gRPC alone (the same requests to a Step server that does no table work, replies of the same size): "
+            f"{s['grpc_alone']:.2f} us per unique id, CPU {cpu('echo_s', 2):.2f} us ({cpu('echo_s', 0):.2f} client + "
+            f"{cpu('echo_s', 1):.2f} server)")
     return results
 
 

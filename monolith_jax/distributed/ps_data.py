@@ -8,7 +8,8 @@ gradients first and looks the ids up after, so the lookup sees them. The
 shard checks the whole request (table, keys of this shard, a reply that
 fits, then the apply's own checks) before it touches a row; a refused
 request changes nothing. The apply reads the gradients where gRPC received
-them (a numpy view), the lookup writes the rows into the buffer that
+them (a numpy view: the client pads its requests so that every array
+starts 8-aligned, `PAD`), the lookup writes the rows into the buffer that
 becomes the reply.
 
 The client's side of a batch is the engine's, without the GIL and without
@@ -27,6 +28,10 @@ from monolith_jax.rpc.flat import Codec
 
 SERVICE = "monolith_jax.v1.TrainingPSData"
 STEP = f"/{SERVICE}/Step"
+# The field number of a request's padding (`flat.Codec.encode`): each array
+# starts 8-aligned in the message, so the shard hands the engine the bytes
+# where gRPC received them (an unaligned float32 or uint64 view is a copy).
+PAD = 15
 
 
 def shard_of(keys, shards: int) -> np.ndarray:

@@ -33,7 +33,7 @@ from concurrent import futures
 
 import numpy as np
 
-from monolith_jax.distributed.ps_data import STEP, Split, codecs
+from monolith_jax.distributed.ps_data import PAD, STEP, Split, codecs
 from monolith_jax.rpc import wire
 from monolith_jax.rpc.flat import view
 
@@ -47,6 +47,7 @@ class ShardedTable:
     and the apply it carried is not kept."""
 
     split = Split    # a batch's client side (ps_data.Split)
+    pad = PAD        # requests' arrays start aligned, read where they lie (ps_data.PAD)
 
     def __init__(self, config, addresses: list, timeout_s: float = 30.0, retry_log_s: float = 5.0,
                  security=None, flush_after_s: float = 1.0):
@@ -112,7 +113,8 @@ class ShardedTable:
 
     def _apply_requests(self, keys, grads, step: int) -> list:
         n = self.keys_per_call
-        return [self._request.encode(table=self.name, **self._apply_fields(keys[i:i + n], grads[i:i + n], step))
+        return [self._request.encode(pad=self.pad, table=self.name,
+                                     **self._apply_fields(keys[i:i + n], grads[i:i + n], step))
                 for i in range(0, max(keys.size, 1), n)]
 
     def _count(self, replies) -> tuple[int, int]:
@@ -143,7 +145,7 @@ class ShardedTable:
                     else:
                         reqs += self._apply_requests(akeys, agrads, step)
                 applies_first.append(len(reqs))
-                reqs += [self._request.encode(table=self.name, keys=chunk, read_only=read_only,
+                reqs += [self._request.encode(pad=self.pad, table=self.name, keys=chunk, read_only=read_only,
                                               **(apply if j == 0 else {})) for j, chunk in enumerate(lookups)]
                 per_shard.append(reqs)
             replies = self._each_shard(per_shard)
