@@ -1,7 +1,8 @@
 """The training PS data plane: one Step request per shard per training step
 (shards in their own processes), every lookup seeing every earlier apply,
 calls split to fit, a kept apply sent when no lookup follows, refused
-requests changing nothing; the client's numpy split against plain sums."""
+requests changing nothing; the client's split (the engine's) against plain
+sums."""
 
 import json
 import time
