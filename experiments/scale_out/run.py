@@ -14,11 +14,12 @@ figures taken under the same load; the figures are medians over rounds.
 The tables keep their rows from round to round, as a trainer's do. A
 round also splits one shard's time per unique id: the shard's Step
 handlers (its checks, the engine's apply and lookup: the shard's own
-metrics), the client's numpy (sort and split, sums, rows: timed alone on
-the same batches), and the rest (gRPC, the messages, thread hand-offs).
-The previous data plane (`previous.py`: a Lookup and an Apply per step,
-protobuf messages) runs beside them on a shard of its own, as the baseline
-of the change.
+metrics), the client's side (split, sums, rows: the engine's passes, timed
+alone on the same batches, beside numpy's), and the rest (gRPC, the
+messages, thread hand-offs). The previous data plane (`previous.py`: the
+same Step requests, the client's side in numpy) runs beside them on a
+shard of its own, as the baseline of the change; it goes first every
+other round.
 """
 
 from __future__ import annotations
@@ -52,6 +53,16 @@ def _start_shards(n: int, tables_path: str, metrics: bool = False) -> list:
     return procs
 
 
+def _start_echo(dim: int) -> tuple:
+    """The gRPC-alone server (echo.py): (process, port, None)."""
+    proc = subprocess.Popen([sys.executable, "-m", "experiments.scale_out.echo", "--dim", str(dim)],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=ENV)
+    line = proc.stdout.readline()
+    if "listening on" not in line:
+        raise RuntimeError(f"the echo server did not start: {line!r}")
+    return proc, int(line.rsplit(":", 1)[1]), None
+
+
 def _handler_seconds(metrics_port: int) -> float:
     """Seconds the shard has spent inside Step handlers (checks, apply, lookup): its metrics."""
     import urllib.request
@@ -81,23 +92,45 @@ def _steps(table, batches, grads, first_step: int) -> float:
     return time.perf_counter() - t0
 
 
-def _client_numpy(batches, grads, dim: int) -> float:
-    """Seconds of the client's numpy of one shard's steps (split, sums, finiteness, rows), alone."""
-    from monolith_jax.distributed.ps_data import Split
+def _cpu_s(pids) -> float:
+    """CPU seconds (user + system) the processes `pids` have used so far."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])    # utime, stime
+    return total / tick
 
+
+def _timed(row: dict, key: str, table, procs: list, batches, grads, first_step: int) -> None:
+    """Runs the steps on `table`: wall seconds in row[key], and the CPU
+    seconds of this process and of the shards' processes in row[key + "_cpu"]
+    (what the work costs whatever else the machine runs)."""
+    pids = [p.pid for p, *_ in procs]
+    c0, s0 = time.process_time(), _cpu_s(pids)
+    row[key] = _steps(table, batches, grads, first_step)
+    row[key + "_cpu"] = (time.process_time() - c0, _cpu_s(pids) - s0)
+
+
+def _client_side(split_class, batches, grads, dim: int) -> float:
+    """Seconds of the client's side of one shard's steps (split, sums and
+    their finiteness, rows), alone."""
     t0 = time.perf_counter()
     for b, g in zip(batches, grads):
-        split = Split(b, 1)
-        split.rows(np.zeros((split.uniq.size, dim), np.float32))
+        split = split_class(b, 1)
+        split.rows(np.zeros((split.grouped.size, dim), np.float32))
         split.same_keys(b)
-        np.all(np.isfinite(split.summed(g)))
+        split.summed(g)
     return time.perf_counter() - t0
 
 
 def throughput(shard_counts=(1, 2, 4), dim: int = 64, batch_ids: int = 32_768, steps: int = 40, rounds: int = 5,
                vocab: int = 2_000_000, previous: bool = True, out=print) -> dict:
     import monolith_jax as mj
-    from experiments.scale_out.previous import PreviousShardedTable
+    from experiments.scale_out.echo import EchoClient
+    from experiments.scale_out.previous import NumpySplit, PreviousShardedTable
+    from monolith_jax.distributed.ps_data import Split
     from monolith_jax.distributed.training_ps import ShardedTable
     from monolith_jax.sparse.config import config_to_dict
 
@@ -112,10 +145,12 @@ def throughput(shard_counts=(1, 2, 4), dim: int = 64, batch_ids: int = 32_768, s
         previous = previous and 1 in shard_counts
         if previous:
             procs["previous"] = _start_shards(1, path)
+        procs["echo"] = [_start_echo(dim)]
         try:
             tables = {n: ShardedTable(config, [f"127.0.0.1:{p[1]}" for p in procs[n]]) for n in shard_counts}
             if previous:
-                tables["previous"] = PreviousShardedTable(config, f"127.0.0.1:{procs['previous'][0][1]}")
+                tables["previous"] = PreviousShardedTable(config, [f"127.0.0.1:{procs['previous'][0][1]}"])
+            tables["echo"] = EchoClient(f"127.0.0.1:{procs['echo'][0][1]}", dim)
             warm_b, warm_g = _batches(10_000, 3, batch_ids, vocab, dim)   # connections up, code paths warm
             for t in [local, *tables.values()]:
                 _steps(t, warm_b, warm_g, 1)
@@ -124,15 +159,21 @@ def throughput(shard_counts=(1, 2, 4), dim: int = 64, batch_ids: int = 32_768, s
                 ids = sum(b.size for b in batches)
                 uniq = sum(np.unique(b).size for b in batches)
                 first = 2 + r * steps
-                row = {"ids": ids, "unique_ids": uniq, "local_s": _steps(local, batches, grads, first)}
+                row = {"ids": ids, "unique_ids": uniq}
+                _timed(row, "local_s", local, [], batches, grads, first)
+                if previous and r % 2:      # every other round the previous plane goes first
+                    _timed(row, "previous_1_s", tables["previous"], procs["previous"], batches, grads, first)
                 for n in shard_counts:
                     handler = _handler_seconds(procs[n][0][2]) if n == 1 else 0.0
-                    row[f"shards_{n}_s"] = _steps(tables[n], batches, grads, first)
+                    _timed(row, f"shards_{n}_s", tables[n], procs[n], batches, grads, first)
                     if n == 1:
                         row["shard_handlers_s"] = _handler_seconds(procs[n][0][2]) - handler
-                if previous:
-                    row["previous_1_s"] = _steps(tables["previous"], batches, grads, first)
-                row["client_numpy_s"] = _client_numpy(batches, grads, dim)
+                if previous and not r % 2:
+                    _timed(row, "previous_1_s", tables["previous"], procs["previous"], batches, grads, first)
+                tables["echo"].prepare(batches)
+                _timed(row, "echo_s", tables["echo"], procs["echo"], batches, grads, first)
+                row["client_s"] = _client_side(Split, batches, grads, dim)
+                row["client_numpy_s"] = _client_side(NumpySplit, batches, grads, dim)
                 per_round.append(row)
                 out(f"  round {r + 1}/{rounds}: local {ids / row['local_s']:,.0f} ids/s; " + "; ".join(
                     f"{n} shard{'s' if n > 1 else ''} {row['local_s'] / row[f'shards_{n}_s']:.2f}x"
@@ -183,18 +224,33 @@ def throughput(shard_counts=(1, 2, 4), dim: int = 64, batch_ids: int = 32_768, s
             "vs_local": med([x["local_s"] / x["previous_1_s"] for x in per_round]),
             "us_per_unique_id": med([1e6 * x["previous_1_s"] / x["unique_ids"] for x in per_round]),
             "step_plane_speedup": med([x["previous_1_s"] / x["shards_1_s"] for x in per_round])}
-        out(f"  1 shard, the previous plane (a Lookup and an Apply a step, protobuf messages, np.add.reduceat): "
+        out(f"  1 shard, the previous plane (the client's split, sums and rows in numpy): "
             f"{r['ids_per_s']:,.0f} ids/s ({r['us_per_unique_id']:.2f} us per unique id) = {r['vs_local']:.2f}x the "
-            f"local table; the Step plane is {r['step_plane_speedup']:.2f}x faster")
+            f"local table; this plane runs at {r['step_plane_speedup']:.2f}x its speed")
+    cpu = lambda key, i: med([1e6 * (x[key + "_cpu"][i] if i < 2 else sum(x[key + "_cpu"])) / x["unique_ids"]
+                              for x in per_round])   # noqa: E731
+    planes = [("local_s", "local table")] + \
+        [(f"shards_{n}_s", f"{n} shard{'s' if n > 1 else ''}") for n in shard_counts] + \
+        ([("previous_1_s", "1 shard, previous plane")] if previous else [])
+    results["cpu_us_per_unique_id"] = {k: {"client": cpu(k, 0), "shards": cpu(k, 1), "total": cpu(k, 2)}
+                                       for k, _ in planes}
+    out("  CPU per unique id (this process + the shards' processes, whatever else runs): " + "; ".join(
+        f"{label} {cpu(k, 2):.2f} us" + (f" ({cpu(k, 0):.2f} + {cpu(k, 1):.2f})" if k != "local_s" else "")
+        for k, label in planes))
     if 1 in shard_counts:
         us = lambda key: med([1e6 * x[key] / x["unique_ids"] for x in per_round])   # noqa: E731
-        total, shard_us, client_us = us("shards_1_s"), us("shard_handlers_s"), us("client_numpy_s")
+        total, shard_us, client_us = us("shards_1_s"), us("shard_handlers_s"), us("client_s")
         results["split_1_shard_us_per_unique_id"] = s = {
-            "total": total, "shard_handler": shard_us, "client_numpy": client_us,
+            "total": total, "shard_handler": shard_us, "client_side": client_us,
+            "client_side_numpy": us("client_numpy_s"), "grpc_alone": us("echo_s"),
             "grpc_and_messages": total - shard_us - client_us, "local_table": us("local_s")}
         out(f"  one shard's {total:.2f} us per unique id: the shard's Step handler (checks, engine apply and lookup) "
-            f"{shard_us:.2f}, the client's numpy (sort/split, sums, rows) {client_us:.2f}, the rest (gRPC, "
-            f"messages, threads) {s['grpc_and_messages']:.2f}; the local table: {s['local_table']:.2f} for all of it")
+            f"{shard_us:.2f}, the client's split, sums and rows {client_us:.2f} (numpy's: "
+            f"{s['client_side_numpy']:.2f}), the rest (gRPC, messages, threads) {s['grpc_and_messages']:.2f}; "
+            f"the local table: {s['local_table']:.2f} for all of it")
+        out(f"  gRPC alone (the same requests to a Step server that does no table work, replies of the same size): "
+            f"{s['grpc_alone']:.2f} us per unique id, CPU {cpu('echo_s', 2):.2f} us ({cpu('echo_s', 0):.2f} client + "
+            f"{cpu('echo_s', 1):.2f} server)")
     return results
 
 

@@ -28,6 +28,7 @@ using namespace nb::literals;
 namespace monolith {
 
 void BindCodec(nb::module_& m);  // module_codec.cc
+void BindBatch(nb::module_& m);  // module_batch.cc
 
 namespace {
 
@@ -231,6 +232,7 @@ NB_MODULE(_engine, m) {
   m.def("parallelism", [] { return ThreadPool::Global().Parallelism(); },
         "Threads a batched table call uses (MONOLITH_NUM_THREADS caps it).");
   BindCodec(m);
+  BindBatch(m);
 
   nb::class_<PyTable>(m, "Table")
       .def("__init__",

@@ -8,13 +8,15 @@ gradients first and looks the ids up after, so the lookup sees them. The
 shard checks the whole request (table, keys of this shard, a reply that
 fits, then the apply's own checks) before it touches a row; a refused
 request changes nothing. The apply reads the gradients where gRPC received
-them (a numpy view), the lookup writes the rows into the buffer that
+them (a numpy view: the client pads its requests so that every array
+starts 8-aligned, `PAD`), the lookup writes the rows into the buffer that
 becomes the reply.
 
-The client's side of a batch is numpy without a loop over ids (`Split`):
-one sort gives the unique ids, each id's place among them and the shards'
-parts; the summed gradients are one sparse-matrix product; the rows of a
-batch one `np.take` from the shards' replies.
+The client's side of a batch is the engine's, without the GIL and without
+a loop over ids in Python (`Split`): one pass groups the batch's unique
+ids by shard and gives each id's row among the replies, one sums the
+gradients per unique id (and says whether every sum is finite), one
+gathers the batch's rows from the replies.
 """
 
 from __future__ import annotations
@@ -26,6 +28,10 @@ from monolith_jax.rpc.flat import Codec
 
 SERVICE = "monolith_jax.v1.TrainingPSData"
 STEP = f"/{SERVICE}/Step"
+# The field number of a request's padding (`flat.Codec.encode`): each array
+# starts 8-aligned in the message, so the shard hands the engine the bytes
+# where gRPC received them (an unaligned float32 or uint64 view is a copy).
+PAD = 15
 
 
 def shard_of(keys, shards: int) -> np.ndarray:
@@ -91,55 +97,37 @@ def step_handler(state):
 
 # ------------------------------------------------------------------ client
 class Split:
-    """A batch's keys, sorted once: `uniq` (sorted unique keys), `inverse`
-    (each key's index in `uniq`), `parts` (per shard, the indices in `uniq`
-    of its keys, ascending) and `keys` (per shard, its unique keys)."""
+    """A batch's keys, grouped once by the engine (`group_keys`, one pass
+    without the GIL): `grouped` (the unique keys, shard 0's ascending, then
+    shard 1's, ...), `keys` (per shard, its part of `grouped`) and
+    `rows_index` (each key's place in `grouped`: the shards answer their
+    rows in that order)."""
 
     def __init__(self, keys: np.ndarray, shards: int):
+        from monolith_jax.sparse._native import engine
+
+        self._engine = engine()
         self.size = keys.size
-        order = np.argsort(keys, kind="stable")
-        sk = keys[order]
-        first = np.empty(sk.size, bool)
-        first[:1] = True
-        np.not_equal(sk[1:], sk[:-1], out=first[1:])
-        starts = np.flatnonzero(first)
-        self.uniq = sk[starts]
-        self.inverse = np.empty(keys.size, np.int64)
-        self.inverse[order] = np.cumsum(first) - 1
-        self._order, self._starts = order, starts
-        if shards == 1:
-            self.parts = [np.arange(self.uniq.size)]
-            self.keys = [self.uniq]
-            self.rows_index = self.inverse        # where each key's row is among the replies' rows
-        else:
-            owner = shard_of(self.uniq, shards)
-            by_shard = np.argsort(owner, kind="stable")
-            bounds = np.cumsum(np.bincount(owner, minlength=shards))[:-1]
-            self.parts = np.split(by_shard, bounds)
-            self.keys = [self.uniq[p] for p in self.parts]
-            place = np.empty(self.uniq.size, np.int64)
-            place[by_shard] = np.arange(self.uniq.size)
-            self.rows_index = place[self.inverse]
+        self.grouped, self.bounds, self.rows_index = self._engine.group_keys(keys, shards)
+        self.keys = [self.grouped[a:b] for a, b in zip(self.bounds[:-1], self.bounds[1:])]
 
     def same_keys(self, keys: np.ndarray) -> bool:
-        return keys.size == self.size and np.array_equal(self.uniq[self.inverse], keys)
+        return keys.size == self.size and np.array_equal(self.grouped[self.rows_index], keys)
 
-    def summed(self, grads: np.ndarray) -> np.ndarray:
-        """Each unique key's gradients summed (uniq x dim float32), as one
-        product with the 0/1 matrix of unique key by batch position (a
-        sorted segment sum in one C pass; np.add.reduceat is ~8x slower on
-        rows)."""
-        import scipy.sparse
+    def summed(self, grads: np.ndarray) -> tuple[np.ndarray, bool]:
+        """(each unique key's gradients summed, grouped x dim float32, in
+        `grouped` order; whether every sum is finite): one pass of the
+        engine over the batch's gradients."""
+        grads = np.ascontiguousarray(grads, np.float32)
+        out = np.empty((self.grouped.size, grads.shape[1]), np.float32)
+        return out, self._engine.sum_rows(grads, self.rows_index, self.grouped.size, out)
 
-        n, u = self.size, self.uniq.size
-        if n == 0:
-            return np.zeros((0, grads.shape[1]), np.float32)
-        index = np.int32 if n < 2**31 else np.int64    # scipy's own index type: no conversion inside
-        m = scipy.sparse.csr_matrix((np.ones(n, np.float32), self._order.astype(index),
-                                     np.append(self._starts, n).astype(index)), shape=(u, n))
-        return np.ascontiguousarray(m @ grads, np.float32)
+    def parts(self, summed: np.ndarray) -> list:
+        """Per shard, its rows of `summed` (views)."""
+        return [summed[a:b] for a, b in zip(self.bounds[:-1], self.bounds[1:])]
 
     def rows(self, values: np.ndarray) -> np.ndarray:
-        """The batch's rows from the replies' rows (shard order, each
-        shard's in `parts` order)."""
-        return np.take(values, self.rows_index, axis=0)
+        """The batch's rows from the replies' rows (`grouped` order)."""
+        out = np.empty((self.size, values.shape[1]), np.float32)
+        self._engine.take_rows(np.ascontiguousarray(values, np.float32), self.rows_index, out)
+        return out

@@ -33,7 +33,7 @@ from concurrent import futures
 
 import numpy as np
 
-from monolith_jax.distributed.ps_data import STEP, Split, codecs
+from monolith_jax.distributed.ps_data import PAD, STEP, Split, codecs
 from monolith_jax.rpc import wire
 from monolith_jax.rpc.flat import view
 
@@ -45,6 +45,9 @@ class ShardedTable:
     `close()` (or `flush()`) before it exits: the last step's apply is kept
     until then, or for `flush_after_s`. A request a shard refuses raises,
     and the apply it carried is not kept."""
+
+    split = Split    # a batch's client side (ps_data.Split)
+    pad = PAD        # requests' arrays start aligned, read where they lie (ps_data.PAD)
 
     def __init__(self, config, addresses: list, timeout_s: float = 30.0, retry_log_s: float = 5.0,
                  security=None, flush_after_s: float = 1.0):
@@ -110,7 +113,8 @@ class ShardedTable:
 
     def _apply_requests(self, keys, grads, step: int) -> list:
         n = self.keys_per_call
-        return [self._request.encode(table=self.name, **self._apply_fields(keys[i:i + n], grads[i:i + n], step))
+        return [self._request.encode(pad=self.pad, table=self.name,
+                                     **self._apply_fields(keys[i:i + n], grads[i:i + n], step))
                 for i in range(0, max(keys.size, 1), n)]
 
     def _count(self, replies) -> tuple[int, int]:
@@ -122,7 +126,7 @@ class ShardedTable:
 
     # ------------------------------------------------------------- reads
     def _rows(self, keys: np.ndarray, read_only: bool):
-        split = Split(keys, self.shards)
+        split = self.split(keys, self.shards)
         self._last_split = split
         n = self.keys_per_call
         with self._lock:
@@ -141,7 +145,7 @@ class ShardedTable:
                     else:
                         reqs += self._apply_requests(akeys, agrads, step)
                 applies_first.append(len(reqs))
-                reqs += [self._request.encode(table=self.name, keys=chunk, read_only=read_only,
+                reqs += [self._request.encode(pad=self.pad, table=self.name, keys=chunk, read_only=read_only,
                                               **(apply if j == 0 else {})) for j, chunk in enumerate(lookups)]
                 per_shard.append(reqs)
             replies = self._each_shard(per_shard)
@@ -149,17 +153,17 @@ class ShardedTable:
         looked = [r for rs, k in zip(replies, applies_first) for r in rs[k:]]
         parts = [view(r.values, np.float32, f"rows of table {self.name!r}") for r in looked]
         values = parts[0] if len(parts) == 1 else np.concatenate(parts) if parts else np.zeros(0, np.float32)
-        if values.size != split.uniq.size * self.dim:
+        if values.size != split.grouped.size * self.dim:
             raise RuntimeError(f"table {self.name!r}: the shards answered {values.size / self.dim:.0f} rows "
-                               f"for {split.uniq.size} keys")
+                               f"for {split.grouped.size} keys")
         rows = split.rows(values.reshape(-1, self.dim))
         if not read_only:
             return rows, None
         found = np.concatenate([view(r.found, np.uint8, f"found of table {self.name!r}") for r in looked] or
                                [np.zeros(0, np.uint8)])
-        if found.size != split.uniq.size:
+        if found.size != split.grouped.size:
             raise RuntimeError(f"table {self.name!r}: the shards answered {found.size} found flags "
-                               f"for {split.uniq.size} keys")
+                               f"for {split.grouped.size} keys")
         return rows, found[split.rows_index].astype(bool)
 
     def lookup_host(self, ids) -> np.ndarray:
@@ -196,11 +200,11 @@ class ShardedTable:
             raise ValueError(f"step must be in [0, 2^31), got {step}")
         split = self._last_split
         if split is None or not split.same_keys(keys):
-            split = Split(keys, self.shards)
-        summed = split.summed(grads)
-        if not np.all(np.isfinite(summed)):     # a quarter of the values to read; any non-finite one spoils its sum
+            split = self.split(keys, self.shards)
+        summed, finite = split.summed(grads)
+        if not finite:     # checked on the sums: any non-finite gradient spoils its id's sum
             raise ValueError(f"table {self.name!r}: gradients are not all finite (or their sums overflow)")
-        parts = [(k, summed if k is split.uniq else np.take(summed, p, axis=0)) for k, p in zip(split.keys, split.parts)]
+        parts = list(zip(split.keys, split.parts(summed)))
         self._round += 1
         if self.contributors > 1:
             # A round needs exactly one contribution of every trainer at every shard, empty or not.

@@ -10,7 +10,8 @@ data plane's large arrays.
 Decoding a protobuf bytes field copies it into a new Python object, and
 setting one copies again; the arrays of a training step are megabytes. The
 bytes `encode` writes are exactly what any protobuf library writes for the
-same values (fields in number order, defaults left out), and `decode`
+same values (fields in number order, defaults left out; with `pad`, unknown
+padding fields that put each array at an aligned offset), and `decode`
 reads any valid encoding of the message (any field order, unknown fields
 skipped, the last of a repeated scalar wins); what it cannot read raises
 ValueError naming the field, which the servers answer INVALID_ARGUMENT.
@@ -124,13 +125,22 @@ class Codec:
                 out[name] = value - (1 << 64) if kind == "int64" and value >= 1 << 63 else value
         return types.SimpleNamespace(**out)
 
-    def encode(self, **values) -> bytes:
+    def encode(self, *, pad: int | None = None, **values) -> bytes:
         """The wire form of a message with these field values (bytes fields
-        take any C-contiguous buffer: bytes, memoryview, numpy array)."""
+        take any C-contiguous buffer: bytes, memoryview, numpy array).
+
+        pad: a field number (1-15) the message does not have. Each bytes
+        field whose data would start at an offset that is not a multiple of
+        8 then follows an unknown field of that number, sized to make it one
+        (every reader skips unknown fields), so that a reader views its
+        arrays where they lie instead of copying them to an aligned place."""
         unknown = set(values) - set(self.defaults)
         if unknown:
             raise TypeError(f"{self.name} has no field {sorted(unknown)[0]!r}")
-        parts = []
+        if pad is not None and not (1 <= pad <= 15 and pad not in self._by_number):
+            raise ValueError(f"{self.name}: padding needs a field number in [1, 15] the message does not have, "
+                             f"got {pad}")
+        parts, at = [], 0
         for number, name, kind in self._order:
             v = values.get(name)
             if v is None:
@@ -146,7 +156,14 @@ class Codec:
             else:
                 if v:
                     parts.append(_varint_bytes(number << 3) + _varint_bytes(int(v)))
+                    at += len(parts[-1])
                 continue
             if n:
-                parts += [_varint_bytes(number << 3 | 2) + _varint_bytes(n), data]
+                head = _varint_bytes(number << 3 | 2) + _varint_bytes(n)
+                if pad is not None and kind == "bytes" and (at + len(head)) % 8:
+                    fill = (-(at + len(head)) - 2) % 8     # the padding field: tag, length, fill bytes
+                    parts.append(bytes([pad << 3 | 2, fill]) + bytes(fill))
+                    at += 2 + fill
+                parts += [head, data]
+                at += len(head) + n
         return b"".join(parts)

@@ -1,7 +1,8 @@
 """The training PS data plane: one Step request per shard per training step
 (shards in their own processes), every lookup seeing every earlier apply,
 calls split to fit, a kept apply sent when no lookup follows, refused
-requests changing nothing; the client's numpy split against plain sums."""
+requests changing nothing; the client's split (the engine's) against plain
+sums."""
 
 import json
 import time
@@ -149,17 +150,46 @@ def test_a_refused_step_changes_nothing_and_fuzzed_steps_are_invalid_argument(sh
 def test_the_split_of_a_batch_matches_plain_sums_and_lookups():
     rng = np.random.default_rng(3)
     ids, grads = batch(rng, n=5000, vocab=3000)
+    ids[:6] = [0, 2**64 - 1, 2**63, 0, 2**64 - 1, 2**63]     # the ends of the key space, repeated
+    want_keys, want = sum_by_key(ids, grads)
     for shards in (1, 3):
         split = Split(ids, shards)
-        assert np.array_equal(split.uniq, np.unique(ids)) and np.array_equal(split.uniq[split.inverse], ids)
-        for s, (keys, part) in enumerate(zip(split.keys, split.parts)):
-            assert np.array_equal(keys, split.uniq[part]) and np.all(shard_of(keys, shards) == s)
-        want_keys, want = sum_by_key(ids, grads)
-        np.testing.assert_allclose(split.summed(grads), want, rtol=1e-5, atol=1e-5)
+        assert np.array_equal(split.grouped[split.rows_index], ids) and split.grouped.size == want_keys.size
+        for s, keys in enumerate(split.keys):    # each shard's unique keys, ascending
+            assert np.array_equal(keys, want_keys[shard_of(want_keys, shards) == s])
+        summed, finite = split.summed(grads)
+        assert finite and summed.shape == (want_keys.size, DIM)
+        by_key = dict(zip(split.grouped.tolist(), summed))
+        np.testing.assert_allclose(np.stack([by_key[k] for k in want_keys.tolist()]), want, rtol=1e-5, atol=1e-5)
+        for keys, part in zip(split.keys, split.parts(summed)):
+            np.testing.assert_array_equal(part, np.stack([by_key[k] for k in keys.tolist()]).reshape(-1, DIM))
         # Rows as the shards answer them (shard order) land back on the batch's positions.
-        rows_by_key = rng.normal(size=(split.uniq.size, DIM)).astype(np.float32)
-        answered = np.concatenate([rows_by_key[p] for p in split.parts])
-        assert np.array_equal(split.rows(answered), rows_by_key[split.inverse])
+        answered = rng.normal(size=(split.grouped.size, DIM)).astype(np.float32)
+        assert np.array_equal(split.rows(answered), answered[split.rows_index])
         assert split.same_keys(ids.copy()) and not split.same_keys(ids[::-1].copy())
     empty = Split(np.zeros(0, np.uint64), 2)
-    assert empty.summed(np.zeros((0, DIM), np.float32)).shape == (0, DIM)
+    assert [k.size for k in empty.keys] == [0, 0] and empty.summed(np.zeros((0, DIM), np.float32))[0].shape == (0, DIM)
+
+
+def test_a_split_says_when_a_sum_is_not_finite_and_refuses_bad_input():
+    rng = np.random.default_rng(4)
+    ids, grads = batch(rng, n=3000, vocab=500)
+    for bad in (np.nan, np.inf, -np.inf):
+        g = grads.copy()
+        g[1234, 5] = bad
+        assert Split(ids, 2).summed(g)[1] is False
+    g = grads.copy()
+    g[ids == ids[0], 0] = 3e38      # finite gradients whose sum overflows
+    assert (ids == ids[0]).sum() > 1 and Split(ids, 2).summed(g)[1] is False
+    from monolith_jax.sparse._native import engine
+
+    with pytest.raises(ValueError, match="shards"):
+        Split(ids, 0)
+    split = Split(ids, 2)
+    out = np.empty((split.grouped.size, DIM), np.float32)
+    with pytest.raises(ValueError, match="index outside"):
+        engine().sum_rows(grads, np.full(ids.size, split.grouped.size, np.int64), split.grouped.size, out)
+    with pytest.raises(ValueError, match="one index per gradient row"):
+        engine().sum_rows(grads[:-1], split.rows_index, split.grouped.size, out)
+    with pytest.raises(ValueError, match="index outside"):
+        engine().take_rows(out, np.r_[split.rows_index[:-1], -1], np.empty((ids.size, DIM), np.float32))

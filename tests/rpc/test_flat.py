@@ -93,6 +93,28 @@ def test_views_share_the_messages_memory_and_check_their_length():
         view(memoryview(message)[8:], np.uint64, "keys", 4)
 
 
+def test_padding_puts_every_array_at_an_aligned_offset_and_protobuf_reads_the_same_message():
+    codec = Codec(pb.ShardStepRequest.DESCRIPTOR)
+    rng = np.random.default_rng(2)
+    for _ in range(200):
+        values = random_request(rng)
+        data = codec.encode(pad=15, **values)
+        expect = pb.ShardStepRequest(**values)
+        read = pb.ShardStepRequest.FromString(data)     # the padding kept as unknown fields
+        assert read.ListFields() == expect.ListFields() and len(data) <= expect.ByteSize() + 3 * 9
+        assert as_plain(codec.decode(data)) == values
+        base = np.frombuffer(data, np.uint8).ctypes.data
+        got = codec.decode(data)
+        for name in BYTES:
+            field = getattr(got, name)
+            if len(field):
+                assert (np.frombuffer(field, np.uint8).ctypes.data - base) % 8 == 0, name
+    with pytest.raises(ValueError, match="got 9"):     # the message's own field
+        codec.encode(pad=9, table="ids")
+    with pytest.raises(ValueError, match="got 16"):    # a tag of more than one byte
+        codec.encode(pad=16, table="ids")
+
+
 def test_only_flat_messages_have_a_codec():
     from monolith_jax.rpc import serving_pb2
 
