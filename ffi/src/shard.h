@@ -39,7 +39,7 @@
 //     a row number stays valid while the index grows. Erased rows go to a
 //     free list and are reused.
 //   * The index holds at most kMaxLoad of its slots; an insert that finds no
-//     place after kMaxKicks cuckoo displacements rebuilds the index 1.15x
+//     place after kMaxKicks cuckoo displacements rebuilds the index 1.3x
 //     larger from the live rows (no row is copied).
 #pragma once
 
@@ -113,7 +113,7 @@ class Shard {
  public:
   static constexpr uint32_t kNoRow = 0xFFFFFFFFu;
   static constexpr int kSlotsPerBucket = 8;
-  static constexpr double kMaxLoad = 0.80;
+  static constexpr double kMaxLoad = 0.93;
   // About 64 KiB of rows per chunk: small enough that 16 shards' partly
   // filled chunks cost little, large enough to allocate rarely.
   static constexpr size_t kChunkBytes = 64 << 10;
