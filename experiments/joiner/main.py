@@ -133,26 +133,112 @@ def stages(n: int, rounds: int) -> dict:
         return values + [encode_batch(g) for g in groups.values() if g]
 
     assert group(M.encode_example_batch) == group(enc_batch)
+
+    def join_grouped(in_cpp: bool):
+        """The joiner's whole path to produced values: read, join and group,
+        the groups built in C++ (`ExampleGrouper.group_in`) or by the
+        grouper from one `emit` callback per example (C++ batch encoder)."""
+        from monolith_jax.stream.joiner import ExampleGrouper
+
+        prod = Collect()
+        grouper = ExampleGrouper(prod, "examples", 64, encode_batch=enc_batch)
+        state = NativeJoinState(join_config(), grouper.add)
+        if in_cpp:
+            grouper.group_in(state)
+        nexts = {}
+        for chunk in chunks:
+            state.process(chunk, grouper.limit, nexts, slow)
+            state.advance()
+            grouper.drain()  # no linger (`poll`): where groups end then depends on timing alone
+        state.flush()
+        grouper.flush()
+        state.close()
+        return prod.by_partition()
+
+    assert join_grouped(True) == join_grouped(False), "groups built in C++ are the grouper's, byte for byte"
     work = {"read+join": (join_reference, join_native),
             "group": (lambda: group(M.encode_example_batch), lambda: group(enc_batch))}
+    whole = {"emit + Python grouper": lambda: join_grouped(False), "groups in C++": lambda: join_grouped(True)}
     per = {k: {"python": [], "native": []} for k in work}
+    per["whole"] = {k: [] for k in whole}
     for _ in range(rounds):
         for k, (py, nat) in work.items():
             for name, fn in (("python", py), ("native", nat)):
                 t = time.perf_counter()
                 fn()
                 per[k][name].append((time.perf_counter() - t) / len(msgs) * 1e6)
+        for name, fn in whole.items():
+            t = time.perf_counter()
+            fn()
+            per["whole"][name].append((time.perf_counter() - t) / len(msgs) * 1e6)
     med = {k: {name: statistics.median(v) for name, v in d.items()} for k, d in per.items()}
     return {"messages": len(msgs), "examples": len(examples), "rounds": per, "median_us": med}
 
 
+class Collect:
+    """A producer for the stages without a broker: keeps each value it is given
+    (delivery is Kafka's part, measured in part "kafka")."""
+
+    def __init__(self, partitions: int = 4):
+        self.partitions, self.values = partitions, []
+
+    def list_topics(self, topic, timeout=None):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(topics={topic: SimpleNamespace(partitions=dict.fromkeys(range(self.partitions)))})
+
+    def produce(self, topic, value=None, key=None, partition=None, on_delivery=None, **kw):
+        self.values.append((partition, value))
+
+    def poll(self, timeout=0):
+        return 0
+
+    def by_partition(self) -> dict:
+        out = {}
+        for p, v in self.values:
+            out.setdefault(p, []).append(v)
+        return out
+
+
 # ------------------------------------------------------------------- kafka
-def kafka(n: int, rounds: int, bootstrap: str | None) -> dict:
+def thread_cpu() -> dict:
+    """{thread id: (name, CPU seconds)} of this process's threads (/proc)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                stat = f.read()
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                name = f.read().strip()
+        except OSError:  # the thread ended meanwhile
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        out[int(tid)] = (name, (int(fields[11]) + int(fields[12])) / tick)
+    return out
+
+
+def cpu_split(before: dict, after: dict, broker_threads: set) -> dict:
+    """CPU seconds between two `thread_cpu` readings, by whose threads: the
+    Python thread, the embedded cluster's broker threads (there before the
+    joiner's clients), the joiner's Kafka clients (librdkafka threads)."""
+    split = {"python": 0.0, "cluster": 0.0, "clients": 0.0}
+    for tid, (name, t) in after.items():
+        used = t - before.get(tid, (name, 0.0))[1]
+        who = "python" if tid == os.getpid() else "cluster" if tid in broker_threads else "clients"
+        split[who] += used
+    return split
+
+
+def kafka(n: int, rounds: int, bootstrap: str | None, broker: str = "embedded") -> dict:
     from monolith_jax.stream import kafka as K
+    from monolith_jax.stream.broker import BrokerProcess
     from monolith_jax.stream.joiner import Joiner
 
-    with (K.EmbeddedKafka() if bootstrap is None else contextlib.nullcontext()) as cluster:
-        bs = bootstrap or cluster.bootstrap
+    start = {"embedded": K.EmbeddedKafka, "tansu": BrokerProcess}[broker] if bootstrap is None else None
+    with (start() if start is not None else contextlib.nullcontext()) as cluster:
+        bs = bootstrap or (cluster.bootstrap if broker == "embedded" else cluster)
+        broker_threads = set(thread_cpu()) - {os.getpid()}  # the embedded cluster's (none for a broker process)
         K.ensure_topics(bs, {t: K.EMBEDDED_PARTITIONS for t in K.TOPICS.values()})
         from confluent_kafka import Producer
 
@@ -161,41 +247,87 @@ def kafka(n: int, rounds: int, bootstrap: str | None) -> dict:
         for topic, p, rid, value in msgs:
             K.produce(prod, topic, value, rid, partition=p)
         assert prod.flush(60) == 0
-        per = {"python": [], "native": [], "consume only": []}
+        per = {**{c: [] for c in CODECS}, "consume only": []}
+        cpu = {c: [] for c in CODECS}
         stats = {}
         for r in range(rounds):
             rate = consume_only(bs, f"bench-consume-{r}", len(msgs))
             per["consume only"].append(rate)
             print(f"  round {r + 1}: consume only {rate:10,.0f} messages/s  (the Kafka client's ceiling: "
                   f"consume(5000, 10 ms), nothing done with them)", flush=True)
-            for codec in ("python", "native"):
-                joiner = Joiner(bs, join_config(), group=f"bench-{codec}-{r}", codec=codec)
+            for codec in CODECS:
+                joiner = Joiner(bs, join_config(), group=f"bench-{codec}-{r}",
+                                codec="python" if codec == "python" else "native")
+                if codec == PYTHON_GROUPER:
+                    python_grouper(joiner)
+                process_gc(codec == "native")
                 first = last = None
+                c0 = c1 = None
                 process = joiner.process
 
                 def timed(batch, process=process):
-                    nonlocal first, last
+                    nonlocal first, last, c0, c1
                     if batch:
-                        first = first or time.perf_counter()
+                        if first is None:
+                            c0, first = thread_cpu(), time.perf_counter()
                         process(batch)
-                        last = time.perf_counter()
+                        # The clients' threads end with the run: read them after each batch.
+                        last, c1 = time.perf_counter(), thread_cpu()
 
                 joiner.process = timed
                 try:
                     s = joiner.run(idle_flush_s=1.0, exit_when_idle=True, max_seconds=300, report_every_s=0)
                 finally:
                     joiner.close()
+                process_gc(False)
+                used = cpu_split(c0, c1, broker_threads)
+                used["wall"] = last - first
+                cpu[codec].append(used)
                 rate = (s["features"] + s["actions"]) / (last - first)
                 per[codec].append(rate)
                 stats[codec] = s
-                print(f"  round {r + 1}: {codec:12s} {rate:10,.0f} messages/s  "
+                print(f"  round {r + 1}: {codec:24s} {rate:10,.0f} messages/s  "
                       f"({s['positives']:,} positives, {s['negatives']:,} negatives, "
-                      f"{s['dead_letters']} dead letters)", flush=True)
-        same = {k: stats["python"][k] == stats["native"][k] for k in stats["python"]}
-        assert all(same.values()), {k: (stats["python"][k], stats["native"][k]) for k, v in same.items() if not v}
+                      f"{s['dead_letters']} dead letters); CPU s, first to last batch: Python thread "
+                      f"{used['python']:.2f}, Kafka clients {used['clients']:.2f}, embedded cluster "
+                      f"{used['cluster']:.2f}, in {used['wall']:.2f} s", flush=True)
+        for other in CODECS[1:]:
+            same = {k: stats["python"][k] == stats[other][k] for k in stats["python"]}
+            assert all(same.values()), {k: (stats["python"][k], stats[other][k]) for k, v in same.items() if not v}
     med = {k: statistics.median(v) for k, v in per.items()}
+    cpu_med = {c: {k: statistics.median(u[k] for u in v) for k in v[0]} for c, v in cpu.items()}
     return {"messages": len(msgs), "rounds": per, "median": med, "ratio": med["native"] / med["python"],
-            "stats": stats}
+            "stats": stats, "cpu": cpu, "cpu_median": cpu_med, "broker": broker if bootstrap is None else bootstrap}
+
+
+PYTHON_GROUPER = "native, Python grouper"
+CODECS = ("python", PYTHON_GROUPER, "native")
+
+
+def python_grouper(joiner) -> None:
+    """The C++ joiner as it was before its examples were grouped in C++:
+    one `emit` callback per example into the Python grouper."""
+    from monolith_jax.stream.native_join import NativeJoinState
+
+    joiner.state.close()
+    joiner.state = NativeJoinState(join_config(), joiner._emit, reject=joiner.dead.send,
+                                   features_topic=joiner.topics["features"])
+    joiner.grouper._native = None
+
+
+def process_gc(joiner_process: bool) -> None:
+    """This process's cyclic collector as the joiner process sets it
+    (`joiner.quiet_gc`, for "native"), or as Python's defaults (the joiner
+    before it did, for the other two)."""
+    import gc
+
+    from monolith_jax.stream.joiner import quiet_gc
+
+    if joiner_process:
+        quiet_gc()
+    else:
+        gc.unfreeze()
+        gc.set_threshold(700, 10, 10)
 
 
 def consume_only(bs: str, group: str, n: int) -> float:
@@ -227,6 +359,9 @@ def main(argv=None):
     p.add_argument("--requests", type=int, default=60_000, help="requests in the stream (~1.1 messages each)")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--bootstrap", default=None, help="a Kafka cluster to use instead of the embedded one")
+    p.add_argument("--broker", choices=["embedded", "tansu", "both"], default="both",
+                   help="part kafka on the embedded cluster (its broker threads in this process), on a broker "
+                        "process (tansu, monolith_jax.stream.broker), or on each in turn")
     p.add_argument("--out", default=None, help="results folder (default: results/ for the default command)")
     args = p.parse_args(argv)
     out_dir = str(run_folder.output_dir("joiner", p, args, full_size_flags=("bootstrap",)))
@@ -237,22 +372,39 @@ def main(argv=None):
         print(f"Joiner stages without Kafka, {s['messages']:,} messages ({s['examples']:,} examples), "
               f"µs per input message, median of {args.rounds} rounds:")
         for k, m in s["median_us"].items():
+            if k == "whole":
+                continue
             print(f"  {k:9s} python {m['python']:6.2f}   native {m['native']:6.2f}   "
                   f"{m['python'] / m['native']:5.1f}x")
-        tot = {c: sum(m[c] for m in s["median_us"].values()) for c in ("python", "native")}
+        tot = {c: sum(m[c] for k, m in s["median_us"].items() if k != "whole") for c in ("python", "native")}
         print(f"  total     python {tot['python']:6.2f}   native {tot['native']:6.2f}   "
               f"{tot['python'] / tot['native']:5.1f}x  ({1e6 / tot['python']:,.0f} vs "
               f"{1e6 / tot['native']:,.0f} messages/s)")
+        w = s["median_us"]["whole"]
+        a, b = w["emit + Python grouper"], w["groups in C++"]
+        print(f"  read+join+group, native: emit + Python grouper {a:5.2f}   groups in C++ {b:5.2f}   {a / b:5.2f}x  "
+              f"({1e6 / a:,.0f} vs {1e6 / b:,.0f} messages/s)")
         results["stages"] = s
-    if args.part in ("kafka", "both"):
-        print(f"\nJoiner process on the embedded cluster (consume, join, produce, commit), "
-              f"--codec python vs native:")
-        k = kafka(args.requests, args.rounds, args.bootstrap)
-        print(f"median of {args.rounds} rounds: python {k['median']['python']:,.0f} messages/s, native "
-              f"{k['median']['native']:,.0f} messages/s, {k['ratio']:.2f}x; same counts in both; consume only "
-              f"{k['median']['consume only']:,.0f} messages/s (native at "
-              f"{k['median']['native'] / k['median']['consume only']:.2f}x of it)")
-        results["kafka"] = k
+    brokers = ["embedded", "tansu"] if args.broker == "both" else [args.broker]
+    for broker in (brokers if args.part in ("kafka", "both") else []):
+        where = {"embedded": "on the embedded cluster", "tansu": "on a broker process (tansu)"}[broker]
+        print(f"\nJoiner process {where if args.bootstrap is None else 'at ' + args.bootstrap} "
+              f"(consume, join, produce, commit), --codec python vs native:")
+        k = kafka(args.requests, args.rounds, args.bootstrap, broker)
+        m = k["median"]
+        print(f"median of {args.rounds} rounds: python {m['python']:,.0f} messages/s, native with the Python "
+              f"grouper {m[PYTHON_GROUPER]:,.0f}, native {m['native']:,.0f} messages/s ({k['ratio']:.2f}x python, "
+              f"{m['native'] / m[PYTHON_GROUPER]:.2f}x the Python grouper); same counts in all; consume only "
+              f"{m['consume only']:,.0f} messages/s (native at {m['native'] / m['consume only']:.2f}x of it)")
+        c = k["cpu_median"]
+        for codec in CODECS:
+            per_msg = {w: c[codec][w] / k["messages"] * 1e6 for w in ("python", "clients", "cluster")}
+            print(f"  CPU µs per input message, median: {codec:24s} Python thread {per_msg['python']:.2f}, Kafka "
+                  f"clients {per_msg['clients']:.2f}, embedded cluster {per_msg['cluster']:.2f} "
+                  f"(first to last batch {c[codec]['wall']:.2f} s)")
+        results["kafka" if broker == "embedded" else f"kafka_{broker}"] = k
+        if args.bootstrap is not None:
+            break
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=1, default=float)
     shown = os.path.relpath(out_dir) if not os.path.relpath(out_dir).startswith("..") else out_dir

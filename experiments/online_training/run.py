@@ -141,6 +141,43 @@ def throughput(ratings, n_examples: int = 60_000, batch: int = 1024, rounds: int
     return {"rounds": rates, "median": med, "ratio": med["ratio"], "examples": n_examples * passes}
 
 
+def replay_encoding(ratings, limit: int = 200_000, rounds: int = 5, out=print) -> dict:
+    """µs per message of the replay's messages (`MovieLensStream.messages`,
+    written field by field) against protobuf objects per message (as the
+    replayer wrote them before), the same messages, rounds interleaved."""
+    from monolith_jax.stream import messages_pb2 as pb
+
+    stream = R.MovieLensStream(ratings, 1.0, seed=0, limit=limit)
+    n = stream.n_ratings
+
+    def with_protobuf():
+        for kind, t, i in zip(stream._kinds.tolist(), stream._times.tolist(), stream._index.tolist()):
+            if kind == 0:
+                if i < n:
+                    rid, u, it = f"r{i}", stream._user[i], stream._item[i]
+                else:
+                    rid, u, it = f"i{i - n}", stream._user[stream._imp_src[i - n]], stream._imp_item[i - n]
+                head = pb.FeatureRecord(version=1, request_id=rid, event_time_ms=t).SerializeToString()
+                yield "features", rid, head + stream.user_chunk[int(u)] + stream.item_chunk[int(it)], t
+            else:
+                rid = f"r{i}"
+                yield "actions", rid, pb.Action(version=1, request_id=rid, event_time_ms=t, type="rate",
+                                                value=float(stream._rating[i])).SerializeToString(), t
+
+    assert list(with_protobuf()) == list(stream.messages()), "the same messages, byte for byte"
+    per = {"protobuf objects": [], "field by field": []}
+    for r in range(rounds):
+        for name, make in (("protobuf objects", with_protobuf), ("field by field", stream.messages)):
+            t0 = time.perf_counter()
+            for _ in make():
+                pass
+            per[name].append((time.perf_counter() - t0) / len(stream) * 1e6)
+        out(f"  round {r + 1}: protobuf objects {per['protobuf objects'][-1]:.2f} µs/message, field by field "
+            f"{per['field by field'][-1]:.2f}")
+    med = {k: float(np.median(v)) for k, v in per.items()}
+    return {"rounds": per, "median_us": med, "messages": len(stream)}
+
+
 class Frozen:
     """on_batch hook: freezes a copy of the model once the stream passes
     `freeze_ms`, then scores every later batch with it."""

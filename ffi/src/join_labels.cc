@@ -152,7 +152,7 @@ void JoinCore::EmitLabels(const std::string& rid, int64_t tf, nb::handle payload
     PutFloat(&scratch_, rate[i]);
     if (undefined[i]) scratch_.append("\x20\x01", 2);
   }
-  emit_(nb::str(rid.data(), rid.size()), nb::bytes(scratch_.data(), scratch_.size()));
+  Deliver(rid);
 }
 
 nb::bytes JoinCore::DumpState(const LabelState& s) const {

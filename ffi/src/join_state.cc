@@ -4,6 +4,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <stdexcept>
 
 #include <nanobind/stl/string.h>
 
@@ -526,7 +527,32 @@ void JoinCore::Emit(const std::string& rid, nb::handle payload, float label, flo
   scratch_.clear();
   AppendExample(&scratch_, reinterpret_cast<const uint8_t*>(p.c_str()), p.size(), label, rate,
                 int64_t(uint64_t((unsigned __int128)label_time)));  // mod 2^64, as protobuf writes an int64
-  emit_(nb::str(rid.data(), rid.size()), nb::bytes(scratch_.data(), scratch_.size()));
+  Deliver(rid);
+}
+
+void JoinCore::Deliver(const std::string& rid) {
+  if (groups_)
+    groups_->Add(rid, scratch_);
+  else
+    emit_(nb::str(rid.data(), rid.size()), nb::bytes(scratch_.data(), scratch_.size()));
+}
+
+void JoinCore::GroupExamples(int32_t partitions, int32_t group_size, int64_t limit) {
+  if (groups_ && groups_->Waiting()) throw std::logic_error("examples still grouped; take them first");
+  groups_ = std::make_unique<ExampleGroups>(partitions, group_size, limit);
+}
+
+nb::list JoinCore::TakeGroups(double older_than_s) {
+  nb::list out;
+  if (!groups_) return out;
+  for (ExampleGroups::Group& g : groups_->Take(older_than_s))
+    out.append(nb::make_tuple(g.partition, nb::bytes(g.value.data(), g.value.size()), g.count));
+  return out;
+}
+
+void JoinCore::SetGroupLimit(int64_t limit) {
+  if (!groups_) throw std::logic_error("examples are not grouped here (GroupExamples)");
+  groups_->SetLimit(limit);
 }
 
 void JoinCore::EmitPositive(const std::string& rid, int64_t tf, nb::handle payload, int64_t ta) {

@@ -16,6 +16,7 @@
 #include <nanobind/nanobind.h>
 
 #include <cstdint>
+#include <memory>
 #include <queue>
 #include <string>
 #include <unordered_map>
@@ -23,6 +24,7 @@
 #include <utility>
 #include <vector>
 
+#include "example_groups.h"
 #include "stream_codec.h"
 
 namespace monolith {
@@ -84,6 +86,14 @@ class JoinCore {
   // slow(msg) in order (JSON, unusable, too large at `limit`, Kafka events).
   // nexts[(topic, partition)] = offset + 1 of each message.
   void Process(nb::list msgs, int64_t limit, nb::dict nexts, double now_ms, nb::object slow);
+
+  // From now on examples are grouped here (ExampleGroups) instead of
+  // passed to emit one by one; TakeGroups hands the groups over as
+  // [(partition, value, examples)], full ones first, then open ones at least
+  // `older_than_s` old (negative: all).
+  void GroupExamples(int32_t partitions, int32_t group_size, int64_t limit);
+  nb::list TakeGroups(double older_than_s);
+  void SetGroupLimit(int64_t limit);
 
   int64_t Advance();
   int64_t Flush();
@@ -157,6 +167,7 @@ class JoinCore {
   void Close(const std::string& rid, Time deadline, uint64_t positive);
   void Spill();
   void Emit(const std::string& rid, nb::handle payload, float label, float rate, Time label_time);
+  void Deliver(const std::string& rid);  // the Example in scratch_: into its group, or to emit
   size_t StoreSize();
   bool HeldPop(int32_t part, Record* out);
   // The multi-label join (rules_.labels non-empty): join_labels.py's rules.
@@ -190,6 +201,7 @@ class JoinCore {
   std::unordered_map<std::string, std::pair<Time, uint64_t>> closed_;  // positive (one label), or a mask of labels
   std::unordered_map<std::string, int64_t> marked_;
   std::string scratch_;
+  std::unique_ptr<ExampleGroups> groups_;
   std::vector<int64_t> label_counts_;  // labels.Labeller.counters, in order
   std::vector<size_t> label_base_;     // each label's first counter
   bool all_binary_ = false;            // every label binary: an example may leave on its actions

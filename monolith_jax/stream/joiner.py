@@ -54,6 +54,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import signal
 import sys
 import threading
@@ -65,7 +66,7 @@ from monolith_jax.stream.dead_letters import DeadLetters
 from monolith_jax.stream.join_state import JoinConfig, JoinState
 from monolith_jax.stream.messages import (BATCH_OVERHEAD, EXAMPLE_OVERHEAD, MessageError, batch_entry_size,
                                          encode_example_batch, features_to_binary, labels_overhead, parse_action,
-                                         parse_features)
+                                         parse_features, split_example_batch)
 
 log = logging.getLogger("monolith_jax.stream.joiner")
 CODECS = ("native", "python")
@@ -100,6 +101,24 @@ class ExampleGrouper:
         self.sent = 0             # messages produced
         self.failed = 0           # examples that could not be delivered (dead-lettered)
         self.resent = 0           # groups sent again in halves, or retried
+        self._native = None       # a NativeJoinState that groups the examples in C++ (`group_in`)
+
+    def group_in(self, state) -> None:
+        """Lets `state` (a NativeJoinState) group the examples in C++, by the
+        rules of `add`; this grouper then sends the groups it hands over
+        (`drain`, `poll`, `flush`) and keeps their delivery (halves, retries,
+        dead letters)."""
+        state.group_examples(self.partitions, self.group_size, self.limit)
+        self._native = state
+
+    def drain(self) -> None:
+        """Sends the groups `state` (see `group_in`) has filled."""
+        if self._native is not None:
+            self._send_groups(self._native.take_groups(math.inf))
+
+    def _send_groups(self, groups) -> None:
+        for partition, value, _ in groups:
+            self._send(partition, None, value=value)
 
     def fits(self, example_size: int) -> bool:
         """Whether an Example of this size fits in a message of the topic."""
@@ -133,38 +152,51 @@ class ExampleGrouper:
         now = time.monotonic()
         for p in [p for p, t in self._since.items() if p in self._groups and now - t >= self.linger_s]:
             self._send(p, self._take(p))
+        if self._native is not None:
+            self._send_groups(self._native.take_groups(self.linger_s))
 
     def flush(self) -> None:
         for p in list(self._groups):
             self._send(p, self._take(p))
+        if self._native is not None:
+            self._send_groups(self._native.take_groups(-1.0))
 
-    def _send(self, partition: int, examples: list, attempt: int = 0) -> None:
+    def _send(self, partition: int, examples: list | None, attempt: int = 0, value: bytes | None = None) -> None:
+        """Produces `examples`, or `value` already written (a group built in
+        C++, whose examples are read back from it only if it fails)."""
         from confluent_kafka import KafkaError, KafkaException
 
-        plain = len(examples) == 1 and self.group_size == 1
-        value = examples[0] if plain else self._encode_batch(examples)
+        if value is None:
+            plain = len(examples) == 1 and self.group_size == 1
+            value = examples[0] if plain else self._encode_batch(examples)
         try:
             K.produce(self.producer, self.topic, value, partition=partition,
-                      on_delivery=lambda err, msg: self._delivered(err, partition, examples, attempt))
+                      on_delivery=lambda err, msg: self._delivered(err, partition, examples, attempt, value))
             self.sent += 1
         except KafkaException as err:  # refused by the client (e.g. MSG_SIZE_TOO_LARGE)
             code = err.args[0].code() if err.args else None
             self._failed(partition, examples, attempt, err.args[0] if err.args else err,
-                         too_large=code == KafkaError.MSG_SIZE_TOO_LARGE)
+                         too_large=code == KafkaError.MSG_SIZE_TOO_LARGE, value=value)
 
-    def _delivered(self, err, partition: int, examples: list, attempt: int) -> None:
+    def _delivered(self, err, partition: int, examples: list | None, attempt: int, value: bytes) -> None:
         if err is None:
             return
         from confluent_kafka import KafkaError
 
-        self._failed(partition, examples, attempt, err, too_large=err.code() == KafkaError.MSG_SIZE_TOO_LARGE)
+        self._failed(partition, examples, attempt, err, too_large=err.code() == KafkaError.MSG_SIZE_TOO_LARGE,
+                     value=value)
 
-    def _failed(self, partition: int, examples: list, attempt: int, err, too_large: bool) -> None:
+    def _failed(self, partition: int, examples: list | None, attempt: int, err, too_large: bool,
+                value: bytes | None = None) -> None:
         why = err.str() if hasattr(err, "str") else str(err)
+        if examples is None:  # a group written in C++: its examples, byte for byte
+            examples = [value] if self.group_size == 1 else split_example_batch(value)
         if too_large and len(examples) > 1:
             # The broker's limit is below ours: halve this group, and later ones.
             self.resent += 1
             self.limit = max(min(self.limit, sum(len(e) for e in examples) // 2), 1024)
+            if self._native is not None:
+                self._native.set_group_limit(self.limit)
             half = len(examples) // 2
             log.warning("a group of %d examples was refused as too large (%s); sending it in halves, "
                         "groups now at most %d bytes", len(examples), why, self.limit)
@@ -226,6 +258,8 @@ class Joiner:
             [(name, 0.0, 1.0, True) for name, _ in config.labels])
         self.grouper = ExampleGrouper(self.producer, self.topics["examples"], group_size, max_bytes=max_bytes,
                                       dead=self.dead, encode_batch=encode_batch)
+        if codec == "native":  # examples grouped in C++ too: one Python object per group, not per example
+            self.grouper.group_in(self.state)
         self.commit_every_s = commit_every_s
         self._next: dict = {}          # (topic, partition) -> next offset to read
         self._assigned: set = set()
@@ -236,8 +270,12 @@ class Joiner:
                               max(max_lag // max(group_size, 1), 50), check_every=50) if gate_group else None
 
     def _emit(self, rid: str, example: bytes) -> None:
+        self._stepping(self.grouper.add, rid, example)
+
+    def _stepping(self, send, *args) -> None:
+        """send(*args), then the gate counts the messages it produced."""
         sent = self.grouper.sent
-        self.grouper.add(rid, example)
+        send(*args)
         if self.gate is not None and self.grouper.sent > sent:
             self.gate.step(self.grouper.sent - sent, self.producer)
 
@@ -314,6 +352,7 @@ class Joiner:
         each end of partition reported to the join state."""
         if self.codec == "native":  # read and joined in C++; what it leaves comes back to _slow in order
             self.state.process(msgs, self.grouper.limit, self._next, self._slow)
+            self._stepping(self.grouper.drain)
             return
         for msg in msgs:
             self._slow(msg)
@@ -356,6 +395,7 @@ class Joiner:
                 if msgs:
                     last_msg = now
                     self.state.advance()
+                    self._stepping(self.grouper.drain)
                 elif idle_flush_s is not None and now - last_msg > idle_flush_s and self.state.waiting:
                     self.state.flush()
                     self.commit()
@@ -364,7 +404,7 @@ class Joiner:
                 elif exit_when_idle and idle_flush_s is not None and now - last_msg > idle_flush_s \
                         and self.state.counts["features"]:
                     break
-                self.grouper.poll()
+                self._stepping(self.grouper.poll)
                 self.producer.poll(0)
                 if now - self._last_commit > self.commit_every_s:
                     self.commit()
@@ -388,6 +428,20 @@ class Joiner:
         self.state.close()
         if self.gate is not None:
             self.gate.close()
+
+
+def quiet_gc() -> None:
+    """The joiner process's setting of Python's cyclic collector (its `main`
+    calls this; a library import never does). Each consumed batch makes
+    thousands of Kafka Message objects that the collector tracks and that
+    all die with the batch, so with the default thresholds it ran every 700
+    of them and walked what startup made as well (~15% of the joiner
+    thread's time, by perf). What exists now is frozen out of its walks,
+    and young objects are collected every 50,000 allocations."""
+    import gc
+
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 20)
 
 
 def pick_codec(config: JoinConfig, codec: str | None) -> str:
@@ -539,6 +593,7 @@ def main(argv=None) -> int:
         p.error(str(err))
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    quiet_gc()
     joiner = Joiner(args.bootstrap, config, topics, args.group, args.spill_dir,
                     gate_group=args.gate_group, max_lag=args.max_lag, group_size=args.group_size,
                     dense=job.dense if job is not None else (), sparse=job.sparse if job is not None else (),

@@ -539,6 +539,34 @@ def encode_example_batch(examples: Sequence[bytes]) -> bytes:
     return b"".join([b"\x08\x01"] + [b"\x82\x01" + _varint(len(e)) + e for e in examples])
 
 
+def split_example_batch(value: bytes) -> list:
+    """The Examples' bytes of an ExampleBatch that `encode_example_batch`
+    wrote (its version, then field 16 per example), each exactly as it went
+    in; MessageError for any other value."""
+    if value[:2] != b"\x08\x01":
+        raise MessageError("not an ExampleBatch of version 1")
+    out, i, n = [], 2, len(value)
+    while i < n:
+        if value[i:i + 2] != b"\x82\x01":
+            raise MessageError(f"ExampleBatch entry at byte {i} is not field 16")
+        i += 2
+        size = shift = 0
+        while True:
+            if i >= n or shift > 63:
+                raise MessageError(f"ExampleBatch entry length at byte {i} is cut off")
+            b = value[i]
+            i += 1
+            size |= (b & 0x7F) << shift
+            shift += 7
+            if b < 0x80:
+                break
+        if i + size > n:
+            raise MessageError(f"ExampleBatch entry of {size} bytes runs past the value's {n}")
+        out.append(bytes(value[i:i + size]))
+        i += size
+    return out
+
+
 # What `encode_example` adds around a features record, at most (tags, a
 # length, label, sample rate, a 10-byte label time), and what
 # `encode_example_batch` adds: its version, then per example a tag and a length.

@@ -6,7 +6,10 @@ one more call, `process(msgs, limit, nexts, slow)`: a consumed batch of
 Kafka messages read (`fast_codec`'s reader) and joined in C++; a message
 the C++ reader leaves to the protobuf reference (JSON, unusable, too large,
 a Kafka event) goes to `slow(msg)` in its turn, whose handler reads it and
-calls `add_features` / `add_action`, or dead-letters it.
+calls `add_features` / `add_action`, or dead-letters it. With
+`group_examples` the examples are grouped into ExampleBatch values per
+partition in C++ as well (`ExampleGrouper`'s rules), taken by
+`take_groups`, rather than handed to `emit` one at a time.
 
 The spill store stays `SpillStore` (SQLite, the same file and crash
 behaviour), called from C++ only while requests are spilled. The clock is
@@ -78,6 +81,20 @@ class NativeJoinState:
     def process(self, msgs: list, limit: int, nexts: dict, slow: Callable) -> None:
         self._core.process(msgs if isinstance(msgs, list) else list(msgs), int(limit), nexts,
                            self.clock() * 1000.0, slow)
+
+    # ---------------------------------------------------------- grouping
+    def group_examples(self, partitions: int, group_size: int, limit: int) -> None:
+        """From now on the examples are grouped here, by `ExampleGrouper.add`'s
+        rules, instead of passed to `emit` one by one."""
+        self._core.group_examples(int(partitions), int(group_size), int(limit))
+
+    def take_groups(self, older_than_s: float) -> list:
+        """[(partition, value, examples)]: the full groups, then the open ones
+        at least `older_than_s` old (a negative age: all of them)."""
+        return self._core.take_groups(float(older_than_s))
+
+    def set_group_limit(self, limit: int) -> None:
+        self._core.set_group_limit(int(limit))
 
     # ---------------------------------------------------------- deciding
     def advance(self) -> int:

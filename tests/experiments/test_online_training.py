@@ -34,3 +34,12 @@ def test_stream_scores_online_and_frozen_models_on_the_same_examples(runs, monke
     folder = runs.folder("online_training", capsys.readouterr().out)
     assert (folder / "prequential_auc.png").stat().st_size > 0
     assert json.loads((folder / "results.json").read_text())["stream"]["examples"] == s["examples"]
+
+
+def test_replay_part_times_both_writers_of_the_same_messages(runs, monkeypatch, capsys):
+    _data(monkeypatch, synthetic_ratings(2000, seed=2))
+    e = ot_main.main(["--part", "replay", "--rounds", "1"])["replay"]  # it stops unless both write the same bytes
+    assert e["messages"] > 4000 and set(e["median_us"]) == {"protobuf objects", "field by field"}
+    assert all(v > 0 for v in e["median_us"].values())
+    folder = runs.folder("online_training", capsys.readouterr().out)
+    assert set(json.loads((folder / "results.json").read_text())) == {"replay"}

@@ -22,6 +22,7 @@ from __future__ import annotations
 import numpy as np
 
 from monolith_jax.features import SparseFeature
+from monolith_jax.stream.messages import _varint
 from monolith_jax.stream.replay import replay  # noqa: F401  (the generic producer, for callers of this module)
 from monolith_jax.sparse.keys import hash_strings
 
@@ -67,6 +68,23 @@ def _id_chunks(names, columns) -> list:
     return out
 
 
+def varints(values: np.ndarray) -> list:
+    """Each int64 as protobuf writes it: a varint of its two's complement."""
+    v = np.asarray(values, np.int64).astype(np.uint64)
+    groups = np.stack([(v >> np.uint64(7 * k)) & np.uint64(0x7F) for k in range(10)], axis=1).astype(np.uint8)
+    length = 1 + sum(((v >> np.uint64(7 * k)) != 0).astype(np.int64) for k in range(1, 10))
+    more = np.arange(10)[None, :] < (length - 1)[:, None]
+    flat = (groups | (more.astype(np.uint8) << 7)).tobytes()
+    return [flat[10 * k:10 * k + int(m)] for k, m in enumerate(length.tolist())]
+
+
+def _length(n: int) -> bytes:
+    return _ONE_BYTE[n] if n < 128 else _varint(n)
+
+
+_ONE_BYTE = [bytes((n,)) for n in range(128)]
+
+
 class MovieLensStream:
     """The replay's messages, built once: `messages()` yields
     (kind, request_id, value bytes, event_ms) in event-time order."""
@@ -104,20 +122,41 @@ class MovieLensStream:
     def __len__(self) -> int:
         return self._kinds.size
 
-    def messages(self):
-        from monolith_jax.stream import messages_pb2 as pb
+    def messages(self, chunk: int = 1 << 16):
+        """The messages, written field by field as protobuf writes them (the
+        same bytes as `FeatureRecord(...)` / `Action(...).SerializeToString()`,
+        tests/examples/test_replay.py): the replayer runs in the trainer's
+        process, where a protobuf object per message held the GIL for a
+        sizable share of the loop. Event times' varints are made a chunk at a
+        time with numpy."""
+        import struct
 
         n = self.n_ratings
-        for kind, t, i in zip(self._kinds.tolist(), self._times.tolist(), self._index.tolist()):
-            if kind == 0:
-                if i < n:
-                    rid, u, it = f"r{i}", self._user[i], self._item[i]
+        user, item, rating = self._user.tolist(), self._item.tolist(), self._rating.tolist()
+        imp_src, imp_item = self._imp_src.tolist(), self._imp_item.tolist()
+        user_chunk, item_chunk = self.user_chunk, self.item_chunk
+        # Action fields 4 and 5 (type "rate", the rating as a float; proto3 leaves out +0.0).
+        tails = {}
+        for s in range(0, self._kinds.size, chunk):
+            kinds = self._kinds[s:s + chunk].tolist()
+            times = self._times[s:s + chunk]
+            index = self._index[s:s + chunk].tolist()
+            for kind, t, tv, i in zip(kinds, times.tolist(), varints(times), index):
+                if kind == 0:
+                    if i < n:
+                        rid, u, it = f"r{i}", user[i], item[i]
+                    else:
+                        j = i - n
+                        rid, u, it = f"i{j}", user[imp_src[j]], imp_item[j]
+                    b = rid.encode()
+                    head = b"\x08\x01\x12" + _length(len(b)) + b + (b"\x18" + tv if t else b"")
+                    yield "features", rid, head + user_chunk[u] + item_chunk[it], t
                 else:
-                    j = i - n
-                    rid, u, it = f"i{j}", self._user[self._imp_src[j]], self._imp_item[j]
-                head = pb.FeatureRecord(version=1, request_id=rid, event_time_ms=t).SerializeToString()
-                yield "features", rid, head + self.user_chunk[int(u)] + self.item_chunk[int(it)], t
-            else:
-                rid = f"r{i}"
-                yield "actions", rid, pb.Action(version=1, request_id=rid, event_time_ms=t, type="rate",
-                                                value=float(self._rating[i])).SerializeToString(), t
+                    rid = f"r{i}"
+                    b = rid.encode()
+                    value = float(rating[i])
+                    tail = tails.get(value)
+                    if tail is None:
+                        bits = struct.pack("<f", value)
+                        tail = tails[value] = b'"\x04rate' + (b"\x2d" + bits if bits != bytes(4) else b"")
+                    yield "actions", rid, b"\x08\x01\x12" + _length(len(b)) + b + (b"\x18" + tv if t else b"") + tail, t
