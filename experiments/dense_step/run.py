@@ -29,15 +29,22 @@ CONFIGS = {
     "onednn": ("--xla_cpu_use_onednn=true --xla_cpu_experimental_ynn_fusion_type=", ("full", "dense")),
     "fast_math": ("--xla_cpu_enable_fast_math=true", ("full", "dense")),
     "two_devices": ("--xla_force_host_platform_device_count=2", ("full", "dense")),
+    "ynnpack_all_two_devices": ("--xla_cpu_experimental_ynn_fusion_type=individual_dot,dot,eltwise,reduce "
+                                "--xla_force_host_platform_device_count=2", ("full", "dense")),
 }
 ARM_KW = {"full": {}, "dense": {}, "static": {}, "full_bf16": {"matmul": "bf16"}, "dense_bf16": {"matmul": "bf16"},
           "full_fm1": {"fm": "one_pass"}, "dense_fm1": {"fm": "one_pass"}, "full_donate": {"donate": True},
           "dense_donate": {"donate": True}}
 
 
+def arms_of(config: str, only=None) -> tuple:
+    """The configuration's arms, those in `only` alone when given."""
+    return tuple(a for a in CONFIGS[config][1] if only is None or a in only)
+
+
 # ------------------------------------------------------------------ worker
 def worker(config: str, batch: int, dim: int, hidden: tuple, steps: int, rounds: int, warmup: int,
-           static_rows: int, curve_steps: int) -> None:
+           static_rows: int, curve_steps: int, only=None) -> None:
     """Reads one command a line on stdin ("round R", "curves", "quit"),
     answers one JSON line on stdout."""
     import jax
@@ -46,11 +53,11 @@ def worker(config: str, batch: int, dim: int, hidden: tuple, steps: int, rounds:
     from experiments.placement.run import stream
 
     raw = stream(warmup + rounds * steps, batch)
-    arms_here = CONFIGS[config][1]
+    arms_here = arms_of(config, only)
     steps_of = {}
     for arm in arms_here:
         kind, kw = arm.split("_")[0], ARM_KW[arm]
-        if config == "two_devices":
+        if config.endswith("two_devices"):
             if "pair" not in steps_of:
                 steps_of["pair"] = arms.mesh_steps(dim, hidden, batch)
             steps_of[arm] = steps_of["pair"][0 if kind == "full" else 1]
@@ -141,13 +148,13 @@ def median_ratio(a: list, b: list) -> float:
     return statistics.median(x / y for x, y in zip(a, b))
 
 
-def run(configs, argv: list, rounds: int, batch: int, steps: int, curve_steps: int, out=print) -> dict:
+def run(configs, argv: list, rounds: int, batch: int, steps: int, curve_steps: int, only=None, out=print) -> dict:
     t_start = time.time()
     workers = [Worker(c, argv) for c in configs]
     try:
         info = {w.config: w.ask() for w in workers}
-        rates = {c: {arm: [] for arm in CONFIGS[c][1]} for c in configs}
-        losses = {c: {arm: [] for arm in CONFIGS[c][1]} for c in configs}
+        rates = {c: {arm: [] for arm in arms_of(c, only)} for c in configs}
+        losses = {c: {arm: [] for arm in arms_of(c, only)} for c in configs}
         loads = []
         for r in range(rounds):
             for w in workers:
@@ -184,7 +191,7 @@ def report(res: dict, out) -> None:
             rel = "  ".join(f"{median_ratio(base[arm], base[o]):.2f}x {o}" for o in ("full", "static", "dense")
                             if o in base and o != arm)
             out(f"    {arm:<7} {v:>9,.0f} examples/s   {rel}   ({what})")
-    variants = [a for a in base if "_" in a]
+    variants = [a for a in base if "_" in a and a.split("_")[0] in base]
     if variants:
         out("  variants, each against its f32 arm in the same round (median of per-round ratios):")
         for arm in variants:
