@@ -6,7 +6,7 @@ FM, donation, XLA's CPU flags, the batch split over two host devices),
 each against the same arm without it in the same round; and the loss
 curves of the variants that change numerics.
 
-    python -m experiments.dense_step.main                 # ~10 min; replaces results/
+    python -m experiments.dense_step.main                 # ~14 min at load 9 on 2 cores; replaces results/
     python -m experiments.dense_step.main --configs base --rounds 3    # the in-process arms only, in a run folder
     python -m experiments.dense_step.main --batch 256 --hidden 32 --rounds 2 --steps 2 --static-rows 4096 \\
         --curve-steps 4 --configs base two_devices                        # seconds

@@ -4,7 +4,7 @@ user's last 20% of ratings in time as the test set), the test AUC after
 each epoch, for several seeds of each. bf16 trains the same when its AUC
 lies within the spread of f32's seeds.
 
-    python -m experiments.dense_step.movielens_auc                 # 3 seeds x 3 epochs, ~5 min
+    python -m experiments.dense_step.movielens_auc                 # 3 seeds x 3 epochs, ~13 min at load 9
     python -m experiments.dense_step.movielens_auc --seeds 1 --epochs 1 --limit 50000
 """
 

@@ -28,7 +28,7 @@ CONFIGS = {
                 ("full", "dense")),
     "onednn": ("--xla_cpu_use_onednn=true --xla_cpu_experimental_ynn_fusion_type=", ("full", "dense")),
     "fast_math": ("--xla_cpu_enable_fast_math=true", ("full", "dense")),
-    "two_devices": ("--xla_force_host_platform_device_count=2", ("full", "dense")),
+    "two_devices": ("--xla_force_host_platform_device_count=2", ("full", "dense", "full_bf16", "dense_bf16")),
     "ynnpack_all_two_devices": ("--xla_cpu_experimental_ynn_fusion_type=individual_dot,dot,eltwise,reduce "
                                 "--xla_force_host_platform_device_count=2", ("full", "dense")),
 }
@@ -58,16 +58,13 @@ def worker(config: str, batch: int, dim: int, hidden: tuple, steps: int, rounds:
     for arm in arms_here:
         kind, kw = arm.split("_")[0], ARM_KW[arm]
         if config.endswith("two_devices"):
-            if "pair" not in steps_of:
-                steps_of["pair"] = arms.mesh_steps(dim, hidden, batch)
-            steps_of[arm] = steps_of["pair"][0 if kind == "full" else 1]
+            steps_of[arm] = arms.mesh_steps(dim, hidden, batch, **kw)[0 if kind == "full" else 1]
         elif kind == "full":
             steps_of[arm] = arms.full_step(dim, hidden, **kw)
         elif kind == "dense":
             steps_of[arm] = arms.dense_step(dim, hidden, batch, **kw)
         else:
             steps_of[arm] = arms.static_step(dim, hidden, static_rows, **kw)
-    steps_of.pop("pair", None)
     for arm in arms_here:  # compile, and fill the tables with the warm-up batches' rows
         jax.block_until_ready([steps_of[arm](r) for r in raw[:warmup]])
     _answer({"ready": config, "devices": len(jax.devices()), "platform": jax.devices()[0].platform,
@@ -202,8 +199,8 @@ def report(res: dict, out) -> None:
     if others:
         out("  XLA configurations, each against base's arm in the same round (median of per-round ratios):")
         for c in others:
-            parts = [f"{arm} {med[c][arm]:>7,.0f} = {median_ratio(rates[c][arm], base[arm]):.2f}x base"
-                     for arm in rates[c] if arm in base]
+            parts = [f"{arm} {med[c][arm]:>7,.0f} = {median_ratio(rates[c][arm], base[arm.split('_')[0]]):.2f}x base"
+                     for arm in rates[c] if arm.split("_")[0] in base]
             out(f"    {c:<14} " + "   ".join(parts) + f"   [{res['configs'][c]}]")
     if res.get("curves"):
         cv = res["curves"]
