@@ -16,10 +16,11 @@ from monolith_jax.models.mlp import MLP
 
 class DeepFM(nnx.Module):
     def __init__(self, fields: Sequence[str], embed_dim: int, n_dense: int = 0,
-                 hidden: Sequence[int] = (400, 400, 400), *, rngs: nnx.Rngs):
+                 hidden: Sequence[int] = (400, 400, 400), *, matmul: str = "f32", rngs: nnx.Rngs):
+        """matmul: the deep part's products, "f32" or "bf16" (`MLP`)."""
         self.fields = tuple(fields)
         self.embed_dim = embed_dim
-        self.deep = MLP(len(self.fields) * embed_dim + n_dense, hidden, 1, rngs=rngs)
+        self.deep = MLP(len(self.fields) * embed_dim + n_dense, hidden, 1, matmul=matmul, rngs=rngs)
         self.dense_linear = nnx.Linear(n_dense, 1, rngs=rngs) if n_dense else None
         self.bias = nnx.Param(jnp.zeros(()))
         self.n_dense = n_dense
