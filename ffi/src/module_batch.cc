@@ -14,6 +14,8 @@
 #include <utility>
 #include <vector>
 
+#include "hashing.h"
+
 namespace nb = nanobind;
 using namespace nb::literals;
 
@@ -29,17 +31,6 @@ nb::ndarray<nb::numpy, T> Owned(std::vector<T>&& v, std::initializer_list<size_t
   auto* heap = new std::vector<T>(std::move(v));
   nb::capsule owner(heap, [](void* p) noexcept { delete static_cast<std::vector<T>*>(p); });
   return nb::ndarray<nb::numpy, T>(heap->data(), shape, owner);
-}
-
-// splitmix64's finalizer: the shard of a key is this modulo the shard
-// count (monolith_jax.distributed.ps_data.shard_of), and it spreads the
-// keys over the hash set's slots too.
-inline uint64_t Mix(uint64_t z) {
-  z ^= z >> 30;
-  z *= 0xBF58476D1CE4E5B9ULL;
-  z ^= z >> 27;
-  z *= 0x94D049BB133111EBULL;
-  return z ^ (z >> 31);
 }
 
 struct Grouped {
@@ -63,7 +54,7 @@ Grouped Group(const uint64_t* keys, size_t n, int64_t shards) {
   first.reserve(n / 2 + 16);
   mixed.reserve(n / 2 + 16);
   for (size_t i = 0; i < n; ++i) {
-    const uint64_t k = keys[i], h = Mix(k);
+    const uint64_t k = keys[i], h = Mix64(k);  // the shard is this modulo the shard count (ps_data.shard_of)
     size_t s = h & mask;
     while (true) {
       const uint32_t v = slots[s];
