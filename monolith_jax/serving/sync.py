@@ -5,7 +5,8 @@
     ...
     pusher.stop()           # one last push, then the thread ends
 
-Every `interval_s` the pusher drains each table's touched rows (the
+Every `interval_s` (a fixed rate: from the start of one push to the start
+of the next) the pusher drains each table's touched rows (the
 engine's touched marks: rows created or updated since the last drain) and
 sends them in messages of at most `max_message_bytes` (below gRPC's
 message limit, `rpc.wire.MAX_PAYLOAD_BYTES`, whatever the dim) and at most
@@ -123,10 +124,16 @@ class SyncPusher:
         self._channel.close()
 
     def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
+        # Ticks at a fixed rate: a push starts interval_s after the last one
+        # started, not after it ended, so a row waits at most interval_s (plus
+        # the push) for its sync. A push longer than the interval is followed
+        # by the next one at once, without a burst to catch up.
+        due = time.monotonic() + self.interval_s
+        while not self._stop.wait(max(0.0, due - time.monotonic())):
             self.push_once()
             if self.dense_source is not None and time.monotonic() >= self._dense_due:
                 self.push_dense()
+            due = max(due + self.interval_s, time.monotonic())
 
     def push_dense(self) -> bool:
         """Pushes the dense params now. True if the server took them."""

@@ -193,3 +193,42 @@ def test_bad_pushes_get_invalid_argument_and_change_nothing(server, rows, expect
     with pytest.raises(grpc.RpcError) as err:
         stub.Lookup(pb.LookupRequest(table="ids", keys=b"12345"))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_pushes_tick_at_a_fixed_rate_whatever_a_push_takes(monkeypatch):
+    """The push thread starts a push every interval_s from the start of the
+    last one (a row waits at most the interval for its sync), and after a
+    push longer than the interval starts the next one at once, without a
+    burst of catch-up pushes. On a clock the test drives: no server, no sleep."""
+    import monolith_jax.serving.sync as sync
+
+    clock = {"now": 100.0}
+    durations = iter([0.1, 0.1, 0.7, 0.1, 0.1])   # seconds each push takes
+    starts = []
+
+    class Clock:
+        @staticmethod
+        def monotonic():
+            return clock["now"]
+
+    class Stop:
+        def wait(self, timeout):
+            assert timeout >= 0.0
+            clock["now"] += timeout
+            return len(starts) == 5
+
+    monkeypatch.setattr(sync, "time", Clock)
+    pusher = SyncPusher({}, "127.0.0.1:1", interval_s=0.3)
+    pusher._stop = Stop()
+
+    def push_once():
+        starts.append(round(clock["now"] - 100.0, 6))
+        clock["now"] += next(durations)
+        return True
+
+    pusher.push_once = push_once
+    pusher._run()
+    pusher._channel.close()
+    # 0.3, 0.6 (each 0.3 after the last start); the third takes 0.7 and ends at
+    # 1.6, past its successor's 1.2: that one starts at once, the next 0.3 later.
+    assert starts == [0.3, 0.6, 0.9, 1.6, 1.9]
