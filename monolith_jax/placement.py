@@ -358,6 +358,58 @@ def steps(trainer, source, overlap: bool = True, staleness: int = 0, stats: dict
         pipe.drain()
 
 
+_HOST_DEVICES_FLAG = "--xla_force_host_platform_device_count"
+
+
+class HostDevicesError(RuntimeError):
+    """The process's JAX does not have the host devices asked for."""
+
+
+def ask_host_devices(n: int) -> None:
+    """Asks XLA's CPU client for `n` devices, through XLA_FLAGS (any count
+    already there is replaced). It takes effect only if JAX's backends have
+    not started yet; `host_mesh` checks. For a program's entry point (the
+    `monolith train --host-devices` command); importing monolith_jax sets no
+    flag."""
+    import os
+
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(_HOST_DEVICES_FLAG)]
+    os.environ["XLA_FLAGS"] = " ".join([*flags, f"{_HOST_DEVICES_FLAG}={int(n)}"])
+
+
+def host_mesh(n: int):
+    """A one-axis ("batch") Mesh of this process's first `n` CPU devices,
+    for `Trainer(mesh=)`: the dense step data parallel on the CPU. Raises
+    HostDevicesError, saying why, where the dense step does not run on the
+    CPU or JAX has fewer CPU devices (it started before `ask_host_devices`)."""
+    import jax
+    from jax.sharding import Mesh
+
+    platform = jax.default_backend()
+    if platform != "cpu":
+        raise HostDevicesError(f"the dense step runs on {platform}, not on the CPU: host devices would not "
+                               f"take it; use one process per {platform} device or a mesh of them")
+    devices = jax.devices("cpu")
+    if len(devices) < n:
+        raise HostDevicesError(f"JAX has {len(devices)} CPU device(s), {n} were asked for: it started before "
+                               f"{_HOST_DEVICES_FLAG} could be set (something used JAX first, such as the job's "
+                               f"module at import), or XLA_FLAGS set a lower count")
+    return Mesh(np.array(devices[:n]), ("batch",))
+
+
+def _pad_examples(tree, extra: int):
+    """`tree` (a SparseBatch, or rows: arrays with the examples on axis 0)
+    with `extra` zero examples after the last (weight 0 in a batch)."""
+    import jax
+    import jax.numpy as jnp
+
+    def pad(a):
+        xp = jnp if isinstance(a, jax.Array) else np
+        return xp.concatenate([a, xp.zeros((extra, *a.shape[1:]), a.dtype)])
+
+    return jax.tree.map(pad, tree)
+
+
 class MeshDense:
     """The dense step data parallel over a `jax.sharding.Mesh` of this
     process's devices (one axis): params and optimizer state replicated on
@@ -365,7 +417,8 @@ class MeshDense:
     batch and its rows split along the axis, the dense gradient the mean
     over the whole batch (XLA all-reduces it). The same step as one device
     on the whole batch, up to the order of the sums; the row gradients come
-    back split, one slice per device. Several processes stay on
+    back split, one slice per device. A batch that does not split evenly is
+    padded with examples of weight 0 (the same update). Several processes stay on
     `distributed.DataParallel` (jax.distributed)."""
 
     def __init__(self, trainer, mesh):
@@ -403,17 +456,25 @@ class MeshDense:
 
         from monolith_jax.features import SparseBatch
 
-        b = int(np.shape(batch.weights)[0])
-        if b % self.size:
-            raise ValueError(f"a batch of {b} rows does not split over the mesh's {self.size} devices; use a "
-                             f"batch size that is a multiple of {self.size}")
         # The program reads lengths, dense features, labels and weights; the
         # ids stay on the host (their rows are `rows`).
-        local = jax.device_put(SparseBatch(ids={}, lengths=batch.lengths, dense=batch.dense, labels=batch.labels,
-                                           weights=batch.weights, label_mask=batch.label_mask), self.split)
+        local = SparseBatch(ids={}, lengths=batch.lengths, dense=batch.dense, labels=batch.labels,
+                            weights=batch.weights, label_mask=batch.label_mask)
+        b = int(np.shape(batch.weights)[0])
+        extra = -b % self.size
+        if extra:
+            # A batch that does not split (a file's last one, say) gets `extra`
+            # examples of weight 0 and zero rows: the loss is a weighted mean,
+            # so the update is the batch's own; their row gradients are cut.
+            local, rows = _pad_examples(local, extra), _pad_examples(rows, extra)
+        local = jax.device_put(local, self.split)
         if layout is not None:
-            return self.packed(params, opt_state, rows if isinstance(rows, jax.Array) else self.rows(rows), local,
-                               layout)
-        if not isinstance(next(iter(rows.values()), None), jax.Array):
-            rows = self.rows(rows)
-        return self.program(params, opt_state, rows, local)
+            out = self.packed(params, opt_state, rows if isinstance(rows, jax.Array) else self.rows(rows), local,
+                              layout)
+        else:
+            if not isinstance(next(iter(rows.values()), None), jax.Array):
+                rows = self.rows(rows)
+            out = self.program(params, opt_state, rows, local)
+        # The padded examples' row gradients, cut on the host (a slice of an
+        # array split over devices is no single device's).
+        return out if not extra else (*out[:3], jax.tree.map(lambda g: np.asarray(g)[:b], out[3]))

@@ -63,6 +63,11 @@ def test_train_needs_a_job_and_names_what_is_wrong():
     assert out.returncode == 2 and "cannot import module 'no_such_module'" in out.stderr
     out = run("train", "--data", "x.csv")
     assert out.returncode == 2 and "--job" in out.stderr
+    out = run("train", "--job", "tests.jobs.shop:job", "--bootstrap", "127.0.0.1:9", "--ps", "127.0.0.1:9",
+              "--host-devices", "2")
+    assert out.returncode == 2 and "--host-devices splits one process's dense step" in out.stderr
+    out = run("train", "--job", "tests.jobs.shop:job", "--data", "x.csv", "--host-devices", "0")
+    assert out.returncode == 2 and "--host-devices must be >= 1" in out.stderr
 
 
 def test_train_on_a_broker_that_does_not_answer_fails_clearly_and_soon():

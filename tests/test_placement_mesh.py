@@ -1,7 +1,8 @@
 """The dense step data parallel over several local devices (4 CPU devices
 forced in a fresh interpreter: the flag must be set before JAX starts, and
 importing monolith_jax sets none): equal to one device on the same global
-batch, params replicated on the devices between steps."""
+batch (one that does not split evenly too), params replicated on the
+devices between steps."""
 
 import json
 import os
@@ -43,13 +44,19 @@ SCRIPT = textwrap.dedent("""
             "same_keys": all(np.array_equal(t1[n]["keys"], t2[n]["keys"]) for n in t1),
             "steps": t.step_count,
         }
-    try:
-        stepped.train_step(dataclasses.replace(batches[0], weights=np.ones(63, np.float32)))
-        odd = "accepted"
-    except ValueError as e:
-        odd = str(e)
+    pred = float(np.max(np.abs(one.predict(batches[0]) - fitted.predict(batches[0]))))
+    # A batch that does not split over 4 devices (a file's last batch): padded
+    # with weight-0 examples, the same update as one device on it.
+    from tests.serving.test_predictor import make_batch
+    odd = make_batch(one, np.random.default_rng(7), b=63, pool=300)
+    one.train_step(odd)
+    stepped.train_step(odd)
+    (l1, t1), (l2, t2) = _state(one), _state(stepped)
+    odd = {"params": max(float(np.max(np.abs(a - b), initial=0)) for a, b in zip(l1, l2)),
+           "rows": max(float(np.max(np.abs(t1[n]["values"] - t2[n]["values"]), initial=0)) for n in t1),
+           "same_keys": all(np.array_equal(t1[n]["keys"], t2[n]["keys"]) for n in t1)}
     print(json.dumps({"shardings": sorted(set(shardings)), "diffs": diffs, "odd": odd,
-                      "pred": float(np.max(np.abs(one.predict(batches[0]) - fitted.predict(batches[0]))))}))
+                      "pred": pred}))
 """)
 
 
@@ -66,7 +73,8 @@ def test_mesh_step_equals_one_device_and_keeps_params_on_the_devices():
         assert d["same_keys"] and d["steps"] == 6
         assert d["params"] < 1e-5 and d["rows"] < 1e-5, d  # the sums' order differs, nothing else
     assert r["pred"] < 1e-5
-    assert "does not split over the mesh's 4 devices" in r["odd"]
+    odd = r["odd"]   # 63 examples on 4 devices
+    assert odd["same_keys"] and odd["params"] < 1e-5 and odd["rows"] < 1e-5, odd
 
 
 def test_importing_monolith_jax_sets_no_device_flags():
@@ -74,3 +82,19 @@ def test_importing_monolith_jax_sets_no_device_flags():
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "", done.stderr
+
+
+def test_host_mesh_says_why_when_jax_started_with_fewer_devices():
+    """`monolith train --host-devices N` asks for the devices before JAX
+    starts; a process whose JAX started first (here: this one, with its
+    default single CPU device) gets an error naming the cause, not a
+    smaller mesh."""
+    import jax
+    import pytest
+
+    from monolith_jax.placement import HostDevicesError, host_mesh
+
+    n = jax.device_count()
+    assert host_mesh(n).devices.size == n
+    with pytest.raises(HostDevicesError, match="started before"):
+        host_mesh(n + 1)

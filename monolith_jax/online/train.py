@@ -3,6 +3,9 @@
     monolith train --job MODULE:NAME --data train.parquet [--epochs N] [--validation test.parquet]
     monolith train --job MODULE:NAME --bootstrap HOST:PORT [--group G] [--idle-timeout S]
 
+`--host-devices N` splits each batch's dense step over N CPU devices of the
+process (the tables stay on the host; the same update as one device).
+
 From files (CSV/Parquet, the job's feature columns and label): `--epochs`
 passes in order, an evaluation after each with `--validation`; then a
 snapshot, an export and a full push to the serving PS, as asked. From the
@@ -97,6 +100,10 @@ def main(argv=None) -> int:
     p.add_argument("--placement", default="auto", choices=["auto", "in_jit", "host"],
                    help="the training step: auto (in-jit FFI tables when the dense step runs on the CPU, "
                         "tables on the host around a device step otherwise), in_jit, or host")
+    p.add_argument("--host-devices", type=int, default=1,
+                   help="split each batch's dense step over this many CPU devices of this process, tables on the "
+                        "host (XLA's host platform device count, set before JAX starts; data parallel, the same "
+                        "update): on a CPU with that many cores, faster than one device (experiments/dense_step)")
     p.add_argument("--metrics", default=None, help="append metrics as JSON lines to this file")
     p.add_argument("--tensorboard", default=None,
                    help="also write the metrics as TensorBoard event files into this folder")
@@ -112,6 +119,15 @@ def main(argv=None) -> int:
         p.error("--data trains one process on local tables: --ps, --coordinator and --async-dense need --bootstrap")
     if args.epochs < 1:
         p.error("--epochs must be >= 1")
+    if args.host_devices < 1:
+        p.error("--host-devices must be >= 1")
+    if args.host_devices > 1 and (args.coordinator or args.ps):
+        p.error("--host-devices splits one process's dense step over its own CPU devices: not with --coordinator "
+                "or --ps")
+    if args.host_devices > 1:   # before the job's module, which may start JAX
+        from monolith_jax.placement import ask_host_devices
+
+        ask_host_devices(args.host_devices)
     from monolith_jax.job import JobError, load_job
 
     try:
@@ -127,8 +143,17 @@ def main(argv=None) -> int:
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    mesh = None
+    if args.host_devices > 1:
+        from monolith_jax.placement import HostDevicesError, host_mesh
+
+        try:
+            mesh = host_mesh(args.host_devices)
+        except HostDevicesError as err:
+            p.error(str(err))
     trainer = job.make_trainer(args.seed, metrics_path=args.metrics, tensorboard_dir=args.tensorboard,
-                               log_every=100 if args.data else 0, placement=args.placement)
+                               log_every=100 if args.data else 0, placement=args.placement,
+                               **({"mesh": mesh} if mesh is not None else {}))
     addresses = args.ps.split(",") if args.ps else []
     if addresses:
         from monolith_jax.distributed.training_ps import use_shards
@@ -185,6 +210,7 @@ def main(argv=None) -> int:
 
 def finish(summary: dict, args, trainer, snapshots) -> int:
     """The last line `trainer done {...}` (and --summary), then close."""
+    summary["dense_devices"] = 1 if trainer.mesh_dense is None else trainer.mesh_dense.size
     line = json.dumps(summary, default=float)
     if args.summary:
         with open(args.summary, "w", encoding="utf-8") as f:

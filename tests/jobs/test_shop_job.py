@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 
+import jax
 import numpy as np
 
 from experiments.multi_task_stream.run import requests_of  # the shop's log rows as predictor requests
@@ -127,6 +128,33 @@ def test_files_train_export_and_serve_through_commands(tmp_path):
     trainer = trainer_from_snapshot(tmp_path / "snaps")
     assert len(trainer.tables["ids"]) > 600  # users and items kept apart: one row per (feature, id)
     assert_served_equal(tmp_path / "model", ["--snapshot-dir", tmp_path / "snaps"], trainer, test, cols)
+
+
+def test_train_on_two_host_devices_updates_as_one_device_does(tmp_path):
+    """`monolith train --host-devices 2`: each batch's dense step split over two
+    CPU devices of the trainer (the last batch, 1001 % 256 = 233 rows, is odd):
+    the same params and rows as one device trained on the same file."""
+    from monolith_jax.job import load_job
+
+    train = tmp_path / "train.parquet"
+    shop.make_log(str(train), n=1001, part=0)
+    out = monolith("train", "--job", JOB, "--data", train, "--host-devices", 2, "--snapshot-dir",
+                   tmp_path / "snaps", "--summary", tmp_path / "summary.json").stdout
+    with open(tmp_path / "summary.json") as f:
+        summary = json.load(f)
+    assert summary["dense_devices"] == 2 and summary["examples"] == 1001, out[-2000:]
+    two = trainer_from_snapshot(tmp_path / "snaps")
+    job = load_job(JOB)
+    one = job.make_trainer(0, log_every=0, placement="host")
+    one.fit(job.batches(str(train)))
+    assert one.step_count == two.step_count == 4
+    for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(two.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    for name, t in one.tables.items():
+        d1, d2 = t.dump(), two.tables[name].dump()
+        o1, o2 = np.argsort(d1["keys"]), np.argsort(d2["keys"])
+        np.testing.assert_array_equal(d1["keys"][o1], d2["keys"][o2])
+        np.testing.assert_allclose(d1["values"][o1], d2["values"][o2], rtol=1e-5, atol=1e-6)
 
 
 def test_stream_replay_join_train_sync_and_serve_through_commands(tmp_path):
