@@ -4,8 +4,10 @@ freshness(): the MovieLens-1M replay, paced at a steady rate, into the
 embedded Kafka cluster -> joiner process (positives emitted on the action)
 -> trainer process (pushes touched rows every second, dense params every
 10 s, to a serving PS process) -> predictor process. Among the replayed
-requests, a probe every `probe_every_s`: a request for a user id nobody has
-seen, then its positive action. A prober asks the predictor for that user
+requests, a probe every `probe_every_s` on average (each gap drawn
+uniformly from 0.5x to 1.5x of it, seeded, so the probes fall at every
+phase of the sync ticks rather than at a few fixed ones): a request for a
+user id nobody has seen, then its positive action. A prober asks the predictor for that user
 every 10 ms; the probe's freshness is the time from producing the action to
 the first answer that uses the user's trained row (the reply's `unknown`
 count drops to 0: only the trained, pushed row can make it so).
@@ -279,6 +281,9 @@ def produce_paced(bootstrap: str, stream, rate: float, seconds: float, prober: P
     producer = Producer(K.producer_config(bootstrap, **{"linger.ms": 50}))
     t0 = time.monotonic()
     next_probe = t0 + warmup_s
+    # Gaps of 0.5-1.5x probe_every_s: a fixed gap that divides the sync interval
+    # would meet the (fixed-rate) sync ticks at the same few phases all run long.
+    gaps = np.random.default_rng(20240607)
     sent = probes = 0
     event_ms = 0
     for kind, rid, value, t in stream.messages():
@@ -293,7 +298,7 @@ def produce_paced(bootstrap: str, stream, rate: float, seconds: float, prober: P
         sent += 1
         event_ms = max(event_ms, t)
         if time.monotonic() >= next_probe:
-            next_probe += probe_every_s
+            next_probe += probe_every_s * gaps.uniform(0.5, 1.5)
             key = hash_strings([f"probe-user:{run_id}:{probes}"])[0]
             if prober.check_unknown(key) != 1:
                 raise RuntimeError("a probe user is already known: the probe would measure nothing")
