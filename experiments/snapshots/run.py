@@ -97,13 +97,23 @@ def size_time(rows_list=(10**5, 10**6, 10**7), dim: int = 16, rounds: int = 3, o
                 assert len(fresh) == rows
                 del fresh
             # The floor: the same arrays with np.save / np.load, no checks, no table handler.
-            np_save, np_load = [], []
+            # And the durable floor: the dump's bytes into fresh files, each fsynced
+            # (as the snapshot's files are), the last round's removed first.
+            np_save, np_load, synced = [], [], []
             for r in range(rounds):
                 t0 = time.perf_counter()
                 dump = table.dump()
                 for name, a in dump.items():
                     np.save(os.path.join(folder, f"{name}.npy"), np.asarray(a))
                 np_save.append(time.perf_counter() - t0)
+                shutil.rmtree(os.path.join(folder, "synced"), ignore_errors=True)
+                os.makedirs(os.path.join(folder, "synced"))
+                t0 = time.perf_counter()
+                for name, a in dump.items():
+                    with open(os.path.join(folder, "synced", name), "wb") as f:
+                        f.write(np.ascontiguousarray(a).data)
+                        os.fsync(f.fileno())
+                synced.append(time.perf_counter() - t0)
                 np_size = sum(os.path.getsize(os.path.join(folder, f"{n}.npy")) for n in dump)
                 del dump
                 t0 = time.perf_counter()
@@ -117,12 +127,13 @@ def size_time(rows_list=(10**5, 10**6, 10**7), dim: int = 16, rounds: int = 3, o
             r = {"rows": rows, "dim": dim, "rounds": rounds, "save_blocking_s": _median(blocking),
                  "save_s": _median(total), "restore_s": _median(restore), "first_save_blocking_s": blocking[0],
                  "first_save_s": total[0], "bytes": size, "np_save_s": _median(np_save),
-                 "np_load_s": _median(np_load), "np_bytes": np_size}
+                 "np_load_s": _median(np_load), "np_bytes": np_size, "fsynced_write_s": _median(synced)}
             results.append(r)
             out(f"  {rows:>10,} rows: snapshot {r['save_s']:6.2f} s (training thread blocked "
                 f"{r['save_blocking_s']:5.2f} s; first {total[0]:5.2f} s, {blocking[0]:4.2f} s), restore "
                 f"{r['restore_s']:6.2f} s, {size / 2**20:8.1f} MiB  |  np.save {r['np_save_s']:6.2f} s, "
-                f"np.load+load {r['np_load_s']:6.2f} s, {np_size / 2**20:8.1f} MiB  (medians of {rounds})")
+                f"np.load+load {r['np_load_s']:6.2f} s, {np_size / 2**20:8.1f} MiB; fresh files + fsync "
+                f"{r['fsynced_write_s']:6.2f} s  (medians of {rounds})")
             del table
         finally:
             shutil.rmtree(folder, ignore_errors=True)
