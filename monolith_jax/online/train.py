@@ -121,10 +121,10 @@ def main(argv=None) -> int:
         p.error("--epochs must be >= 1")
     if args.host_devices < 1:
         p.error("--host-devices must be >= 1")
-    if args.host_devices > 1 and (args.coordinator or args.ps):
-        p.error("--host-devices splits one process's dense step over its own CPU devices: not with --coordinator "
-                "or --ps")
     if args.host_devices > 1:   # before the job's module, which may start JAX
+        if args.coordinator or args.ps:
+            p.error("--host-devices splits one process's dense step over its own CPU devices: not with "
+                    "--coordinator or --ps")
         from monolith_jax.placement import ask_host_devices
 
         ask_host_devices(args.host_devices)
@@ -152,8 +152,7 @@ def main(argv=None) -> int:
         except HostDevicesError as err:
             p.error(str(err))
     trainer = job.make_trainer(args.seed, metrics_path=args.metrics, tensorboard_dir=args.tensorboard,
-                               log_every=100 if args.data else 0, placement=args.placement,
-                               **({"mesh": mesh} if mesh is not None else {}))
+                               log_every=100 if args.data else 0, placement=args.placement, mesh=mesh)
     addresses = args.ps.split(",") if args.ps else []
     if addresses:
         from monolith_jax.distributed.training_ps import use_shards
