@@ -313,6 +313,14 @@ def load_tables(tables: dict, meta: dict, arrays: dict) -> None:
         tables[name].load(dump)
 
 
+def _prepare_dumps(tables: list) -> None:
+    try:
+        for t in tables:
+            t.prepare_dump_buffers()
+    except Exception as err:  # the next dump faults its pages in itself
+        log.warning("snapshot memory not prepared: %s", err)
+
+
 class Snapshots:
     """Snapshots of a trainer in `directory`, by time (`every_s`) and/or
     steps (`every_steps`), the newest `keep` kept (with `full_every` > 1:
@@ -390,6 +398,7 @@ class Snapshots:
                 enable_background_delete=True,
                 cleanup_tmp_directories=True, **extra))
         self._worker = None             # the thread writing the last save
+        self._warming = None            # the thread faulting in dump memory after a restore
         self._done = None               # meta of a finished save not yet reported
         self._error = None
         self._last_t = time.monotonic()
@@ -439,6 +448,9 @@ class Snapshots:
             return False
         self._join()
         t0 = time.perf_counter()
+        if self._warming is not None:  # a restore's: the dump copies into its memory
+            self._warming.join()
+            self._warming = None
         if self._chain_broken:
             self._chain, self._chain_broken = None, False
         kind = "all"
@@ -541,6 +553,8 @@ class Snapshots:
 
     def close(self) -> None:
         self._join()
+        if self._warming is not None:
+            self._warming.join()
         self.manager.wait_until_finished()
         self.manager.close()
 
@@ -750,6 +764,12 @@ class Snapshots:
         self._last_step = step
         self._chain = None  # the loaded tables track no changes: the next snapshot is full
         self.restored_extra = dense.get("extra", {})
+        if self.keep_dump_memory and not self.read_only:
+            # The next (full) snapshot copies the restored tables into memory
+            # faulted in meanwhile, not into fresh pages with training blocked.
+            self._warming = threading.Thread(target=_prepare_dumps, args=([trainer.tables[n] for n in local],),
+                                             name="monolith-snapshot-warm", daemon=True)
+            self._warming.start()
         log.info("resumed from snapshot %d in %s", step, self.directory)
         return meta
 

@@ -29,6 +29,8 @@ def main(argv=None):
     p.add_argument("--part", choices=["size", "throughput", "reliability", "all"], default="all")
     p.add_argument("--rows", type=int, nargs="+", default=[10**5, 10**6, 10**7])
     p.add_argument("--rounds", type=int, default=3, help="size and throughput: rounds, medians reported")
+    p.add_argument("--restart-wait-s", type=float, default=5.0,
+                   help="size: seconds between a restore and that trainer's first snapshot")
     p.add_argument("--every-s", type=float, default=10.0, help="throughput: seconds between snapshots")
     p.add_argument("--passes", type=int, default=4, help="throughput: passes over the replay a run")
     p.add_argument("--full-every", type=int, default=30,
@@ -50,7 +52,7 @@ def main(argv=None):
             results = json.load(f)
     if args.part in ("size", "all"):
         print("Snapshot (Orbax, CRC-32 per array) and restore of one table, dim 16, Adagrad, beside np.save/np.load:")
-        results["size"] = run.size_time(args.rows, rounds=args.rounds)
+        results["size"] = run.size_time(args.rows, rounds=args.rounds, restart_wait_s=args.restart_wait_s)
     if args.part in ("throughput", "all"):
         from monolith_jax.examples.movielens.data import load_movielens_1m
 

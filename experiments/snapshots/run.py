@@ -55,11 +55,14 @@ def _median(xs):
 
 
 def size_time(rows_list=(10**5, 10**6, 10**7), dim: int = 16, rounds: int = 3, out=print,
-              workdir: str | None = None) -> list:
+              workdir: str | None = None, restart_wait_s: float = 5.0) -> list:
     """Per row count, `rounds` snapshots of the same table into one folder
     (the first copies into fresh memory, later ones into the last dump's),
     `rounds` restores into fresh tables, and as many np.save / np.load +
-    load rounds: medians, and the first snapshot's own figures."""
+    load rounds: medians, and the first snapshot's own figures. Then a
+    restarted trainer's first snapshot, `restart_wait_s` after its restore:
+    with the dump's memory faulted in meanwhile (keep_dump_memory, the
+    default) and without (fresh pages, as every first snapshot had)."""
     import monolith_jax as mj
     from monolith_jax.snapshot import Snapshots
 
@@ -92,9 +95,23 @@ def size_time(rows_list=(10**5, 10**6, 10**7), dim: int = 16, rounds: int = 3, o
             for r in range(rounds):
                 fresh = mj.EmbeddingTable(config())
                 t0 = time.perf_counter()
-                Snapshots(os.path.join(folder, "snap")).restore(TableOwner(fresh))
+                # No snapshot follows: no dump memory faulted in after it.
+                reader = Snapshots(os.path.join(folder, "snap"), keep_dump_memory=False)
+                reader.restore(TableOwner(fresh))
                 restore.append(time.perf_counter() - t0)
+                reader.close()
                 assert len(fresh) == rows
+                del fresh
+            restart = {}
+            for keep in (True, False):
+                fresh, step = mj.EmbeddingTable(config()), rounds + 1 + int(keep)
+                snaps = Snapshots(os.path.join(folder, "snap"), every_s=None, keep=1, keep_dump_memory=keep)
+                snaps.restore(TableOwner(fresh))
+                time.sleep(restart_wait_s)  # training on, meanwhile
+                t0 = time.perf_counter()
+                snaps.save(step, TableOwner(fresh, step_count=step), {})
+                restart[keep] = time.perf_counter() - t0
+                snaps.close()
                 del fresh
             # The floor: the same arrays with np.save / np.load, no checks, no table handler.
             # And the durable floor: the dump's bytes into fresh files, each fsynced
@@ -127,13 +144,18 @@ def size_time(rows_list=(10**5, 10**6, 10**7), dim: int = 16, rounds: int = 3, o
             r = {"rows": rows, "dim": dim, "rounds": rounds, "save_blocking_s": _median(blocking),
                  "save_s": _median(total), "restore_s": _median(restore), "first_save_blocking_s": blocking[0],
                  "first_save_s": total[0], "bytes": size, "np_save_s": _median(np_save),
-                 "np_load_s": _median(np_load), "np_bytes": np_size, "fsynced_write_s": _median(synced)}
+                 "np_load_s": _median(np_load), "np_bytes": np_size, "fsynced_write_s": _median(synced),
+                 "restarted_first_save_blocking_s": restart[True],
+                 "restarted_first_save_blocking_s_fresh_pages": restart[False]}
             results.append(r)
             out(f"  {rows:>10,} rows: snapshot {r['save_s']:6.2f} s (training thread blocked "
                 f"{r['save_blocking_s']:5.2f} s; first {total[0]:5.2f} s, {blocking[0]:4.2f} s), restore "
                 f"{r['restore_s']:6.2f} s, {size / 2**20:8.1f} MiB  |  np.save {r['np_save_s']:6.2f} s, "
                 f"np.load+load {r['np_load_s']:6.2f} s, {np_size / 2**20:8.1f} MiB; fresh files + fsync "
                 f"{r['fsynced_write_s']:6.2f} s  (medians of {rounds})")
+            out(f"  {'':>10}       restored, first snapshot {restart_wait_s:g} s later: training thread blocked "
+                f"{restart[True]:5.2f} s (dump memory faulted in meanwhile; into fresh pages: "
+                f"{restart[False]:5.2f} s)")
             del table
         finally:
             shutil.rmtree(folder, ignore_errors=True)
@@ -256,7 +278,9 @@ def reliability(ratings, intervals_min=(5, 60, 360, 1440), failures_at=(0.25, 0.
                     if k + 1 in fail_at:  # the PS dies; a new one starts from the newest snapshot
                         lost += since_snapshot
                         fresh = movielens_trainer(seed, out=lambda *a, **k: None)
-                        Snapshots(folder, every_s=None).restore(fresh)
+                        # Through the folder's one writer: a second one opened
+                        # beside it would race its background deletes.
+                        snaps.restore(fresh)
                         trainer, since_snapshot = fresh, 0
         finally:
             if snaps is not None:

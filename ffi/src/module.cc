@@ -17,6 +17,8 @@
 #include <string>
 #include <vector>
 
+#include <sys/mman.h>
+
 #include "ffi_handlers.h"
 #include "registry.h"
 #include "table.h"
@@ -57,13 +59,17 @@ nb::ndarray<nb::numpy, T> ToNumpy(std::vector<T>&& v, std::initializer_list<size
 // Dump buffers, uninitialized (a dump writes every byte). A table that
 // snapshots every few seconds takes its last dump's buffers again once
 // numpy has freed them: faulting in a GB of fresh pages cost more than the
-// copy itself. (2 MiB pages were tried: under defrag=madvise a first dump
-// stalled for seconds in compaction.)
+// copy itself. prepare_dump_buffers faults them in ahead of a process's
+// first dump, from a thread of the caller's (a restored trainer's
+// snapshots), so that dump does not block training on fresh pages either.
+// (2 MiB pages were tried: under defrag=madvise a first dump stalled for
+// seconds in compaction.)
 class BufferPool {
  public:
   struct Block {
     void* p = nullptr;
     size_t bytes = 0;
+    bool fresh = false;  // never written: each page faults in on first touch
   };
   static constexpr int kFields = 8;
 
@@ -71,7 +77,25 @@ class BufferPool {
     Block b;
     b.bytes = std::max<size_t>(bytes, 1);
     if (posix_memalign(&b.p, 64, b.bytes) != 0) throw std::bad_alloc();
+    b.fresh = true;
     return b;
+  }
+  // Faults a fresh block's pages in, in parts over the engine's threads.
+  static void Populate(Block& b) {
+    if (!b.fresh) return;
+    b.fresh = false;
+    constexpr uintptr_t kPage = 4096, kPart = 32 << 20;
+    const uintptr_t lo = (reinterpret_cast<uintptr_t>(b.p) + kPage - 1) & ~(kPage - 1);
+    const uintptr_t hi = (reinterpret_cast<uintptr_t>(b.p) + b.bytes) & ~(kPage - 1);
+    if (hi <= lo) return;
+    const int parts = static_cast<int>((hi - lo + kPart - 1) / kPart);
+    ThreadPool::Global().ParallelFor(parts, [&](int i) {
+      const uintptr_t a = lo + static_cast<uintptr_t>(i) * kPart, e = std::min(a + kPart, hi);
+#ifdef MADV_POPULATE_WRITE
+      if (madvise(reinterpret_cast<void*>(a), e - a, MADV_POPULATE_WRITE) == 0) return;
+#endif
+      for (uintptr_t q = a; q < e; q += kPage) *reinterpret_cast<volatile char*>(q) = 0;
+    });
   }
   // A kept block of at least `bytes`, or a new one with 1/16 to spare.
   Block Take(int field, size_t bytes) {
@@ -84,6 +108,7 @@ class BufferPool {
   }
   // Keeps the larger of `b` and the block kept for `field`; frees the other.
   void Give(int field, Block b) {
+    b.fresh = false;  // a dump wrote it, or Populate faulted it in
     std::lock_guard<std::mutex> lock(mu_);
     Block& kept = free_[field];
     if (kept.bytes < b.bytes) std::swap(kept, b);
@@ -124,6 +149,14 @@ nb::ndarray<nb::numpy, T> Owned(std::unique_ptr<Lease>& lease, std::initializer_
   T* data = static_cast<T*>(lease->block.p);
   nb::capsule owner(lease.release(), [](void* p) noexcept { delete static_cast<Lease*>(p); });
   return nb::ndarray<nb::numpy, T>(data, shape, owner);
+}
+
+// Bytes of each dump field (keys, values, slots, last_update, update_count,
+// touched, filter, removed) for `rows` rows.
+std::array<size_t, BufferPool::kFields> DumpFieldBytes(EmbeddingTable& t, size_t rows, size_t filter,
+                                                       size_t removed) {
+  const size_t dim = static_cast<size_t>(t.dim()), width = static_cast<size_t>(t.slot_width());
+  return {rows * 8, rows * dim * 4, rows * width * 4, rows * 4, rows * 4, rows, filter, removed * 8};
 }
 
 // The Python-owned handle: registered while open.
@@ -343,10 +376,8 @@ NB_MODULE(_engine, m) {
              {
                nb::gil_scoped_release release;
                taken = t.Dump(static_cast<DumpMode>(mode), [&](const DumpSizes& n) {
-                 const size_t r = static_cast<size_t>(n.rows);
-                 const size_t bytes[BufferPool::kFields] = {
-                     r * 8, r * dim * 4, r * width * 4, r * 4, r * 4, r, static_cast<size_t>(n.filter),
-                     static_cast<size_t>(n.removed) * 8};
+                 const auto bytes = DumpFieldBytes(t, static_cast<size_t>(n.rows), static_cast<size_t>(n.filter),
+                                                   static_cast<size_t>(n.removed));
                  for (int f = 0; f < BufferPool::kFields; ++f) {
                    lease[f].reset(new Lease{pool, f, {}});
                    lease[f]->block = pool ? pool->Take(f, bytes[f]) : BufferPool::New(bytes[f]);
@@ -373,6 +404,18 @@ NB_MODULE(_engine, m) {
              return out;
            }, "mode"_a = 0, "reuse"_a = false)
       .def("release_dump_buffers", [](PyTable& s) { s.pool()->Clear(); })
+      .def("prepare_dump_buffers",
+           [](PyTable& s, int64_t rows) {
+             if (rows < 0) throw std::invalid_argument("rows must be >= 0");
+             const auto bytes = DumpFieldBytes(s.t(), static_cast<size_t>(rows), 0, 0);
+             nb::gil_scoped_release release;
+             // The per-row fields (keys .. touched), as the next dump takes them.
+             for (int f = 0; f < 6; ++f) {
+               BufferPool::Block b = s.pool()->Take(f, bytes[f]);
+               BufferPool::Populate(b);
+               s.pool()->Give(f, b);
+             }
+           }, "rows"_a)
       .def("changes_tracked", [](PyTable& s) { return s.t().ChangesTracked(); })
       .def("expire",
            [](PyTable& s, uint32_t now) {

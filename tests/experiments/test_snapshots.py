@@ -12,9 +12,10 @@ from tests.examples.streams import synthetic_ratings
 
 
 def test_size_time_measures_snapshot_and_its_floor(runs, capsys):
-    (r,) = snap_main.main(["--part", "size", "--rows", "5000"])["size"]
+    (r,) = snap_main.main(["--part", "size", "--rows", "5000", "--restart-wait-s", "0.1"])["size"]
     assert r["rows"] == 5000 and r["bytes"] > 5000 * 16 * 4 * 0.5 and r["np_bytes"] > 0
     assert r["save_s"] >= r["save_blocking_s"] > 0 and r["restore_s"] > 0
+    assert r["restarted_first_save_blocking_s"] > 0 and r["restarted_first_save_blocking_s_fresh_pages"] > 0
     folder = runs.folder("snapshots", capsys.readouterr().out)
     assert set(json.loads((folder / "results.json").read_text())) == {"size"}
 

@@ -413,3 +413,45 @@ def test_a_snapshot_of_raw_id_keys_is_refused_not_loaded_or_set_aside(tmp_path):
     _edit_meta(tmp_path, 1, lambda m: m.update(key_scheme="slot-48/1"), checksum="recompute")
     with pytest.raises(KeySchemeMismatch, match="keys its tables by 'slot-48/1'"):
         Snapshots(str(tmp_path)).restore(fresh)
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_a_restore_faults_in_the_next_snapshots_memory_meanwhile(tmp_path, keep):
+    """After a restore, each table's memory for the next full dump is faulted
+    in on a thread of its own (keep_dump_memory), so that snapshot does not
+    block training on fresh pages; the snapshot it then takes holds the
+    restored state. Not with keep_dump_memory=False. On the shop job."""
+    import time
+
+    from tests.jobs import shop
+
+    log = tmp_path / "log.parquet"
+    shop.make_log(str(log), n=700, part=0)
+    first = shop.job.make_trainer(0, log_every=0)
+    first.fit(shop.job.batches(str(log)))
+    snaps = Snapshots(str(tmp_path / "a"), every_s=None)
+    snaps.save(first.step_count, first, {})
+    snaps.close()
+
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    second = shop.job.make_trainer(0, log_every=0)
+    snaps = Snapshots(str(tmp_path / "b"), every_s=None, keep_dump_memory=keep)
+    assert snaps.restore(second) is not None
+    kept = lambda: [t.stats()["bytes_dump_kept"] for t in second.tables.values()]  # noqa: E731
+    deadline = time.monotonic() + 30
+    while keep and min(kept()) == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    rows = {n: len(t) for n, t in second.tables.items()}
+    assert all(rows.values())
+    if keep:  # keys, values, slots, last_update, update_count, touched of every row
+        assert all(k >= rows[n] * (8 + 4 * t.dim * 2 + 9) for (n, t), k in zip(second.tables.items(), kept()))
+    else:
+        assert kept() == [0] * len(rows)
+    second.step_count += 1  # as a step trained meanwhile would
+    assert snaps.save(second.step_count, second, {})
+    snaps.close()
+    third = shop.job.make_trainer(0, log_every=0)
+    snaps = Snapshots(str(tmp_path / "b"), every_s=None)
+    assert snaps.restore(third)["step"] == second.step_count
+    snaps.close()
+    assert_same_state(second, third)

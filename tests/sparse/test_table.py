@@ -383,3 +383,26 @@ def test_memory_kept_between_dumps_is_counted_and_released():
     assert table.stats()["bytes_dump_kept"] == kept     # a dump without reuse leaves it be
     table.release_dump_buffers()
     assert table.stats()["bytes_dump_kept"] == 0
+
+
+def test_prepared_dump_memory_is_what_the_next_dump_copies_into():
+    table = EmbeddingTable(TableConfig("prep", 8, Normal(0.0, 0.1), Adagrad(0.1)))
+    keys = np.arange(1, 3001, dtype=np.uint64)
+    table.apply_gradients_host(keys, np.ones((3000, 8), np.float32))
+    expected = table.dump()
+    table.prepare_dump_buffers()                     # 3000 rows and 1/8 more
+    kept = table.stats()["bytes_dump_kept"]
+    # keys, values, slots, last_update, update_count, touched: 8 + 32 + 32 + 4 + 4 + 1 bytes a row
+    assert kept >= 3375 * 81
+    table.prepare_dump_buffers(100)                  # smaller than what is kept: nothing changes
+    assert table.stats()["bytes_dump_kept"] == kept
+    table.lookup_host(np.arange(3001, 3201, dtype=np.uint64))   # grown, within the 1/8
+    dump = table.dump(reuse_buffers=True)
+    assert table.stats()["bytes_dump_kept"] < kept   # the prepared memory, lent to the arrays
+    got = dict(zip(dump["keys"].tolist(), dump["values"]))
+    assert len(got) == 3200
+    for k, v in zip(expected["keys"].tolist(), expected["values"]):
+        np.testing.assert_array_equal(got[k], v)
+    for bad in (-1, 2.5, True, "10"):
+        with pytest.raises(ValueError, match="rows must be an int"):
+            table.prepare_dump_buffers(bad)
