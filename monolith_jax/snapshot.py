@@ -93,6 +93,7 @@ import zlib
 
 import numpy as np
 
+from monolith_jax.snapshot_arrays import CorruptSnapshot, pack, unpack
 from monolith_jax.snapshot_handlers import arrays_handler
 
 log = logging.getLogger("monolith_jax.snapshot")
@@ -107,11 +108,6 @@ META_CRC_ITEM = "meta_crc32"
 # Pauses before the 2nd, 3rd, ... try of a read that failed without proving
 # the snapshot corrupt.
 RETRY_DELAYS_S = (0.2, 1.0)
-
-
-class CorruptSnapshot(RuntimeError):
-    """A snapshot proven damaged: a checksum, dtype or shape that does not
-    match, or a missing part of a finished snapshot."""
 
 
 class NewerFormat(RuntimeError):
@@ -141,11 +137,6 @@ def check_key_scheme(meta: dict, where: str) -> None:
         raise KeySchemeMismatch(f"{where} keys its tables by {scheme!r}; this version reads {KEY_SCHEME!r}")
 
 
-def _crc(a: np.ndarray) -> int:
-    a = np.ascontiguousarray(a)
-    return zlib.crc32(memoryview(a.reshape(-1).view(np.uint8))) if a.size else 0
-
-
 def canonical_json(meta: dict) -> str:
     return json.dumps(meta, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
 
@@ -171,83 +162,6 @@ def proves_corruption(err: BaseException) -> bool:
     if isinstance(err, KeyError) and "was not found in the checkpoint" in str(err):
         return True  # Orbax: an item folder of the snapshot is missing
     return isinstance(err, ValueError) and str(err).startswith(_CORRUPT_STATUS)
-
-
-def _crcs(arrays: list) -> list:
-    """CRC-32 of each array, the large ones on threads of their own
-    (zlib.crc32 releases the GIL)."""
-    big = [i for i, a in enumerate(arrays) if a.nbytes >= 1 << 22]
-    out = [None if i in big else _crc(a) for i, a in enumerate(arrays)]
-    if len(big) > 1:
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(min(len(big), os.cpu_count() or 1)) as pool:
-            for i, c in zip(big, pool.map(_crc, [arrays[i] for i in big])):
-                out[i] = c
-    else:
-        for i in big:
-            out[i] = _crc(arrays[i])
-    return out
-
-
-def pack(arrays: dict, prefix: str = "") -> tuple[dict, dict]:
-    """Nested dict of arrays -> (the non-empty ones, for Orbax, which refuses
-    zero-size arrays; spec: path -> dtype, shape, crc32 of every array)."""
-    kept, spec = _pack(arrays, prefix)
-    paths = list(spec)
-    for path, c in zip(paths, _crcs([spec[p].pop("_array") for p in paths])):
-        spec[path]["crc32"] = c
-    return kept, spec
-
-
-def _pack(arrays: dict, prefix: str) -> tuple[dict, dict]:
-    kept, spec = {}, {}
-    for name, a in arrays.items():
-        path = f"{prefix}{name}"
-        if isinstance(a, dict):
-            sub, sub_spec = _pack(a, path + "/")
-            if sub:
-                kept[name] = sub
-            spec.update(sub_spec)
-            continue
-        a = np.asarray(a)
-        spec[path] = {"dtype": a.dtype.name, "shape": list(a.shape), "_array": a}
-        if a.size:
-            kept[name] = a
-    return kept, spec
-
-
-def unpack(restored: dict, spec: dict, prefix: str) -> dict:
-    """The arrays under `prefix` from a restored item, empty ones rebuilt,
-    every one checked against the spec (checksums on parallel threads)."""
-    out: dict = {}
-    found = []
-    for path, s in spec.items():
-        if not path.startswith(prefix):
-            continue
-        parts = path[len(prefix):].split("/")
-        node = restored
-        for p in parts:
-            node = node.get(p) if isinstance(node, dict) else None
-            if node is None:
-                break
-        if node is None:
-            if int(np.prod(s["shape"])) != 0:
-                raise CorruptSnapshot(f"array {path} is missing")
-            a = np.zeros(s["shape"], np.dtype(s["dtype"]) if s["dtype"] != "bfloat16" else np.float32)
-        else:
-            a = np.asarray(node)
-        if a.dtype.name != s["dtype"] or list(a.shape) != s["shape"]:
-            raise CorruptSnapshot(f"array {path} is {a.dtype.name}{list(a.shape)}, expected {s['dtype']}{s['shape']}")
-        found.append((path, a))
-        target = out
-        for p in parts[:-1]:
-            target = target.setdefault(p, {})
-        target[parts[-1]] = a
-    for (path, a), c in zip(found, _crcs([a for _, a in found])):
-        if c != spec[path]["crc32"]:
-            raise CorruptSnapshot(f"array {path} fails its CRC-32 check")
-    return out
 
 
 def local_tables(trainer) -> list:
@@ -313,10 +227,18 @@ def load_tables(tables: dict, meta: dict, arrays: dict) -> None:
         tables[name].load(dump)
 
 
-def _prepare_dumps(tables: list) -> None:
+def _prepare_dumps(plan: list) -> None:
+    """Faults in each table's memory for its next full dump, so that dump
+    does not block training on fresh pages (EmbeddingTable.
+    prepare_dump_buffers). plan: (table, rows or None: its rows and 1/8
+    more); after a write, the caller has freed the dump's arrays, whose
+    memory is kept unless the rows asked for outgrow it."""
     try:
-        for t in tables:
-            t.prepare_dump_buffers()
+        for t, rows in plan:
+            if rows is None:
+                t.prepare_dump_buffers()
+            elif t.stats()["bytes_dump_kept"]:  # else its last dump's arrays live on elsewhere
+                t.prepare_dump_buffers(rows)
     except Exception as err:  # the next dump faults its pages in itself
         log.warning("snapshot memory not prepared: %s", err)
 
@@ -399,6 +321,7 @@ class Snapshots:
                 cleanup_tmp_directories=True, **extra))
         self._worker = None             # the thread writing the last save
         self._warming = None            # the thread faulting in dump memory after a restore
+        self._dump_rows: dict = {}      # rows of each table's last full dump
         self._done = None               # meta of a finished save not yet reported
         self._error = None
         self._last_t = time.monotonic()
@@ -472,14 +395,21 @@ class Snapshots:
             self._chain = (step, chain[1], chain[2] + 1)
             self.saved_deltas += 1
         self._last_step, self._last_t = step, time.monotonic()
-        self._worker = threading.Thread(target=self._write, args=(step, dense, tables, names, meta, link),
+        plan = []  # the next full dump's rows, if they grow as they did since the last one, and 1/32
+        if self.keep_dump_memory and kind != "changes":
+            for i, n in enumerate(names["tables"]):
+                rows = len(tables[f"t{i}"]["keys"])
+                grown = max(rows - self._dump_rows.get(n, rows), 0)
+                self._dump_rows[n] = rows
+                plan.append((trainer.tables[n], rows + grown + rows // 32))
+        self._worker = threading.Thread(target=self._write, args=(step, dense, tables, names, meta, link, plan),
                                         name="monolith-snapshot", daemon=True)
         self._worker.start()
         self.saved += 1
         self.save_seconds += time.perf_counter() - t0
         return True
 
-    def _write(self, step, dense, tables, names, meta, link) -> None:
+    def _write(self, step, dense, tables, names, meta, link, plan=()) -> None:
         import orbax.checkpoint as ocp
 
         from monolith_jax.sparse.keys import KEY_SCHEME
@@ -505,6 +435,11 @@ class Snapshots:
             self._error = err
             self._chain_broken = True
             return
+        if plan:  # the dump's arrays freed first: their memory is what the next dump reuses
+            dense.clear()
+            tables.clear()
+            del dense_kept, tables_kept, items
+            _prepare_dumps(plan)
         if self.full_every > 1:
             try:
                 self._retain()
@@ -763,11 +698,12 @@ class Snapshots:
             raise
         self._last_step = step
         self._chain = None  # the loaded tables track no changes: the next snapshot is full
+        self._dump_rows = {}
         self.restored_extra = dense.get("extra", {})
         if self.keep_dump_memory and not self.read_only:
             # The next (full) snapshot copies the restored tables into memory
             # faulted in meanwhile, not into fresh pages with training blocked.
-            self._warming = threading.Thread(target=_prepare_dumps, args=([trainer.tables[n] for n in local],),
+            self._warming = threading.Thread(target=_prepare_dumps, args=([(trainer.tables[n], None) for n in local],),
                                              name="monolith-snapshot-warm", daemon=True)
             self._warming.start()
         log.info("resumed from snapshot %d in %s", step, self.directory)

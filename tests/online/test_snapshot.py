@@ -455,3 +455,36 @@ def test_a_restore_faults_in_the_next_snapshots_memory_meanwhile(tmp_path, keep)
     assert snaps.restore(third)["step"] == second.step_count
     snaps.close()
     assert_same_state(second, third)
+
+
+def test_a_growing_tables_next_dump_memory_is_faulted_in_after_each_write(tmp_path):
+    """After a full snapshot's write, each table's memory for the next one is
+    faulted in off the training thread, sized for the rows growing as they
+    did since the snapshot before (and 1/32 more). On the shop job."""
+    from tests.jobs import shop
+
+    log = tmp_path / "log.parquet"
+    shop.make_log(str(log), n=700, part=0)
+    trainer = shop.job.make_trainer(0, log_every=0)
+    trainer.fit(shop.job.batches(str(log)))
+    (name, table), = trainer.tables.items()
+    row_bytes = 8 + 4 * table.dim * 2 + 9  # keys, values, Adagrad slots, last_update, update_count, touched
+    snaps = Snapshots(str(tmp_path / "s"), every_s=None)
+    first = len(table)
+    snaps.save(1, trainer, {})
+    snaps.wait()
+    table.lookup_host(np.arange(1, first + 1, dtype=np.uint64) * np.uint64(7919) + np.uint64(2**40))
+    second = len(table)
+    assert second == 2 * first
+    snaps.save(2, trainer, {})
+    snaps.wait()
+    # The next dump may hold 3x the first snapshot's rows (and 1/32 of the second's).
+    assert table.stats()["bytes_dump_kept"] >= (second + (second - first) + second // 32) * row_bytes
+    snaps.close()
+    restored = shop.job.make_trainer(0, log_every=0)
+    snaps = Snapshots(str(tmp_path / "s"), every_s=None, keep_dump_memory=False)
+    assert snaps.restore(restored)["step"] == 2 and len(restored.tables[name]) == second
+    snaps.save(3, restored, {})
+    snaps.wait()
+    assert restored.tables[name].stats()["bytes_dump_kept"] == 0
+    snaps.close()
