@@ -54,12 +54,44 @@ def _median(xs):
     return float(np.median(xs))
 
 
+def _trained(table, start: int, stop: int):
+    """`table` with rows start+1 .. stop created and trained once (random
+    values: no easy compression)."""
+    keys = np.arange(start + 1, stop + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    rng = np.random.default_rng(start)
+    for s in range(0, keys.size, 1 << 20):
+        k = keys[s:s + (1 << 20)]
+        table.apply_gradients_host(k, rng.normal(0, 1, (k.size, table.dim)).astype(np.float32), step=1)
+    return table
+
+
+def _growing(config, rows: int, folder: str, keep: bool) -> float:
+    """A table growing by a tenth between snapshots: the training thread's
+    time in its third snapshot (the first whose memory could be prepared
+    for the growth seen between the two before)."""
+    import monolith_jax as mj
+    from monolith_jax.snapshot import Snapshots
+
+    table = _trained(mj.EmbeddingTable(config()), 0, rows)
+    snaps = Snapshots(folder, every_s=None, keep=1, keep_dump_memory=keep)
+    for step in (1, 2, 3):
+        if step > 1:
+            _trained(table, len(table), len(table) + rows // 10)
+        t0 = time.perf_counter()
+        snaps.save(step, TableOwner(table, step_count=step), {})
+        blocked = time.perf_counter() - t0
+        snaps.wait()
+    snaps.close()
+    return blocked
+
+
 def size_time(rows_list=(10**5, 10**6, 10**7), dim: int = 16, rounds: int = 3, out=print,
               workdir: str | None = None, restart_wait_s: float = 5.0) -> list:
     """Per row count, `rounds` snapshots of the same table into one folder
     (the first copies into fresh memory, later ones into the last dump's),
     `rounds` restores into fresh tables, and as many np.save / np.load +
-    load rounds: medians, and the first snapshot's own figures. Then a
+    load rounds: medians, and the first snapshot's own figures. A growing
+    table's third snapshot (_growing), both ways below. Then a
     restarted trainer's first snapshot, `restart_wait_s` after its restore:
     with the dump's memory faulted in meanwhile (keep_dump_memory, the
     default) and without (fresh pages, as every first snapshot had)."""
@@ -73,12 +105,7 @@ def size_time(rows_list=(10**5, 10**6, 10**7), dim: int = 16, rounds: int = 3, o
     for rows in rows_list:
         folder = tempfile.mkdtemp(prefix="monolith-snap-", dir=workdir)
         try:
-            table = mj.EmbeddingTable(config())
-            keys = np.arange(1, rows + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
-            rng = np.random.default_rng(0)
-            for s in range(0, rows, 1 << 20):  # every row created and trained once: no easy compression
-                k = keys[s:s + (1 << 20)]
-                table.apply_gradients_host(k, rng.normal(0, 1, (k.size, dim)).astype(np.float32), step=1)
+            table = _trained(mj.EmbeddingTable(config()), 0, rows)
             owner = TableOwner(table, step_count=1)
             snaps = Snapshots(os.path.join(folder, "snap"), every_s=None, keep=1)
             blocking, total = [], []
@@ -141,12 +168,15 @@ def size_time(rows_list=(10**5, 10**6, 10**7), dim: int = 16, rounds: int = 3, o
                 other.load(loaded)
                 np_load.append(time.perf_counter() - t0)
                 del loaded, other
+            del table
+            grow = {keep: _growing(config, rows, os.path.join(folder, f"grow-{keep}"), keep) for keep in (True, False)}
             r = {"rows": rows, "dim": dim, "rounds": rounds, "save_blocking_s": _median(blocking),
                  "save_s": _median(total), "restore_s": _median(restore), "first_save_blocking_s": blocking[0],
                  "first_save_s": total[0], "bytes": size, "np_save_s": _median(np_save),
                  "np_load_s": _median(np_load), "np_bytes": np_size, "fsynced_write_s": _median(synced),
                  "restarted_first_save_blocking_s": restart[True],
-                 "restarted_first_save_blocking_s_fresh_pages": restart[False]}
+                 "restarted_first_save_blocking_s_fresh_pages": restart[False],
+                 "growing_third_save_blocking_s": grow[True], "growing_third_save_blocking_s_fresh_pages": grow[False]}
             results.append(r)
             out(f"  {rows:>10,} rows: snapshot {r['save_s']:6.2f} s (training thread blocked "
                 f"{r['save_blocking_s']:5.2f} s; first {total[0]:5.2f} s, {blocking[0]:4.2f} s), restore "
@@ -156,7 +186,9 @@ def size_time(rows_list=(10**5, 10**6, 10**7), dim: int = 16, rounds: int = 3, o
             out(f"  {'':>10}       restored, first snapshot {restart_wait_s:g} s later: training thread blocked "
                 f"{restart[True]:5.2f} s (dump memory faulted in meanwhile; into fresh pages: "
                 f"{restart[False]:5.2f} s)")
-            del table
+            out(f"  {'':>10}       growing by a tenth between snapshots, the third: training thread blocked "
+                f"{grow[True]:5.2f} s (memory prepared after the second's write; into fresh pages: "
+                f"{grow[False]:5.2f} s)")
         finally:
             shutil.rmtree(folder, ignore_errors=True)
     return results

@@ -16,6 +16,7 @@ def test_size_time_measures_snapshot_and_its_floor(runs, capsys):
     assert r["rows"] == 5000 and r["bytes"] > 5000 * 16 * 4 * 0.5 and r["np_bytes"] > 0
     assert r["save_s"] >= r["save_blocking_s"] > 0 and r["restore_s"] > 0
     assert r["restarted_first_save_blocking_s"] > 0 and r["restarted_first_save_blocking_s_fresh_pages"] > 0
+    assert r["growing_third_save_blocking_s"] > 0 and r["growing_third_save_blocking_s_fresh_pages"] > 0
     folder = runs.folder("snapshots", capsys.readouterr().out)
     assert set(json.loads((folder / "results.json").read_text())) == {"size"}
 
