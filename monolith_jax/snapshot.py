@@ -263,8 +263,11 @@ class Snapshots:
         keep_dump_memory: each table keeps the memory of its last full dump
         for the next one (a copy of its rows, as large as the table): the
         next dump copies into pages already faulted in, which at 10^7 rows
-        blocks training for a fraction of the time fresh pages cost. False
-        returns it after every write, for tables too large to hold twice."""
+        blocks training for a fraction of the time fresh pages cost. That
+        memory is faulted in off the training thread after a restore, and
+        after a write for a table growing past it (as much as it grew since
+        the snapshot before). False returns it after every write, for
+        tables too large to hold twice."""
         import orbax.checkpoint as ocp
 
         if isinstance(full_every, bool) or not isinstance(full_every, int) or full_every < 1:
