@@ -415,6 +415,17 @@ def test_a_snapshot_of_raw_id_keys_is_refused_not_loaded_or_set_aside(tmp_path):
         Snapshots(str(tmp_path)).restore(fresh)
 
 
+def _shop_trained(tmp_path):
+    """The shop job's trainer after one pass over a log of 700 rows."""
+    from tests.jobs import shop
+
+    log = tmp_path / "log.parquet"
+    shop.make_log(str(log), n=700, part=0)
+    trainer = shop.job.make_trainer(0, log_every=0)
+    trainer.fit(shop.job.batches(str(log)))
+    return trainer
+
+
 @pytest.mark.parametrize("keep", [True, False])
 def test_a_restore_faults_in_the_next_snapshots_memory_meanwhile(tmp_path, keep):
     """After a restore, each table's memory for the next full dump is faulted
@@ -425,17 +436,13 @@ def test_a_restore_faults_in_the_next_snapshots_memory_meanwhile(tmp_path, keep)
 
     from tests.jobs import shop
 
-    log = tmp_path / "log.parquet"
-    shop.make_log(str(log), n=700, part=0)
-    first = shop.job.make_trainer(0, log_every=0)
-    first.fit(shop.job.batches(str(log)))
-    snaps = Snapshots(str(tmp_path / "a"), every_s=None)
+    first = _shop_trained(tmp_path)
+    snaps = Snapshots(str(tmp_path / "s"), every_s=None)
     snaps.save(first.step_count, first, {})
     snaps.close()
 
-    shutil.copytree(tmp_path / "a", tmp_path / "b")
     second = shop.job.make_trainer(0, log_every=0)
-    snaps = Snapshots(str(tmp_path / "b"), every_s=None, keep_dump_memory=keep)
+    snaps = Snapshots(str(tmp_path / "s"), every_s=None, keep_dump_memory=keep)
     assert snaps.restore(second) is not None
     kept = lambda: [t.stats()["bytes_dump_kept"] for t in second.tables.values()]  # noqa: E731
     deadline = time.monotonic() + 30
@@ -451,7 +458,7 @@ def test_a_restore_faults_in_the_next_snapshots_memory_meanwhile(tmp_path, keep)
     assert snaps.save(second.step_count, second, {})
     snaps.close()
     third = shop.job.make_trainer(0, log_every=0)
-    snaps = Snapshots(str(tmp_path / "b"), every_s=None)
+    snaps = Snapshots(str(tmp_path / "s"), every_s=None)
     assert snaps.restore(third)["step"] == second.step_count
     snaps.close()
     assert_same_state(second, third)
@@ -463,10 +470,7 @@ def test_a_growing_tables_next_dump_memory_is_faulted_in_after_each_write(tmp_pa
     did since the snapshot before (and 1/32 more). On the shop job."""
     from tests.jobs import shop
 
-    log = tmp_path / "log.parquet"
-    shop.make_log(str(log), n=700, part=0)
-    trainer = shop.job.make_trainer(0, log_every=0)
-    trainer.fit(shop.job.batches(str(log)))
+    trainer = _shop_trained(tmp_path)
     (name, table), = trainer.tables.items()
     row_bytes = 8 + 4 * table.dim * 2 + 9  # keys, values, Adagrad slots, last_update, update_count, touched
     snaps = Snapshots(str(tmp_path / "s"), every_s=None)
