@@ -69,6 +69,11 @@ class EmbeddingCollection:
         return jnp.concatenate([batch.ids[f.name].words for f in feats], axis=1) if len(feats) > 1 \
             else batch.ids[feats[0].name].words
 
+    def host_words(self, batch: SparseBatch, name: str) -> np.ndarray:
+        """`_table_words` for host code: numpy, with no program dispatched."""
+        words = [np.asarray(batch.ids[f.name].words) for f in self.by_table[name]]
+        return np.concatenate(words, axis=1) if len(words) > 1 else words[0]
+
     def lookup(self, batch: SparseBatch) -> dict:
         """In a program: per table, rows (B, sum of its features' max_len, D)."""
         return {name: t.lookup(Keys(self._table_words(batch, name)))
@@ -80,8 +85,7 @@ class EmbeddingCollection:
         out = {}
         for name, t in self.tables.items():
             if self.by_table[name]:
-                words = np.asarray(self._table_words(batch, name))
-                out[name] = t.find(Keys(words).to_numpy())[0]
+                out[name] = t.find(Keys(self.host_words(batch, name)).to_numpy())[0]
         return out
 
     def split(self, table_rows: dict) -> dict:

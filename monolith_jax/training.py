@@ -359,7 +359,7 @@ class Trainer:
         with those two methods)."""
         stamp = self.step_count if stamp is None else stamp
         coll = self.collection
-        keys = {name: Keys(coll._table_words(batch, name)).to_numpy()
+        keys = {name: Keys(coll.host_words(batch, name)).to_numpy()
                 for name in coll.tables if coll.by_table[name]}
         rows = {name: coll.tables[name].lookup_host(k) for name, k in keys.items()}
         if self.data_parallel is not None:

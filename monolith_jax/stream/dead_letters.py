@@ -57,6 +57,7 @@ class DeadLetters:
         self.by_reason: dict[str, int] = {}
         self.truncated = 0      # of those, sent with a truncated value
         self.failed = 0         # dead letters that could not be produced or delivered
+        self.marks = None       # a DeliveryMarks (delivery.py): each dead letter holds a token until reported
 
     def send(self, msg, reason: str) -> bool:
         """Dead-letters a consumed message; True if its dead letter was
@@ -64,9 +65,10 @@ class DeadLetters:
         return self.send_value(msg.value(), msg.key(), reason,
                                (msg.topic() or "", msg.partition(), msg.offset()))
 
-    def send_value(self, value, key, reason: str, source=("", -1, -1)) -> bool:
+    def send_value(self, value, key, reason: str, source=("", -1, -1), token: int | None = None) -> bool:
         """Dead-letters `value` (bytes or None) with `key`; `source` is
-        (topic, partition, offset) of where it came from."""
+        (topic, partition, offset) of where it came from. `token`: one of
+        `marks`' to hold until it is reported (None: a new one)."""
         self.count += 1
         short = reason.split(":")[0]
         self.by_reason[short] = self.by_reason.get(short, 0) + 1
@@ -88,15 +90,28 @@ class DeadLetters:
             room = self.limit - len(key or b"") - _headers_size(headers)
             value = value[:max(room, 0)]
             self.truncated += 1
-        return self._produce(value, key, headers)
+        if self.marks is not None:
+            if token is None:
+                token = self.marks.open()
+            else:
+                self.marks.hold(token)
+        try:
+            sent = self._produce(value, key, headers, token)
+        except BaseException:
+            self._settle(token)
+            raise
+        if not sent:
+            self._settle(token)
+        return sent
 
-    def _produce(self, value: bytes, key, headers) -> bool:
+    def _produce(self, value: bytes, key, headers, token: int | None = None) -> bool:
         from confluent_kafka import KafkaException
 
         deadline = time.monotonic() + self.queue_wait_s
         while True:
             try:
-                self.producer.produce(self.topic, value=value, key=key, headers=headers, on_delivery=self._delivered)
+                self.producer.produce(self.topic, value=value, key=key, headers=headers,
+                                      on_delivery=lambda err, msg: self._delivered(err, msg, token))
                 return True
             except BufferError:  # the local queue is full: wait for room, a while
                 if time.monotonic() > deadline:
@@ -107,9 +122,16 @@ class DeadLetters:
                 self._failed(str(err))
                 return False
 
-    def _delivered(self, err, msg) -> None:
-        if err is not None:
-            self._failed(err.str() if hasattr(err, "str") else str(err))
+    def _settle(self, token: int | None) -> None:
+        if self.marks is not None and token is not None:
+            self.marks.settle(token)
+
+    def _delivered(self, err, msg, token: int | None = None) -> None:
+        try:
+            if err is not None:
+                self._failed(err.str() if hasattr(err, "str") else str(err))
+        finally:
+            self._settle(token)
 
     def _failed(self, why: str) -> None:
         self.failed += 1

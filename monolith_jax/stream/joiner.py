@@ -11,7 +11,12 @@ joiner processes as there are partitions.
 Delivery: an input offset is committed only once every message before it
 is fully handled (its example delivered to Kafka, or decided to be
 dropped), so a joiner that dies loses nothing: its successor re-reads from
-the oldest message still pending. Within one joiner's life each request
+the oldest message still pending. Commits wait for nothing: every 0.1 s
+the joiner takes a commit point (the offsets, and a mark of the sends made
+so far) and commits the newest earlier point whose sends are all reported
+delivered (`delivery.DeliveryMarks`); only a rebalance and the end of a run
+flush the producer first. Upstream gates (the replayer's) see the commits
+that often. Within one joiner's life each request
 emits at most one example; after a crash or a rebalance that moves a
 partition, examples of requests re-read from it may be emitted twice
 (at-least-once, as Kafka applications without transactions are); the
@@ -52,6 +57,7 @@ that cannot be delivered after retries, is dead-lettered.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import logging
 import math
@@ -63,6 +69,7 @@ import zlib
 
 from monolith_jax.stream import kafka as K
 from monolith_jax.stream.dead_letters import DeadLetters
+from monolith_jax.stream.delivery import DeliveryMarks
 from monolith_jax.stream.join_state import JoinConfig, JoinState
 from monolith_jax.stream.messages import (BATCH_OVERHEAD, EXAMPLE_OVERHEAD, MessageError, batch_entry_size,
                                          encode_example_batch, features_to_binary, labels_overhead, parse_action,
@@ -102,6 +109,7 @@ class ExampleGrouper:
         self.failed = 0           # examples that could not be delivered (dead-lettered)
         self.resent = 0           # groups sent again in halves, or retried
         self._native = None       # a NativeJoinState that groups the examples in C++ (`group_in`)
+        self.marks = None         # a DeliveryMarks: each group's sends and dead letters hold one token
 
     def group_in(self, state) -> None:
         """Lets `state` (a NativeJoinState) group the examples in C++, by the
@@ -161,33 +169,55 @@ class ExampleGrouper:
         if self._native is not None:
             self._send_groups(self._native.take_groups(-1.0))
 
-    def _send(self, partition: int, examples: list | None, attempt: int = 0, value: bytes | None = None) -> None:
+    def _send(self, partition: int, examples: list | None, attempt: int = 0, value: bytes | None = None,
+              token: int | None = None) -> None:
         """Produces `examples`, or `value` already written (a group built in
-        C++, whose examples are read back from it only if it fails)."""
+        C++, whose examples are read back from it only if it fails).
+        `token`: the group's in `marks` (None: a group sent the first time)."""
         from confluent_kafka import KafkaError, KafkaException
 
         if value is None:
             plain = len(examples) == 1 and self.group_size == 1
             value = examples[0] if plain else self._encode_batch(examples)
+        if self.marks is not None:
+            if token is None:
+                token = self.marks.open()
+            else:
+                self.marks.hold(token)
         try:
             K.produce(self.producer, self.topic, value, partition=partition,
-                      on_delivery=lambda err, msg: self._delivered(err, partition, examples, attempt, value))
+                      on_delivery=lambda err, msg: self._delivered(err, partition, examples, attempt, value, token))
             self.sent += 1
         except KafkaException as err:  # refused by the client (e.g. MSG_SIZE_TOO_LARGE)
             code = err.args[0].code() if err.args else None
-            self._failed(partition, examples, attempt, err.args[0] if err.args else err,
-                         too_large=code == KafkaError.MSG_SIZE_TOO_LARGE, value=value)
+            try:
+                self._failed(partition, examples, attempt, err.args[0] if err.args else err,
+                             too_large=code == KafkaError.MSG_SIZE_TOO_LARGE, value=value, token=token)
+            finally:
+                self._settle(token)
+        except BaseException:
+            self._settle(token)
+            raise
 
-    def _delivered(self, err, partition: int, examples: list | None, attempt: int, value: bytes) -> None:
+    def _settle(self, token: int | None) -> None:
+        if self.marks is not None and token is not None:
+            self.marks.settle(token)
+
+    def _delivered(self, err, partition: int, examples: list | None, attempt: int, value: bytes,
+                   token: int | None = None) -> None:
         if err is None:
+            self._settle(token)
             return
         from confluent_kafka import KafkaError
 
-        self._failed(partition, examples, attempt, err, too_large=err.code() == KafkaError.MSG_SIZE_TOO_LARGE,
-                     value=value)
+        try:
+            self._failed(partition, examples, attempt, err, too_large=err.code() == KafkaError.MSG_SIZE_TOO_LARGE,
+                         value=value, token=token)
+        finally:
+            self._settle(token)
 
     def _failed(self, partition: int, examples: list | None, attempt: int, err, too_large: bool,
-                value: bytes | None = None) -> None:
+                value: bytes | None = None, token: int | None = None) -> None:
         why = err.str() if hasattr(err, "str") else str(err)
         if examples is None:  # a group written in C++: its examples, byte for byte
             examples = [value] if self.group_size == 1 else split_example_batch(value)
@@ -200,26 +230,27 @@ class ExampleGrouper:
             half = len(examples) // 2
             log.warning("a group of %d examples was refused as too large (%s); sending it in halves, "
                         "groups now at most %d bytes", len(examples), why, self.limit)
-            self._send(partition, examples[:half], attempt)
-            self._send(partition, examples[half:], attempt)
+            self._send(partition, examples[:half], attempt, token=token)
+            self._send(partition, examples[half:], attempt, token=token)
             return
         if not too_large and attempt < self.retries:
             self.resent += 1
             log.warning("examples not delivered (%s); sending them again", why)
-            self._send(partition, examples, attempt + 1)
+            self._send(partition, examples, attempt + 1, token=token)
             return
         for example in examples:
             self.failed += 1
-            if self.dead is not None:
+            if self.dead is not None:  # its dead letter holds the group's token (when the marks are shared)
                 self.dead.send_value(example, None, f"example not delivered to {self.topic}: {why}",
-                                     (self.topic, partition, -1))
+                                     (self.topic, partition, -1),
+                                     token=token if self.dead.marks is self.marks else None)
             else:
                 log.error("example for %s[%d] lost: %s", self.topic, partition, why)
 
 
 class Joiner:
     def __init__(self, bootstrap: str, config: JoinConfig, topics: dict | None = None,
-                 group: str = "monolith-joiner", spill_dir: str | None = None, commit_every_s: float = 0.5,
+                 group: str = "monolith-joiner", spill_dir: str | None = None, commit_every_s: float = 0.1,
                  consumer_extra: dict | None = None, producer_extra: dict | None = None,
                  gate_group: str | None = None, max_lag: int = 40_000, group_size: int = 64, dense=(), sparse=(),
                  codec: str | None = None):
@@ -260,6 +291,11 @@ class Joiner:
                                       dead=self.dead, encode_batch=encode_batch)
         if codec == "native":  # examples grouped in C++ too: one Python object per group, not per example
             self.grouper.group_in(self.state)
+        # Commits that wait for nothing (`commit(wait=False)`): a commit point
+        # is committed once every send before it is reported delivered.
+        self.marks = self.grouper.marks = self.dead.marks = DeliveryMarks()
+        self._points: collections.deque = collections.deque()  # (mark, {tp: offset}), oldest first
+        self._committed_at: dict = {}  # what the last commit sent
         self.commit_every_s = commit_every_s
         self._next: dict = {}          # (topic, partition) -> next offset to read
         self._assigned: set = set()
@@ -280,28 +316,48 @@ class Joiner:
             self.gate.step(self.grouper.sent - sent, self.producer)
 
     # ------------------------------------------------------------ commits
-    def commit(self, only=None) -> dict:
-        """Commits, per partition, the oldest offset still needed, after
-        the examples emitted so far are delivered."""
-        from confluent_kafka import TopicPartition
-
+    def commit(self, only=None, wait: bool = True) -> dict:
+        """Commits, per partition, the oldest offset still needed once the
+        examples and dead letters produced for the messages before it are
+        delivered. `wait`: waits for them now (the producer flushed), and
+        commits; else waits for nothing: commits the newest earlier commit
+        point whose sends are all reported delivered (`DeliveryMarks`), and
+        takes a new point. Returns what it committed."""
         self.grouper.flush()
+        if not wait:
+            ready = None
+            while self._points and self.marks.settled(self._points[0][0]):
+                ready = self._points.popleft()[1]
+            if len(self._points) >= 32:  # deliveries stalled: keep the oldest points, replace the newest
+                self._points.pop()
+            self._points.append((self.marks.mark(), self._offsets(None)))
+            self._last_commit = time.monotonic()
+            return self._commit_offsets(ready) if ready else {}
         if self.producer.flush(30) > 0:
             log.error("examples not delivered within 30 s; offsets not committed")
             return {}
+        offsets = self._offsets(only)
+        for _, point in self._points:  # superseded: these partitions commit now
+            for tp in offsets:
+                point.pop(tp, None)
+        self._last_commit = time.monotonic()
+        return self._commit_offsets(offsets)
+
+    def _offsets(self, only) -> dict:
         low = self.state.low_offsets()
-        offsets = {}
-        for tp, nxt in self._next.items():
-            if only is not None and tp not in only:
-                continue
-            offsets[tp] = min(nxt, low.get(tp, nxt))
-        if offsets:
+        return {tp: min(nxt, low.get(tp, nxt)) for tp, nxt in self._next.items() if only is None or tp in only}
+
+    def _commit_offsets(self, offsets: dict) -> dict:
+        from confluent_kafka import TopicPartition
+
+        offsets = {tp: o for tp, o in offsets.items() if tp in self._next}  # still this joiner's partitions
+        if offsets and any(self._committed_at.get(tp) != o for tp, o in offsets.items()):
             try:
                 self.consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()],
                                      asynchronous=False)
+                self._committed_at.update(offsets)
             except Exception as err:  # a rebalance in progress: the next commit covers it
                 log.warning("commit failed: %s", err)
-        self._last_commit = time.monotonic()
         return offsets
 
     def _on_assign(self, consumer, partitions) -> None:
@@ -315,6 +371,9 @@ class Joiner:
         dropped = self.state.drop_partitions(tps)
         for tp in tps:
             self._next.pop(tp, None)
+            self._committed_at.pop(tp, None)
+            for _, point in self._points:
+                point.pop(tp, None)
         self._assigned -= tps
         if dropped:
             log.info("rebalance: %d waiting requests of revoked partitions left to their new owner", dropped)
@@ -407,7 +466,7 @@ class Joiner:
                 self._stepping(self.grouper.poll)
                 self.producer.poll(0)
                 if now - self._last_commit > self.commit_every_s:
-                    self.commit()
+                    self.commit(wait=False)
                 if report_every_s and now - last_report > report_every_s:
                     last_report = now
                     out("joiner " + json.dumps(self.stats()), flush=True)

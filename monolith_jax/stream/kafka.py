@@ -268,11 +268,15 @@ class LagGate:
         self._since = 0
         t0 = time.monotonic()
         while not (stop is not None and stop.is_set()):
+            # What the producer still holds (queued, in flight) counts as
+            # lag: it will be in the topic before the consumers read it.
+            held = 0
             if producer is not None:
-                producer.flush(10)
-            if self.lag() <= self.max_lag:
+                producer.poll(0)
+                held = len(producer)
+            if self.lag() + held <= self.max_lag:
                 break
-            time.sleep(0.05)
+            time.sleep(0.01)
         self.waited_s += time.monotonic() - t0
 
     def close(self) -> None:
