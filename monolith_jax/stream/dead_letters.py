@@ -90,11 +90,7 @@ class DeadLetters:
             room = self.limit - len(key or b"") - _headers_size(headers)
             value = value[:max(room, 0)]
             self.truncated += 1
-        if self.marks is not None:
-            if token is None:
-                token = self.marks.open()
-            else:
-                self.marks.hold(token)
+        token = self.marks.take(token) if self.marks is not None else None
         try:
             sent = self._produce(value, key, headers, token)
         except BaseException:

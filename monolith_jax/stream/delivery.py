@@ -29,6 +29,14 @@ class DeliveryMarks:
         self._holds[token] = 1
         return token
 
+    def take(self, token: int | None) -> int:
+        """The token a produce call holds: a new one (`token` None), or
+        `token` held once more (a retry, a half, a dead letter of its sends)."""
+        if token is None:
+            return self.open()
+        self.hold(token)
+        return token
+
     def hold(self, token: int) -> None:
         """One more produce call in flight under `token` (still open)."""
         self._holds[token] += 1

@@ -180,10 +180,7 @@ class ExampleGrouper:
             plain = len(examples) == 1 and self.group_size == 1
             value = examples[0] if plain else self._encode_batch(examples)
         if self.marks is not None:
-            if token is None:
-                token = self.marks.open()
-            else:
-                self.marks.hold(token)
+            token = self.marks.take(token)
         try:
             K.produce(self.producer, self.topic, value, partition=partition,
                       on_delivery=lambda err, msg: self._delivered(err, partition, examples, attempt, value, token))
