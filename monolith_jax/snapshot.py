@@ -179,6 +179,7 @@ def trainer_arrays(trainer, kind: str = "all", reuse_buffers: bool = True) -> tu
     (see `Snapshots(keep_dump_memory=)`)."""
     import jax
 
+    trainer.settle()  # the in-jit steps dispatched so far, their table updates included
     params = jax.tree_util.tree_flatten_with_path(trainer.params)[0]
     opt = jax.tree.leaves(trainer.opt_state)
     dense = {"params": {str(i): np.asarray(jax.device_get(v)) for i, (_, v) in enumerate(params)},

@@ -285,6 +285,7 @@ class Trainer:
         self._dense = jax.jit(self._dense_step, donate_argnums=donated)
         self._dense_packed = jax.jit(self._dense_packed_step, static_argnums=(4,), donate_argnums=donated)
         self._logits = jax.jit(self._forward)
+        self._in_flight = None  # the last in-jit step's table-update tokens, until `settle`
 
     @property
     def tables(self):
@@ -324,7 +325,13 @@ class Trainer:
         updates, opt_state = self.tx.update(g_params, opt_state, params)
         params = optax.apply_updates(params, updates)
         tokens = self.collection.apply(batch, g_rows, step)
-        return params, opt_state, loss, logits, tokens
+        return params, opt_state, loss, self._scores(logits), tokens
+
+    def _scores(self, logits):
+        """What `predict` returns, from logits: probabilities (values of value heads)."""
+        if self.heads is not None:
+            return _heads.scores(logits, self.heads)
+        return jax.nn.sigmoid(logits)
 
     def _dense_step(self, params, opt_state, rows, batch: SparseBatch):
         """The host-tables step's program: rows in, the dense update and the
@@ -384,18 +391,29 @@ class Trainer:
         return _placement.choose(self.placement, _placement.dense_platform(), local,
                                  self.data_parallel is not None or self.mesh_dense is not None)
 
-    def train_step(self, batch: SparseBatch, stamp: int | None = None) -> float:
+    def train_step(self, batch: SparseBatch, stamp: int | None = None, scores: bool = False):
         """One step; returns the batch's mean loss (before the update).
         stamp: the rows' `last_update` (event time in seconds for online
         training, so that expiry works in event time); default the step.
-        The in-jit step or the host-tables one, as `step_placement()` says."""
+        The in-jit step or the host-tables one, as `step_placement()` says.
+        scores: returns (loss, scores) instead: the batch scored by the model
+        before this update, as `predict` returns them (prequential scores).
+        The in-jit step gives its own forward pass's, at no extra cost: the
+        rows as the step reads them, so a row the step creates scores with
+        its initial values where `predict` reads zeros. They are the step's
+        own outputs, not waited for (`np.asarray` them; a dict by head name
+        for a job with heads). The host-tables step scores with `predict`
+        first."""
         if self.step_placement() == "host":
-            return self.train_step_host(batch, stamp)
+            before = self.predict(batch) if scores else None
+            loss = self.train_step_host(batch, stamp)
+            return (loss, before) if scores else loss
         stamp = self.step_count if stamp is None else stamp
-        self.params, self.opt_state, loss, _, _ = self._train(self.params, self.opt_state, batch, stamp)
+        self.params, self.opt_state, loss, probs, self._in_flight = self._train(self.params, self.opt_state,
+                                                                                batch, stamp)
         self.step_count += 1
         self.examples += int(np.sum(batch.weights))
-        return loss
+        return (loss, probs) if scores else loss
 
     def fit(self, batches: Batches, epochs: int = 1, validation: Batches | None = None,
             max_steps: int | None = None) -> dict:
@@ -550,15 +568,25 @@ class Trainer:
                      f"calibration {v['calibration']:.3f}  ({v['examples']:,} examples)")
         return text
 
+    def settle(self) -> None:
+        """Waits for the in-jit steps dispatched so far, their table updates
+        included: JAX runs a step asynchronously, and a host read of the
+        tables (`predict`, `state_dict`) must not see rows the step is still
+        updating. The host-tables step applies before it returns."""
+        if self._in_flight is not None:
+            jax.block_until_ready((self._in_flight, self.params))
+            self._in_flight = None
+
     def predict(self, batch: SparseBatch):
         """Probabilities, from rows read without creating any; for a job with
         heads, a dict by head name (probabilities of binary heads, values
         of value heads)."""
+        self.settle()
         rows = self.collection.find_host(batch)
-        out = self._logits(self.params, rows, batch)
+        out = self._scores(self._logits(self.params, rows, batch))
         if self.heads is not None:
-            return {k: np.asarray(v) for k, v in _heads.scores(out, self.heads).items()}
-        return np.asarray(jax.nn.sigmoid(out))
+            return {k: np.asarray(v) for k, v in out.items()}
+        return np.asarray(out)
 
     def evaluate(self, batches: Iterable[SparseBatch]) -> dict:
         """AUC, log loss and calibration over the real (weight > 0) rows,
@@ -617,6 +645,7 @@ class Trainer:
         same way, to it exactly. tables=False leaves the tables out (the
         dense part only, e.g. for a serving copy that takes rows
         elsewhere). Nothing here is pickled: arrays, dicts and ints."""
+        self.settle()
         state = {"params": _flat_copy(self.params), "opt_state": _flat_copy(self.opt_state),
                  "step_count": int(self.step_count), "examples": int(self.examples)}
         if tables:

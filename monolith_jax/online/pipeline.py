@@ -61,7 +61,7 @@ def run_pipeline(job, messages, bootstrap: str | None = None, batch_size: int | 
                  negative_rate: float | None = None, window_s: float | None = None, speed: float = 0.0,
                  seed: int = 0, metrics_path: str | None = None, out=print, report_every_s: float = 5.0,
                  topics: dict | None = None, trainer=None, on_batch=None, emit_positives: str = "at_window_end",
-                 describe: str | None = None) -> dict:
+                 describe: str | None = None, prequential: bool = True) -> dict:
     """Replays `messages` (an object with `messages()`, or an iterable of
     (kind, request id, value, event ms)) through Kafka, the joiner and an
     online trainer of `job`; returns the trainer's summary with the
@@ -97,7 +97,7 @@ def run_pipeline(job, messages, bootstrap: str | None = None, batch_size: int | 
         replayer.start()
         trainer = trainer or job.make_trainer(seed, metrics_path=metrics_path, out=out, log_every=0)
         online = OnlineTrainer(trainer, bootstrap, topics, group + "-trainer",
-                               batch_size=batch_size or job.batch_size, out=out)
+                               batch_size=batch_size or job.batch_size, out=out, prequential=prequential)
         online.on_batch = on_batch
         try:
             summary = online.run(idle_timeout_s=3.0, report_every_s=report_every_s,

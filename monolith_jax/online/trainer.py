@@ -5,9 +5,12 @@
 It consumes the examples topic in a consumer group (several trainer
 processes share the partitions), forms a batch when `batch_size` examples
 have arrived or `max_wait_s` has passed since the first, and trains on it.
-With `prequential=True` every batch is first scored by the current model
-(read-only table lookups, no rows created), then trained on: the running
-AUC is the AUC of predictions made before the model saw those examples.
+With `prequential=True` every batch is scored by the model before its
+update: the running AUC is the AUC of predictions made before the model saw
+those examples. The in-jit step (on the CPU) scores in its own forward pass,
+at no extra cost, with the rows as the step reads them (a row it creates
+scores at its initial values); the host-tables step scores first with
+`Trainer.predict` (read-only lookups, zeros for ids without a row).
 
 A partial batch is padded only to the next power of two (`shrink`), so
 that low traffic with a short `max_wait_s` (freshness) does not pay for
@@ -116,6 +119,7 @@ class OnlineTrainer:
         # defined; `log` is then the first binary head's (the summary's AUC).
         self.head_logs = HeadLogs(self.heads, auc_window) if self.heads is not None else None
         self.log = self.head_logs.main if self.head_logs is not None else PrequentialLog(auc_window)
+        self._unlogged = None  # the in-jit step's last scores, logged once the next step is on its way
         self.out = out
         self.examples = 0
         self.batches = 0
@@ -281,7 +285,7 @@ class OnlineTrainer:
             else:
                 out = t._train(t.params, t.opt_state, batch, 0)
             jax.block_until_ready(out[:3])
-            if self.prequential:
+            if self.prequential and self.host_step:  # the in-jit step scores in its own program
                 t.predict(batch)
         return time.perf_counter() - t0
 
@@ -369,11 +373,7 @@ class OnlineTrainer:
             done = [TopicPartition(topic, int(p), int(offs[parts == p].max()) + 1) for p in np.unique(parts)]
         if rows:
             def score(batch):
-                scores = self.trainer.predict(batch)
-                if self.head_logs is not None:
-                    self.head_logs.add(batch, scores, rows, info["event_time_ms"])
-                else:
-                    self.log.add(np.asarray(batch.labels)[:rows], scores[:rows], info["event_time_ms"])
+                self._log_scores(batch, self.trainer.predict(batch), rows, info["event_time_ms"])
 
             self.max_event_ms = max(self.max_event_ms, int(info["event_time_ms"].max()))
             self._note_negative_rates(batch, info, rows)
@@ -382,12 +382,17 @@ class OnlineTrainer:
                     applied = self.pipeline.submit(batch, stamp=self._stamp(), tag=(info, done),
                                                    before=score if self.prequential else None)
                 self._trained(applied)
-            else:
+            elif self.host_step:
                 if self.prequential:
                     score(batch)
-                step = self.trainer.train_step_host if self.host_step else self.trainer.train_step
                 with self._params_lock:
-                    step(batch, stamp=self._stamp())
+                    self.trainer.train_step_host(batch, stamp=self._stamp())
+            else:  # the in-jit step scores the batch in its own forward pass, before its update
+                with self._params_lock:
+                    out = self.trainer.train_step(batch, stamp=self._stamp(), scores=self.prequential)
+                if self.prequential:  # logged once the next step is on its way: this one is not waited for
+                    self._log_scores()
+                    self._unlogged = (batch, out[1], rows, info["event_time_ms"])
             if self.dense_exchange is not None:
                 self.dense_exchange.after_step(self.trainer)
             self.examples += rows
@@ -403,11 +408,24 @@ class OnlineTrainer:
             self._snapshot()
         return rows
 
+    def _log_scores(self, batch=None, scores=None, rows: int = 0, event_ms=None) -> None:
+        """Logs a batch's prequential scores; with no batch, the in-jit
+        step's scores not yet logged, if any (waiting for that step)."""
+        if batch is None:
+            if self._unlogged is None:
+                return
+            (batch, scores, rows, event_ms), self._unlogged = self._unlogged, None
+        if self.head_logs is not None:
+            self.head_logs.add(batch, scores, rows, event_ms)
+        else:
+            self.log.add(np.asarray(batch.labels)[:rows], np.asarray(scores)[:rows], event_ms)
+
     def _trained(self, steps) -> None:
         """Batches whose update is applied ((batch, (info, offsets)), or `Done`s): on_batch, then offsets."""
         for step in steps:
             batch, (info, done) = (step.batch, step.tag) if not isinstance(step, tuple) else step
             if self.on_batch is not None:
+                self._log_scores()  # the hook sees every batch before it logged
                 self.on_batch(self, batch, info)
             self._mark_trained(done)
 
@@ -620,6 +638,8 @@ class OnlineTrainer:
 
                 jax.block_until_ready(self.trainer.params)  # the rate counts finished steps only
                 self._t_last = time.monotonic()
+            if not failed:
+                self._log_scores()
             if not failed:    # a clean stop: the last step's apply, which a ShardedTable keeps for a next lookup
                 for t in self.remote.values():
                     if hasattr(t, "flush"):
@@ -684,10 +704,12 @@ class OnlineTrainer:
         return bool(going) or rows_max > 0
 
     def _stream_auc(self) -> float:
+        self._log_scores()
         y, s, _ = self.log.arrays()
         return auc(y, s) if y.size else float("nan")
 
     def _report(self, rate: float) -> None:
+        self._log_scores()
         record = {"examples": self.examples, "examples_per_s": round(rate, 1),
                   "running_auc": round(self.log.running_auc(), 4), "dead_letters": self.dead.count,
                   "duplicates": self.duplicates}

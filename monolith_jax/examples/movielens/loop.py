@@ -45,7 +45,7 @@ def joiner_command(bootstrap: str, window_s: float, negative_rate: float, group:
 def run_loop(limit: int | None = None, bootstrap: str | None = None, impressions: float = 1.0,
              negative_rate: float = 0.5, window_s: float = 60.0, batch_size: int = 1024, speed: float = 0.0,
              seed: int = 0, metrics_path: str | None = None, out=print, ratings=None, report_every_s=5.0,
-             topics: dict | None = None, trainer=None, on_batch=None) -> dict:
+             topics: dict | None = None, trainer=None, on_batch=None, prequential: bool = True) -> dict:
     """The pipeline over MovieLens-1M (or the `ratings` given)."""
     from monolith_jax.examples.movielens.data import load_movielens_1m
     from monolith_jax.online.pipeline import run_pipeline
@@ -53,7 +53,7 @@ def run_loop(limit: int | None = None, bootstrap: str | None = None, impressions
     ratings = load_movielens_1m() if ratings is None else ratings
     stream = R.MovieLensStream(ratings, impressions, seed=seed, limit=limit)
     return run_pipeline(J.job, stream, bootstrap, batch_size, negative_rate, window_s, speed, seed, metrics_path,
-                        out, report_every_s, topics, trainer, on_batch,
+                        out, report_every_s, topics, trainer, on_batch, prequential=prequential,
                         describe=f"replaying {stream.n_ratings:,} ratings and {stream.n_impressions:,} unrated "
                                  f"impressions ({len(stream):,} messages)")
 
