@@ -62,6 +62,11 @@ def main(argv=None):
               f"{j['dead_letters']} dead letters")
         print(f"trained {s['examples']:,} examples at {s['examples_per_s']:,.0f} ex/s end to end; "
               f"wall {s['wall_s']:.0f} s")
+        if "throughput" in results:  # the trainer's own rate from Kafka, measured above in this run
+            own = results["throughput"]["median"]["kafka"]
+            s["of_trainer_rate"] = s["examples_per_s"] / own
+            print(f"end to end / the trainer's own rate from Kafka ({own:,.0f} ex/s, above): "
+                  f"{s['of_trainer_rate']:.2f} (target >= 0.5)")
         print("AUC by tenth of the stream:")
         print("  online  " + " ".join(f"{a:.3f}" for a in s["online_segments"]))
         print("  frozen  " + " ".join("  -  " if a != a else f"{a:.3f}" for a in s["frozen_segments"]))

@@ -25,7 +25,8 @@ from monolith_jax.stream import kafka as K
 def joiner_command(bootstrap: str, group: str, labels, topics: dict | None = None, window_s: float | None = None,
                    negative_rate: float | None = None, idle_flush_s: float = 3.0, gate_group: str | None = None,
                    emit_positives: str = "at_window_end", exit_when_idle: bool = True,
-                   lateness_s: float = 1.0, job_spec: str | None = None) -> list:
+                   lateness_s: float = 1.0, job_spec: str | None = None,
+                   upstream_ends_with_stdin: bool = False) -> list:
     """The `monolith join` process for a job's `LabelRule` (flags override
     it); with `job_spec` (MODULE:NAME) the joiner also reads the job's dense
     features (a declared fill lets a missing value through). Rules by head
@@ -48,6 +49,8 @@ def joiner_command(bootstrap: str, group: str, labels, topics: dict | None = Non
            "--emit-positives", emit_positives]
     if exit_when_idle:
         cmd.append("--exit-when-idle")
+    if upstream_ends_with_stdin:  # the launcher closes the joiner's stdin once the replay is all in Kafka
+        cmd.append("--upstream-ends-with-stdin")
     if job_spec:
         cmd += ["--job", job_spec]
     if gate_group:
@@ -84,16 +87,22 @@ def run_pipeline(job, messages, bootstrap: str | None = None, batch_size: int | 
         group = f"monolith-{os.getpid()}-{int(time.time())}"
         joiner = subprocess.Popen(joiner_command(bootstrap, group + "-joiner", job.labels, topics, window_s,
                                                  negative_rate, gate_group=group + "-trainer",
-                                                 emit_positives=emit_positives),
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                                                 emit_positives=emit_positives, upstream_ends_with_stdin=True),
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         joiner_lines: list = []
         reader = threading.Thread(target=lambda: joiner_lines.extend(joiner.stdout), daemon=True)
         reader.start()
         stop = threading.Event()
         replayed: dict = {}
-        replayer = threading.Thread(target=lambda: replayed.update(
-            replay(bootstrap, messages, topics, speed, report_every_s=0, stop=stop, gate_group=group + "-joiner")),
-            daemon=True)
+
+        def replaying():
+            try:
+                replayed.update(replay(bootstrap, messages, topics, speed, report_every_s=0, stop=stop,
+                                       gate_group=group + "-joiner"))
+            finally:  # every message is in Kafka (replay flushes): the joiner decides the rest once it has read them
+                joiner.stdin.close()
+
+        replayer = threading.Thread(target=replaying, daemon=True)
         replayer.start()
         trainer = trainer or job.make_trainer(seed, metrics_path=metrics_path, out=out, log_every=0)
         online = OnlineTrainer(trainer, bootstrap, topics, group + "-trainer",

@@ -432,14 +432,18 @@ class Joiner:
 
     def run(self, idle_flush_s: float | None = None, exit_when_idle: bool = False,
             max_seconds: float | None = None, stop: threading.Event | None = None,
-            report_every_s: float = 10.0, out=print) -> dict:
+            report_every_s: float = 10.0, out=print, upstream_done: threading.Event | None = None) -> dict:
         """Joins until `stop` is set or `max_seconds` pass. With
         `idle_flush_s`, a stream silent that long is taken to have ended:
         every waiting request is decided (and with `exit_when_idle` the
-        joiner then returns)."""
+        joiner then returns). `upstream_done`, once set, says the stream
+        has ended (every message of it is in Kafka): the same happens as
+        soon as every assigned partition is read to its end, without
+        waiting out `idle_flush_s`."""
         self.consumer.subscribe([self.topics["features"], self.topics["actions"]],
                                 on_assign=self._on_assign, on_revoke=self._on_revoke)
         t0 = last_msg = last_report = time.monotonic()
+        last_check = 0.0
         try:
             while not (stop is not None and stop.is_set()):
                 now = time.monotonic()
@@ -452,6 +456,14 @@ class Joiner:
                     last_msg = now
                     self.state.advance()
                     self._stepping(self.grouper.drain)
+                elif upstream_done is not None and upstream_done.is_set() and now - last_check > 0.05:
+                    last_check = now
+                    if self._read_to_end():
+                        self.state.flush()
+                        self.commit()
+                        if exit_when_idle:
+                            break
+                        upstream_done = None  # decided: from here on only idle_flush_s applies
                 elif idle_flush_s is not None and now - last_msg > idle_flush_s and self.state.waiting:
                     self.state.flush()
                     self.commit()
@@ -472,6 +484,19 @@ class Joiner:
             self.consumer.close()
         return self.stats()
 
+    def _read_to_end(self) -> bool:
+        """Whether every partition assigned here has been consumed up to its
+        high watermark as the cluster reports it now (a partition never
+        written counts as read)."""
+        parts = self.consumer.assignment()
+        if not parts:
+            return False
+        for tp in self.consumer.position(parts):
+            low, high = self.consumer.get_watermark_offsets(tp, timeout=5)
+            if high > low and tp.offset < high:  # a negative offset: nothing consumed yet
+                return False
+        return True
+
     def stats(self) -> dict:
         return {**self.state.counts, "waiting": self.state.waiting, "in_memory": self.state.in_memory,
                 "dead_letters": self.dead.count, "dead_letter_reasons": dict(self.dead.by_reason),
@@ -484,6 +509,21 @@ class Joiner:
         self.state.close()
         if self.gate is not None:
             self.gate.close()
+
+
+def _stdin_closed() -> threading.Event:
+    """An event set once stdin reaches its end (what is read is dropped)."""
+    done = threading.Event()
+
+    def watch():
+        try:
+            while sys.stdin.buffer.read(4096):
+                pass
+        finally:
+            done.set()
+
+    threading.Thread(target=watch, name="stdin-end", daemon=True).start()
+    return done
 
 
 def quiet_gc() -> None:
@@ -625,6 +665,10 @@ def main(argv=None) -> int:
     p.add_argument("--idle-flush", type=float, default=None,
                    help="seconds of silence after which the stream is taken to have ended")
     p.add_argument("--exit-when-idle", action="store_true", help="exit once the stream has ended and is flushed")
+    p.add_argument("--upstream-ends-with-stdin", action="store_true",
+                   help="the stream has ended once stdin closes (a launcher that replays a stream closes it once "
+                        "the replay's last message is in Kafka): decide every waiting request as soon as every "
+                        "assigned partition is read to its end, without waiting out --idle-flush")
     p.add_argument("--max-seconds", type=float, default=None, help="stop after this long")
     p.add_argument("--report-every", type=float, default=10.0, help="seconds between progress lines (0: none)")
     p.add_argument("--gate-group", default=None, help="consumer group (the trainers') not to outrun")
@@ -655,7 +699,8 @@ def main(argv=None) -> int:
                     dense=job.dense if job is not None else (), sparse=job.sparse if job is not None else (),
                     codec=codec)
     try:
-        stats = joiner.run(args.idle_flush, args.exit_when_idle, args.max_seconds, stop, args.report_every)
+        stats = joiner.run(args.idle_flush, args.exit_when_idle, args.max_seconds, stop, args.report_every,
+                           upstream_done=_stdin_closed() if args.upstream_ends_with_stdin else None)
     finally:
         joiner.close()
     warn_if_unlabelled(stats, config)

@@ -15,6 +15,7 @@ import os
 import resource
 import shutil
 import threading
+import time
 import tracemalloc  # noqa: F401  (imported now: pytest's hooks import it, which EMFILE would refuse)
 
 import jax
@@ -226,7 +227,20 @@ def test_a_newer_format_is_skipped_and_left_in_place(tmp_path, caplog):
 
 def _fill_fds():
     """Opens /dev/null until every descriptor number up to the highest one
-    in use is taken; returns them (to close) and the next free number."""
+    in use is taken; returns them (to close) and the next free number.
+    First waits (at most 5 s) for the descriptors in use to hold still:
+    clients an earlier test left to be collected (a Kafka client's
+    sockets) close theirs from their own threads, and a number freed after
+    the fill would let the read this test starves through."""
+    gc.collect()
+    seen, still_since, t0 = None, time.monotonic(), time.monotonic()
+    while time.monotonic() - t0 < 5.0:
+        now = set(os.listdir("/proc/self/fd"))
+        if now != seen:
+            seen, still_since = now, time.monotonic()
+        elif time.monotonic() - still_since > 0.3:
+            break
+        time.sleep(0.02)
     top = max(int(x) for x in os.listdir("/proc/self/fd"))
     fds = []
     try:

@@ -180,3 +180,47 @@ def test_a_group_the_broker_refuses_is_sent_in_halves_and_a_lone_example_dead_le
     assert grouper.failed == 1 and grouper.resent > 0 and grouper.limit <= 50_000
     assert len(dead) == 1 and b"not delivered" in dead[0][1]["reason"]
     assert pb.Example.FromString(dead[0][0]).features.request_id == "r7"
+
+
+@pytest.mark.parametrize("codec", ["native", "python"])
+def test_an_upstream_that_has_ended_is_decided_once_read_to_its_end(codec):
+    """With `upstream_done` set after the last message is in Kafka, the
+    joiner decides every waiting request as soon as it has read every
+    partition to its end, not after `idle_flush_s` (here far longer than
+    `max_seconds`, so only the end of the upstream can decide them); a
+    pause of the upstream before that decides nothing."""
+    import threading
+    import time
+
+    n = 300
+    done = threading.Event()
+    with K.EmbeddedKafka() as kafka:
+        bs = kafka.bootstrap
+        K.ensure_topics(bs, {t: K.EMBEDDED_PARTITIONS for t in K.TOPICS.values()})
+        prod = producer(bs)
+
+        def upstream():
+            for i in range(n):
+                if i == n // 2:
+                    prod.flush(30)
+                    time.sleep(1.0)  # a pause: requests stay waiting (no idle flush in 1,000 s)
+                rid = f"q{i}"
+                prod.produce("features", encode_features(rid, T0 + i * 10, {"user": [i % 7], "item": [i]}), rid)
+                if i % 4 == 0:
+                    prod.produce("actions", encode_action(rid, T0 + i * 10 + 5, "click"), rid)
+            assert prod.flush(30) == 0
+            done.set()
+
+        feeder = threading.Thread(target=upstream)
+        feeder.start()
+        joiner = Joiner(bs, JoinConfig(window_s=3600, lateness_s=1), group="ended-joiner", codec=codec)
+        try:
+            stats = joiner.run(idle_flush_s=1000.0, exit_when_idle=True, max_seconds=60, report_every_s=0,
+                               upstream_done=done)
+        finally:
+            joiner.close()
+            feeder.join()
+        rids, _ = examples_out(bs)
+    assert sorted(rids) == sorted(f"q{i}" for i in range(n))
+    assert stats["positives"] == len(range(0, n, 4)) and stats["negatives"] == n - len(range(0, n, 4))
+    assert stats["waiting"] == 0 and stats["dead_letters"] == 0
