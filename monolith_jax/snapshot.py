@@ -179,7 +179,8 @@ def trainer_arrays(trainer, kind: str = "all", reuse_buffers: bool = True) -> tu
     (see `Snapshots(keep_dump_memory=)`)."""
     import jax
 
-    trainer.settle()  # the in-jit steps dispatched so far, their table updates included
+    if hasattr(trainer, "settle"):  # a Trainer: the in-jit steps dispatched so far, their table updates included
+        trainer.settle()
     params = jax.tree_util.tree_flatten_with_path(trainer.params)[0]
     opt = jax.tree.leaves(trainer.opt_state)
     dense = {"params": {str(i): np.asarray(jax.device_get(v)) for i, (_, v) in enumerate(params)},
