@@ -40,7 +40,9 @@ class TableOwner:
 
     state_dict = _T.state_dict
     load_state_dict = _T.load_state_dict
+    settle = _T.settle
     _metrics = None
+    _in_flight = None  # no step of its own runs
 
     def __init__(self, table, step_count: int = 0):
         self.params, self.opt_state = {"w": np.zeros(4, np.float32)}, ()
