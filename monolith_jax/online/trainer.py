@@ -638,9 +638,8 @@ class OnlineTrainer:
 
                 jax.block_until_ready(self.trainer.params)  # the rate counts finished steps only
                 self._t_last = time.monotonic()
-            if not failed:
+            if not failed:    # a clean stop: the last step's scores; its apply, which a ShardedTable keeps for a next lookup
                 self._log_scores()
-            if not failed:    # a clean stop: the last step's apply, which a ShardedTable keeps for a next lookup
                 for t in self.remote.values():
                     if hasattr(t, "flush"):
                         t.flush()
