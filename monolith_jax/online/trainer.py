@@ -638,7 +638,7 @@ class OnlineTrainer:
 
                 jax.block_until_ready(self.trainer.params)  # the rate counts finished steps only
                 self._t_last = time.monotonic()
-            if not failed:    # a clean stop: the last step's scores; its apply, which a ShardedTable keeps for a next lookup
+            if not failed:  # a clean stop: the last scores; the last apply, which a ShardedTable holds back
                 self._log_scores()
                 for t in self.remote.values():
                     if hasattr(t, "flush"):
