@@ -85,7 +85,7 @@ class JoinCore {
   // A consumed batch: each message read and joined here, or handed to
   // slow(msg) in order (JSON, unusable, too large at `limit`, Kafka events).
   // nexts[(topic, partition)] = offset + 1 of each message.
-  void Process(nb::list msgs, int64_t limit, nb::dict nexts, double now_ms, nb::object slow);
+  nb::list Process(nb::list msgs, int64_t limit, nb::dict nexts, nb::dict expect, double now_ms, nb::object slow);
 
   // From now on examples are grouped here (ExampleGroups) instead of
   // passed to emit one by one; TakeGroups hands the groups over as

@@ -20,7 +20,8 @@ namespace {
 constexpr size_t kExampleOverhead = 32;  // messages.EXAMPLE_OVERHEAD
 }  // namespace
 
-void JoinCore::Process(nb::list msgs, int64_t limit, nb::dict nexts, double now_ms, nb::object slow) {
+nb::list JoinCore::Process(nb::list msgs, int64_t limit, nb::dict nexts, nb::dict expect, double now_ms,
+                           nb::object slow) {
   static const char* kNames[] = {"error", "topic", "partition", "offset", "value"};
   static std::vector<nb::object>* attrs = [] {
     auto* v = new std::vector<nb::object>();  // for the process's life: never torn down after the interpreter
@@ -37,7 +38,10 @@ void JoinCore::Process(nb::list msgs, int64_t limit, nb::dict nexts, double now_
   };
   const size_t n = nb::len(msgs);
   // The batch's partitions: a few, looked up by the topic's text (no
-  // Python object built per message); their next offsets go to `nexts` at the end.
+  // Python object built per message); their next offsets go to `nexts` and
+  // `expect` at the end. A message further on than `expect` says (the offset
+  // after the last one read, or where reading started) is a gap:
+  // (key, expected, offset) in the list returned (offset_gaps.py says what it was).
   struct Part {
     std::string topic;
     int64_t partition;
@@ -47,16 +51,21 @@ void JoinCore::Process(nb::list msgs, int64_t limit, nb::dict nexts, double now_
     nb::object key;
   };
   std::vector<Part> parts;
+  nb::list gaps;
   struct Flush {  // writes nexts even when a callback raises
     std::vector<Part>& parts;
     nb::dict& nexts;
+    nb::dict& expect;
     ~Flush() {
       try {
-        for (Part& p : parts) nexts[p.key] = p.next;
+        for (Part& p : parts) {
+          nexts[p.key] = p.next;
+          expect[p.key] = p.next;
+        }
       } catch (...) {  // only while another error unwinds; that one is reported
       }
     }
-  } flush{parts, nexts};
+  } flush{parts, nexts, expect};
   for (size_t i = 0; i < n; ++i) {
     nb::object msg = msgs[i];
     if (!call(msg, 0).is_none()) {
@@ -81,10 +90,18 @@ void JoinCore::Process(nb::list msgs, int64_t limit, nb::dict nexts, double now_
         break;
       }
     if (part == nullptr) {
-      parts.push_back(Part{std::string(tview), partition, Tp(topic, partition), tview == features_topic_, 0,
-                           nb::make_tuple(topic, partition)});
+      nb::object key = nb::make_tuple(topic, partition);
+      int64_t start = -1;
+      if (PyObject* e = PyDict_GetItemWithError(expect.ptr(), key.ptr())) {
+        start = nb::cast<int64_t>(nb::handle(e));
+      } else if (PyErr_Occurred()) {
+        throw nb::python_error();
+      }
+      parts.push_back(Part{std::string(tview), partition, Tp(topic, partition), tview == features_topic_, start,
+                           std::move(key)});
       part = &parts.back();
     }
+    if (part->next >= 0 && offset > part->next) gaps.append(nb::make_tuple(part->key, part->next, offset));
     part->next = offset + 1;
     const int32_t last_tp = part->tp;
     const bool last_features = part->features;
@@ -117,6 +134,7 @@ void JoinCore::Process(nb::list msgs, int64_t limit, nb::dict nexts, double now_
     }
     slow(msg);  // the reference reads it (and calls AddFeatures / AddAction) or dead-letters it
   }
+  return gaps;
 }
 
 void BindJoin(nb::module_& m) {
@@ -171,7 +189,7 @@ void BindJoin(nb::module_& m) {
            "ref"_a.none(), "now_ms"_a)
       .def("add_action", &JoinCore::AddAction, "rid"_a, "event_ms"_a, "kind"_a, "value"_a, "origin"_a.none(),
            "ref"_a.none(), "now_ms"_a)
-      .def("process", &JoinCore::Process, "msgs"_a, "limit"_a, "nexts"_a, "now_ms"_a, "slow"_a)
+      .def("process", &JoinCore::Process, "msgs"_a, "limit"_a, "nexts"_a, "expect"_a, "now_ms"_a, "slow"_a)
       .def("group_examples", &JoinCore::GroupExamples, "partitions"_a, "group_size"_a, "limit"_a)
       .def("take_groups", &JoinCore::TakeGroups, "older_than_s"_a)
       .def("set_group_limit", &JoinCore::SetGroupLimit, "limit"_a)

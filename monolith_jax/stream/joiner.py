@@ -71,6 +71,7 @@ from monolith_jax.stream import kafka as K
 from monolith_jax.stream.dead_letters import DeadLetters
 from monolith_jax.stream.delivery import DeliveryMarks
 from monolith_jax.stream.join_state import JoinConfig, JoinState
+from monolith_jax.stream.offset_gaps import OffsetGaps
 from monolith_jax.stream.messages import (BATCH_OVERHEAD, EXAMPLE_OVERHEAD, MessageError, batch_entry_size,
                                          encode_example_batch, features_to_binary, labels_overhead, parse_action,
                                          parse_features, split_example_batch)
@@ -295,6 +296,7 @@ class Joiner:
         self._committed_at: dict = {}  # what the last commit sent
         self.commit_every_s = commit_every_s
         self._next: dict = {}          # (topic, partition) -> next offset to read
+        self.gaps = OffsetGaps("joiner")  # messages the cluster deleted before they were read
         self._assigned: set = set()
         self._last_commit = time.monotonic()
         # Backpressure: never run more than max_lag examples ahead of the trainers
@@ -359,6 +361,7 @@ class Joiner:
 
     def _on_assign(self, consumer, partitions) -> None:
         self._assigned = {(p.topic, p.partition) for p in partitions}
+        self.gaps.assigned(consumer, partitions)
         self.state.set_partitions(self._assigned)
         log.info("joiner assigned %s", sorted(self._assigned))
 
@@ -366,6 +369,7 @@ class Joiner:
         tps = {(p.topic, p.partition) for p in partitions}
         self.commit(only=tps)
         dropped = self.state.drop_partitions(tps)
+        self.gaps.revoked(tps)
         for tp in tps:
             self._next.pop(tp, None)
             self._committed_at.pop(tp, None)
@@ -379,7 +383,13 @@ class Joiner:
     def handle(self, msg) -> None:
         """One input message: into the join, or to the dead letters with why."""
         topic, value = msg.topic(), msg.value()
-        self._next[(topic, msg.partition())] = msg.offset() + 1
+        key, offset = (topic, msg.partition()), msg.offset()
+        self._next[key] = offset + 1
+        if self.codec != "native":  # (the native reader checks what it reads, and what it leaves here)
+            expected = self.gaps.expect.get(key)
+            if expected is not None and offset > expected:
+                self.gaps.gap(self.consumer, key, expected, offset)
+            self.gaps.expect[key] = offset + 1
         origin = (topic, msg.partition(), msg.offset())
         features = topic == self.topics["features"]
         try:
@@ -407,7 +417,9 @@ class Joiner:
         """A consumed batch: each message into the join or the dead letters,
         each end of partition reported to the join state."""
         if self.codec == "native":  # read and joined in C++; what it leaves comes back to _slow in order
-            self.state.process(msgs, self.grouper.limit, self._next, self._slow)
+            for key, expected, got in self.state.process(msgs, self.grouper.limit, self._next, self._slow,
+                                                         self.gaps.expect):
+                self.gaps.gap(self.consumer, key, expected, got)
             self._stepping(self.grouper.drain)
             return
         for msg in msgs:
@@ -501,6 +513,7 @@ class Joiner:
         return {**self.state.counts, "waiting": self.state.waiting, "in_memory": self.state.in_memory,
                 "dead_letters": self.dead.count, "dead_letter_reasons": dict(self.dead.by_reason),
                 "dead_letters_failed": self.dead.failed, "examples_failed": self.grouper.failed,
+                **self.gaps.counts(),
                 "backpressure_s": round(self.gate.waited_s, 2) if self.gate is not None else 0.0}
 
     def close(self) -> None:

@@ -78,9 +78,12 @@ class NativeJoinState:
         else:
             self.add_action(rid, t, body[0], body[1], origin, ref)
 
-    def process(self, msgs: list, limit: int, nexts: dict, slow: Callable) -> None:
-        self._core.process(msgs if isinstance(msgs, list) else list(msgs), int(limit), nexts,
-                           self.clock() * 1000.0, slow)
+    def process(self, msgs: list, limit: int, nexts: dict, slow: Callable, expect: dict | None = None) -> list:
+        """`nexts[(topic, partition)]` becomes one past each message's offset,
+        and `expect` too; returns the gaps, [((topic, partition), expected,
+        offset)]: messages further on than `expect` said (`OffsetGaps`)."""
+        return self._core.process(msgs if isinstance(msgs, list) else list(msgs), int(limit), nexts,
+                                  {} if expect is None else expect, self.clock() * 1000.0, slow)
 
     # ---------------------------------------------------------- grouping
     def group_examples(self, partitions: int, group_size: int, limit: int) -> None:

@@ -29,3 +29,23 @@ def producer(bootstrap: str, **extra):
     from confluent_kafka import Producer
 
     return Producer(K.producer_config(bootstrap, **extra))
+
+
+def commit_offsets(bootstrap: str, group: str, topic: str, offsets: dict) -> None:
+    """Commits {partition: offset} of `topic` for `group`, as a consumer of
+    that group that stopped there would have."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    c = Consumer(K.consumer_config(bootstrap, group, **{"enable.auto.commit": False}))
+    c.commit(offsets=[TopicPartition(topic, p, o) for p, o in offsets.items()], asynchronous=False)
+    c.close()
+
+
+def low_watermark(bootstrap: str, topic: str, partition: int) -> int:
+    """The oldest offset the cluster still holds in a partition."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    c = Consumer(K.consumer_config(bootstrap, "watermarks"))
+    low = c.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)[0]
+    c.close()
+    return low
