@@ -75,6 +75,7 @@ from monolith_jax.online.dedup import DEFAULT_WINDOW_S as DEFAULT_DEDUP_WINDOW_S
 from monolith_jax.online.prequential import HeadLogs, PrequentialLog, shrink  # noqa: F401 (public here too)
 from monolith_jax.stream import kafka as K
 from monolith_jax.stream.dead_letters import DeadLetters
+from monolith_jax.stream.offset_gaps import OffsetGaps
 from monolith_jax.stream.messages import ExampleDecoder
 
 log = logging.getLogger("monolith_jax.online.trainer")
@@ -115,6 +116,7 @@ class OnlineTrainer:
         producer_conf = K.producer_config(bootstrap)
         self.producer = Producer(producer_conf)
         self.dead = DeadLetters(self.producer, self.topics["dead_letters"], K.max_message_bytes(producer_conf))
+        self.gaps = OffsetGaps("trainer")  # examples the cluster deleted before they were read
         # Per head (a job with heads): prequential scores where the head is
         # defined; `log` is then the first binary head's (the summary's AUC).
         self.head_logs = HeadLogs(self.heads, auc_window) if self.heads is not None else None
@@ -204,8 +206,10 @@ class OnlineTrainer:
         self.warmup_s = self.warmup() if warmup else None
 
     def _restore_dead_counts(self, meta: dict) -> None:
-        """The dead letters counted up to a snapshot (its messages are not
-        read again after a resume, so the counts carry over as examples do)."""
+        """The dead letters and lost offsets counted up to a snapshot (its
+        messages are not read again after a resume, so the counts carry over
+        as examples do)."""
+        self.gaps.restore(meta)
         self.dead.count = int(meta.get("dead_letters", 0))
         reasons = meta.get("dead_letter_reasons") or {}
         self.dead.by_reason = {str(k): int(v) for k, v in reasons.items()} if isinstance(reasons, dict) else {}
@@ -215,6 +219,7 @@ class OnlineTrainer:
         self._assigned = {(p.topic, p.partition) for p in partitions}
         self._ever_assigned = True
         log.info("trainer assigned %s", sorted(self._assigned))
+        self.gaps.assigned(consumer, partitions, known=self._resume)
         if self._resume:
             # Where the snapshot stopped, whatever was committed (a commit may
             # have been lost, or an older snapshot used).
@@ -233,6 +238,7 @@ class OnlineTrainer:
         self._carry = []
         self._revoked = True
         self._assigned -= revoked
+        self.gaps.revoked(revoked)
         if not revoked:
             return
         if self.snapshots is None:
@@ -370,6 +376,7 @@ class OnlineTrainer:
         if real.any():
             parts, offs = info["partition"][real], info["offset"][real]
             topic = self.topics["examples"]
+            self.gaps.batch(self.consumer, topic, parts, offs)
             done = [TopicPartition(topic, int(p), int(offs[parts == p].max()) + 1) for p in np.unique(parts)]
         if rows:
             def score(batch):
@@ -530,7 +537,8 @@ class OnlineTrainer:
         return {"offsets": offsets, "examples": self.examples, "batches": self.batches,
                 "max_event_ms": self.max_event_ms, "negative_rate": self.negative_rate,
                 "trained_examples": self.trainer.examples, "duplicates": self.duplicates,
-                "dead_letters": self.dead.count, "dead_letter_reasons": dict(self.dead.by_reason)}
+                "dead_letters": self.dead.count, "dead_letter_reasons": dict(self.dead.by_reason),
+                **self.gaps.counts()}
 
     def _commit_snapshots(self, wait: bool = False) -> None:
         """Commits the offsets of a snapshot that has completed."""
@@ -671,7 +679,7 @@ class OnlineTrainer:
                 "examples_per_s": (self.examples - start_examples) / active,
                 "dead_letters": self.dead.count, "dead_letter_reasons": dict(self.dead.by_reason),
                 "duplicates": self.duplicates,
-                "dead_letters_failed": self.dead.failed,
+                "dead_letters_failed": self.dead.failed, **self.gaps.counts(),
                 "running_auc": self.log.running_auc(), "stream_auc": self._stream_auc(),
                 **({"heads": self.head_logs.summary()} if self.head_logs is not None else {})}
 
@@ -711,7 +719,7 @@ class OnlineTrainer:
         self._log_scores()
         record = {"examples": self.examples, "examples_per_s": round(rate, 1),
                   "running_auc": round(self.log.running_auc(), 4), "dead_letters": self.dead.count,
-                  "duplicates": self.duplicates}
+                  "duplicates": self.duplicates, **self.gaps.counts()}
         if self.head_logs is not None:
             record["heads"] = self.head_logs.running()
         self.trainer._log({"event": "online", **record})
