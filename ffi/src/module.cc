@@ -31,6 +31,7 @@ namespace monolith {
 
 void BindCodec(nb::module_& m);  // module_codec.cc
 void BindBatch(nb::module_& m);  // module_batch.cc
+void BindRequestSet(nb::module_& m);  // module_request_set.cc
 
 namespace {
 
@@ -266,6 +267,7 @@ NB_MODULE(_engine, m) {
         "Threads a batched table call uses (MONOLITH_NUM_THREADS caps it).");
   BindCodec(m);
   BindBatch(m);
+  BindRequestSet(m);
 
   nb::class_<PyTable>(m, "Table")
       .def("__init__",

@@ -49,6 +49,39 @@ def test_the_memory_agrees_with_a_set_and_forgets_by_event_time():
     np.testing.assert_array_equal(again.seen(probe), dedup.seen(probe))
 
 
+def test_the_native_set_agrees_with_a_dict_through_growth_expiry_and_rebuilds():
+    from monolith_jax.sparse._native import engine
+
+    rng = np.random.default_rng(1)
+    live = engine().RequestSet()
+    reference: dict = {}             # hash -> epoch it was last added in
+    oldest = 0
+    for epoch in range(60):
+        hashes = rng.integers(0, 40_000, 3000).astype(np.uint64)  # repeats, old and new, and some 0s
+        fresh = {int(h) for h in hashes if h and reference.get(int(h), -1) != epoch}
+        assert live.add(hashes, epoch) == len(fresh)
+        reference.update({h: epoch for h in fresh})
+        if epoch % 7 == 6:           # forget the epochs before one some way back
+            oldest = epoch - 3
+            live.expire(oldest)
+            reference = {h: e for h, e in reference.items() if e >= oldest}
+        probe = rng.integers(0, 40_000, 5000).astype(np.uint64)
+        np.testing.assert_array_equal(live.seen(probe), [bool(h) and int(h) in reference for h in probe])
+        assert len(live) == len(reference) and live.min_epoch == oldest
+    keys, epochs = live.dump()
+    assert dict(zip(keys.tolist(), epochs.tolist())) == reference and keys.size == len(reference)
+    with pytest.raises(ValueError, match="older than the oldest"):
+        live.add(np.array([7], np.uint64), oldest - 1)
+    live.clear()
+    assert len(live) == 0 and not live.seen(keys).any()
+    # A stream of new ids, four epochs kept: forgotten entries do not pile
+    # up (a rebuild drops them), the table stays sized for what is live.
+    for epoch in range(200):
+        live.add(rng.integers(1, 2**63, 3000, dtype=np.uint64), epoch)
+        live.expire(max(epoch - 3, 0))
+    assert len(live) == 12_000 and live.slots <= 32_768
+
+
 def test_a_state_that_does_not_add_up_is_refused_and_changes_nothing():
     dedup = RequestDedup()
     dedup.add(np.array([5, 6], np.uint64), np.array([1, 2]))
