@@ -11,6 +11,7 @@
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <map>
 #include <stdexcept>
@@ -123,22 +124,23 @@ class RequestSet {
  private:
   // The slot holding `h`, or the empty slot where its probe run ends.
   size_t Find(uint64_t h) const {
-    size_t s = Mix64(h) & mask_;
-    while (keys_[s] != 0 && keys_[s] != h) s = (s + 1) & mask_;
+    size_t s = FastRange(Mix64(h), keys_.size());
+    while (keys_[s] != 0 && keys_[s] != h) {
+      if (++s == keys_.size()) s = 0;
+    }
     return s;
   }
 
   void Reset(size_t slots) {
     keys_.assign(slots, 0);
     epochs_.assign(slots, 0);
-    mask_ = slots - 1;
     used_ = 0;
   }
 
-  // Keeps the live entries only, in a table they fill to 30-60%.
+  // Keeps the live entries only, in a table they fill to 60% (any size:
+  // a power of two would leave up to half of it empty).
   void Rebuild() {
-    size_t slots = 16;
-    while (slots * 60 < static_cast<size_t>(live_ + 1) * 100) slots *= 2;
+    const size_t slots = std::max<size_t>(16, static_cast<size_t>(live_ + 1) * 100 / 60 + 1);
     std::vector<uint64_t> keys = std::move(keys_);
     std::vector<uint32_t> epochs = std::move(epochs_);
     Reset(slots);
@@ -153,7 +155,6 @@ class RequestSet {
 
   std::vector<uint64_t> keys_;    // 0: empty slot
   std::vector<uint32_t> epochs_;  // the epoch each slot's hash was last added in
-  size_t mask_ = 0;
   size_t used_ = 0;               // slots holding a hash, live or dead
   int64_t live_ = 0;              // hashes in epochs >= min_epoch_
   uint32_t min_epoch_ = 0;

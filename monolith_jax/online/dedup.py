@@ -12,7 +12,7 @@ Memory is bounded by event time: hashes are added in chunks of up to
 `chunk` distinct entries, and a chunk is forgotten once its newest event
 time is more than `window_s` behind the newest the trainer has seen. The
 hashes live in one open-addressing table in C++ (`RequestSet`: 8 bytes of
-hash and 4 of chunk per slot, 30-85% of the slots filled: 14-40 bytes an id), each tagged with the
+hash and 4 of chunk per slot, 60-85% of the slots filled: 14-20 bytes an id), each tagged with the
 chunk it was last added in, so a lookup costs one probe run however many
 chunks the window holds (a binary search per chunk of sorted arrays cost
 1.8 us an example at 30 chunks). Duplicates come from
