@@ -59,7 +59,8 @@ def main(argv=None):
         print(f"replayed {s['replayed']['features']:,} feature and {s['replayed']['actions']:,} action messages; "
               f"joined {j['positives']:,} positives and {j['negatives']:,} negatives "
               f"({j['negatives_sampled_out']:,} sampled out at rate 0.5), {j['late_actions']} late, "
-              f"{j['dead_letters']} dead letters")
+              f"{j['dead_letters']} dead letters; lost to retention: {j['offsets_lost']} by the joiner, "
+              f"{s['trainer_offsets_lost']} by the trainer")
         print(f"trained {s['examples']:,} examples at {s['examples_per_s']:,.0f} ex/s end to end; "
               f"wall {s['wall_s']:.0f} s")
         if "throughput" in results:  # the trainer's own rate from Kafka, measured above in this run

@@ -229,6 +229,7 @@ def stream(ratings, limit: int | None = None, seed: int = 0, out=print, bootstra
     last_tenth = slice(edges[-2], None)
     return {"wall_s": wall, "examples": s["examples"], "examples_per_s": s["examples_per_s"],
             "joined": s["joined"], "replayed": s["replayed"], "frozen_at_example": frozen.at_example,
+            "trainer_offsets_lost": s["offsets_lost"],
             "online_after_freeze": online_last, "frozen_after_freeze": frozen_last,
             "online_segments": online_seg, "frozen_segments": frozen_seg,
             "online_last_tenth": auc(y[last_tenth], scores[last_tenth]),
