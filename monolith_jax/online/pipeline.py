@@ -98,10 +98,13 @@ def run_pipeline(job, messages, bootstrap: str | None = None, batch_size: int | 
         def replaying():
             try:
                 replayed.update(replay(bootstrap, messages, topics, speed, report_every_s=0, stop=stop,
-                                       gate_group=group + "-joiner"))
+                                       gate_group=group + "-joiner", max_lag_bytes=lag_bytes))
             finally:  # every message is in Kafka (replay flushes): the joiner decides the rest once it has read them
                 joiner.stdin.close()
 
+        # The embedded cluster keeps ~5 MB a partition: the replay stays
+        # 3/4 of that ahead of the joiner's commits, which trail its reads.
+        lag_bytes = K.EMBEDDED_PARTITION_BYTES * K.EMBEDDED_PARTITIONS * 3 // 4 if embedded is not None else None
         replayer = threading.Thread(target=replaying, daemon=True)
         replayer.start()
         trainer = trainer or job.make_trainer(seed, metrics_path=metrics_path, out=out, log_every=0)
@@ -126,6 +129,10 @@ def run_pipeline(job, messages, bootstrap: str | None = None, batch_size: int | 
                                                         min_value=rule.min_value))
         if warning:
             out(warning)
+        lost = {"joiner": int(joined.get("offsets_lost", 0)), "trainer": int(summary.get("offsets_lost", 0))}
+        if any(lost.values()):
+            out(f"messages the cluster's retention deleted before they were read: {lost['joiner']:,} by the joiner, "
+                f"{lost['trainer']:,} by the trainer (offsets_lost); the replay ran further ahead than the topics keep")
         summary.update({"replayed": replayed, "joined": joined, "segment_aucs": online.log.segment_aucs(10),
                         "bootstrap": bootstrap})
         summary["online"] = online

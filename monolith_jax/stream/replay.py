@@ -162,20 +162,22 @@ class LogReplay:
 
 def replay(bootstrap: str, stream, topics: dict | None = None, speed: float = 0.0,
            report_every_s: float = 10.0, out=print, stop=None, gate_group: str | None = None,
-           max_lag: int = 40_000, rate: float = 0.0, tap=None) -> dict:
+           max_lag: int = 150_000, rate: float = 0.0, tap=None, max_lag_bytes: int | None = None) -> dict:
     """Produces a stream of (kind, request id, value, event ms) — an object
     with `messages()`, or any iterable of them — and returns counts. With
     `speed` > 0, paces event time at `speed` seconds per wall second; with
     `rate` > 0, paces at `rate` messages per wall second. With
     `gate_group`, never runs more than `max_lag` messages ahead of that
-    consumer group (the joiner's). `tap(kind, rid, value, t)` sees each
+    consumer group (the joiner's), nor more than `max_lag_bytes` of keys
+    and values where given (the cluster's retention: see LagGate). `tap(kind, rid, value, t)` sees each
     message once it is produced."""
     from confluent_kafka import Producer
 
     topics = {**K.TOPICS, **(topics or {})}
     messages = stream.messages() if hasattr(stream, "messages") else stream
     producer = Producer(K.producer_config(bootstrap))
-    gate = K.LagGate(bootstrap, gate_group, [topics["features"], topics["actions"]], max_lag) \
+    gate = K.LagGate(bootstrap, gate_group, [topics["features"], topics["actions"]], max_lag,
+                     max_bytes=max_lag_bytes) \
         if gate_group else None
     counts = {"features": 0, "actions": 0}
     t0 = last = time.monotonic()
@@ -199,7 +201,7 @@ def replay(bootstrap: str, stream, topics: dict | None = None, speed: float = 0.
         if tap is not None:
             tap(kind, rid, value, t)
         if gate is not None:
-            gate.step(1, producer, stop)
+            gate.step(1, producer, stop, len(value) + (len(rid) if rid else 0))
         if (counts["features"] + counts["actions"]) % 20000 == 0:
             producer.poll(0)
             now = time.monotonic()
@@ -261,7 +263,9 @@ def main(argv=None) -> int:
     p.add_argument("--speed", type=float, default=0.0, help="event seconds per wall second (0: unpaced)")
     p.add_argument("--seed", type=int, default=0, help="seed of the job's own source")
     p.add_argument("--gate-group", default=None, help="consumer group (the joiner's) not to outrun")
-    p.add_argument("--max-lag", type=int, default=40_000, help="messages the gate group may fall behind")
+    p.add_argument("--max-lag", type=int, default=150_000, help="messages the gate group may fall behind")
+    p.add_argument("--max-lag-bytes", type=int, default=None,
+                   help="bytes (keys and values) the gate group may fall behind: under the topics' retention")
     for name in ("features", "actions"):
         p.add_argument(f"--topic-{name}", default=K.TOPICS[name], help=f"the {name} topic")
     args = p.parse_args(argv)
@@ -271,7 +275,8 @@ def main(argv=None) -> int:
     except (ValueError, KeyError) as err:
         p.error(str(err))
     counts = replay(args.bootstrap, messages, {"features": args.topic_features, "actions": args.topic_actions},
-                    args.speed, gate_group=args.gate_group, max_lag=args.max_lag)
+                    args.speed, gate_group=args.gate_group, max_lag=args.max_lag,
+                    max_lag_bytes=args.max_lag_bytes)
     print("replay done " + json.dumps(counts), flush=True)
     return 0
 
