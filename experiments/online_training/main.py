@@ -68,6 +68,12 @@ def main(argv=None):
             s["of_trainer_rate"] = s["examples_per_s"] / own
             print(f"end to end / the trainer's own rate from Kafka ({own:,.0f} ex/s, above): "
                   f"{s['of_trainer_rate']:.2f} (target >= 0.5)")
+        bare = run.loop_rate(ratings, args.limit, bootstrap=args.bootstrap)
+        s["bare_loop"] = bare
+        print(f"the same loop, its trainer as the throughput part's (no prequential scores, no frozen copy): "
+              f"{bare['examples']:,} examples at {bare['examples_per_s']:,.0f} ex/s"
+              + (f", {bare['examples_per_s'] / results['throughput']['median']['kafka']:.2f} of the trainer's own "
+                 f"rate" if "throughput" in results else ""))
         print("AUC by tenth of the stream:")
         print("  online  " + " ".join(f"{a:.3f}" for a in s["online_segments"]))
         print("  frozen  " + " ".join("  -  " if a != a else f"{a:.3f}" for a in s["frozen_segments"]))
