@@ -386,10 +386,7 @@ class Joiner:
         key, offset = (topic, msg.partition()), msg.offset()
         self._next[key] = offset + 1
         if self.codec != "native":  # (the native reader checks what it reads, and what it leaves here)
-            expected = self.gaps.expect.get(key)
-            if expected is not None and offset > expected:
-                self.gaps.gap(self.consumer, key, expected, offset)
-            self.gaps.expect[key] = offset + 1
+            self.gaps.message(self.consumer, key, offset)
         origin = (topic, msg.partition(), msg.offset())
         features = topic == self.topics["features"]
         try:

@@ -54,10 +54,10 @@ class OffsetGaps:
         says (a snapshot's offsets), else at the group's committed offset;
         where neither is known, at the first message read. A failure to
         ask for the committed offsets leaves those starts unknown (logged)."""
-        keys = [(p.topic, p.partition) for p in partitions]
+        keys = {(p.topic, p.partition) for p in partitions}
         for key in keys:
             self.expect.pop(key, None)
-        known = {k: int(o) for k, o in (known or {}).items() if k in set(keys) and int(o) >= 0}
+        known = {k: int(o) for k, o in (known or {}).items() if k in keys and int(o) >= 0}
         ask = [p for p in partitions if (p.topic, p.partition) not in known]
         if ask:
             try:
@@ -74,6 +74,13 @@ class OffsetGaps:
             self.expect.pop(key, None)
 
     # ---------------------------------------------------------- checks
+    def message(self, consumer, key: tuple, offset: int) -> None:
+        """One message read, at `offset` of partition `key`."""
+        expected = self.expect.get(key)
+        if expected is not None and offset > expected:
+            self.gap(consumer, key, expected, offset)
+        self.expect[key] = offset + 1
+
     def batch(self, consumer, topic: str, partitions: np.ndarray, offsets: np.ndarray) -> None:
         """The messages a batch took, in the order read: their partitions and
         offsets (arrays of one length)."""
