@@ -20,6 +20,7 @@
 #include <sys/mman.h>
 
 #include "ffi_handlers.h"
+#include "numpy_owned.h"
 #include "registry.h"
 #include "table.h"
 #include "thread_pool.h"
@@ -47,14 +48,6 @@ nb::ndarray<nb::numpy, float> NewFloats(size_t rows, size_t cols, float** data) 
   *data = buf;
   nb::capsule owner(buf, [](void* p) noexcept { delete[] static_cast<float*>(p); });
   return nb::ndarray<nb::numpy, float>(buf, {rows, cols}, owner);
-}
-
-// A numpy array that owns `v`'s buffer without copying it.
-template <typename T>
-nb::ndarray<nb::numpy, T> ToNumpy(std::vector<T>&& v, std::initializer_list<size_t> shape) {
-  auto* heap = new std::vector<T>(std::move(v));
-  nb::capsule owner(heap, [](void* p) noexcept { delete static_cast<std::vector<T>*>(p); });
-  return nb::ndarray<nb::numpy, T>(heap->data(), shape, owner);
 }
 
 // Dump buffers, uninitialized (a dump writes every byte). A table that

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "hashing.h"
+#include "numpy_owned.h"
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -25,13 +26,6 @@ namespace {
 using Keys = nb::ndarray<const uint64_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
 using Index = nb::ndarray<const int64_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
 using Floats2D = nb::ndarray<const float, nb::ndim<2>, nb::c_contig, nb::device::cpu>;
-
-template <typename T>
-nb::ndarray<nb::numpy, T> Owned(std::vector<T>&& v, std::initializer_list<size_t> shape) {
-  auto* heap = new std::vector<T>(std::move(v));
-  nb::capsule owner(heap, [](void* p) noexcept { delete static_cast<std::vector<T>*>(p); });
-  return nb::ndarray<nb::numpy, T>(heap->data(), shape, owner);
-}
 
 struct Grouped {
   std::vector<uint64_t> keys;    // unique keys: shard 0's ascending, then shard 1's, ...
@@ -105,8 +99,8 @@ void BindBatch(nb::module_& m) {
             g = Group(keys.data(), n, shards);
           }
           const size_t u = g.keys.size(), b = g.bounds.size();
-          return nb::make_tuple(Owned(std::move(g.keys), {u}), Owned(std::move(g.bounds), {b}),
-                                Owned(std::move(g.index), {n}));
+          return nb::make_tuple(ToNumpy(std::move(g.keys), {u}), ToNumpy(std::move(g.bounds), {b}),
+                                ToNumpy(std::move(g.index), {n}));
         },
         "keys"_a, "shards"_a,
         "(unique keys grouped by shard, each shard's ascending; shard bounds; each key's place among them).");

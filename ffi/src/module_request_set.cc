@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "hashing.h"
+#include "numpy_owned.h"
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -27,13 +28,6 @@ namespace monolith {
 namespace {
 
 using Hashes = nb::ndarray<const uint64_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
-
-template <typename T>
-nb::ndarray<nb::numpy, T> Owned(std::vector<T>&& v) {
-  auto* heap = new std::vector<T>(std::move(v));
-  nb::capsule owner(heap, [](void* p) noexcept { delete static_cast<std::vector<T>*>(p); });
-  return nb::ndarray<nb::numpy, T>(heap->data(), {heap->size()}, owner);
-}
 
 class RequestSet {
  public:
@@ -48,9 +42,8 @@ class RequestSet {
       const size_t s = Find(h[i]);
       out[i] = keys_[s] == h[i] && epochs_[s] >= min_epoch_;
     }
-    auto* heap = new std::vector<uint8_t>(std::move(out));
-    nb::capsule owner(heap, [](void* p) noexcept { delete static_cast<std::vector<uint8_t>*>(p); });
-    return nb::ndarray<nb::numpy, bool>(reinterpret_cast<bool*>(heap->data()), {heap->size()}, owner);
+    const size_t n = out.size();
+    return ToNumpy<uint8_t, bool>(std::move(out), {n});
   }
 
   // Adds each hash (0s skipped) in `epoch`, or moves it there from the
@@ -107,7 +100,8 @@ class RequestSet {
         keys.push_back(keys_[s]);
         epochs.push_back(epochs_[s]);
       }
-    return nb::make_tuple(Owned(std::move(keys)), Owned(std::move(epochs)));
+    const size_t n = keys.size();
+    return nb::make_tuple(ToNumpy(std::move(keys), {n}), ToNumpy(std::move(epochs), {n}));
   }
 
   void Clear() {
