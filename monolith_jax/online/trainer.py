@@ -639,13 +639,17 @@ class OnlineTrainer:
             raise
         finally:
             self._carry = []  # fetched, not taken: the next run re-reads them
+            stopped = time.monotonic()
             if not failed:    # the steps in flight, applied and their offsets marked (a failed run re-reads them)
                 self._drain()
             if self._t_first is not None:
                 import jax
 
-                jax.block_until_ready(self.trainer.params)  # the rate counts finished steps only
-                self._t_last = time.monotonic()
+                # The rate counts finished steps only: the span runs from the
+                # last step's dispatch on by what finishing the steps still
+                # in flight took now (not by the idle wait that ended the run).
+                jax.block_until_ready(self.trainer.params)
+                self._t_last = max(self._t_last, self._t_first) + time.monotonic() - stopped
             if not failed:  # a clean stop: the last scores; the last apply, which a ShardedTable holds back
                 self._log_scores()
                 for t in self.remote.values():

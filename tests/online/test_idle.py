@@ -45,3 +45,28 @@ def test_a_trainer_that_never_gets_an_example_stops_after_the_first_example_wait
         got = trainer(kafka.bootstrap).run(idle_timeout_s=1.0, max_seconds=60.0, report_every_s=0)
         took = time.monotonic() - t0
     assert got["examples"] == 0 and 3.0 <= took < 30, took
+
+
+def test_the_rate_spans_first_to_last_example_not_the_idle_wait_that_ends_the_run():
+    """examples_per_s is over the trained span: the quiet seconds after the
+    last example (idle_timeout_s, which ends the run) are not in it. On the
+    shop job, compiled before its first example."""
+    from tests.jobs import shop
+    from tests.online.test_trainer_offset_gaps import shop_examples
+    from tests.stream.kafka_util import producer
+
+    with K.EmbeddedKafka() as kafka:
+        bs = kafka.bootstrap
+        K.ensure_topics(bs, {"examples": 2, "dead-letters": 1})
+        prod = producer(bs)
+        for rid, value in shop_examples(300):
+            prod.produce("examples", value, rid)
+        assert prod.flush(30) == 0
+        online = OnlineTrainer(shop.job.make_trainer(0, log_every=0), bs, group="span", batch_size=128,
+                               max_wait_s=0.05, prequential=False, warmup=True, **QUIET)
+        t0 = time.monotonic()
+        got = online.run(idle_timeout_s=3.0, max_seconds=60.0, report_every_s=0)
+        wall = time.monotonic() - t0
+    span = got["examples"] / got["examples_per_s"]
+    assert got["examples"] == 300 and wall >= 3.0
+    assert span < 1.5, (span, wall)   # 3 batches; before, the span ran on through the 3 s idle wait
