@@ -41,3 +41,29 @@ def test_the_gate_waits_while_the_group_is_behind_its_limit_and_goes_on_once_it_
             plain.close()
         finally:
             gate.close()
+
+
+def test_a_producer_through_the_gate_never_gets_further_ahead_than_its_limit_and_one_check():
+    """The lag is measured on the gate's thread and a check trusts the newest
+    measurement plus what was counted since; a group that reads nothing
+    still holds the producer to limit + check_every."""
+    with K.EmbeddedKafka() as kafka:
+        bs = kafka.bootstrap
+        K.ensure_topics(bs, {"t": 2})
+        prod = producer(bs)
+        gate = K.LagGate(bs, "idle-readers", ["t"], max_lag=700, check_every=25)
+        stop = threading.Event()
+        timer = threading.Timer(1.5, stop.set)
+        timer.start()
+        sent = 0
+        try:
+            while not stop.is_set() and sent < 5000:
+                prod.produce("t", b"v" * 20, b"k", partition=sent % 2)
+                sent += 1
+                gate.step(1, prod, stop, 21)
+            assert prod.flush(30) == 0
+            assert 700 <= sent <= 700 + 25       # it stopped at the limit, not before it
+            assert gate.lag() == sent and gate.waited_s >= 1.0
+        finally:
+            timer.cancel()
+            gate.close()
