@@ -21,6 +21,8 @@ import time
 
 from monolith_jax.stream import kafka as K
 
+JOINER_START_S = 120.0  # the joiner process's imports and its group's first assignment
+
 
 def joiner_command(bootstrap: str, group: str, labels, topics: dict | None = None, window_s: float | None = None,
                    negative_rate: float | None = None, idle_flush_s: float = 3.0, gate_group: str | None = None,
@@ -90,7 +92,15 @@ def run_pipeline(job, messages, bootstrap: str | None = None, batch_size: int | 
                                                  emit_positives=emit_positives, upstream_ends_with_stdin=True),
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         joiner_lines: list = []
-        reader = threading.Thread(target=lambda: joiner_lines.extend(joiner.stdout), daemon=True)
+        assigned = threading.Event()
+
+        def reading():
+            for line in joiner.stdout:
+                joiner_lines.append(line)
+                if line.startswith("joiner assigned "):
+                    assigned.set()
+
+        reader = threading.Thread(target=reading, daemon=True)
         reader.start()
         stop = threading.Event()
         replayed: dict = {}
@@ -105,12 +115,27 @@ def run_pipeline(job, messages, bootstrap: str | None = None, batch_size: int | 
         # The embedded cluster keeps ~5 MB a partition: the replay stays
         # 3/4 of that ahead of the joiner's commits, which trail its reads.
         lag_bytes = K.EMBEDDED_PARTITION_BYTES * K.EMBEDDED_PARTITIONS * 3 // 4 if embedded is not None else None
+        # The trainer compiles its steps (every batch size) while the joiner
+        # starts; the replay begins once both are ready, so neither the
+        # first examples' compiles nor the joiner's start sit in the stream.
+        try:
+            trainer = trainer or job.make_trainer(seed, metrics_path=metrics_path, out=out, log_every=0)
+            online = OnlineTrainer(trainer, bootstrap, topics, group + "-trainer",
+                                   batch_size=batch_size or job.batch_size, out=out, prequential=prequential,
+                                   warmup=True)
+            online.on_batch = on_batch
+            deadline = time.monotonic() + JOINER_START_S
+            while not assigned.wait(0.05):
+                if joiner.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"the joiner {'exited' if joiner.poll() is not None else 'did not start'} "
+                                       f"before its partitions were assigned:\n" + "".join(joiner_lines[-30:]))
+        except BaseException:
+            joiner.kill()
+            joiner.wait(10)
+            reader.join(5)
+            raise
         replayer = threading.Thread(target=replaying, daemon=True)
         replayer.start()
-        trainer = trainer or job.make_trainer(seed, metrics_path=metrics_path, out=out, log_every=0)
-        online = OnlineTrainer(trainer, bootstrap, topics, group + "-trainer",
-                               batch_size=batch_size or job.batch_size, out=out, prequential=prequential)
-        online.on_batch = on_batch
         try:
             summary = online.run(idle_timeout_s=3.0, report_every_s=report_every_s,
                                  upstream_done=lambda: joiner.poll() is not None and not replayer.is_alive())

@@ -453,12 +453,16 @@ class Joiner:
                                 on_assign=self._on_assign, on_revoke=self._on_revoke)
         t0 = last_msg = last_report = time.monotonic()
         last_check = 0.0
+        announced = False
         try:
             while not (stop is not None and stop.is_set()):
                 now = time.monotonic()
                 if max_seconds is not None and now - t0 > max_seconds:
                     break
                 msgs = self.consumer.consume(num_messages=5000, timeout=0.01)  # see OnlineTrainer._collect
+                if self._assigned and not announced:  # its partitions are in hand: a launcher starts upstream now
+                    announced = True
+                    out(f"joiner assigned {len(self._assigned)} partitions", flush=True)
                 self.process(msgs)
                 now = time.monotonic()
                 if msgs:
