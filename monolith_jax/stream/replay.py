@@ -182,6 +182,9 @@ def replay(bootstrap: str, stream, topics: dict | None = None, speed: float = 0.
     counts = {"features": 0, "actions": 0}
     t0 = last = time.monotonic()
     first_event = None
+    if speed <= 0 and rate <= 0 and tap is None:  # unpaced: the same, with the per-message Python cut down
+        _unpaced(producer, messages, topics, counts, gate, stop, report_every_s, out)
+        messages = ()
     for kind, rid, value, t in messages:
         if stop is not None and stop.is_set():
             break
@@ -214,6 +217,40 @@ def replay(bootstrap: str, stream, topics: dict | None = None, speed: float = 0.
         counts["backpressure_s"] = round(gate.waited_s, 2)
         gate.close()
     return counts
+
+
+def _unpaced(producer, messages, topics, counts, gate, stop, report_every_s: float, out,
+             chunk: int = 1000) -> None:
+    """`replay`'s loop with no pacing and no tap: messages are produced as
+    they come and counted (and gated) a chunk at a time. In the loop the
+    replayer shares its process with the trainer, so its Python per
+    message is the trainer's loss."""
+    from itertools import islice
+
+    produce = producer.produce
+    topic_of = {kind: topics[kind] for kind in counts}
+    it = iter(messages)
+    last = time.monotonic()
+    while not (stop is not None and stop.is_set()):
+        n = nbytes = 0
+        for kind, rid, value, t in islice(it, chunk):
+            topic = topic_of[kind]
+            try:
+                produce(topic, value, rid)
+            except BufferError:
+                K.produce(producer, topic, value, rid)
+            counts[kind] += 1
+            n += 1
+            nbytes += len(value) + (len(rid) if rid else 0)
+        if not n:
+            return
+        producer.poll(0)
+        if gate is not None:
+            gate.step(n, producer, stop, nbytes)
+        now = time.monotonic()
+        if report_every_s and now - last > report_every_s:
+            last = now
+            out("replay " + json.dumps(counts), flush=True)
 
 
 def job_messages(job, data: Sequence[str] | None, args=None, limit: int | None = None, seed: int = 0) -> Iterable:

@@ -72,3 +72,31 @@ def test_the_joiner_says_when_no_action_made_a_positive():
     assert "no positive" in line and "--positive click" in line and "500 actions of other types" in line
     assert warn_if_unlabelled({"actions": 500, "positives": 3}, config) is None
     assert warn_if_unlabelled({"actions": 0, "positives": 0}, config) is None
+
+
+@pytest.mark.parametrize("rate", [0.0, 50_000.0])
+def test_replay_writes_every_message_to_its_topic_keyed_by_request_and_counts_them(tmp_path, rate):
+    """Unpaced (produced and counted a chunk at a time) and paced, a log of
+    1,500 requests and their actions lands whole in the topics it names."""
+    from monolith_jax.stream import kafka as K
+    from monolith_jax.stream.replay import replay
+    from tests.stream.kafka_util import read_topic
+
+    n = 1_500
+    log = {"rid": [f"q{i}" for i in range(n)], "t": list(range(n)), "uid": [i % 37 for i in range(n)],
+           "tags": ["x|y" if i % 2 else "z" for i in range(n)], "price": [float(i) for i in range(n)],
+           "clicked": [int(i % 3 == 0) for i in range(n)], "bought": [float(i % 7 == 0) for i in range(n)]}
+    path = tmp_path / "log.parquet"
+    pq.write_table(pa.table(log), str(path))
+    msgs = list(LogReplay(JOB, str(path)).messages())
+    topics = {"features": "f-in", "actions": "a-in"}
+    with K.EmbeddedKafka() as kafka:
+        K.ensure_topics(kafka.bootstrap, {t: 2 for t in topics.values()})
+        counts = replay(kafka.bootstrap, LogReplay(JOB, str(path)), topics, report_every_s=0, rate=rate)
+        got = {kind: sorted((m.key().decode(), m.value()) for m in read_topic(kafka.bootstrap, topic))
+               for kind, topic in topics.items()}
+        with pytest.raises(KeyError, match="clicks"):  # a kind with no topic is refused, not guessed
+            replay(kafka.bootstrap, [("clicks", "q1", b"v", 0)], topics, report_every_s=0, rate=rate)
+    want = {kind: sorted((rid, v) for k, rid, v, _ in msgs if k == kind) for kind in topics}
+    assert got == want
+    assert counts["features"] == n and counts["actions"] == len(want["actions"]) == len(range(0, n, 3)) + len(range(0, n, 7))
