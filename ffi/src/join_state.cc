@@ -520,6 +520,12 @@ void JoinCore::PartitionIdle(nb::handle tp) {
   idle_.emplace(Tp(t[0], nb::cast<int64_t>(t[1])), Monotonic());  // setdefault
 }
 
+void JoinCore::PartitionBusy(nb::handle tp) {
+  if (idle_.empty()) return;
+  nb::tuple t = nb::borrow<nb::tuple>(tp);
+  idle_.erase(Tp(t[0], nb::cast<int64_t>(t[1])));
+}
+
 nb::object JoinCore::Watermark() const { return PyInt(watermark_); }
 
 void JoinCore::Emit(const std::string& rid, nb::handle payload, float label, float rate, Time label_time) {

@@ -103,6 +103,7 @@ class JoinCore {
   int64_t LabelsOverhead() const;
   void SetPartitions(nb::iterable tps);
   void PartitionIdle(nb::handle tp);
+  void PartitionBusy(nb::handle tp);  // more of it is on its way: it holds the watermark again
 
   std::vector<int64_t> Counts() const {
     std::vector<int64_t> v(counts_, counts_ + kCounters);

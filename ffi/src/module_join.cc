@@ -199,6 +199,7 @@ void BindJoin(nb::module_& m) {
       .def("drop_partitions", &JoinCore::DropPartitions)
       .def("set_partitions", &JoinCore::SetPartitions)
       .def("partition_idle", &JoinCore::PartitionIdle)
+      .def("partition_busy", &JoinCore::PartitionBusy)
       .def("counts", &JoinCore::Counts)
       .def_prop_ro("labels_overhead", &JoinCore::LabelsOverhead)
       .def_prop_ro("in_memory", &JoinCore::InMemory)

@@ -417,6 +417,11 @@ class JoinState:
         does not hold the watermark back until it has new messages."""
         self._idle.setdefault(tp, time.monotonic())
 
+    def partition_busy(self, tp) -> None:
+        """A partition reported idle has messages on their way after all
+        (fetched, not yet handed over): it holds the watermark back again."""
+        self._idle.pop(tp, None)
+
     def _low_time(self) -> int:
         now = time.monotonic()
         idle = {tp for tp, t in self._idle.items() if now - t >= self.cfg.idle_partition_s}

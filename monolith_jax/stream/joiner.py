@@ -298,6 +298,7 @@ class Joiner:
         self._next: dict = {}          # (topic, partition) -> next offset to read
         self.gaps = OffsetGaps("joiner")  # messages the cluster deleted before they were read
         self._assigned: set = set()
+        self._idle_at: dict = {}       # (topic, partition) -> its end when it was reported read to it
         self._last_commit = time.monotonic()
         # Backpressure: never run more than max_lag examples ahead of the trainers
         # (the gate counts messages, each a group of up to group_size examples).
@@ -373,6 +374,7 @@ class Joiner:
         for tp in tps:
             self._next.pop(tp, None)
             self._committed_at.pop(tp, None)
+            self._idle_at.pop(tp, None)
             for _, point in self._points:
                 point.pop(tp, None)
         self._assigned -= tps
@@ -430,12 +432,35 @@ class Joiner:
         else:
             self.handle(msg)
 
+    def _recheck_idle(self) -> None:
+        """A partition reported read to its end stops holding the watermark
+        back once silent for `idle_partition_s` of wall clock; but a joiner
+        that was itself held up (its gate, a full core) sees silence where
+        messages are fetched and not yet handed over, and the watermark
+        would pass requests whose actions wait in that partition. Whatever
+        the fetches say lies past what was read (the consumer's cached high
+        watermark, no round trip) makes the partition hold it again."""
+        if not self._idle_at:
+            return
+        from confluent_kafka import TopicPartition
+
+        for tp, end in list(self._idle_at.items()):
+            try:
+                high = self.consumer.get_watermark_offsets(TopicPartition(*tp), cached=True)[1]
+            except Exception:  # not fetched yet: nothing known beyond its end
+                continue
+            if high > max(self._next.get(tp, end), end):
+                self.state.partition_busy(tp)
+                del self._idle_at[tp]
+
     def _event(self, msg) -> None:
         from confluent_kafka import KafkaError
 
         err = msg.error()
         if err.code() == KafkaError._PARTITION_EOF:
-            self.state.partition_idle((msg.topic(), msg.partition()))
+            tp = (msg.topic(), msg.partition())
+            self.state.partition_idle(tp)
+            self._idle_at[tp] = msg.offset()
         else:
             log.warning("consumer error: %s", err)
 
@@ -467,6 +492,7 @@ class Joiner:
                 now = time.monotonic()
                 if msgs:
                     last_msg = now
+                    self._recheck_idle()
                     self.state.advance()
                     self._stepping(self.grouper.drain)
                 elif upstream_done is not None and upstream_done.is_set() and now - last_check > 0.05:

@@ -119,6 +119,9 @@ class NativeJoinState:
     def partition_idle(self, tp) -> None:
         self._core.partition_idle(tuple(tp))
 
+    def partition_busy(self, tp) -> None:
+        self._core.partition_busy(tuple(tp))
+
     @property
     def counts(self) -> dict:
         return dict(zip(self._counters, self._core.counts()))

@@ -224,3 +224,60 @@ def test_an_upstream_that_has_ended_is_decided_once_read_to_its_end(codec):
     assert sorted(rids) == sorted(f"q{i}" for i in range(n))
     assert stats["positives"] == len(range(0, n, 4)) and stats["negatives"] == n - len(range(0, n, 4))
     assert stats["waiting"] == 0 and stats["dead_letters"] == 0
+
+
+@pytest.mark.parametrize("codec", ["native", "python"])
+def test_a_partition_read_to_its_end_holds_the_watermark_again_once_more_of_it_is_fetched(codec):
+    """A partition read to its end and silent for `idle_partition_s` stops
+    holding the watermark back; but a joiner held up elsewhere (its gate, a
+    busy core) sees that silence while the partition's next messages are
+    already fetched. Here the actions partition went quiet, then its action
+    and a later request of the features partition were fetched together,
+    and the features came first: the watermark must wait for the action
+    (before the fix, the request was decided a negative and its positive
+    action came as an orphan)."""
+    import time
+
+    with K.EmbeddedKafka() as kafka:
+        bs = kafka.bootstrap
+        K.ensure_topics(bs, {t: K.EMBEDDED_PARTITIONS for t in K.TOPICS.values()})
+        every = {(t, p) for t in ("features", "actions") for p in range(K.EMBEDDED_PARTITIONS)}
+        prod = producer(bs)
+        prod.produce("features", encode_features("early", T0, {"user": [1], "item": [1]}), "early", partition=0)
+        assert prod.flush(30) == 0
+        joiner = Joiner(bs, JoinConfig(window_s=60, lateness_s=0, idle_partition_s=0.2), group="idle-joiner",
+                        codec=codec)
+        try:
+            joiner.consumer.subscribe(["features", "actions"], on_assign=joiner._on_assign,
+                                      on_revoke=joiner._on_revoke)
+            for _ in range(500):  # every partition read to its end (all but features/0 empty)
+                joiner.process(joiner.consumer.consume(100, 0.02))
+                if set(joiner._idle_at) == every:
+                    break
+            assert set(joiner._idle_at) == every
+            time.sleep(0.4)       # longer than idle_partition_s: all are idle
+            prod.produce("features", encode_features("later", T0 + 120_000, {"user": [2], "item": [2]}), "later",
+                         partition=0)
+            prod.produce("actions", encode_action("early", T0 + 10_000, "click"), "early", partition=0)
+            assert prod.flush(30) == 0
+            got = []
+            for _ in range(500):
+                got += [m for m in joiner.consumer.consume(100, 0.02) if m.error() is None]
+                if len(got) == 2:
+                    break
+            features = [m for m in got if m.topic() == "features"]
+            actions = [m for m in got if m.topic() == "actions"]
+            assert len(features) == len(actions) == 1
+            joiner.process(features)          # the later request first, as a consume() may hand them over
+            joiner._recheck_idle()            # what the run loop does before each advance
+            joiner.state.advance()
+            assert joiner.state.counts["negatives"] + joiner.state.counts["negatives_sampled_out"] == 0
+            joiner.process(actions)
+            joiner._recheck_idle()
+            joiner.state.advance()
+            joiner.state.flush()
+            counts = joiner.state.counts
+        finally:
+            joiner.close()
+    assert counts["positives"] == 1 and counts["orphan_actions"] == counts["late_actions"] == 0
+    assert counts["negatives"] + counts["negatives_sampled_out"] == 1   # "later", decided at the flush
