@@ -2,6 +2,7 @@
 
     monolith predictor --model DIR --serving-ps HOST:PORT [--port P]     # two hops: rows from a serving PS
     monolith predictor --model DIR --tables local [--snapshot-dir D]     # one hop: the rows in this process
+    monolith predictor --model DIR --tables local --frames-port F        # and Predict over frames, for latency
 
     client = PredictorClient("127.0.0.1:P")
     client.predict([{"user": "user:42", "movie": "movie:Heat (1995)", "genres": []}, ...])  # -> probabilities
@@ -34,6 +35,11 @@ its port: trainers push to it with `SyncPusher` exactly as to a serving
 PS, and a request reads the rows in process, with no second hop. The
 separate serving PS stays for tables larger than one predictor holds (and
 for several predictors sharing one copy).
+
+`--frames-port` answers Predict and Info over frames as well
+(`monolith_jax.serving.predictor_frames`): the same messages and errors,
+on a transport whose round trip costs a TCP one rather than gRPC's; a
+`PredictorClient("frames://HOST:F")` uses it.
 
 One request: per table, the ids of the features that read it are looked up
 in one batched call to the serving PS (unique ids only) -> the rows, in the
@@ -453,39 +459,55 @@ def request_arrays(request, n_dense: int, max_batch: int) -> tuple[dict, np.ndar
     return ids, dense, b
 
 
+def predict_reply(predictor: Predictor, request):
+    """A PredictRequest -> its PredictReply: what every transport answers.
+    RequestError (counted as a bad request) for a request that is wrong;
+    a serving PS that fails its lookup raises its grpc.RpcError."""
+    from monolith_jax.rpc import serving_pb2 as pb
+
+    try:
+        out = predictor.predict_arrays(*request_arrays(request, predictor.n_dense, predictor.max_batch))
+    except RequestError:
+        with predictor._lock:
+            predictor.stats["bad_requests"] += 1
+        raise
+    reply = pb.PredictReply(probabilities=out["probabilities"].tobytes(), logits=out["logits"].tobytes(),
+                            unknown=out["unknown"].tobytes(), dense_version=out["dense_version"])
+    if predictor.heads is not None:
+        _hs.to_reply(reply, predictor.heads, {n: (out["scores"][n], out["outputs"][n]) for n in out["scores"]},
+                     out["negative_rates"])
+    return reply
+
+
+def info_reply(predictor: Predictor):
+    """The InfoReply: the export's spec and the live stats."""
+    from monolith_jax.rpc import serving_pb2 as pb
+
+    with predictor._lock:
+        stats = json.dumps({**predictor.stats, "dense_version": predictor.dense_version,
+                            "negative_rate": predictor.negative_rate,
+                            **({"heads": [{**h, **({"negative_rate": predictor.head_rates[h["name"]]}
+                                                   if h["kind"] == "binary" else {})}
+                                          for h in predictor.heads]} if predictor.heads is not None else {})})
+    return pb.InfoReply(spec_json=json.dumps(predictor.spec), stats_json=stats)
+
+
 def make_servicer(predictor: Predictor):
     import grpc
 
-    from monolith_jax.rpc import serving_pb2 as pb
     from monolith_jax.rpc import serving_pb2_grpc as pbg
 
     class Servicer(pbg.PredictorServicer):
         @guard
         def Predict(self, request, context):
             try:
-                out = predictor.predict_arrays(*request_arrays(request, predictor.n_dense, predictor.max_batch))
-            except RequestError:
-                with predictor._lock:
-                    predictor.stats["bad_requests"] += 1
-                raise
+                return predict_reply(predictor, request)
             except grpc.RpcError as err:  # the serving PS
                 context.abort(grpc.StatusCode.UNAVAILABLE, f"serving PS lookup: {err.code().name}")
-            reply = pb.PredictReply(probabilities=out["probabilities"].tobytes(), logits=out["logits"].tobytes(),
-                                    unknown=out["unknown"].tobytes(), dense_version=out["dense_version"])
-            if predictor.heads is not None:
-                _hs.to_reply(reply, predictor.heads, {n: (out["scores"][n], out["outputs"][n]) for n in out["scores"]},
-                             out["negative_rates"])
-            return reply
 
         @guard
         def Info(self, request, context):
-            with predictor._lock:
-                stats = json.dumps({**predictor.stats, "dense_version": predictor.dense_version,
-                                    "negative_rate": predictor.negative_rate,
-                                    **({"heads": [{**h, **({"negative_rate": predictor.head_rates[h["name"]]}
-                                                           if h["kind"] == "binary" else {})}
-                                                  for h in predictor.heads]} if predictor.heads is not None else {})})
-            return pb.InfoReply(spec_json=json.dumps(predictor.spec), stats_json=stats)
+            return info_reply(predictor)
 
     return Servicer()
 
@@ -522,13 +544,16 @@ def add_metrics(m, predictor: Predictor) -> None:
 
 def serve(export_dir: str, serving_ps: str | None, port: int = 0, host: str = "127.0.0.1", workers: int = 8,
           warmup: bool = True, dense_poll_s: float = 0.5, *, security=None, metrics_port: int | None = None,
-          local_tables: bool = False, snapshot_dir: str | None = None, limits=None):
+          local_tables: bool = False, snapshot_dir: str | None = None, limits=None, frames_port: int | None = None):
     """Starts the service; returns (grpc server, bound port, predictor).
     `predictor.metrics` holds its metrics (served over HTTP on 127.0.0.1
     with `metrics_port`). local_tables (serving_ps None): the serving
     tables live in this process (`predictor.local`, first filled from the
     newest trainer snapshot in `snapshot_dir`, if given) and the port also
-    answers the serving PS's service, for trainers' pushes."""
+    answers the serving PS's service, for trainers' pushes. frames_port
+    (0: any free one): Predict and Info also over frames on that port
+    (`predictor.frames`, a FramesServer; None without it), on the same
+    host and security; `close_frames(predictor)` stops it."""
     from monolith_jax.rpc import serving_pb2_grpc as pbg
     from monolith_jax.rpc.metrics import start as start_metrics
     from monolith_jax.serving import serving_ps as sps
@@ -561,7 +586,24 @@ def serve(export_dir: str, serving_ps: str | None, port: int = 0, host: str = "1
         predictor.metrics.close()
         predictor.close()
         raise
+    predictor.frames = None
+    if frames_port is not None:
+        from monolith_jax.serving import predictor_frames
+
+        try:
+            predictor.frames = predictor_frames.start(predictor, host, frames_port, security)
+        except BaseException:
+            server.stop(0)
+            predictor.metrics.close()
+            predictor.close()
+            raise
     return server, bound, predictor
+
+
+def close_frames(predictor: Predictor) -> None:
+    if getattr(predictor, "frames", None) is not None:
+        predictor.frames.close()
+        predictor.frames = None
 
 
 class PredictorClient:
@@ -572,18 +614,30 @@ class PredictorClient:
 
     def __init__(self, address: str, timeout_s: float = 10.0, security=None):
         """security: a `monolith_jax.rpc.wire.Security` (token, TLS); None:
-        the process's (MONOLITH_AUTH_TOKEN, MONOLITH_TLS_CA, ...)."""
-        from monolith_jax.rpc import serving_pb2_grpc as pbg
+        the process's (MONOLITH_AUTH_TOKEN, MONOLITH_TLS_CA, ...).
+        address: HOST:PORT of the gRPC service, or frames://HOST:PORT of
+        a predictor's frames port (`--frames-port`; the same calls, the
+        same errors as frames.CallError, a lower latency)."""
+        from monolith_jax.rpc import frames
 
-        self._channel = channel(address, security)
-        self._stub = pbg.PredictorStub(self._channel)
         self.timeout_s = timeout_s
+        if address.startswith(frames.SCHEME):
+            from monolith_jax.serving import predictor_frames
+
+            self._channel = self._stub = predictor_frames.Stub(address, security)
+            self._wait = {}
+        else:
+            from monolith_jax.rpc import serving_pb2_grpc as pbg
+
+            self._channel = channel(address, security)
+            self._stub = pbg.PredictorStub(self._channel)
+            self._wait = {"wait_for_ready": True}
         self._spec = None
 
     def info(self) -> tuple[dict, dict]:
         from monolith_jax.rpc import serving_pb2 as pb
 
-        reply = self._stub.Info(pb.InfoRequest(), timeout=self.timeout_s, wait_for_ready=True)
+        reply = self._stub.Info(pb.InfoRequest(), timeout=self.timeout_s, **self._wait)
         return json.loads(reply.spec_json), json.loads(reply.stats_json)
 
     @property
@@ -603,7 +657,7 @@ class PredictorClient:
         for name, (flat, lengths) in ids.items():
             req.sparse.add(feature=name, ids=np.ascontiguousarray(flat, np.uint64).tobytes(),
                            lengths=np.ascontiguousarray(lengths, np.int32).tobytes())
-        reply = self._stub.Predict(req, timeout=self.timeout_s, wait_for_ready=True)
+        reply = self._stub.Predict(req, timeout=self.timeout_s, **self._wait)
         out = {"probabilities": np.frombuffer(reply.probabilities, np.float32),
                "logits": np.frombuffer(reply.logits, np.float32),
                "unknown": np.frombuffer(reply.unknown, np.int32), "dense_version": reply.dense_version}
@@ -672,6 +726,9 @@ def main(argv=None) -> int:
     p.add_argument("--port", type=int, default=0, help="0: any free port (printed)")
     p.add_argument("--dense-poll", type=float, default=0.5, help="seconds between checks for new dense params")
     p.add_argument("--workers", type=int, default=8, help="threads answering requests")
+    p.add_argument("--frames-port", type=int, default=None,
+                   help="also answer Predict and Info over frames (a leaner transport than gRPC; clients "
+                        "use frames://HOST:P) on this port (0: any free one, printed)")
     wire.add_server_args(p)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -680,15 +737,18 @@ def main(argv=None) -> int:
         server, port, predictor = serve(args.model, args.serving_ps, args.port, args.host, args.workers,
                                         dense_poll_s=args.dense_poll, security=security,
                                         metrics_port=args.metrics_port, local_tables=args.tables == "local",
-                                        snapshot_dir=args.snapshot_dir)
+                                        snapshot_dir=args.snapshot_dir, frames_port=args.frames_port)
     except (ValueError, OSError) as err:
         raise SystemExit(f"monolith predictor: {err}") from None
     if predictor.heads is not None:
         log.info("serving heads %s", _hs.describe(predictor.heads, predictor.head_rates))
     if predictor.metrics.port is not None:
         print(f"predictor metrics on http://127.0.0.1:{predictor.metrics.port}/metrics", flush=True)
+    if predictor.frames is not None:
+        print(f"predictor frames on {args.host}:{predictor.frames.port}", flush=True)
     print(f"predictor listening on {args.host}:{port}", flush=True)
     run_until_signalled(server)
+    close_frames(predictor)
     predictor.metrics.close()
     predictor.close()
     return 0
