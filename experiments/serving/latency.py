@@ -4,11 +4,12 @@
 
 Processes: a serving PS (`monolith serving-ps --model`), a predictor
 reading it (two hops: client -> predictor -> serving PS), a predictor
-holding its tables (`--tables local`, one hop), and an empty unary RPC
+holding its tables (`--tables local`, one hop), asked over gRPC and over
+frames (`--frames-port`, the same calls without gRPC), and an empty unary RPC
 server (bytes in, the same bytes out: Python gRPC's own floor on this
 machine). Each serving side gets its own sync load (`sync_load`: the
 trainer's `SyncPusher`, every second, MovieLens keys). Every round
-measures each of the three for `--seconds` with one client, one request at
+measures each of the four for `--seconds` with one client, one request at
 a time, in turn; the figures are medians over the rounds.
 """
 
@@ -71,6 +72,17 @@ def export_untrained(directory: str) -> None:
     export_model(movielens_trainer(0, out=lambda *a, **k: None), directory)
 
 
+def _port_in(lines: list, marker: str, timeout_s: float = 60.0) -> int:
+    """The port of the `marker ... HOST:PORT` line once it is among `lines`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for line in list(lines):
+            if marker in line:
+                return int(line.strip().rsplit(":", 1)[1])
+        time.sleep(0.05)
+    raise RuntimeError(f"no {marker!r} line within {timeout_s:g} s:\n" + "".join(lines[-20:]))
+
+
 def compare(ratings, rows_per_sync: int = 1000, seconds: float = 5.0, rounds: int = 5, out=print,
             model_dir: str | None = None) -> dict:
     """Rounds of batch-1 closed loops: two hops, one hop, the empty RPC; syncs arriving on both servers."""
@@ -86,8 +98,10 @@ def compare(ratings, rows_per_sync: int = 1000, seconds: float = 5.0, rounds: in
         procs.append(ps)
         two, two_port = run.start([sys.executable, "-m", "monolith_jax.serving.predictor", "--model", model_dir,
                                    "--serving-ps", f"127.0.0.1:{ps_port}"], "listening on")
-        one, one_port = run.start([sys.executable, "-m", "monolith_jax.serving.predictor", "--model", model_dir,
-                                   "--tables", "local"], "listening on")
+        later = []
+        one, frames_port = run.start([sys.executable, "-m", "monolith_jax.serving.predictor", "--model", model_dir,
+                                      "--tables", "local", "--frames-port", "0"], "frames on", later)
+        one_port = _port_in(later, "listening on")
         empty, empty_port = run.start([sys.executable, "-m", "experiments.serving.latency", "--empty-server"],
                                       "listening on")
         procs += [two, one, empty]
@@ -98,10 +112,11 @@ def compare(ratings, rows_per_sync: int = 1000, seconds: float = 5.0, rounds: in
             procs.append(load)
         time.sleep(4)  # the loads' first (full) pushes are in; deltas every second from here on
         batches = run.request_batches(ratings, 1, 64, seed=1)
-        per = {"two_hop": [], "one_hop": [], "empty_rpc": []}
+        per = {"two_hop": [], "one_hop": [], "one_hop_frames": [], "empty_rpc": []}
         for r in range(rounds):
             per["two_hop"].append(run.closed_loop(f"127.0.0.1:{two_port}", batches, seconds))
             per["one_hop"].append(run.closed_loop(f"127.0.0.1:{one_port}", batches, seconds))
+            per["one_hop_frames"].append(run.closed_loop(f"frames://127.0.0.1:{frames_port}", batches, seconds))
             per["empty_rpc"].append(empty_loop(empty_port, seconds))
             out(f"  round {r + 1}: " + ", ".join(f"{k} p50 {v[-1]['p50']:.3f} ms p99 {v[-1]['p99']:.3f} ms"
                                                   for k, v in per.items()))
@@ -113,10 +128,13 @@ def compare(ratings, rows_per_sync: int = 1000, seconds: float = 5.0, rounds: in
               "median": med, "sync_loads_ran": all(alive)}
     out(f"batch 1, syncs of {rows_per_sync:,} rows every 1 s arriving, medians of {rounds} rounds of {seconds:g} s:")
     for k, label in (("two_hop", "two hops (predictor -> serving PS)"), ("one_hop", "one hop (--tables local)"),
+                     ("one_hop_frames", "one hop over frames (--frames-port)"),
                      ("empty_rpc", "empty unary RPC (gRPC floor)")):
         out(f"  {label:<36} p50 {med[k]['p50']:.3f} ms  p99 {med[k]['p99']:.3f} ms")
     out(f"  one hop / two hops at p99: {med['one_hop']['p99'] / med['two_hop']['p99']:.2f}x; "
         f"one hop over the empty RPC at p99: +{med['one_hop']['p99'] - med['empty_rpc']['p99']:.3f} ms")
+    out(f"  one hop over frames / two hops at p99: {med['one_hop_frames']['p99'] / med['two_hop']['p99']:.2f}x, "
+        f"/ one hop over gRPC: {med['one_hop_frames']['p99'] / med['one_hop']['p99']:.2f}x")
     return result
 
 
