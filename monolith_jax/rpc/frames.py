@@ -89,16 +89,20 @@ def _pem_files(*pems: bytes):
     return paths
 
 
-def _server_context(sec: wire.Security) -> ssl.SSLContext | None:
-    if sec.cert is None:   # as the gRPC servers: TLS when given a certificate
-        return None
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+def _load_chain(ctx: ssl.SSLContext, sec: wire.Security) -> None:
     cert, key = _pem_files(sec.cert, sec.key)
     try:
         ctx.load_cert_chain(cert, key)
     finally:
         os.unlink(cert)
         os.unlink(key)
+
+
+def _server_context(sec: wire.Security) -> ssl.SSLContext | None:
+    if sec.cert is None:   # as the gRPC servers: TLS when given a certificate
+        return None
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    _load_chain(ctx, sec)
     if sec.ca is not None:   # mutual TLS, as the gRPC servers do
         ctx.load_verify_locations(cadata=sec.ca.decode("ascii"))
         ctx.verify_mode = ssl.CERT_REQUIRED
@@ -114,12 +118,7 @@ def _client_context(sec: wire.Security) -> ssl.SSLContext | None:
     else:
         ctx.load_default_certs()
     if sec.cert is not None:
-        cert, key = _pem_files(sec.cert, sec.key)
-        try:
-            ctx.load_cert_chain(cert, key)
-        finally:
-            os.unlink(cert)
-            os.unlink(key)
+        _load_chain(ctx, sec)
     return ctx
 
 
