@@ -138,9 +138,11 @@ def _read_exact(sock, n: int, into: bytearray | None = None) -> bytes | bytearra
 
 
 def _send_frame(sock, status_or_method: int, payload: bytes) -> None:
-    sock.sendall(_FRAME.pack(len(payload), status_or_method) + payload if len(payload) < 65536 else
-                 _FRAME.pack(len(payload), status_or_method))
-    if len(payload) >= 65536:
+    head = _FRAME.pack(len(payload), status_or_method)
+    if len(payload) < 65536:   # one write (and one segment) for the small messages latency is about
+        sock.sendall(head + payload)
+    else:                      # no copy of a large one
+        sock.sendall(head)
         sock.sendall(payload)
 
 

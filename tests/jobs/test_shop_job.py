@@ -78,6 +78,24 @@ def trainer_from_snapshot(folder):
     return trainer
 
 
+def trained_export(tmp_path, n_train: int, n_test: int):
+    """The job trained on a fresh log of n_train examples and exported:
+    (job, trainer, model folder, test log path, test columns)."""
+    from monolith_jax.job import load_job
+    from monolith_jax.serving.export import export_model
+
+    train_path, test_path = tmp_path / "train.parquet", tmp_path / "test.parquet"
+    shop.make_log(str(train_path), n=n_train, part=0)
+    cols = shop.make_log(str(test_path), n=n_test, part=1)
+    job = load_job(JOB)
+    trainer = job.make_trainer(log_every=0)
+    for batch in job.batches(str(train_path)):
+        trainer.train_step_host(batch)
+    model = tmp_path / "model"
+    export_model(trainer, str(model))
+    return job, trainer, model, test_path, cols
+
+
 def own_predictions(trainer, path, n) -> np.ndarray:
     from monolith_jax.job import load_job
 

@@ -12,22 +12,19 @@ MODULES = {"serving-ps": "monolith_jax.serving.serving_ps", "predictor": "monoli
 
 
 class Server:
-    """One server process: `port`, `metrics_port` (None without --metrics-port),
-    `frames_port` (None without --frames-port), `pid`."""
+    """One server process: `port`, `metrics_port` (None without --metrics-port), `pid`."""
 
     def __init__(self, kind: str, *args, env=None, stderr=None):
         self.proc = subprocess.Popen([sys.executable, "-m", MODULES[kind], *map(str, args)],
                                      stdout=subprocess.PIPE, stderr=stderr or subprocess.DEVNULL, text=True,
                                      env={**ENV, **(env or {})})
-        self.metrics_port = self.frames_port = None
+        self.metrics_port = None
         for _ in range(50):   # a few lines at most before the one with the port
             line = self.proc.stdout.readline()
             if not line:
                 raise RuntimeError(f"{kind} did not start (exit {self.proc.wait(30)})")
             if " metrics on http://" in line:
                 self.metrics_port = int(line.rsplit(":", 1)[1].split("/")[0])
-            if " frames on " in line:
-                self.frames_port = int(line.rsplit(":", 1)[1])
             if " listening on " in line:
                 self.port = int(line.split(" listening on ")[1].split()[0].rsplit(":", 1)[1])
                 break

@@ -13,8 +13,7 @@ import pytest
 
 from monolith_jax.rpc import frames
 from monolith_jax.serving.sync import SyncPusher
-from tests.jobs import shop
-from tests.jobs.test_shop_job import JOB, Server, assert_rows_found, own_predictions, requests_of
+from tests.jobs.test_shop_job import Server, assert_rows_found, own_predictions, requests_of, trained_export
 
 
 def _frames_port(server) -> int:
@@ -25,19 +24,10 @@ def _frames_port(server) -> int:
 
 
 def test_frames_answers_as_grpc_and_refuses_bad_requests_naming_them(tmp_path):
-    from monolith_jax.job import load_job
-    from monolith_jax.serving.export import dense_arrays, export_model
+    from monolith_jax.serving.export import dense_arrays
     from monolith_jax.serving.predictor import PredictorClient
 
-    train_path, test_path = tmp_path / "train.parquet", tmp_path / "test.parquet"
-    shop.make_log(str(train_path), n=4000, part=0)
-    cols = shop.make_log(str(test_path), n=400, part=1)
-    job = load_job(JOB)
-    trainer = job.make_trainer(log_every=0)
-    for batch in job.batches(str(train_path)):
-        trainer.train_step_host(batch)
-    model = tmp_path / "model"
-    export_model(trainer, str(model))
+    _, trainer, model, test_path, cols = trained_export(tmp_path, 4000, 400)
     n = 200
     pred = Server("predictor", "--model", model, "--tables", "local", "--port", 0, "--frames-port", 0)
     try:

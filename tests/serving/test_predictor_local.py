@@ -9,8 +9,7 @@ import time
 import numpy as np
 
 from monolith_jax.serving.sync import SyncPusher
-from tests.jobs import shop
-from tests.jobs.test_shop_job import JOB, Server, assert_rows_found, own_predictions, requests_of
+from tests.jobs.test_shop_job import Server, assert_rows_found, own_predictions, requests_of, trained_export
 
 
 def served(address, cols, n):
@@ -30,19 +29,11 @@ def served(address, cols, n):
 
 
 def test_one_hop_predictor_takes_pushes_and_answers_as_the_trainer(tmp_path):
-    from monolith_jax.job import load_job
-    from monolith_jax.serving.export import dense_arrays, export_model
+    from monolith_jax.serving.export import dense_arrays
     from monolith_jax.snapshot import Snapshots
 
-    train_path, test_path = tmp_path / "train.parquet", tmp_path / "test.parquet"
-    shop.make_log(str(train_path), n=6000, part=0)
-    cols = shop.make_log(str(test_path), n=600, part=1)
-    job = load_job(JOB)
-    trainer = job.make_trainer(log_every=0)
-    for batch in job.batches(str(train_path)):
-        trainer.train_step_host(batch)
-    model = tmp_path / "model"
-    export_model(trainer, str(model))
+    job, trainer, model, test_path, cols = trained_export(tmp_path, 6000, 600)
+    train_path = tmp_path / "train.parquet"
     snaps = Snapshots(str(tmp_path / "snaps"), every_s=None)
     n = 300
     dense = lambda: (dense_arrays(trainer.params), 1.0)  # noqa: E731
