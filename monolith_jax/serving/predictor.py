@@ -177,6 +177,7 @@ class Predictor:
             self.stats["head_score_sum"] = {h["name"]: 0.0 for h in self.heads}
         self._stop = threading.Event()
         self._thread = None
+        self.frames = None   # the FramesServer answering for it, when `serve` starts one
 
     # ----------------------------------------------------------- dense
     def start(self) -> None:
@@ -257,6 +258,9 @@ class Predictor:
         return rate
 
     def close(self) -> None:
+        if self.frames is not None:
+            self.frames.close()
+            self.frames = None
         self._stop.set()
         if self._thread is not None:
             self._thread.join(5)
@@ -553,7 +557,7 @@ def serve(export_dir: str, serving_ps: str | None, port: int = 0, host: str = "1
     answers the serving PS's service, for trainers' pushes. frames_port
     (0: any free one): Predict and Info also over frames on that port
     (`predictor.frames`, a FramesServer; None without it), on the same
-    host and security; `close_frames(predictor)` stops it."""
+    host and security; `predictor.close()` stops it."""
     from monolith_jax.rpc import serving_pb2_grpc as pbg
     from monolith_jax.rpc.metrics import start as start_metrics
     from monolith_jax.serving import serving_ps as sps
@@ -581,29 +585,19 @@ def serve(export_dir: str, serving_ps: str | None, port: int = 0, host: str = "1
             if state is not None:   # the pushes of trainers, as a serving PS takes them
                 pbg.add_ServingPSServicer_to_server(sps.make_servicer(state), s)
 
+        server = None
         server, bound = start_server(add, host, port, workers, security=security, metrics=predictor.metrics)
+        if frames_port is not None:
+            from monolith_jax.serving import predictor_frames
+
+            predictor.frames = predictor_frames.start(predictor, host, frames_port, security)
     except BaseException:
+        if server is not None:
+            server.stop(0)
         predictor.metrics.close()
         predictor.close()
         raise
-    predictor.frames = None
-    if frames_port is not None:
-        from monolith_jax.serving import predictor_frames
-
-        try:
-            predictor.frames = predictor_frames.start(predictor, host, frames_port, security)
-        except BaseException:
-            server.stop(0)
-            predictor.metrics.close()
-            predictor.close()
-            raise
     return server, bound, predictor
-
-
-def close_frames(predictor: Predictor) -> None:
-    if getattr(predictor, "frames", None) is not None:
-        predictor.frames.close()
-        predictor.frames = None
 
 
 class PredictorClient:
@@ -748,7 +742,6 @@ def main(argv=None) -> int:
         print(f"predictor frames on {args.host}:{predictor.frames.port}", flush=True)
     print(f"predictor listening on {args.host}:{port}", flush=True)
     run_until_signalled(server)
-    close_frames(predictor)
     predictor.metrics.close()
     predictor.close()
     return 0
